@@ -1,0 +1,27 @@
+"""lorasurg: offline LoRA adapter surgery and runtime, in Hugging Face PEFT's format.
+
+The public API is what ``__all__`` lists; everything else is internal.
+"""
+
+from .errors import (
+    ConfigError,
+    InputError,
+    LorasurgError,
+    OutputExistsError,
+    ShapeMismatchError,
+    UnsupportedError,
+    ValidationFailed,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "LorasurgError",
+    "InputError",
+    "ConfigError",
+    "ShapeMismatchError",
+    "OutputExistsError",
+    "UnsupportedError",
+    "ValidationFailed",
+]

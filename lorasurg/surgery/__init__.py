@@ -1,0 +1,1 @@
+"""One module per offline operation; each composes io + engine and returns a report object."""
