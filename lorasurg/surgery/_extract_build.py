@@ -1,0 +1,290 @@
+"""Assemble the extracted adapter and its report from what the streaming pass collected.
+
+:class:`Collected` is the state of one ``extract`` run (factors fitted so far, changed tensors, copies for
+``modules_to_save``, bias deltas); :func:`build_adapter` turns it into an :class:`~lorasurg.io.adapter.Adapter`
+whose config selects exactly the modules with factors, and fills the report. See
+:mod:`lorasurg.surgery.extract` for the conventions (scale, lora_bias, tied embeddings).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Mapping, Optional
+
+import torch
+from torch import Tensor
+
+from ..config import LoraConfig
+from ..errors import InputError
+from ..io.adapter import Adapter, AdapterModule
+from ..io.checkpoint import Checkpoint
+from ..modules import ModuleInfo
+from ..targeting import anchored_pattern_key, exact_target_modules
+from ._extract_fit import Fit
+from ._extract_plan import TensorRole, split_tensor_name
+from ._extract_report import ExtractReport, TensorOutcome
+
+__all__ = ["Collected", "build_adapter"]
+
+
+@dataclass
+class Collected:
+    """What the streaming pass found, tensor by tensor."""
+
+    scale: float
+    out_dtype: Optional[torch.dtype]
+    aliases: Mapping[str, str]
+    input_embedding: Optional[str]
+    unchanged: int = 0
+    non_finite: list[str] = field(default_factory=list)
+    changed: dict[str, tuple[list[int], float]] = field(default_factory=dict)  # name -> (shape, energy)
+    tuned_dtype: dict[str, torch.dtype] = field(default_factory=dict)
+    bias_deltas: dict[str, Tensor] = field(default_factory=dict)
+    saved: dict[str, Tensor] = field(default_factory=dict)
+    factors: dict[str, AdapterModule] = field(default_factory=dict)
+    fits: dict = field(default_factory=dict)
+    zero_rank: dict[str, Fit] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def record_change(self, role: TensorRole, delta: Tensor, tuned: Tensor, energy: float) -> None:
+        """Remember a changed tensor; keep a bias delta or a tuned copy when its role needs one."""
+        self.changed[role.name] = (list(delta.shape), energy)
+        self.tuned_dtype[role.name] = tuned.dtype
+        if role.role == "bias":
+            self.bias_deltas[role.name] = delta.to("cpu")
+        elif role.role == "save":
+            self.saved[role.name] = self._cast(tuned.to("cpu"))
+
+    def rank_zero(self, role: TensorRole, fit: Fit) -> None:
+        self.zero_rank[role.module] = fit
+
+    def raise_non_finite(self) -> None:
+        if self.non_finite:
+            raise InputError(
+                f"NaN or inf in the delta (tuned - base) of {len(self.non_finite)} tensor(s): "
+                + ", ".join(self.non_finite)
+                + ". One of the checkpoints is corrupt or overflowed; check the tuned checkpoint (and its dtype)."
+            )
+
+    def _cast(self, tensor: Tensor) -> Tensor:
+        if self.out_dtype is not None and tensor.is_floating_point():
+            return tensor.to(self.out_dtype)
+        return tensor
+
+
+def build_adapter(
+    run: Collected,
+    report: ExtractReport,
+    base: Checkpoint,
+    tuned: Checkpoint,
+    modules: Mapping[str, ModuleInfo],
+    roles: Mapping[str, TensorRole],
+    *,
+    use_bias: bool,
+    r: int,
+    allow_empty: bool,
+    base_name: str,
+) -> Adapter:
+    """The adapter for what ``run`` collected; fills ``report`` (outcomes, fits, notes, totals).
+
+    Raises:
+        InputError: the checkpoints are identical (without ``allow_empty``), or no LoRA-able weight changed.
+    """
+    if not run.changed:
+        if not allow_empty:
+            raise InputError(
+                f"{report.base} and {report.tuned} are identical ({report.tensors_compared} tensors compared): "
+                "there is nothing to extract and nothing was written. Pass --allow-empty (allow_empty=True) to "
+                "write a no-op adapter anyway."
+            )
+        _zero_factors(run, modules, roles, r)
+        report.notes.append("the checkpoints are identical: wrote a no-op adapter (every factor is zero)")
+    save_modules = _outcomes(run, report, roles, use_bias, serving=report.serving)
+    _complete_saved(run, tuned, save_modules)
+    _tie(run, save_modules)
+    if use_bias:
+        _bias_factors(run, report, modules, roles)
+    if not run.factors:
+        kept = ", ".join(f"{o.name} ({o.outcome})" for o in report.outcomes[:10])
+        raise InputError(
+            f"no LoRA-able weight changed between {report.base} and {report.tuned} (or every one was excluded or "
+            f"got rank 0), so there is no adapter to write. Changed tensors: {kept}. Check --target-modules, "
+            "--exclude-modules, --embeddings and --rank-policy."
+        )
+    config = _config(run, modules, save_modules, use_bias, base, base_name)
+    adapter = Adapter(config, dict(run.factors), dict(run.saved))
+    problems = adapter.problems()
+    if problems:  # a bug in extract, not in the user's input
+        raise AssertionError("extract built an inconsistent adapter: " + "; ".join(problems))
+    report.fits = [run.fits[m] for m in run.factors if m in run.fits]
+    report.notes[:0] = run.notes
+    report.adapter_parameters = adapter.num_parameters()
+    report.adapter_bytes = sum(t.numel() * t.element_size() for t in adapter.to_state_dict().values())
+    return adapter
+
+
+# ------------------------------------------------------------------------------------------------ steps
+
+
+def _zero_factors(run: Collected, modules: Mapping[str, ModuleInfo], roles: Mapping[str, TensorRole], r: int) -> None:
+    """A no-op adapter: zero factors of rank ``min(r, out, in)`` on every non-embedding LoRA target."""
+    from ..engine.factors import factors_from_matrices
+
+    for role in roles.values():
+        info = modules.get(role.module)
+        if role.role != "lora" or info is None or info.kind == "embedding" or not info.weight_shape:
+            continue
+        shape = tuple(info.weight_shape)
+        out_f, in_f = (shape[1], shape[0]) if info.fan_in_fan_out else (shape[0], int(torch.Size(shape[1:]).numel()))
+        rank = min(r, out_f, in_f)
+        dtype = run.out_dtype or torch.float32
+        f = factors_from_matrices(torch.zeros(rank, in_f, dtype=dtype), torch.zeros(out_f, rank, dtype=dtype),
+                                  info.kind, shape, run.scale, fan_in_fan_out=info.fan_in_fan_out)
+        run.factors[role.module] = AdapterModule(role.module, f.A, f.B)
+
+
+def _outcomes(run: Collected, report: ExtractReport, roles: Mapping[str, TensorRole], use_bias: bool,
+              serving: bool) -> list[str]:
+    """Fill ``report.outcomes`` in shard order; returns the modules_to_save module names."""
+    save: dict[str, None] = {}
+    for name, (shape, energy) in run.changed.items():
+        role = roles[name]
+        outcome, reason = "dropped", role.reason
+        if role.role == "lora":
+            if role.module in run.factors:
+                outcome, reason = "lora", ""
+            else:
+                outcome, reason = "rank0", "the rank policy keeps no singular value: left out of target_modules"
+        elif role.role == "bias":
+            if role.module in run.factors:
+                outcome, reason = "lora_bias", ""
+            elif not serving:
+                outcome, reason = "modules_to_save", "bias changed but the weight has no LoRA factors: module saved whole"
+        elif role.role == "save":
+            outcome = "modules_to_save"
+        if outcome == "modules_to_save":
+            save[role.module] = None
+        report.outcomes.append(TensorOutcome(name, shape, outcome, reason, energy))
+    report.tensors_unchanged = run.unchanged
+    zero = sorted(run.zero_rank)
+    if zero:
+        run.notes.append(f"{len(zero)} module(s) got rank 0 from the rank policy and are not targeted: {', '.join(zero)}")
+    clamped = sorted(m for m, f in run.fits.items() if f.clamped)
+    if clamped:
+        run.notes.append(
+            f"r={report.r} exceeds min(out, in) of {len(clamped)} module(s); their rank was clamped to it: "
+            + ", ".join(f"{m} (r={run.fits[m].rank})" for m in clamped)
+        )
+    left = [o for o in report.outcomes if o.outcome in ("dropped", "rank0")]
+    if left:
+        share = sum(report.share(o) for o in left)
+        run.notes.append(f"{len(left)} changed tensor(s) are not in the adapter ({100 * share:.3f}% of the delta energy)")
+    return list(save)
+
+
+def _complete_saved(run: Collected, tuned: Checkpoint, save_modules: list[str]) -> None:
+    """modules_to_save copies the whole module: read its tensors that did not change, from tuned."""
+    wanted = set(save_modules)
+    for name in tuned.names():
+        module, _ = split_tensor_name(name)
+        if module in wanted and name not in run.saved and name not in run.aliases:
+            run.saved[name] = run._cast(tuned.get(name))
+
+
+def _tie(run: Collected, save_modules: list[str]) -> None:
+    """Carry a tied output layer with the input embedding whose weight it shares.
+
+    The shared delta was read and fitted once (as the embedding); the output layer gets the same change as its
+    own PEFT entry: the embedding's factors transposed (``lm_head`` is linear, weight ``(vocab, dim)``:
+    ``A = B_emb.T (r, dim)``, ``B = A_emb.T (vocab, r)``), or a second saved copy with ``--embeddings full``.
+    Both modules are listed explicitly (PEFT's ``ensure_weight_tying`` only recognises the names
+    ``embed_tokens``/``lm_head``, so it is not relied on).
+    """
+    embed = run.input_embedding
+    tied = [a for a, c in run.aliases.items() if embed is not None and c == f"{embed}.weight"]
+    if not tied:
+        return
+    alias = tied[0]
+    out_module = split_tensor_name(alias)[0]
+    if embed in run.factors:
+        emb = run.factors[embed]
+        run.factors[out_module] = AdapterModule(out_module, emb.B.T.contiguous(), emb.A.T.contiguous())  # (r, dim), (vocab, r)
+        run.fits[out_module] = dataclasses.replace(run.fits[embed], module=out_module, kind="linear (tied)")
+        run.notes.append(
+            f"{out_module} shares its weight with {embed}: the delta was fitted once and written for both (the "
+            f"embedding's factors, transposed, on {out_module}), so the adapted model matches the tuned one. PEFT "
+            "warns that a tied layer is adapted, and its merge_and_unload adds the delta to the shared weight twice; "
+            "use --embeddings full if you need to merge."
+        )
+    elif embed in save_modules and f"{embed}.weight" in run.saved:
+        run.saved[alias] = run.saved[f"{embed}.weight"].clone()
+        save_modules.append(out_module)
+        run.notes.append(
+            f"{out_module} shares its weight with {embed}: read once, saved for both in modules_to_save "
+            "(PEFT warns that a tied layer is saved; merging unties them, with the right values)"
+        )
+
+
+def _bias_factors(run: Collected, report: ExtractReport, modules: Mapping[str, ModuleInfo],
+                  roles: Mapping[str, TensorRole]) -> None:
+    """``lora_B.bias = db / scale`` on every LoRA target (zero where the bias did not change or does not exist)."""
+    changed = zero = 0
+    no_base_bias: list[str] = []
+    for module, mod in run.factors.items():
+        if mod.embedding:
+            continue
+        delta = run.bias_deltas.get(f"{module}.bias")
+        out_f = mod.B.shape[0]
+        if delta is not None:
+            mod.bias = (delta.to(torch.float32) / run.scale).to(mod.B.dtype)
+            changed += 1
+        else:
+            mod.bias = torch.zeros(out_f, dtype=mod.B.dtype)
+            zero += 1
+        info = modules.get(module)
+        if info is not None and not info.has_bias:
+            no_base_bias.append(module)
+    run.notes.append(
+        f"lora_bias is on: {changed} target(s) carry their bias delta as lora_B.bias = delta / scale, {zero} get a "
+        "zero lora_B.bias (PEFT's lora_bias applies to every target)"
+    )
+    if no_base_bias:
+        run.notes.append(
+            f"{len(no_base_bias)} target(s) have no bias in the base model ({', '.join(no_base_bias[:6])}"
+            f"{' ...' if len(no_base_bias) > 6 else ''}): PEFT warns on load and merge_and_unload refuses them; the "
+            "adapter's forward is exact. To merge, restrict --target-modules to layers with a bias, or use "
+            "--no-lora-bias (bias deltas are then listed as dropped)."
+        )
+    if any(r.role == "save" and "lora_bias" in r.reason for r in roles.values()):
+        run.notes.append("PEFT refuses lora_bias on Embedding layers: the changed embedding is saved in full instead")
+
+
+def _config(run: Collected, modules: Mapping[str, ModuleInfo], save_modules: list[str], use_bias: bool, base: Checkpoint, base_name: str) -> LoraConfig:
+    """The adapter_config: exactly the modules with factors, each at its own rank with the common scale."""
+    ranks = {m: f.rank for m, f in run.factors.items()}
+    r_cfg = max(ranks.values())
+    alpha = _number(run.scale * r_cfg)
+    rank_pattern = {anchored_pattern_key(m): k for m, k in ranks.items() if k != r_cfg}
+    alpha_pattern = {anchored_pattern_key(m): _number(run.scale * k) for m, k in ranks.items() if k != r_cfg}
+    selected = list(run.factors)
+    targets = exact_target_modules(selected, list(modules))
+    arch = ((base.config or {}).get("architectures") or [""])[0]
+    return LoraConfig(
+        r=r_cfg,
+        lora_alpha=alpha,
+        target_modules=targets,
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+        lora_bias=use_bias,
+        modules_to_save=sorted(save_modules) or None,
+        fan_in_fan_out=any(modules[m].fan_in_fan_out for m in selected if m in modules),
+        init_lora_weights=True,
+        task_type="CAUSAL_LM" if arch.endswith("ForCausalLM") else None,
+        base_model_name_or_path=base_name,
+    )
+
+
+def _number(x: float):
+    """An int when ``x`` is integral (PEFT writes lora_alpha as an int by default)."""
+    return int(x) if float(x).is_integer() else float(x)

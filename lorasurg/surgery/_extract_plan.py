@@ -1,0 +1,179 @@
+"""What each tensor of a checkpoint becomes in an extracted adapter, decided before any tensor is read.
+
+``extract`` compares two checkpoints tensor by tensor. Every tensor gets a *role* from its module's kind and the
+user's options; what actually lands in the adapter then depends only on whether that tensor changed:
+
+==============  =================================================================================================
+role            if the tensor changed
+==============  =================================================================================================
+``lora``        the weight of a LoRA target: truncated SVD of the delta -> ``lora_A``/``lora_B`` (or
+                ``lora_embedding_A``/``_B`` for an embedding)
+``bias``        the bias of a LoRA target: ``lora_B.bias = delta / scale`` when ``lora_bias`` is on
+``save``        a tensor of a module copied whole from the tuned checkpoint (``modules_to_save``)
+``drop``        left out of the adapter, listed in the report with the reason
+``alias``       a tied copy of another tensor (``lm_head.weight`` tied to the input embedding): handled with
+                that tensor, never twice
+==============  =================================================================================================
+
+Rules, in order:
+
+1. ``--exclude-modules`` wins: every tensor of an excluded module is ``drop`` ("excluded").
+2. Input embedding and output layer follow ``--embeddings``: ``skip`` -> ``drop``; ``full`` -> ``save``;
+   ``lora`` -> ``lora`` when targeted, except that PEFT refuses ``lora_bias`` on an ``nn.Embedding``, so with
+   ``lora_bias`` on an embedding is ``save`` instead (said in the report). ``--serving`` -> ``drop``.
+3. Linear and conv layers selected by ``--target-modules`` (default: all of them) are ``lora`` (``--serving``:
+   linear only); their bias is ``bias`` (``drop`` with ``--no-lora-bias`` or ``--serving``). LoRA-able layers
+   not selected are ``drop`` ("not in --target-modules").
+4. Every other tensor (norms, biases of layers without LoRA, position embeddings of other types, ...) is
+   ``save`` (``drop`` with ``--serving``, which writes no modules_to_save).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Collection, Mapping, Optional, Sequence, Union
+
+from ..errors import ConfigError
+from ..modules import ModuleInfo
+
+__all__ = ["ROLES", "EMBEDDING_MODES", "TensorRole", "split_tensor_name", "matches_any", "plan_roles"]
+
+ROLES = ("lora", "bias", "save", "drop", "alias")
+EMBEDDING_MODES = ("lora", "full", "skip")
+_LORA_KINDS = ("linear", "embedding", "conv1d", "conv2d", "conv3d")
+
+Patterns = Union[str, Sequence[str], None]
+
+
+@dataclass(frozen=True)
+class TensorRole:
+    """What one checkpoint tensor becomes if it changed.
+
+    Attributes:
+        name: the tensor's key (``model.layers.0.self_attn.q_proj.weight``).
+        module: the module it belongs to (``model.layers.0.self_attn.q_proj``).
+        role: one of :data:`ROLES`.
+        reason: why (shown in the report for ``save``/``drop``; empty for ``lora``/``bias``).
+        kind: the module's layer kind (``linear``, ``embedding``, ``conv2d``, ...) or None.
+        source: for an ``alias``, the tensor it is tied to.
+    """
+
+    name: str
+    module: str
+    role: str
+    reason: str = ""
+    kind: Optional[str] = None
+    source: Optional[str] = None
+
+
+def split_tensor_name(name: str) -> tuple[str, str]:
+    """``"a.b.weight" -> ("a.b", "weight")``; a top-level tensor has module ``""``."""
+    module, _, param = name.rpartition(".")
+    return module, param
+
+
+def matches_any(patterns: Patterns, module: str) -> bool:
+    """Whether PEFT's ``target_modules``/``exclude_modules`` rule selects ``module``: a string is a regex that
+    must match the whole name; a list entry must equal the name or a ``.``-separated suffix of it.
+
+    Raises:
+        ConfigError: a regex does not compile.
+    """
+    if not patterns:
+        return False
+    if isinstance(patterns, str):
+        try:
+            return re.fullmatch(patterns, module) is not None
+        except re.error as err:
+            raise ConfigError(f"invalid regex {patterns!r} in --target-modules/--exclude-modules: {err}") from err
+    return any(module == p or module.endswith("." + p) for p in patterns)
+
+
+def plan_roles(
+    names: Sequence[str],
+    modules: Mapping[str, ModuleInfo],
+    *,
+    input_embedding: Optional[str],
+    output_layers: Collection[str] = (),
+    aliases: Optional[Mapping[str, str]] = None,
+    target_modules: Patterns = None,
+    exclude_modules: Patterns = None,
+    embeddings: str = "lora",
+    lora_bias: bool = False,
+    serving: bool = False,
+) -> dict[str, TensorRole]:
+    """The role of every tensor in ``names`` (see the module docstring for the rules).
+
+    Args:
+        names: tensor keys of the base checkpoint, in shard order (the result keeps that order).
+        modules: ``{module name: ModuleInfo}`` of the model.
+        input_embedding: name of the input embedding module, or None.
+        output_layers: names of the output layer(s) (``lm_head``).
+        aliases: ``{tensor name: tensor it is tied to}`` (tied output layer weights).
+        target_modules / exclude_modules: PEFT-style selection (list of names/suffixes, or a regex string).
+        embeddings: ``lora``, ``full`` or ``skip``.
+        lora_bias: whether bias deltas of LoRA targets become ``lora_B.bias``.
+        serving: write only what LoRA servers accept (LoRA on linear layers).
+
+    Raises:
+        ConfigError: an unknown ``embeddings`` mode or an invalid regex.
+    """
+    if embeddings not in EMBEDDING_MODES:
+        raise ConfigError(f"--embeddings must be one of {', '.join(EMBEDDING_MODES)}, got {embeddings!r}")
+    aliases = dict(aliases or {})
+    embedding_layers = {m for m in (input_embedding, *output_layers) if m}
+    roles: dict[str, TensorRole] = {}
+    for name in names:
+        module, param = split_tensor_name(name)
+        info = modules.get(module)
+        kind = info.kind if info is not None else None
+        if name in aliases:
+            roles[name] = TensorRole(name, module, "alias", f"tied to {aliases[name]}", kind, aliases[name])
+            continue
+        role, reason = _decide(
+            module, param, kind, module in embedding_layers, info is not None,
+            target_modules=target_modules, exclude_modules=exclude_modules,
+            embeddings=embeddings, lora_bias=lora_bias, serving=serving,
+        )
+        roles[name] = TensorRole(name, module, role, reason, kind)
+    return roles
+
+
+def _decide(
+    module: str, param: str, kind: Optional[str], is_embedding_layer: bool, known: bool, *,
+    target_modules: Patterns, exclude_modules: Patterns, embeddings: str, lora_bias: bool, serving: bool,
+) -> tuple[str, str]:
+    """(role, reason) for one tensor; see :func:`plan_roles`."""
+    if matches_any(exclude_modules, module):
+        return "drop", "excluded by --exclude-modules"
+    if not known:
+        return ("drop", "--serving writes no modules_to_save") if serving else (
+            "drop", "not a parameter of a module of the model")
+    if is_embedding_layer:
+        if serving:
+            return "drop", "--serving: LoRA servers reject embedding / output-layer tensors"
+        if embeddings == "skip":
+            return "drop", "--embeddings skip"
+        if embeddings == "full" or param != "weight":
+            return "save", "--embeddings full" if embeddings == "full" else "embedding-layer bias"
+        if target_modules and not matches_any(target_modules, module):
+            return "drop", "not in --target-modules"
+        if lora_bias and kind == "embedding":
+            return "save", "lora_bias is on and PEFT refuses lora_bias on Embedding layers, so saved in full"
+        return "lora", ""
+    if kind in _LORA_KINDS and kind != "embedding":
+        if serving and kind != "linear":
+            return "drop", f"--serving: LoRA servers accept LoRA on linear layers only, not {kind}"
+        if target_modules and not matches_any(target_modules, module):
+            return "drop", "not in --target-modules"
+        if param == "weight":
+            return "lora", ""
+        if param == "bias":
+            if serving:
+                return "drop", "--serving: LoRA servers reject lora_B bias"
+            return ("bias", "") if lora_bias else ("drop", "bias of a LoRA target and lora_bias is off")
+        return "drop", f"unexpected tensor {param!r} on a {kind} layer"
+    if serving:
+        return "drop", "--serving writes no modules_to_save"
+    return "save", "not LoRA-able: saved in modules_to_save"

@@ -1,0 +1,169 @@
+"""The report ``extract`` returns: every tensor that differs, what became of it, and how well the LoRA fits.
+
+Energy means squared Frobenius norm. For a module with weight delta ``dW`` and LoRA ``scale * B @ A``:
+
+* relative error ``||dW - scale * B @ A||_F / ||dW||_F``;
+* energy kept ``sum(S[:r]**2) / ||dW||_F**2`` (``S`` the singular values of ``dW``);
+* a tensor's *share* is its ``||delta||_F**2`` over the sum for every changed tensor, so the user sees what a
+  dropped tensor costs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+from .report import format_bytes, format_count, format_table
+
+__all__ = ["ModuleFit", "TensorOutcome", "ExtractReport"]
+
+
+@dataclass
+class ModuleFit:
+    """The LoRA fitted to one module's weight delta."""
+
+    module: str
+    kind: str
+    shape: list[int]
+    rank: int
+    max_rank: int
+    alpha: float
+    rel_error: float
+    energy_kept: float
+    clamped: bool = False
+
+
+@dataclass
+class TensorOutcome:
+    """What became of one changed tensor.
+
+    Attributes:
+        name: tensor key in the checkpoint.
+        shape: its shape.
+        outcome: ``lora``, ``lora_bias``, ``modules_to_save``, ``dropped`` or ``rank0`` (the rank policy gave 0:
+            left out of target_modules).
+        reason: why, for anything but ``lora``/``lora_bias``.
+        energy: ``||tuned - base||_F**2`` of the tensor.
+    """
+
+    name: str
+    shape: list[int]
+    outcome: str
+    reason: str
+    energy: float
+
+
+@dataclass
+class ExtractReport:
+    """Everything ``extract`` did; ``render()`` for people, ``to_dict()`` for ``--json``."""
+
+    base: str
+    tuned: str
+    r: int
+    alpha: float
+    rank_policy: str
+    svd: str
+    device: str
+    dtype: str
+    lora_bias: bool
+    serving: bool
+    tensors_compared: int = 0
+    tensors_unchanged: int = 0
+    fits: list[ModuleFit] = field(default_factory=list)
+    outcomes: list[TensorOutcome] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    adapter_parameters: int = 0
+    adapter_bytes: int = 0
+    output: Optional[str] = None
+
+    # ------------------------------------------------------------------------------------------ totals
+    @property
+    def total_energy(self) -> float:
+        """Sum of ``||delta||_F**2`` over every changed tensor."""
+        return sum(o.energy for o in self.outcomes)
+
+    def share(self, outcome: TensorOutcome) -> float:
+        """The tensor's fraction of the total delta energy."""
+        total = self.total_energy
+        return outcome.energy / total if total > 0 else 0.0
+
+    @property
+    def captured_energy(self) -> float:
+        """Fraction of the total delta energy the adapter reproduces: LoRA energy kept plus exact copies."""
+        total = self.total_energy
+        if total <= 0:
+            return 1.0
+        fits = {f.module: f for f in self.fits}
+        kept = 0.0
+        for o in self.outcomes:
+            if o.outcome in ("modules_to_save", "lora_bias"):
+                kept += o.energy
+            elif o.outcome == "lora":
+                fit = fits.get(o.name.rpartition(".")[0])
+                kept += o.energy * (1 - fit.rel_error**2 if fit else 0.0)
+        return kept / total
+
+    def left_out(self) -> list[TensorOutcome]:
+        """Changed tensors the adapter does not carry (dropped, rank 0)."""
+        return [o for o in self.outcomes if o.outcome in ("dropped", "rank0")]
+
+    # ------------------------------------------------------------------------------------------ output
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "base": self.base,
+            "tuned": self.tuned,
+            "output": self.output,
+            "settings": {
+                "r": self.r, "alpha": self.alpha, "rank_policy": self.rank_policy, "svd": self.svd,
+                "device": self.device, "dtype": self.dtype, "lora_bias": self.lora_bias, "serving": self.serving,
+            },
+            "modules": [asdict(f) for f in self.fits],
+            "tensors": [dict(asdict(o), share=self.share(o)) for o in self.outcomes],
+            "notes": list(self.notes),
+            "totals": {
+                "tensors_compared": self.tensors_compared,
+                "tensors_changed": len(self.outcomes),
+                "tensors_unchanged": self.tensors_unchanged,
+                "lora_modules": len(self.fits),
+                "adapter_parameters": self.adapter_parameters,
+                "adapter_bytes": self.adapter_bytes,
+                "delta_energy": self.total_energy,
+                "captured_energy": self.captured_energy,
+                "left_out_energy": sum(self.share(o) for o in self.left_out()),
+            },
+        }
+
+    def render(self) -> str:
+        head = [
+            f"extract: {self.base} -> {self.tuned}",
+            f"r={self.r} alpha={self.alpha:g} rank policy={self.rank_policy} svd={self.svd} device={self.device} "
+            f"dtype={self.dtype} lora_bias={str(self.lora_bias).lower()}" + (" serving" if self.serving else ""),
+        ]
+        parts = ["\n".join(head)]
+        if self.fits:
+            rows = [
+                (f.module, f.kind, "x".join(map(str, f.shape)), f"{f.rank}" + ("*" if f.clamped else ""),
+                 f"{f.alpha:g}", f"{100 * f.rel_error:.2f}%", f"{100 * f.energy_kept:.2f}%")
+                for f in self.fits
+            ]
+            table = format_table(rows, ["module", "kind", "shape", "r", "alpha", "rel. error", "energy kept"])
+            if any(f.clamped for f in self.fits):
+                table += "\n* rank clamped to the module's largest possible rank min(out, in)"
+            parts.append(table)
+        others = [o for o in self.outcomes if o.outcome != "lora"]
+        if others:
+            rows = [(o.name, o.outcome, f"{100 * self.share(o):.3f}%", o.reason) for o in others]
+            parts.append("other changed tensors:\n" + format_table(rows, ["tensor", "became", "energy share", "why"]))
+        if self.notes:
+            parts.append("notes:\n" + "\n".join(f"  - {n}" for n in self.notes))
+        left = sum(self.share(o) for o in self.left_out())
+        totals = (
+            f"{self.tensors_compared} tensors compared, {len(self.outcomes)} changed, {self.tensors_unchanged} "
+            f"unchanged; {len(self.fits)} LoRA modules; adapter: {format_count(self.adapter_parameters)} "
+            f"parameters, {format_bytes(self.adapter_bytes)}; delta energy captured "
+            f"{100 * self.captured_energy:.2f}%, left out {100 * left:.3f}%"
+        )
+        parts.append(totals)
+        if self.output:
+            parts.append(f"wrote {self.output}")
+        return "\n\n".join(parts)

@@ -1,0 +1,327 @@
+"""``lorasurg extract``: a PEFT LoRA adapter that approximates a full fine-tune as ``base + adapter``.
+
+For every linear/conv/embedding weight that changed, the delta ``dW = W_tuned - W_base`` (matrix view ``(out,
+in)``, see :mod:`lorasurg.engine.factors`) is replaced by its truncated SVD, ``scale * B @ A`` with
+``A = sqrt(S/scale) Vh`` and ``B = U sqrt(S/scale)`` (:mod:`lorasurg.surgery._extract_fit`). Everything else
+that changed is carried exactly (``lora_B.bias``, ``modules_to_save``) or listed as dropped
+(:mod:`lorasurg.surgery._extract_plan` has the rules). Nothing changes silently: the report lists every tensor
+that differs and what became of it.
+
+Scale and alpha. The intended scale is ``alpha / r`` (``alpha`` defaults to ``r``, i.e. scale 1). Every module
+keeps exactly that scale: a module fitted with rank ``r_m`` gets ``rank_pattern[m] = r_m`` and
+``alpha_pattern[m] = scale * r_m`` (anchored keys, one module each), and the config's own ``r``/``lora_alpha``
+are the largest rank used and ``scale`` times it. Tools that ignore the patterns (some servers) then still apply
+the right scale.
+
+Bias deltas. PEFT adds ``scale * lora_B.bias`` to a layer's output, so ``lora_B.bias = db / scale``.
+``lora_bias`` is one flag for every target: targets whose bias did not change, or that have none, get a zero
+``lora_B.bias`` so PEFT loads without missing keys. PEFT cannot *merge* ``lora_bias`` into a layer without a
+bias (``merge_and_unload`` raises); the report says which layers those are. By default (``lora_bias=None``)
+``lora_bias`` is on exactly when some LoRA target's bias changed.
+
+Tied embeddings (``lm_head`` sharing the input embedding's weight): the shared tensor is read and decomposed
+once; the adapter then carries the change for both modules, since PEFT adapts them separately:
+``lora_embedding_A/B`` on the embedding and the same factors, transposed, as ``lm_head``'s ``lora_A/B`` (with
+``--embeddings full``, a saved copy for each).
+
+Streaming: tensors are read one base/tuned pair at a time in shard order, so memory is about one module's
+tensors plus the adapter being built, whatever the model's size.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+
+from ..engine.factors import factors_from_matrices, weight_to_matrix
+from ..engine.svd import parse_rank_policy
+from ..errors import ConfigError, InputError
+from ..io.adapter import Adapter, AdapterModule
+from ..io.checkpoint import Checkpoint
+from ..io.writer import check_output_dir
+from ._extract_build import Collected, build_adapter
+from ._extract_fit import fit_delta
+from ._extract_plan import TensorRole, plan_roles, split_tensor_name
+from ._extract_report import ExtractReport, ModuleFit, TensorOutcome
+
+__all__ = ["extract", "extract_to_dir", "default_output_path", "SVD_METHODS", "DTYPES"]
+
+SVD_METHODS = ("randomized", "exact")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+Source = Union[str, os.PathLike, Checkpoint]
+Progress = Callable[[int, int, str], None]
+
+
+def default_output_path(tuned: Union[str, os.PathLike], r: int, rank_policy: Optional[str] = None) -> Path:
+    """``./<tuned name>-lora-r<r>`` (``-<policy>`` appended for a rank policy), in the working directory."""
+    name = Path(os.fspath(tuned).rstrip("/")).name or "model"
+    suffix = f"-{rank_policy.replace(':', '')}" if rank_policy else ""
+    return Path(f"{name}-lora-r{r}{suffix}")
+
+
+def extract_to_dir(
+    base: Source, tuned: Source, output: Union[str, os.PathLike, None] = None, *, force: bool = False,
+    **options,
+) -> ExtractReport:
+    """:func:`extract`, then write the adapter to ``output`` (default :func:`default_output_path`) atomically.
+
+    The output is checked before any work: an existing non-empty directory is refused without ``force``.
+    Nothing is written when extraction fails or is interrupted.
+
+    Raises:
+        OutputExistsError: ``output`` exists, is not empty, and ``force`` is false.
+        and everything :func:`extract` raises.
+    """
+    if output is None:
+        output = default_output_path(_source_name(tuned), options.get("r", 16), options.get("rank_policy"))
+    check_output_dir(output, force)
+    adapter, report = extract(base, tuned, **options)
+    adapter.save(output, force=force)
+    report.output = str(output)
+    return report
+
+
+def extract(
+    base: Source,
+    tuned: Source,
+    *,
+    r: int = 16,
+    alpha: Optional[float] = None,
+    rank_policy: Optional[str] = None,
+    target_modules: Union[str, Sequence[str], None] = None,
+    exclude_modules: Union[str, Sequence[str], None] = None,
+    embeddings: str = "lora",
+    lora_bias: Optional[bool] = None,
+    svd: str = "randomized",
+    device: str = "auto",
+    dtype: str = "auto",
+    seed: int = 0,
+    serving: bool = False,
+    allow_empty: bool = False,
+    progress: Optional[Progress] = None,
+) -> tuple[Adapter, ExtractReport]:
+    """Extract a LoRA adapter approximating ``tuned`` as ``base + adapter`` (see the module docstring).
+
+    Args:
+        base, tuned: checkpoints (anything :meth:`Checkpoint.open` reads, or open checkpoints).
+        r: the LoRA rank (the cap for a rank policy); clamped per module to ``min(out, in)``, and said so.
+        alpha: ``lora_alpha`` for rank ``r``; default ``r`` (scale 1). Every module keeps scale ``alpha / r``.
+        rank_policy: ``energy:F``, ``sv_ratio:X``, ``sv_fro:F``, ``sv_cumulative:F``, ``sv_epsilon:E`` or a
+            fixed integer (:func:`lorasurg.engine.svd.parse_rank_policy`); None keeps ``r`` everywhere.
+        target_modules / exclude_modules: PEFT-style selection of the layers to fit (names or ``.``-suffixes,
+            or one regex); default every LoRA-able layer.
+        embeddings: ``lora`` (embedding LoRA), ``full`` (modules_to_save) or ``skip`` (dropped, listed).
+        lora_bias: carry bias deltas of LoRA targets as ``lora_B.bias``; None: on iff one changed.
+        svd: ``randomized`` (seeded, within 1% of optimal) or ``exact``.
+        device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``: where the arithmetic runs.
+        dtype: dtype of the written tensors; ``auto`` follows the tuned checkpoint.
+        seed: seeds the randomized SVD (per module, independent of order).
+        serving: write only LoRA factors on linear layers (what vLLM-style servers accept); list the rest
+            with its share of the delta energy.
+        allow_empty: for identical checkpoints, return a no-op adapter (all factors zero) instead of raising.
+        progress: called as ``progress(done, total, tensor name)`` in elements after each tensor.
+
+    Returns:
+        ``(adapter, report)``; save the adapter with :meth:`Adapter.save` (or use :func:`extract_to_dir`).
+
+    Raises:
+        ShapeMismatchError: the checkpoints differ in architecture, tensor names or shapes (all listed).
+        InputError: a delta holds NaN/inf (tensors named); the checkpoints are identical (without
+            ``allow_empty``); nothing LoRA-able changed; a checkpoint cannot be read.
+        ConfigError: an invalid option value.
+    """
+    policy = _check_options(r, alpha, rank_policy, svd, dtype, embeddings)
+    work_device = _device(device)
+    base_ckpt, tuned_ckpt = _open(base), _open(tuned)
+    _check_pair(base_ckpt, tuned_ckpt)
+    scale = (float(alpha) if alpha is not None else float(r)) / r
+    names = base_ckpt.names()
+    modules = base_ckpt.module_infos()
+    aliases = {a: c for a, c in base_ckpt.tied_weights().items()}
+    embed = _input_embedding(base_ckpt, modules, aliases)
+    plan_kwargs = dict(
+        input_embedding=embed, output_layers=base_ckpt.output_layer_names(), aliases=aliases,
+        target_modules=target_modules, exclude_modules=exclude_modules, embeddings=embeddings, serving=serving,
+    )
+    run = Collected(scale=scale, out_dtype=DTYPES.get(dtype), aliases=aliases, input_embedding=embed)
+    total = sum(_numel(base_ckpt.shape(n)) for n in names if n not in aliases)
+    done = 0
+
+    # Pass 1: bias deltas of LoRA targets (small), which decide lora_bias before any embedding is fitted.
+    with_bias = plan_roles(names, modules, lora_bias=True, **plan_kwargs)
+    for name in [n for n, role in with_bias.items() if role.role == "bias"]:
+        _compare(base_ckpt, tuned_ckpt, with_bias[name], run, work_device)
+        done += _numel(base_ckpt.shape(name))
+    compared = {n for n, role in with_bias.items() if role.role == "bias"}
+    changed_bias = sorted(run.bias_deltas)
+    use_bias = (bool(changed_bias) and not serving) if lora_bias is None else bool(lora_bias) and not serving
+    if serving and lora_bias:
+        run.notes.append("--lora-bias ignored: --serving writes no lora_B bias (LoRA servers reject it)")
+    roles = with_bias if use_bias else plan_roles(names, modules, lora_bias=False, **plan_kwargs)
+
+    # Pass 2: everything else, in shard order.
+    for name, role in roles.items():
+        if role.role == "alias" or name in compared:
+            continue
+        delta = _compare(base_ckpt, tuned_ckpt, role, run, work_device)
+        if delta is not None and role.role == "lora":
+            _fit_module(delta, role, modules, run, r=r, policy=policy, svd=svd, seed=seed)
+        del delta
+        done += _numel(base_ckpt.shape(name))
+        if progress is not None:
+            progress(done, total, name)
+    run.raise_non_finite()
+
+    report = ExtractReport(
+        base=_source_name(base), tuned=_source_name(tuned), r=r, alpha=scale * r, rank_policy=rank_policy or f"fixed:{r}",
+        svd=svd, device=str(work_device), dtype=dtype, lora_bias=use_bias, serving=serving,
+        tensors_compared=len([n for n in names if n not in aliases]),
+    )
+    adapter = build_adapter(
+        run, report, base_ckpt, tuned_ckpt, modules, roles, use_bias=use_bias, r=r, allow_empty=allow_empty,
+        base_name=_source_name(base),
+    )
+    return adapter, report
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def _check_options(r: int, alpha, rank_policy, svd: str, dtype: str, embeddings: str):
+    problems = []
+    if not isinstance(r, int) or r < 1:
+        problems.append(f"r must be a positive integer, got {r!r}")
+    if alpha is not None and not (isinstance(alpha, (int, float)) and alpha > 0):
+        problems.append(f"alpha must be a positive number, got {alpha!r}")
+    if svd not in SVD_METHODS:
+        problems.append(f"svd must be one of {', '.join(SVD_METHODS)}, got {svd!r}")
+    if dtype != "auto" and dtype not in DTYPES:
+        problems.append(f"dtype must be auto or one of {', '.join(DTYPES)}, got {dtype!r}")
+    if embeddings not in ("lora", "full", "skip"):
+        problems.append(f"embeddings must be lora, full or skip, got {embeddings!r}")
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return parse_rank_policy(rank_policy) if rank_policy else None
+
+
+def _device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError) as err:
+        raise ConfigError(f"--device {spec!r} is not a device; use auto, cpu, cuda or cuda:N") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {spec} asked for CUDA but torch sees no CUDA device; use --device cpu or auto")
+    return device
+
+
+def _open(source: Source) -> Checkpoint:
+    return source if isinstance(source, Checkpoint) else Checkpoint.open(source)
+
+
+def _source_name(source: Source) -> str:
+    return str(source.source) if isinstance(source, Checkpoint) else os.fspath(source)
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def _check_pair(base: Checkpoint, tuned: Checkpoint) -> None:
+    """Refuse checkpoints that are not the same architecture, listing every difference."""
+    from ..errors import ShapeMismatchError
+
+    problems: list[str] = []
+    bc, tc = base.config or {}, tuned.config or {}
+    for key in ("model_type", "architectures"):
+        if key in bc and key in tc and bc[key] != tc[key]:
+            problems.append(f"config {key}: base {bc[key]!r}, tuned {tc[key]!r}")
+    b_alias, t_alias = set(base.tied_weights()), set(tuned.tied_weights())
+    b_names = set(base.names()) - b_alias
+    t_names = set(tuned.names()) - t_alias
+    only_b, only_t = sorted(b_names - t_names), sorted(t_names - b_names)
+    if only_b:
+        problems.append(f"missing from tuned ({len(only_b)}): {_short(only_b)}")
+    if only_t:
+        problems.append(f"missing from base ({len(only_t)}): {_short(only_t)}")
+    shapes = [
+        f"{n}: base {tuple(base.shape(n))}, tuned {tuple(tuned.shape(n))}"
+        for n in base.names() if n in t_names and tuple(base.shape(n)) != tuple(tuned.shape(n))
+    ]
+    if shapes:
+        problems.append(f"shape mismatch ({len(shapes)}): {_short(shapes)}")
+    if problems:
+        raise ShapeMismatchError(
+            f"{base.source} and {tuned.source} are not the same architecture:\n  - " + "\n  - ".join(problems)
+            + "\nextract needs a base checkpoint and a fine-tune of it with the same tensors and shapes."
+        )
+
+
+def _short(items: Sequence[str], limit: int = 10) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def _input_embedding(ckpt: Checkpoint, modules, aliases) -> Optional[str]:
+    """The input (token) embedding module: the canonical side of a tied output layer, else the first
+    embedding whose row count is the config's ``vocab_size``, else the first embedding."""
+    for canonical in aliases.values():
+        module = split_tensor_name(canonical)[0]
+        if modules.get(module) is not None and modules[module].kind == "embedding":
+            return module
+    vocab = (ckpt.config or {}).get("vocab_size")
+    embeddings = [m for m, info in modules.items() if info.kind == "embedding"]
+    for m in embeddings:
+        if vocab is not None and (modules[m].weight_shape or (None,))[0] == vocab:
+            return m
+    return embeddings[0] if embeddings else None
+
+
+def _compare(base: Checkpoint, tuned: Checkpoint, role: TensorRole, run: Collected, device: torch.device):
+    """Read one tensor pair; record what changed; return the float32 delta (on ``device``) or None."""
+    w0 = base.get(role.name, device=device)
+    w1 = tuned.get(role.name, device=device)
+    if torch.equal(w0, w1):
+        run.unchanged += 1
+        return None
+    delta = w1.to(torch.float32) - w0.to(torch.float32)
+    del w0
+    if not torch.isfinite(delta).all():
+        run.non_finite.append(f"{role.name} (shape {tuple(delta.shape)})")
+        return None
+    energy = float(torch.linalg.vector_norm(delta, dtype=torch.float64) ** 2)
+    run.record_change(role, delta, w1, energy)
+    return delta
+
+
+def _fit_module(delta, role: TensorRole, modules, run: Collected, *, r: int, policy, svd: str, seed: int) -> None:
+    info = modules[role.module]
+    fan = bool(info.fan_in_fan_out)
+    matrix = weight_to_matrix(delta, role.kind, fan)  # (out, in) view of the delta
+    if matrix.dim() != 2 or matrix.shape[0] == 0 or matrix.shape[1] == 0:
+        raise InputError(f"{role.name}: cannot fit LoRA to a weight of shape {tuple(delta.shape)}")
+    generator = torch.Generator(device=matrix.device).manual_seed(seed + zlib.crc32(role.module.encode()))
+    fit = fit_delta(matrix, r=r, scale=run.scale, policy=policy, method=svd, generator=generator)
+    shape = list(delta.shape)
+    if fit.rank == 0:
+        run.rank_zero(role, fit)
+        return
+    target_dtype = run.out_dtype or run.tuned_dtype.get(role.name, torch.float32)
+    A = fit.A.to("cpu", target_dtype)
+    B = fit.B.to("cpu", target_dtype)
+    factors = factors_from_matrices(A, B, role.kind, tuple(delta.shape), run.scale, fan_in_fan_out=fan)
+    run.factors[role.module] = AdapterModule(
+        role.module, factors.A, factors.B, embedding=role.kind == "embedding"
+    )
+    run.fits[role.module] = ModuleFit(
+        module=role.module, kind=role.kind, shape=shape, rank=fit.rank, max_rank=fit.max_rank,
+        alpha=run.scale * fit.rank, rel_error=fit.rel_error, energy_kept=fit.energy_kept, clamped=fit.clamped,
+    )
