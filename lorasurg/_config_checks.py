@@ -77,7 +77,8 @@ def _check_scalars(cfg: Any, bad) -> None:
     if not valid_init_lora_weights(cfg.init_lora_weights):
         bad(
             f"init_lora_weights={cfg.init_lora_weights!r} is not an initialisation PEFT knows; use True, False, "
-            "'gaussian', 'eva', 'olora', 'pissa', 'pissa_niter_<n>', 'corda', 'loftq', 'orthogonal', 'mica' or 'lora_ga'",
+            "'gaussian', 'eva', 'olora', 'pissa', 'pissa_niter_<n>', 'corda', 'loftq', 'orthogonal', 'mica' "
+            "or 'lora_ga'",
             not isinstance(cfg.init_lora_weights, (bool, str)),
         )
 

@@ -63,6 +63,9 @@ class TaskType(str, enum.Enum):
     FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
 
 
+_TASK_TYPES = tuple(t.value for t in TaskType)
+
+
 class ConfigTypeError(ConfigError, TypeError):
     """A config field has the wrong type (PEFT raises ``TypeError`` for those it checks)."""
 
@@ -265,7 +268,7 @@ class LoraConfig:
 
     def _normalise(self) -> None:
         """PEFT's normalisation and warnings; leaves values it cannot normalise for :meth:`_problems`."""
-        if self.task_type in set(TaskType):
+        if isinstance(self.task_type, str) and self.task_type in _TASK_TYPES:
             self.task_type = TaskType(self.task_type)
         if self.peft_type is None or self.peft_type == "LORA":
             self.peft_type = "LORA"
@@ -283,7 +286,9 @@ class LoraConfig:
             value = _subconfigs.as_plain_dict(getattr(self, name))
             if value is not None:
                 setattr(self, name, {**default, **value} if name == "runtime_config" else value)
-        self._normalise_init_configs()
+        init_configs = (self.loftq_config, self.eva_config, self.corda_config)
+        if all(isinstance(c, (dict, type(None))) for c in init_configs):
+            self._normalise_init_configs()  # PEFT refuses a sub-config of the wrong type before these rules run
         if self.alora_invocation_tokens is not None and self.task_type != TaskType.CAUSAL_LM:
             _warn("alora_invocation_tokens (aLoRA) is only supported by PEFT for task_type CAUSAL_LM")
         init = self.init_lora_weights
@@ -316,7 +321,7 @@ class LoraConfig:
 
     def _problems(self) -> list[Problem]:
         """Every value and combination refused, as (message, is_type_error); no side effects."""
-        problems = field_problems(self, [t.value for t in TaskType])
+        problems = field_problems(self, _TASK_TYPES)
         for name in _subconfigs.SUBCONFIGS:
             problems.extend(_subconfigs.normalise(name, getattr(self, name))[1])
         return problems
@@ -335,10 +340,14 @@ def _raise_if(problems: list[Problem]) -> None:
     raise cls(f"invalid LoRA config ({len(problems)} problems):\n" + "\n".join(f"  - {m}" for m, _ in problems))
 
 
+def _is_internal(filename: str) -> bool:
+    return filename.startswith(_PACKAGE_DIR) or filename == "<string>"  # "<string>": the dataclass __init__
+
+
 def _warn(message: str) -> None:
     """``warnings.warn`` attributed to the first caller outside lorasurg (and the dataclass ``__init__``)."""
     frame, level = sys._getframe(1), 2
-    while frame is not None and (frame.f_code.co_filename.startswith(_PACKAGE_DIR) or frame.f_code.co_filename == "<string>"):
+    while frame is not None and _is_internal(frame.f_code.co_filename):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, stacklevel=level)
 
@@ -358,7 +367,9 @@ def _locate(source: Union[str, os.PathLike], revision: Optional[str]) -> Path:
         return path
     text = os.fspath(source)
     if not _REPO_ID.fullmatch(text) or text.endswith(".json"):
-        raise InputError(f"no such file or directory: {text}; give an adapter directory, its {CONFIG_NAME}, or a Hub repo id")
+        raise InputError(
+            f"no such file or directory: {text}; give an adapter directory, its {CONFIG_NAME}, or a Hub repo id"
+        )
     try:
         from huggingface_hub import hf_hub_download
 

@@ -110,6 +110,7 @@ def test_init_lora_weights_accepted(init):
 REFUSED = [
     # (kwargs, substrings of the message, raises a TypeError too)
     (dict(task_type="CAUSAL"), ["task_type='CAUSAL'", "CAUSAL_LM"], False),
+    (dict(task_type=["CAUSAL_LM"]), ["task_type=['CAUSAL_LM'] is not a PEFT task type"], False),
     (dict(peft_type="IA3"), ["peft_type='IA3'", "leave peft_type unset"], False),
     (dict(r=0), ["r must be a positive int", "got 0"], False),
     (dict(r=4.0), ["r must be a positive int", "4.0"], True),
@@ -191,6 +192,13 @@ def test_every_problem_is_reported_at_once():
     assert message.startswith("invalid LoRA config (5 problems):")
     for field in ("r must", "lora_dropout", "bias must", "target_parameters", "lora_bias=True"):
         assert field in message
+
+
+def test_wrong_type_subconfig_is_refused_before_any_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ConfigTypeError, match="eva_config must be None"):
+            LoraConfig(eva_config=5)
 
 
 def test_validate_rechecks_after_assignment():
