@@ -88,22 +88,15 @@ def _check_collections(cfg: Any, bad) -> None:
         value = getattr(cfg, name)
         if value is not None and not isinstance(value, str) and not _is_str_collection(value):
             bad(f"{name} must be a regex string, a list of module names, or None; got {value!r}", True)
-    if isinstance(cfg.target_parameters, str):
-        bad(
-            f"target_parameters must be a list of parameter names or None, not a string; "
-            f"write [{cfg.target_parameters!r}]",
-            True,
-        )
-    elif cfg.target_parameters is not None and not _is_str_collection(cfg.target_parameters):
-        bad(f"target_parameters must be a list of parameter names or None; got {cfg.target_parameters!r}", True)
-    if isinstance(cfg.modules_to_save, str):
-        bad(
-            f"modules_to_save must be a list of module names, not a string (PEFT would match it character by "
-            f"character); write [{cfg.modules_to_save!r}]",
-            True,
-        )
-    elif cfg.modules_to_save is not None and not _is_str_collection(cfg.modules_to_save):
-        bad(f"modules_to_save must be a list of module names or None; got {cfg.modules_to_save!r}", True)
+    for name, what, why in (
+        ("target_parameters", "parameter names", ""),
+        ("modules_to_save", "module names", " (PEFT would match it character by character)"),
+    ):
+        value = getattr(cfg, name)
+        if isinstance(value, str):
+            bad(f"{name} must be a list of {what} or None, not a string{why}; write [{value!r}]", True)
+        elif value is not None and not _is_str_collection(value):
+            bad(f"{name} must be a list of {what} or None; got {value!r}", True)
     ltt = cfg.layers_to_transform
     if ltt is not None and not _is_int(ltt) and not _is_int_list(ltt):
         bad(f"layers_to_transform must be a layer index, a list of layer indices, or None; got {ltt!r}", True)

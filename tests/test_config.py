@@ -126,7 +126,7 @@ REFUSED = [
     (dict(exclude_modules=5), ["exclude_modules must be"], True),
     (dict(target_parameters="experts.w"), ["target_parameters", "not a string", "['experts.w']"], True),
     (dict(target_parameters=[1]), ["target_parameters must be a list"], True),
-    (dict(modules_to_save="lm_head"), ["modules_to_save", "not a string", "['lm_head']"], True),
+    (dict(modules_to_save="lm_head"), ["modules_to_save must be a list", "not a string (PEFT", "['lm_head']"], True),
     (dict(modules_to_save=[None]), ["modules_to_save must be a list"], True),
     (dict(layers_to_transform="0"), ["layers_to_transform must be"], True),
     (dict(layers_to_transform=[0], layers_pattern=3), ["layers_pattern must be"], True),
