@@ -5,7 +5,7 @@ Construction normalises the way PEFT does (``target_modules``/``exclude_modules`
 ``peft_type`` -> ``"LORA"``, nested sub-configs filled with PEFT's defaults), warns where PEFT warns, and
 refuses what PEFT refuses. It also refuses values PEFT only fails on later, when it builds the layers
 (``r`` not a positive int, an unknown ``bias`` or ``init_lora_weights``, a dropout outside [0, 1], ...),
-and two things PEFT silently mangles (see :class:`LoraConfig`). Every problem is collected before raising.
+and a few values PEFT silently mangles (see :class:`LoraConfig`). Every problem is collected before raising.
 
 Differences from PEFT, on purpose:
 
