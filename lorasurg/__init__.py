@@ -3,8 +3,10 @@
 The public API is what ``__all__`` lists; everything else is internal.
 """
 
+from .config import LoraConfig, TaskType
 from .errors import (
     ConfigError,
+    ConfigTypeError,
     InputError,
     LorasurgError,
     OutputExistsError,
@@ -17,9 +19,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "__version__",
+    "LoraConfig",
+    "TaskType",
     "LorasurgError",
     "InputError",
     "ConfigError",
+    "ConfigTypeError",
     "ShapeMismatchError",
     "OutputExistsError",
     "UnsupportedError",

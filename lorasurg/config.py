@@ -40,9 +40,9 @@ from typing import Any, Mapping, Optional, Union
 from . import _subconfigs
 from ._config_checks import field_problems
 from ._subconfigs import Problem
-from .errors import ConfigError, InputError
+from .errors import ConfigError, ConfigTypeError, InputError
 
-__all__ = ["LoraConfig", "TaskType", "ConfigTypeError", "CONFIG_NAME", "WRITTEN_PEFT_VERSION"]
+__all__ = ["LoraConfig", "TaskType", "CONFIG_NAME", "WRITTEN_PEFT_VERSION"]
 
 CONFIG_NAME = "adapter_config.json"
 #: ``peft_version`` written when a config has none: the PEFT release whose format lorasurg follows.
@@ -64,10 +64,6 @@ class TaskType(str, enum.Enum):
 
 
 _TASK_TYPES = tuple(t.value for t in TaskType)
-
-
-class ConfigTypeError(ConfigError, TypeError):
-    """A config field has the wrong type (PEFT raises ``TypeError`` for those it checks)."""
 
 
 @dataclass

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from lorasurg.config import CONFIG_NAME, WRITTEN_PEFT_VERSION, ConfigTypeError, LoraConfig, TaskType
+from lorasurg.config import CONFIG_NAME, WRITTEN_PEFT_VERSION, LoraConfig, TaskType
+from lorasurg.errors import ConfigTypeError
 from lorasurg.errors import ConfigError, InputError
 
 

@@ -31,7 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from ..config import LoraConfig
+from ..config import CONFIG_NAME, LoraConfig
 from ..errors import InputError
 from ..targeting import rank_alpha
 from .hub import resolve_source
@@ -48,7 +48,6 @@ __all__ = [
     "parse_peft_key",
 ]
 
-CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 BIN_WEIGHTS_NAME = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
