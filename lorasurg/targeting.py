@@ -36,10 +36,12 @@ import difflib
 import re
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from functools import lru_cache
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 from .errors import ConfigError, UnsupportedError
-from .modules import ModuleInfo
+
+if TYPE_CHECKING:  # only for annotations: keeps this module free of torch
+    from .modules import ModuleInfo
 
 __all__ = [
     "ALL_LINEAR",

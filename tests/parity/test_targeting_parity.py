@@ -282,3 +282,18 @@ def test_anchored_key_gives_exactly_one_module_its_rank(models, arch):
         config = LoraConfig(target_modules="all-linear", r=8, rank_pattern={anchored_pattern_key(name): 3})
         theirs, _ = _peft_wraps(model, config)
         assert {n for n, (r, _) in theirs.items() if r == 3} == {name}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert", "t5"])
+def test_condensing_equals_peft_find_minimal_target_modules(models, arch):
+    from peft.tuners.tuners_utils import _find_minimal_target_modules
+
+    from lorasurg.targeting import _condense
+
+    names = list(describe_model(models[arch]))
+    wrappable = [n for n, info in describe_model(models[arch]).items() if info.kind is not None]
+    for chosen in _subsets(wrappable, seed=7):
+        others = [n for n in names if not any(n == t or n.endswith("." + t) for t in chosen)]
+        theirs = _find_minimal_target_modules(chosen, others)
+        theirs = theirs if len(theirs) < len(set(chosen)) else set(chosen)
+        assert _condense(chosen, others) == theirs
