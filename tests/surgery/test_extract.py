@@ -1,0 +1,310 @@
+"""``lorasurg.surgery.extract``: fit quality, what each changed tensor becomes, config, streaming."""
+
+from __future__ import annotations
+
+import functools
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lorasurg.engine.factors import delta_matrix, lora_scale, weight_to_matrix
+from lorasurg.engine.svd import parse_rank_policy
+from lorasurg.io.checkpoint import Checkpoint
+from lorasurg.modules import ModuleInfo
+from lorasurg.surgery import extract as extract_mod
+from lorasurg.surgery._extract_fit import fit_delta
+from lorasurg.surgery._extract_plan import plan_roles
+from lorasurg.surgery.extract import extract
+from lorasurg.targeting import anchored_pattern_key, rank_alpha
+from tests.conftest import tol
+
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
+
+
+def pair(arch: str) -> tuple[Path, Path]:
+    return FIXTURES / f"tiny-{arch}" / "base", FIXTURES / f"tiny-{arch}" / "tuned"
+
+
+@functools.lru_cache(maxsize=None)
+def ckpt(path: Path) -> Checkpoint:
+    return Checkpoint.open(path)
+
+
+def true_delta(arch: str, module: str) -> torch.Tensor:
+    b, t = (ckpt(p) for p in pair(arch))
+    return t.get(f"{module}.weight", dtype=torch.float64) - b.get(f"{module}.weight", dtype=torch.float64)
+
+
+def module_delta(adapter, module: str, kind: str) -> torch.Tensor:
+    """scale * B @ A of one adapter module, as a float64 (out, in) matrix."""
+    from lorasurg.engine.factors import LoraFactors
+
+    mod = adapter.modules[module]
+    r, alpha = rank_alpha(adapter.config, module)
+    f = LoraFactors(kind, mod.A.double(), mod.B.double(), lora_scale(r, alpha))
+    return delta_matrix(f)
+
+
+def _with_spectrum(s: torch.Tensor, out_f: int, in_f: int, gen: torch.Generator) -> torch.Tensor:
+    k = s.numel()
+    U, _ = torch.linalg.qr(torch.randn(out_f, k, generator=gen, dtype=torch.float64))  # (out, k)
+    V, _ = torch.linalg.qr(torch.randn(in_f, k, generator=gen, dtype=torch.float64))  # (in, k)
+    return (U * s) @ V.T  # (out, k) * (k,) @ (k, in)
+
+
+# ------------------------------------------------------------------------------------------------ fit quality
+@pytest.mark.parametrize("spectrum", ["flat", "power_law_0.5", "power_law_1"])
+@pytest.mark.parametrize("r", [4, 16])
+def test_fit_error_within_one_percent_of_optimal(spectrum, r, gen):
+    k = 96
+    i = torch.arange(1, k + 1, dtype=torch.float64)
+    s = torch.ones(k, dtype=torch.float64) if spectrum == "flat" else i ** -float(spectrum.rsplit("_", 1)[1])
+    dW = _with_spectrum(s, 160, k, gen)
+    optimal = float(s[r:].pow(2).sum().sqrt())
+    fit = fit_delta(dW.float().clone(), r=r, scale=2.0, method="randomized", generator=gen)
+    error = float(torch.linalg.vector_norm(dW - 2.0 * fit.B.double() @ fit.A.double()))  # (out, r) @ (r, in)
+    assert fit.rank == r
+    assert error <= 1.01 * optimal
+    assert fit.rel_error == pytest.approx(error / float(torch.linalg.vector_norm(dW)), rel=1e-4)
+    assert fit.energy_kept == pytest.approx(float(s[:r].pow(2).sum() / s.pow(2).sum()), rel=1e-2)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_every_module_within_one_percent_of_optimal(arch):
+    adapter, report = extract(*pair(arch), r=8)
+    for fit in report.fits:
+        if "tied" in fit.kind:
+            continue
+        dW = true_delta(arch, fit.module)
+        kind = "embedding" if fit.kind == "embedding" else "linear"
+        info = ckpt(pair(arch)[0]).module_infos()[fit.module]
+        matrix = weight_to_matrix(dW, kind, info.fan_in_fan_out)  # (out, in)
+        S = torch.linalg.svdvals(matrix)
+        optimal = float(S[fit.rank:].pow(2).sum().sqrt())
+        error = float(torch.linalg.vector_norm(matrix - module_delta(adapter, fit.module, kind)))
+        assert error <= 1.01 * optimal + 1e-6, fit.module
+        assert fit.rel_error == pytest.approx(error / float(torch.linalg.vector_norm(matrix)), rel=1e-3, abs=1e-5)
+
+
+def test_exact_svd_at_full_rank_reproduces_the_delta():
+    adapter, report = extract(*pair("llama"), r=64, svd="exact")
+    for module in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        torch.testing.assert_close(module_delta(adapter, module, "linear"), true_delta("llama", module),
+                                   rtol=1e-4, atol=1e-5)
+    assert all(f.rel_error < 1e-4 for f in report.fits)
+
+
+# ------------------------------------------------------------------------------------------------ scale, alpha, ranks
+def test_alpha_sets_the_scale_and_every_module_keeps_it():
+    adapter, report = extract(*pair("llama"), r=48, alpha=96)
+    cfg = adapter.config
+    assert (cfg.r, cfg.lora_alpha) == (48, 96)
+    # k_proj/v_proj are 32 x 64: clamped to rank 32 and given alpha 64 so their scale stays 2.
+    key = anchored_pattern_key("model.layers.0.self_attn.k_proj")
+    assert cfg.rank_pattern[key] == 32 and cfg.alpha_pattern[key] == 64
+    for name in adapter.modules:
+        r, alpha = rank_alpha(cfg, name)
+        assert r == adapter.modules[name].rank
+        assert lora_scale(r, alpha) == pytest.approx(2.0)
+    assert any("clamped" in n and "k_proj (r=32)" in n for n in report.notes)
+    assert {f.module for f in report.fits if f.clamped} >= {"model.layers.0.self_attn.k_proj"}
+
+
+def test_energy_policy_gives_per_module_ranks_in_patterns():
+    adapter, report = extract(*pair("llama"), r=64, rank_policy="energy:0.5")
+    ranks = {f.module: f.rank for f in report.fits}
+    # the fixture's linear deltas have 4 large singular values then a 1/i tail: half the energy needs <= 4
+    assert all(1 <= ranks[m] <= 4 for m in ranks if "layers" in m)
+    assert all(f.energy_kept >= 0.5 - 1e-6 for f in report.fits)
+    for name, mod in adapter.modules.items():
+        assert rank_alpha(adapter.config, name)[0] == mod.rank
+
+
+def test_policies_choose_expected_ranks_on_constructed_spectra(gen):
+    s = torch.tensor([8.0, 4.0, 2.0, 1.0, 0.5, 0.25, 0.125, 0.0625], dtype=torch.float64)
+    dW = _with_spectrum(s, 24, 8, gen).float()
+    energy = s.pow(2)
+    # energy:F -> smallest k with sum(S[:k]^2) >= F * total
+    for F in (0.7, 0.95, 0.999):
+        want = int((torch.cumsum(energy, 0) < F * energy.sum()).sum()) + 1
+        fit = fit_delta(dW.clone(), r=8, scale=1.0, policy=parse_rank_policy(f"energy:{F}"), method="exact")
+        assert fit.rank == want
+    # the cap --r still applies
+    fit = fit_delta(dW.clone(), r=2, scale=1.0, policy=parse_rank_policy("energy:0.999"), method="exact")
+    assert fit.rank == 2
+
+
+# ------------------------------------------------------------------------------------------------ what becomes what
+def test_every_changed_tensor_is_accounted_for():
+    adapter, report = extract(*pair("llama"), r=8)
+    outcomes = {o.name: o.outcome for o in report.outcomes}
+    b, t = Checkpoint.open(pair("llama")[0]), Checkpoint.open(pair("llama")[1])
+    changed = {n for n in b.names() if not torch.equal(b.get(n), t.get(n))}
+    assert set(outcomes) == changed
+    assert outcomes["model.layers.0.input_layernorm.weight"] == "modules_to_save"
+    assert outcomes["model.embed_tokens.weight"] == "lora"
+    assert report.tensors_unchanged + len(changed) == report.tensors_compared == len(b.names())
+    assert adapter.config.modules_to_save == ["model.layers.0.input_layernorm"]
+    torch.testing.assert_close(adapter.extra["model.layers.0.input_layernorm.weight"],
+                               t.get("model.layers.0.input_layernorm.weight"), rtol=0, atol=0)
+    assert adapter.config.init_lora_weights is True
+    assert not adapter.problems()
+
+
+@pytest.mark.parametrize("mode", ["lora", "full", "skip"])
+def test_embeddings_modes(mode):
+    adapter, report = extract(*pair("llama"), r=8, embeddings=mode)
+    outcome = {o.name: o for o in report.outcomes}["model.embed_tokens.weight"]
+    if mode == "lora":
+        assert adapter.modules["model.embed_tokens"].embedding
+        assert outcome.outcome == "lora"
+    elif mode == "full":
+        assert "model.embed_tokens" not in adapter.modules
+        assert "model.embed_tokens" in adapter.config.modules_to_save
+        assert "model.embed_tokens.weight" in adapter.extra
+        assert outcome.outcome == "modules_to_save"
+    else:
+        assert "model.embed_tokens" not in adapter.modules and "model.embed_tokens.weight" not in adapter.extra
+        assert outcome.outcome == "dropped" and "--embeddings skip" in outcome.reason
+
+
+def test_tied_embedding_is_read_once_and_written_for_both(monkeypatch):
+    reads: list[str] = []
+    real_get = Checkpoint.get
+
+    def counting_get(self, name, *args, **kwargs):
+        reads.append(name)
+        return real_get(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(Checkpoint, "get", counting_get)
+    adapter, report = extract(*pair("qwen2"), r=8, lora_bias=False)
+    emb, head = adapter.modules["model.embed_tokens"], adapter.modules["lm_head"]
+    assert emb.embedding and not head.embedding
+    torch.testing.assert_close(head.A, emb.B.T, rtol=0, atol=0)
+    torch.testing.assert_close(head.B, emb.A.T, rtol=0, atol=0)
+    assert reads.count("model.embed_tokens.weight") == 2  # once per checkpoint
+    assert "lm_head.weight" not in reads
+    assert any("lm_head shares its weight" in n for n in report.notes)
+
+
+def test_lora_bias_auto_on_for_changed_biases():
+    adapter, report = extract(*pair("qwen2"), r=8)
+    cfg = adapter.config
+    assert cfg.lora_bias is True and report.lora_bias
+    b, t = Checkpoint.open(pair("qwen2")[0]), Checkpoint.open(pair("qwen2")[1])
+    name = "model.layers.1.self_attn.k_proj"
+    r, alpha = rank_alpha(cfg, name)
+    db = t.get(f"{name}.bias") - b.get(f"{name}.bias")
+    torch.testing.assert_close(adapter.modules[name].bias * lora_scale(r, alpha), db, **tol(torch.float32))
+    # every LoRA target has a lora_B.bias, zero where nothing changed (o_proj has no bias at all)
+    assert all(m.bias is not None for m in adapter.modules.values())
+    assert torch.count_nonzero(adapter.modules["model.layers.0.self_attn.o_proj"].bias) == 0
+    # PEFT refuses lora_bias on embeddings: the changed embedding is saved whole instead, and said so
+    assert "model.embed_tokens" not in adapter.modules
+    assert set(cfg.modules_to_save) >= {"model.embed_tokens", "lm_head"}
+    assert any("refuses lora_bias on Embedding" in n for n in report.notes)
+    assert any("no bias in the base model" in n for n in report.notes)
+
+
+def test_no_lora_bias_lists_bias_deltas_as_dropped():
+    adapter, report = extract(*pair("qwen2"), r=8, lora_bias=False)
+    assert adapter.config.lora_bias is False
+    dropped = [o for o in report.outcomes if o.name.endswith("q_proj.bias")]
+    assert dropped and all(o.outcome == "dropped" for o in dropped)
+    assert all(m.bias is None for m in adapter.modules.values())
+
+
+def test_gpt2_conv1d_factors_in_linear_orientation():
+    adapter, report = extract(*pair("gpt2"), r=64)
+    mod = adapter.modules["transformer.h.0.attn.c_attn"]
+    assert tuple(mod.A.shape) == (64, 64) and tuple(mod.B.shape) == (192, 64)  # (r, in), (out, r)
+    assert adapter.config.fan_in_fan_out is True
+    dW = true_delta("gpt2", "transformer.h.0.attn.c_attn")  # stored (in, out)
+    torch.testing.assert_close(module_delta(adapter, "transformer.h.0.attn.c_attn", "linear"), dW.T,
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_serving_writes_only_linear_lora_and_lists_the_rest():
+    adapter, report = extract(*pair("qwen2"), r=8, serving=True)
+    cfg = adapter.config
+    assert not cfg.modules_to_save and not adapter.extra and cfg.lora_bias is False
+    assert all(not m.embedding and m.bias is None for m in adapter.modules.values())
+    assert "lm_head" not in adapter.modules
+    left = {o.name: o for o in report.left_out()}
+    assert {"model.embed_tokens.weight", "model.norm.weight", "model.layers.0.self_attn.q_proj.bias"} <= set(left)
+    shares = [report.share(o) for o in left.values()]
+    assert all(s > 0 for s in shares)
+    assert report.to_dict()["totals"]["left_out_energy"] == pytest.approx(sum(shares))
+
+
+def test_exclude_and_target_modules():
+    adapter, report = extract(*pair("llama"), r=4, target_modules=["q_proj", "v_proj"],
+                              exclude_modules=["model.layers.1.self_attn.v_proj"])
+    assert set(adapter.modules) == {"model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj",
+                                    "model.layers.0.self_attn.v_proj"}
+    reasons = {o.name: o.reason for o in report.outcomes}
+    assert "excluded" in reasons["model.layers.1.self_attn.v_proj.weight"]
+    assert "not in --target-modules" in reasons["model.layers.0.mlp.up_proj.weight"]
+    # the config selects exactly the fitted modules
+    from lorasurg.targeting import select_modules
+
+    infos = Checkpoint.open(pair("llama")[0]).module_infos()
+    assert sorted(select_modules(adapter.config, infos)) == sorted(adapter.modules)
+
+
+def test_plan_roles_rules():
+    modules = {
+        "emb": ModuleInfo("Embedding", "embedding", weight_shape=(10, 4)),
+        "l.q": ModuleInfo("Linear", "linear", weight_shape=(4, 4), has_bias=True),
+        "l.conv": ModuleInfo("Conv2d", "conv2d", weight_shape=(4, 4, 3, 3)),
+        "l.norm": ModuleInfo("RMSNorm", None, weight_shape=(4,)),
+        "head": ModuleInfo("Linear", "linear", weight_shape=(10, 4)),
+    }
+    names = ["emb.weight", "l.q.weight", "l.q.bias", "l.conv.weight", "l.norm.weight", "head.weight"]
+    roles = plan_roles(names, modules, input_embedding="emb", output_layers={"head"}, lora_bias=True)
+    assert [roles[n].role for n in names] == ["save", "lora", "bias", "lora", "save", "lora"]
+    serving = plan_roles(names, modules, input_embedding="emb", output_layers={"head"}, serving=True)
+    assert [serving[n].role for n in names] == ["drop", "lora", "drop", "drop", "drop", "drop"]
+    aliased = plan_roles(names, modules, input_embedding="emb", aliases={"head.weight": "emb.weight"})
+    assert aliased["head.weight"].role == "alias"
+
+
+def test_streams_in_shard_order(tmp_path):
+    from fixtures.make import make_pair
+
+    base, tuned = make_pair("llama", tmp_path, hidden=32, layers=2, vocab=64, max_shard_size="20KB")
+    names = Checkpoint.open(base).names()
+    assert len(Checkpoint.open(base).files) > 1
+    seen: list[str] = []
+    extract(base, tuned, r=4, progress=lambda done, total, name: seen.append(name))
+    assert seen == [n for n in names if n in seen]
+    assert len(seen) == len(names)
+
+
+def test_output_dtype_follows_request():
+    adapter, _ = extract(*pair("llama"), r=4, dtype="bfloat16")
+    assert {m.A.dtype for m in adapter.modules.values()} == {torch.bfloat16}
+    assert {t.dtype for t in adapter.extra.values()} == {torch.bfloat16}
+    adapter, _ = extract(*pair("llama"), r=4)
+    assert {m.A.dtype for m in adapter.modules.values()} == {torch.float32}
+
+
+def test_seeded_randomized_svd_is_reproducible():
+    a1, _ = extract(*pair("llama"), r=4, seed=3)
+    a2, _ = extract(*pair("llama"), r=4, seed=3)
+    for name in a1.modules:
+        assert torch.equal(a1.modules[name].A, a2.modules[name].A)
+
+
+def test_saved_adapter_round_trips(tmp_path):
+    from lorasurg.io.adapter import Adapter
+
+    report = extract_mod.extract_to_dir(*pair("qwen2"), tmp_path / "out", r=4)
+    loaded = Adapter.load(tmp_path / "out")
+    assert not loaded.problems()
+    state = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
+    assert report.adapter_bytes == sum(t.numel() * t.element_size() for t in state.values())
+    assert math.isclose(report.to_dict()["totals"]["adapter_parameters"], sum(t.numel() for t in state.values()))
