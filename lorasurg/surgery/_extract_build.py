@@ -47,13 +47,13 @@ class Collected:
     zero_rank: dict[str, Fit] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
-    def record_change(self, role: TensorRole, delta: Tensor, tuned: Tensor, energy: float) -> None:
-        """Remember a changed tensor; keep a bias delta or a tuned copy when its role needs one."""
-        self.changed[role.name] = (list(delta.shape), energy)
-        self.tuned_dtype[role.name] = tuned.dtype
-        if role.role == "bias":
+    def record_change(self, role: TensorRole, shape, energy: float, *, delta: Optional[Tensor] = None,
+                      tuned: Optional[Tensor] = None) -> None:
+        """Remember a changed tensor; keep a bias delta, or the tuned tensor for a module saved whole."""
+        self.changed[role.name] = (list(shape), energy)
+        if role.role == "bias" and delta is not None:
             self.bias_deltas[role.name] = delta.to("cpu")
-        elif role.role == "save":
+        elif role.role == "save" and tuned is not None:
             self.saved[role.name] = self._cast(tuned.to("cpu"))
 
     def rank_zero(self, role: TensorRole, fit: Fit) -> None:

@@ -9,20 +9,24 @@ For a delta ``dW: (out, in)`` with truncated SVD ``U_r diag(S_r) Vh_r`` and the 
 (the singular values are split evenly between the two factors, as PEFT's PiSSA does). By Eckart-Young this is
 the best rank-r approximation in Frobenius norm when the SVD is exact; the randomized SVD is within 1% of it.
 The error ``||dW - s B A||_F`` is measured on the delta itself, not estimated from singular values.
+
+Two entry points: :func:`fit_delta` for a delta held in memory, :func:`fit_operator` for one streamed from
+disk (:mod:`lorasurg.surgery._extract_stream`).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
 
 from ..engine.svd import split_factors, truncated_svd
+from ._extract_stream import DeltaOperator, operator_svd
 
-__all__ = ["Fit", "fit_delta"]
+__all__ = ["Fit", "fit_delta", "fit_operator"]
 
 
 @dataclass
@@ -69,17 +73,43 @@ def fit_delta(
         method: ``randomized`` or ``exact``.
         generator: seeds the randomized SVD.
     """
-    out_f, in_f = delta.shape
-    cap = min(out_f, in_f)
-    max_rank = min(r, cap)
-    energy = float(torch.linalg.vector_norm(delta, dtype=torch.float64) ** 2) if delta.numel() else 0.0
+    energy = float(torch.linalg.vector_norm(delta)) ** 2 if delta.numel() else 0.0
+    max_rank = min(r, *delta.shape)
     U, S, Vh = truncated_svd(delta, max_rank, method=method, generator=generator)  # (out,k), (k,), (k,in)
+
+    def residual(B: Tensor, A: Tensor) -> float:
+        delta.addmm_(B, A, alpha=-scale)  # dW - scale * (out, rank) @ (rank, in), in place
+        return float(torch.linalg.vector_norm(delta))
+
+    return _finish(U, S, Vh, residual, tuple(delta.shape), r=r, scale=scale, policy=policy, energy=energy)
+
+
+def fit_operator(
+    op: DeltaOperator,
+    *,
+    r: int,
+    scale: float,
+    energy: float,
+    policy: Optional[Any] = None,
+    generator: Optional[torch.Generator] = None,
+) -> Fit:
+    """:func:`fit_delta` for a delta streamed from disk (randomized SVD only); ``energy`` is ``||dW||_F**2``."""
+    max_rank = min(r, *op.shape)
+    U, S, Vh = operator_svd(op.matmul, op.rmatmul, op.shape, max_rank, generator=generator, device=op.device)
+    return _finish(U, S, Vh, lambda B, A: op.residual_norm(B, A, scale), op.shape, r=r, scale=scale,
+                   policy=policy, energy=energy)
+
+
+def _finish(U: Tensor, S: Tensor, Vh: Tensor, residual: Callable[[Tensor, Tensor], float], shape: tuple[int, int],
+            *, r: int, scale: float, policy: Optional[Any], energy: float) -> Fit:
+    """Choose the rank, split the factors, measure the error."""
+    cap = min(shape)
+    max_rank = min(r, cap)
     rank = max_rank if policy is None else int(policy.choose(S, max_rank, total_energy=energy))
     if rank <= 0 or energy == 0.0:
         return Fit(None, None, 0, max_rank, r > cap, energy, 0.0, 1.0 if energy else 0.0)
     U, S, Vh = U[:, :rank], S[:rank], Vh[:rank]
     A, B = split_factors(U, S, Vh, scale)  # (rank, in), (out, rank)
     kept = float((S.double() ** 2).sum())
-    delta.addmm_(B, A, alpha=-scale)  # dW - scale * (out, rank) @ (rank, in), in place
-    error = float(torch.linalg.vector_norm(delta, dtype=torch.float64))
+    error = residual(B, A)
     return Fit(A, B, rank, max_rank, r > cap, energy, min(kept / energy, 1.0), error / math.sqrt(energy))

@@ -30,6 +30,8 @@ tensors plus the adapter being built, whatever the model's size.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import zlib
 from pathlib import Path
@@ -44,9 +46,10 @@ from ..io.adapter import Adapter, AdapterModule
 from ..io.checkpoint import Checkpoint
 from ..io.writer import check_output_dir
 from ._extract_build import Collected, build_adapter
-from ._extract_fit import fit_delta
+from ._extract_fit import Fit, fit_delta, fit_operator
 from ._extract_plan import TensorRole, plan_roles, split_tensor_name
-from ._extract_report import ExtractReport, ModuleFit, TensorOutcome
+from ._extract_report import ExtractReport, ModuleFit
+from ._extract_stream import STREAM_ABOVE, DeltaOperator, open_delta
 
 __all__ = ["extract", "extract_to_dir", "default_output_path", "SVD_METHODS", "DTYPES"]
 
@@ -167,10 +170,18 @@ def extract(
     for name, role in roles.items():
         if role.role == "alias" or name in compared:
             continue
-        delta = _compare(base_ckpt, tuned_ckpt, role, run, work_device)
-        if delta is not None and role.role == "lora":
-            _fit_module(delta, role, modules, run, r=r, policy=policy, svd=svd, seed=seed)
-        del delta
+        fit_args = dict(r=r, policy=policy, svd=svd, seed=seed)
+        streamed = _numel(base_ckpt.shape(name)) > STREAM_ABOVE and (role.role != "lora" or svd == "randomized")
+        op = open_delta(base_ckpt, tuned_ckpt, name, _transposed(role, modules), work_device) if streamed else None
+        if op is not None:
+            with contextlib.closing(op):
+                _stream(op, tuned_ckpt, role, modules, run, **fit_args)
+        else:
+            delta = _compare(base_ckpt, tuned_ckpt, role, run, work_device)
+            if delta is not None and role.role == "lora":
+                matrix = weight_to_matrix(delta, role.kind, _transposed(role, modules) and role.kind == "linear")
+                _store_fit(_fit(matrix, role, run, **fit_args), role, modules, run, tuple(delta.shape))
+            del delta
         done += _numel(base_ckpt.shape(name))
         if progress is not None:
             progress(done, total, name)
@@ -286,42 +297,80 @@ def _input_embedding(ckpt: Checkpoint, modules, aliases) -> Optional[str]:
 
 
 def _compare(base: Checkpoint, tuned: Checkpoint, role: TensorRole, run: Collected, device: torch.device):
-    """Read one tensor pair; record what changed; return the float32 delta (on ``device``) or None."""
-    w0 = base.get(role.name, device=device)
+    """Read one tensor pair; record what changed; return the float32 delta (on ``device``) or None.
+
+    Memory: the float32 delta is built in place from the tuned tensor, then the base tensor is subtracted
+    from it, so at most one input and the delta are held at once (the tuned tensor is kept only when its
+    module is saved whole). ``x - y == 0`` exactly iff ``x == y`` in floating point, so a zero delta means
+    an unchanged tensor.
+    """
     w1 = tuned.get(role.name, device=device)
-    if torch.equal(w0, w1):
+    run.tuned_dtype[role.name] = w1.dtype
+    delta = w1.to(torch.float32, copy=True)
+    keep = w1 if role.role == "save" else None
+    del w1
+    w0 = base.get(role.name, device=device)
+    delta.sub_(w0)  # promotes w0 element by element; no float32 copy of it
+    del w0
+    peak = float(torch.linalg.vector_norm(delta, ord=float("inf"))) if delta.numel() else 0.0
+    if peak == 0.0:
         run.unchanged += 1
         return None
-    delta = w1.to(torch.float32) - w0.to(torch.float32)
-    del w0
-    if not torch.isfinite(delta).all():
+    if not math.isfinite(peak):
         run.non_finite.append(f"{role.name} (shape {tuple(delta.shape)})")
         return None
-    energy = float(torch.linalg.vector_norm(delta, dtype=torch.float64) ** 2)
-    run.record_change(role, delta, w1, energy)
+    energy = float(torch.linalg.vector_norm(delta)) ** 2
+    run.record_change(role, tuple(delta.shape), energy, delta=delta, tuned=keep)
     return delta
 
 
-def _fit_module(delta, role: TensorRole, modules, run: Collected, *, r: int, policy, svd: str, seed: int) -> None:
-    info = modules[role.module]
-    fan = bool(info.fan_in_fan_out)
-    matrix = weight_to_matrix(delta, role.kind, fan)  # (out, in) view of the delta
-    if matrix.dim() != 2 or matrix.shape[0] == 0 or matrix.shape[1] == 0:
-        raise InputError(f"{role.name}: cannot fit LoRA to a weight of shape {tuple(delta.shape)}")
-    generator = torch.Generator(device=matrix.device).manual_seed(seed + zlib.crc32(role.module.encode()))
-    fit = fit_delta(matrix, r=r, scale=run.scale, policy=policy, method=svd, generator=generator)
-    shape = list(delta.shape)
+def _stream(op: DeltaOperator, tuned: Checkpoint, role: TensorRole, modules, run: Collected, *, r: int, policy,
+            svd: str, seed: int) -> None:
+    """:func:`_compare` and the fit for a tensor streamed from disk in row blocks (never held whole)."""
+    run.tuned_dtype[role.name] = op.tuned.dtype
+    peak, energy = op.stats()
+    if peak == 0.0:
+        run.unchanged += 1
+        return
+    if not math.isfinite(peak):
+        run.non_finite.append(f"{role.name} (shape {op.tuned.shape})")
+        return
+    keep = tuned.get(role.name) if role.role == "save" else None
+    run.record_change(role, op.tuned.shape, energy, tuned=keep)
+    if role.role == "lora":
+        fit = fit_operator(op, r=r, scale=run.scale, energy=energy, policy=policy, generator=_generator(role, seed, op.device))
+        _store_fit(fit, role, modules, run, op.tuned.shape)
+
+
+def _transposed(role: TensorRole, modules) -> bool:
+    """Whether the stored weight's rows are columns of its matrix view (embedding, fan_in_fan_out)."""
+    info = modules.get(role.module)
+    return role.kind == "embedding" or bool(info is not None and info.fan_in_fan_out)
+
+
+def _generator(role: TensorRole, seed: int, device) -> torch.Generator:
+    """A generator seeded by ``seed`` and the module name, so results do not depend on the order."""
+    return torch.Generator(device=device).manual_seed(seed + zlib.crc32(role.module.encode()))
+
+
+def _fit(matrix, role: TensorRole, run: Collected, *, r: int, policy, svd: str, seed: int) -> Fit:
+    if matrix.dim() != 2 or 0 in matrix.shape:
+        raise InputError(f"{role.name}: cannot fit LoRA to a weight whose matrix view is {tuple(matrix.shape)}")
+    return fit_delta(matrix, r=r, scale=run.scale, policy=policy, method=svd,
+                     generator=_generator(role, seed, matrix.device))
+
+
+def _store_fit(fit: Fit, role: TensorRole, modules, run: Collected, shape: Sequence[int]) -> None:
+    """Put a module's fitted factors (PEFT layout, output dtype, on CPU) and its figures into ``run``."""
     if fit.rank == 0:
         run.rank_zero(role, fit)
         return
+    fan = bool(modules[role.module].fan_in_fan_out)
     target_dtype = run.out_dtype or run.tuned_dtype.get(role.name, torch.float32)
-    A = fit.A.to("cpu", target_dtype)
-    B = fit.B.to("cpu", target_dtype)
-    factors = factors_from_matrices(A, B, role.kind, tuple(delta.shape), run.scale, fan_in_fan_out=fan)
-    run.factors[role.module] = AdapterModule(
-        role.module, factors.A, factors.B, embedding=role.kind == "embedding"
-    )
+    factors = factors_from_matrices(fit.A.to("cpu", target_dtype), fit.B.to("cpu", target_dtype), role.kind,
+                                    tuple(shape), run.scale, fan_in_fan_out=fan)
+    run.factors[role.module] = AdapterModule(role.module, factors.A, factors.B, embedding=role.kind == "embedding")
     run.fits[role.module] = ModuleFit(
-        module=role.module, kind=role.kind, shape=shape, rank=fit.rank, max_rank=fit.max_rank,
+        module=role.module, kind=role.kind, shape=list(shape), rank=fit.rank, max_rank=fit.max_rank,
         alpha=run.scale * fit.rank, rel_error=fit.rel_error, energy_kept=fit.energy_kept, clamped=fit.clamped,
     )

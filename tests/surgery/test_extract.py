@@ -308,3 +308,28 @@ def test_saved_adapter_round_trips(tmp_path):
     state = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
     assert report.adapter_bytes == sum(t.numel() * t.element_size() for t in state.values())
     assert math.isclose(report.to_dict()["totals"]["adapter_parameters"], sum(t.numel() for t in state.values()))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_streamed_fit_matches_the_in_memory_fit(monkeypatch, arch):
+    """Tensors above STREAM_ABOVE elements are fitted from row blocks read from disk; force it on every tensor."""
+    from lorasurg.surgery import _extract_stream
+
+    dense_adapter, dense = extract(*pair(arch), r=8)
+    monkeypatch.setattr(extract_mod, "STREAM_ABOVE", 0)
+    monkeypatch.setattr(_extract_stream, "_BLOCK_ELEMENTS", 1000)  # several blocks per tensor
+    adapter, report = extract(*pair(arch), r=8)
+    assert [(o.name, o.outcome) for o in report.outcomes] == [(o.name, o.outcome) for o in dense.outcomes]
+    assert [o.energy for o in report.outcomes] == pytest.approx([o.energy for o in dense.outcomes], rel=1e-5)
+    assert report.tensors_unchanged == dense.tensors_unchanged
+    for fit in report.fits:
+        if "tied" in fit.kind:
+            continue
+        kind = "embedding" if fit.kind == "embedding" else "linear"
+        info = ckpt(pair(arch)[0]).module_infos()[fit.module]
+        matrix = weight_to_matrix(true_delta(arch, fit.module), kind, info.fan_in_fan_out)  # (out, in)
+        optimal = float(torch.linalg.svdvals(matrix)[fit.rank:].pow(2).sum().sqrt())
+        error = float(torch.linalg.vector_norm(matrix - module_delta(adapter, fit.module, kind)))
+        assert error <= 1.01 * optimal + 1e-6, fit.module
+        assert fit.rel_error == pytest.approx(error / float(torch.linalg.vector_norm(matrix)), rel=1e-3, abs=1e-5)
+    assert adapter.modules.keys() == dense_adapter.modules.keys()

@@ -1,0 +1,172 @@
+"""Fit LoRA to a delta too large to hold in memory as float32: row blocks read from disk, several passes.
+
+A large embedding (vocab 32000 x 2048) is 131 MB per bf16 checkpoint but its float32 delta is 262 MB; with
+both inputs that is 0.5 GB for one tensor. Here the delta ``M = matrix view of (W_tuned - W_base)`` is never
+formed: it is an operator whose products ``M @ X`` and ``M.T @ Y`` are sums over row blocks of the two stored
+tensors, each block read with ``os.pread`` straight from the safetensors file (no mmap, no whole-tensor read).
+Memory is one block pair plus ``(out + in) * (r + oversample)`` floats, whatever the tensor's size.
+
+The SVD is the randomized range finder with power iterations (Halko, Martinsson, Tropp 2011, Alg. 4.4),
+re-orthonormalised after each product:
+
+    Y = M @ Omega;  Q = qr(Y);  repeat niter times: Q = qr(M @ qr(M.T @ Q));
+    B = Q.T @ M = (M.T @ Q).T;  B = Ub diag(S) Vh;  U = Q @ Ub
+
+(``1 + 2 niter + 1`` passes), then one more pass measures ``||M - U_r S_r Vh_r||_F`` exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import torch
+from torch import Tensor
+
+from ..io._dtypes import dtype_of_code
+from ..io.checkpoint import Checkpoint
+
+__all__ = ["STREAM_ABOVE", "RowSource", "DeltaOperator", "open_delta", "operator_svd"]
+
+#: Tensors with more elements than this are streamed (64 MB as float32).
+STREAM_ABOVE = 2**24
+#: Elements per row block (32 MB as float32).
+_BLOCK_ELEMENTS = 2**23
+
+
+class RowSource:
+    """Row blocks of one tensor of a safetensors file, read with ``os.pread``."""
+
+    def __init__(self, path: Path, name: str) -> None:
+        self.path, self.name = path, name
+        self._fd = os.open(path, os.O_RDONLY)
+        try:
+            (header_len,) = struct.unpack("<Q", os.pread(self._fd, 8, 0))
+            entry = json.loads(os.pread(self._fd, header_len, 8))[name]
+        except Exception:
+            os.close(self._fd)
+            raise
+        self.dtype = dtype_of_code(entry["dtype"], f"tensor {name!r} in {path}")
+        self.shape = tuple(int(d) for d in entry["shape"])
+        self._offset = 8 + header_len + int(entry["data_offsets"][0])
+        self._row_bytes = math.prod(self.shape[1:]) * torch.empty((), dtype=self.dtype).element_size()
+
+    def rows(self, start: int, stop: int) -> Tensor:
+        """Rows ``[start, stop)`` as a new ``(stop - start, prod(shape[1:]))`` tensor."""
+        buf = bytearray((stop - start) * self._row_bytes)
+        got = os.preadv(self._fd, [buf], self._offset + start * self._row_bytes)
+        if got != len(buf):
+            raise OSError(f"short read of {self.name!r} rows {start}:{stop} from {self.path}")
+        return torch.frombuffer(buf, dtype=self.dtype).view(stop - start, -1)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+class DeltaOperator:
+    """The matrix view ``M: (out, in)`` of ``W_tuned - W_base``, applied one row block at a time.
+
+    ``transposed``: the stored rows are columns of ``M`` (embedding ``(num, dim)`` -> ``M = W.T``; GPT-2
+    ``Conv1D`` ``(in, out)``); otherwise they are rows of ``M`` (linear, conv flattened to ``(out, in * k)``).
+    """
+
+    def __init__(self, base: RowSource, tuned: RowSource, transposed: bool, device: torch.device) -> None:
+        self.base, self.tuned, self.transposed, self.device = base, tuned, transposed, device
+        rows, cols = base.shape[0], math.prod(base.shape[1:])
+        self.stored_shape = (rows, cols)
+        self.shape = (cols, rows) if transposed else (rows, cols)
+        self.block = max(1, _BLOCK_ELEMENTS // max(cols, 1))
+
+    def blocks(self) -> Iterator[tuple[int, int, Tensor]]:
+        """``(start, stop, float32 delta rows [start, stop) in the stored layout)``."""
+        rows = self.stored_shape[0]
+        for start in range(0, rows, self.block):
+            stop = min(start + self.block, rows)
+            d = self.tuned.rows(start, stop).to(self.device, torch.float32)
+            d.sub_(self.base.rows(start, stop).to(self.device))
+            yield start, stop, d
+
+    def stats(self) -> tuple[float, float]:
+        """``(max |delta|, ||delta||_F**2)``; the first is NaN/inf when the delta is not finite."""
+        peak, energy = 0.0, 0.0
+        for _, _, d in self.blocks():
+            block_peak = float(torch.linalg.vector_norm(d, ord=float("inf")))
+            if not math.isfinite(block_peak):
+                return block_peak, energy
+            peak = max(peak, block_peak)
+            energy += float(torch.linalg.vector_norm(d)) ** 2
+        return peak, energy
+
+    def matmul(self, X: Tensor) -> Tensor:
+        """``M @ X`` for ``X: (in, q)``, returns ``(out, q)``."""
+        if not self.transposed:
+            return torch.cat([d @ X for _, _, d in self.blocks()])  # (rows, in) @ (in, q)
+        out = torch.zeros(self.shape[0], X.shape[1], device=self.device)
+        for a, b, d in self.blocks():
+            out.addmm_(d.T, X[a:b])  # M = W.T: (out, rows) @ (rows, q)
+        return out
+
+    def rmatmul(self, Y: Tensor) -> Tensor:
+        """``M.T @ Y`` for ``Y: (out, q)``, returns ``(in, q)``."""
+        if self.transposed:
+            return torch.cat([d @ Y for _, _, d in self.blocks()])  # M.T = W: (rows, out) @ (out, q)
+        out = torch.zeros(self.shape[1], Y.shape[1], device=self.device)
+        for a, b, d in self.blocks():
+            out.addmm_(d.T, Y[a:b])  # (in, rows) @ (rows, q)
+        return out
+
+    def residual_norm(self, B: Tensor, A: Tensor, scale: float) -> float:
+        """``||M - scale * B @ A||_F`` for ``B: (out, r)``, ``A: (r, in)``."""
+        total = 0.0
+        for a, b, d in self.blocks():
+            if self.transposed:
+                d.addmm_(A[:, a:b].T, B.T, alpha=-scale)  # rows a:b of M.T: (rows, r) @ (r, out)
+            else:
+                d.addmm_(B[a:b], A, alpha=-scale)  # rows a:b of M: (rows, r) @ (r, in)
+            total += float(torch.linalg.vector_norm(d)) ** 2
+        return math.sqrt(total)
+
+    def close(self) -> None:
+        self.base.close()
+        self.tuned.close()
+
+
+def open_delta(base: Checkpoint, tuned: Checkpoint, name: str, transposed: bool,
+               device: torch.device) -> Optional[DeltaOperator]:
+    """A :class:`DeltaOperator` for tensor ``name``, or None when either side is not a safetensors file."""
+    paths = [ckpt.shard_of(name) for ckpt in (base, tuned)]
+    if any(p.suffix != ".safetensors" for p in paths):
+        return None
+    return DeltaOperator(RowSource(paths[0], name), RowSource(paths[1], name), transposed, device)
+
+
+def operator_svd(
+    matmul: Callable[[Tensor], Tensor],
+    rmatmul: Callable[[Tensor], Tensor],
+    shape: tuple[int, int],
+    rank: int,
+    *,
+    oversample: int = 10,
+    niter: int = 2,
+    generator: Optional[torch.Generator] = None,
+    device: Optional[torch.device] = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Randomized truncated SVD of an operator ``M: (out, in)`` given ``M @ X`` and ``M.T @ Y``.
+
+    Returns ``U: (out, k)``, ``S: (k,)``, ``Vh: (k, in)`` with ``k = rank``, float32.
+    """
+    out_f, in_f = shape
+    q = min(rank + oversample, out_f, in_f)
+    omega = torch.randn(in_f, q, generator=generator, device=generator.device if generator else device)
+    Q, _ = torch.linalg.qr(matmul(omega.to(device)))  # (out, q)
+    for _ in range(niter):
+        Z, _ = torch.linalg.qr(rmatmul(Q))  # (in, q)
+        Q, _ = torch.linalg.qr(matmul(Z))  # (out, q)
+    Bt = rmatmul(Q)  # (in, q) = (Q.T @ M).T
+    Ub, S, Vh = torch.linalg.svd(Bt.T, full_matrices=False)  # (q, q), (q,), (q, in)
+    U = Q @ Ub  # (out, q) @ (q, q)
+    return U[:, :rank], S[:rank], Vh[:rank]
