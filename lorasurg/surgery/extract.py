@@ -46,10 +46,10 @@ from ..io.adapter import Adapter, AdapterModule
 from ..io.checkpoint import Checkpoint
 from ..io.writer import check_output_dir
 from ._extract_build import Collected, build_adapter
-from ._extract_fit import Fit, fit_delta, fit_operator
+from ._extract_fit import Fit, fit_delta, fit_operator, oversample
 from ._extract_plan import TensorRole, plan_roles, split_tensor_name
 from ._extract_report import ExtractReport, ModuleFit
-from ._extract_stream import STREAM_ABOVE, DeltaOperator, open_delta
+from ._extract_stream import STREAM_ABOVE, DeltaOperator, max_abs, open_delta, sketch_matrix
 
 __all__ = ["extract", "extract_to_dir", "default_output_path", "SVD_METHODS", "DTYPES"]
 
@@ -255,9 +255,9 @@ def _check_pair(base: Checkpoint, tuned: Checkpoint) -> None:
     for key in ("model_type", "architectures"):
         if key in bc and key in tc and bc[key] != tc[key]:
             problems.append(f"config {key}: base {bc[key]!r}, tuned {tc[key]!r}")
-    b_alias, t_alias = set(base.tied_weights()), set(tuned.tied_weights())
-    b_names = set(base.names()) - b_alias
-    t_names = set(tuned.names()) - t_alias
+    aliases = set(base.tied_weights())  # the tuned side is the same architecture, or the names differ below
+    b_names = set(base.names()) - aliases
+    t_names = set(tuned.names()) - aliases
     only_b, only_t = sorted(b_names - t_names), sorted(t_names - b_names)
     if only_b:
         problems.append(f"missing from tuned ({len(only_b)}): {_short(only_b)}")
@@ -312,7 +312,7 @@ def _compare(base: Checkpoint, tuned: Checkpoint, role: TensorRole, run: Collect
     w0 = base.get(role.name, device=device)
     delta.sub_(w0)  # promotes w0 element by element; no float32 copy of it
     del w0
-    peak = float(torch.linalg.vector_norm(delta, ord=float("inf"))) if delta.numel() else 0.0
+    peak = max_abs(delta)
     if peak == 0.0:
         run.unchanged += 1
         return None
@@ -328,7 +328,10 @@ def _stream(op: DeltaOperator, tuned: Checkpoint, role: TensorRole, modules, run
             svd: str, seed: int) -> None:
     """:func:`_compare` and the fit for a tensor streamed from disk in row blocks (never held whole)."""
     run.tuned_dtype[role.name] = op.tuned.dtype
-    peak, energy = op.stats()
+    generator = _generator(role, seed, op.device)
+    k = min(r, *op.shape)
+    omega = sketch_matrix(op.shape, k, oversample(k), generator, op.device) if role.role == "lora" else None
+    peak, energy, sketch = op.stats(omega)  # one pass: changed? finite? norm, and M @ omega
     if peak == 0.0:
         run.unchanged += 1
         return
@@ -338,7 +341,7 @@ def _stream(op: DeltaOperator, tuned: Checkpoint, role: TensorRole, modules, run
     keep = tuned.get(role.name) if role.role == "save" else None
     run.record_change(role, op.tuned.shape, energy, tuned=keep)
     if role.role == "lora":
-        fit = fit_operator(op, r=r, scale=run.scale, energy=energy, policy=policy, generator=_generator(role, seed, op.device))
+        fit = fit_operator(op, r=r, scale=run.scale, energy=energy, sketch=sketch, policy=policy, generator=generator)
         _store_fit(fit, role, modules, run, op.tuned.shape)
 
 

@@ -116,3 +116,23 @@ def test_tied_full_embeddings_merge_exactly(tmp_path):
     assert missing == [] and unexpected == []
     merged = pm.merge_and_unload()
     assert rel(logits(merged), logits(load_model(tuned))) < 1e-5
+
+
+def test_peft_warns_invalid_shape_for_its_own_lora_bias_adapters(tmp_path):
+    """PEFT 0.21.2 bug: its ZeRO-3 sharding check calls every 1-D LoRA tensor "invalid", so any adapter with
+    ``lora_bias`` (PEFT's own included) warns on load although the values load correctly. Extracted adapters
+    with lora_bias see the same warning; this pins the behaviour on an adapter saved by PEFT itself."""
+    model = load_model(pair("qwen2")[0])
+    cfg = peft.LoraConfig(r=2, target_modules=["q_proj"], lora_bias=True)
+    pm = peft.get_peft_model(model, cfg)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.fill_(0.5)
+    pm.save_pretrained(tmp_path / "peft")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = peft.PeftModel.from_pretrained(load_model(pair("qwen2")[0]), tmp_path / "peft")
+    assert any("invalid shape" in str(w.message) and "lora_B.bias" in str(w.message) for w in caught)
+    bias = loaded.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].bias
+    assert torch.all(bias == 0.5)  # loaded correctly despite the warning

@@ -333,3 +333,30 @@ def test_streamed_fit_matches_the_in_memory_fit(monkeypatch, arch):
         assert error <= 1.01 * optimal + 1e-6, fit.module
         assert fit.rel_error == pytest.approx(error / float(torch.linalg.vector_norm(matrix)), rel=1e-3, abs=1e-5)
     assert adapter.modules.keys() == dense_adapter.modules.keys()
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.5, 1.0])
+def test_streamed_fit_within_one_percent_on_hard_spectra(tmp_path, monkeypatch, decay, gen):
+    """The streamed randomized SVD (one power iteration, wide oversampling) on flat and slowly decaying spectra."""
+    from safetensors.torch import save_file
+
+    from lorasurg.surgery import _extract_stream
+
+    k = 256
+    s = torch.arange(1, k + 1, dtype=torch.float64) ** -decay
+    W = torch.randn(512, k, generator=gen, dtype=torch.float64) * 0.02
+    dW = _with_spectrum(s * 0.01, 512, k, gen)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "t").mkdir()
+    save_file({"layer.proj.weight": W.float()}, str(tmp_path / "b" / "model.safetensors"))
+    save_file({"layer.proj.weight": (W + dW).float()}, str(tmp_path / "t" / "model.safetensors"))
+    monkeypatch.setattr(extract_mod, "STREAM_ABOVE", 0)
+    monkeypatch.setattr(_extract_stream, "_BLOCK_ELEMENTS", 20_000)
+    for r in (4, 16, 64):
+        adapter, report = extract(tmp_path / "b", tmp_path / "t", r=r)
+        actual = (Checkpoint.open(tmp_path / "t").get("layer.proj.weight", dtype=torch.float64)
+                  - Checkpoint.open(tmp_path / "b").get("layer.proj.weight", dtype=torch.float64))
+        optimal = float(torch.linalg.svdvals(actual)[r:].pow(2).sum().sqrt())
+        error = float(torch.linalg.vector_norm(actual - module_delta(adapter, "layer.proj", "linear")))
+        assert error <= 1.01 * optimal, (decay, r, error / optimal)
+        assert report.fits[0].rel_error == pytest.approx(error / float(torch.linalg.vector_norm(actual)), rel=1e-3)
