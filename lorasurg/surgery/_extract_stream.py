@@ -35,10 +35,10 @@ from ..io.checkpoint import Checkpoint
 
 __all__ = ["STREAM_ABOVE", "RowSource", "DeltaOperator", "max_abs", "sketch_matrix", "open_delta", "operator_svd"]
 
-#: Tensors with more elements than this are streamed (64 MB as float32).
-STREAM_ABOVE = 2**24
-#: Elements per row block (32 MB as float32).
-_BLOCK_ELEMENTS = 2**23
+#: Tensors with more elements than this are streamed (16 MB as float32).
+STREAM_ABOVE = 2**22
+#: Elements per row block (8 MB as float32).
+_BLOCK_ELEMENTS = 2**21
 
 
 class RowSource:
@@ -92,6 +92,7 @@ class DeltaOperator:
             d = self.tuned.rows(start, stop).to(self.device, torch.float32)
             d.sub_(self.base.rows(start, stop).to(self.device))
             yield start, stop, d
+            del d  # before the next block is read, so only one block is held
 
     def stats(self, X: Optional[Tensor] = None) -> tuple[float, float, Optional[Tensor]]:
         """``(max |delta|, ||delta||_F**2, M @ X or None)`` in one pass; the first is NaN/inf when the delta is
@@ -115,7 +116,7 @@ class DeltaOperator:
         if self.transposed:
             out.addmm_(d.T, X[a:b])  # M = W.T: (out, rows) @ (rows, q)
         else:
-            out[a:b] = d @ X  # (rows, in) @ (in, q)
+            torch.mm(d, X, out=out[a:b])  # (rows, in) @ (in, q)
 
     def matmul(self, X: Tensor) -> Tensor:
         """``M @ X`` for ``X: (in, q)``, returns ``(out, q)``."""
@@ -126,8 +127,13 @@ class DeltaOperator:
 
     def rmatmul(self, Y: Tensor) -> Tensor:
         """``M.T @ Y`` for ``Y: (out, q)``, returns ``(in, q)``."""
+        # Outputs are allocated once up front: small results allocated between the large block buffers would
+        # pin the heap and keep freed blocks from being reused (glibc), growing the resident size per pass.
         if self.transposed:
-            return torch.cat([d @ Y for _, _, d in self.blocks()])  # M.T = W: (rows, out) @ (out, q)
+            out = torch.empty(self.shape[1], Y.shape[1], device=self.device)
+            for a, b, d in self.blocks():
+                torch.mm(d, Y, out=out[a:b])  # M.T = W: (rows, out) @ (out, q)
+            return out
         out = torch.zeros(self.shape[1], Y.shape[1], device=self.device)
         for a, b, d in self.blocks():
             out.addmm_(d.T, Y[a:b])  # (in, rows) @ (rows, q)

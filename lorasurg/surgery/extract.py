@@ -31,6 +31,8 @@ tensors plus the adapter being built, whatever the model's size.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import math
 import os
 import zlib
@@ -183,6 +185,7 @@ def extract(
                 _store_fit(_fit(matrix, role, run, **fit_args), role, modules, run, tuple(delta.shape))
             del delta
         done += _numel(base_ckpt.shape(name))
+        _return_freed_memory()
         if progress is not None:
             progress(done, total, name)
     run.raise_non_finite()
@@ -343,6 +346,28 @@ def _stream(op: DeltaOperator, tuned: Checkpoint, role: TensorRole, modules, run
     if role.role == "lora":
         fit = fit_operator(op, r=r, scale=run.scale, energy=energy, sketch=sketch, policy=policy, generator=generator)
         _store_fit(fit, role, modules, run, op.tuned.shape)
+
+
+def _return_freed_memory() -> None:
+    """Give freed heap memory back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    Tensors of a few tens of MB are allocated and freed once per module; glibc keeps such freed chunks in the
+    heap, so without this the resident size creeps up by a few hundred MB over a model.
+    """
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim  # noqa: B018 - glibc only
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_LIBC = _load_libc()
 
 
 def _transposed(role: TensorRole, modules) -> bool:
