@@ -4,22 +4,22 @@ Directory rules, first match wins: ``model.safetensors.index.json``, ``model.saf
 ``pytorch_model.bin.index.json``, ``pytorch_model.bin``; then a single other ``*.safetensors.index.json`` or a
 single other ``*.safetensors`` file. A PEFT adapter directory (``adapter_config.json``) is refused.
 
-A string that is not an existing path but looks like ``org/name`` is resolved with
-``huggingface_hub.snapshot_download`` (its cache, ``HF_HUB_CACHE``, ``HF_HUB_OFFLINE`` and ``revision`` are
-honoured), downloading only safetensors weights, their index, config and tokenizer files; ``.bin`` weights
-only when the repo has no safetensors. No code from a repo is ever run.
+A string that is not an existing path but looks like ``org/name`` is resolved through the hub cache
+(:func:`lorasurg.io.hub.resolve_source`: ``HF_HUB_CACHE``, ``HF_HUB_OFFLINE`` and ``revision`` are honoured),
+fetching only ``model*.safetensors``, their index, config and tokenizer files; ``pytorch_model*.bin`` only when
+the repo has no safetensors. No code from a repo is ever run.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Optional
 
 from ..errors import InputError
+from .hub import looks_like_repo_id, resolve_source
 
 __all__ = ["Layout", "locate", "STANDARD_WEIGHT_NAMES"]
 
@@ -42,7 +42,6 @@ _SIDE_PATTERNS = [
 ]
 _SAFETENSORS_PATTERNS = ["model*.safetensors", "model.safetensors.index.json"]
 _BIN_PATTERNS = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
-_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
 
 
 @dataclass(frozen=True)
@@ -75,7 +74,7 @@ def locate(source: "str | os.PathLike[str]", revision: Optional[str] = None) -> 
             raise InputError(f"revision={revision!r} applies to hub repo ids only, but {path} is a local path")
         return _locate_dir(path) if path.is_dir() else _locate_file(path)
     text = os.fspath(source)
-    if _REPO_ID.fullmatch(text) and not text.endswith((".safetensors", ".json") + _TORCH_SUFFIXES):
+    if looks_like_repo_id(text) and not text.endswith((".safetensors", ".json") + _TORCH_SUFFIXES):
         return _locate_dir(_snapshot(text, revision), repo_id=text)
     raise InputError(f"checkpoint path {path} does not exist; give a model directory, a weight file or a hub repo id")
 
@@ -148,40 +147,9 @@ def _from_index(index: Path) -> Layout:
     return Layout(index, index.parent, tuple(files.values()), {k: files[v] for k, v in weight_map.items()})
 
 
-def _hub_offline() -> bool:
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
-
-
 def _snapshot(repo_id: str, revision: Optional[str]) -> Path:
-    """The local snapshot directory of a hub repo (downloading weights, config and tokenizer if online)."""
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
-
-    offline = _hub_offline()
-    rev = revision or "main"
-    try:
-        snap = Path(
-            snapshot_download(
-                repo_id, revision=revision, allow_patterns=_SIDE_PATTERNS + _SAFETENSORS_PATTERNS, local_files_only=offline
-            )
-        )
-        if not offline and not any(snap.glob("*.safetensors")):
-            snap = Path(snapshot_download(repo_id, revision=revision, allow_patterns=_SIDE_PATTERNS + _BIN_PATTERNS))
-    except HFValidationError as err:
-        raise InputError(f"{repo_id!r} is neither an existing path nor a valid hub repo id ({err})") from err
-    except LocalEntryNotFoundError as err:
-        reason = "HF_HUB_OFFLINE is set" if offline else "the hub could not be reached"
-        state = "an incomplete snapshot" if type(err).__name__ == "IncompleteSnapshotError" else "no snapshot"
-        raise InputError(
-            f"{repo_id} is not a local path, and the hub cache ({constants.HF_HUB_CACHE}) has {state} of it for "
-            f"revision {rev!r} while {reason}. Download it first (`hf download {repo_id}` with network access), "
-            "unset HF_HUB_OFFLINE, or give a local directory"
-        ) from err
-    except HfHubHTTPError as err:
-        raise InputError(
-            f"cannot get hub repo {repo_id} (revision {rev!r}): {str(err).splitlines()[0]}. Check the repo id, the "
-            "revision and your access token (HF_TOKEN), or give a local directory"
-        ) from err
+    """The hub snapshot directory of ``repo_id``: safetensors weights if the repo has them, else ``.bin``."""
+    snap = resolve_source(repo_id, revision, _SIDE_PATTERNS + _SAFETENSORS_PATTERNS)
+    if not any(snap.glob("*.safetensors")):
+        snap = resolve_source(repo_id, revision, _SIDE_PATTERNS + _BIN_PATTERNS)
     return snap
