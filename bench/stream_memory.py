@@ -3,10 +3,10 @@
     python bench/stream_memory.py            # generate (once) under bench/.data/, measure, update bench/RESULTS.md
 
 The checkpoint is Llama-shaped (hidden 1024, intermediate 2816, 18 layers, vocab 32000, untied lm_head), bf16,
-seeded random weights, in 200 MB shards, written by lorasurg's own ShardedWriter (whose peak memory is
-measured too). Each way of reading runs in a fresh subprocess with one torch thread; every tensor is reduced
-to its norm (in bf16, so no up-cast copy), and the sum is printed so all ways can be checked to read the same data. Peak memory is
-the process's high-water resident set (``VmHWM`` from /proc/self/status, which counts mapped file pages a
+seeded random weights, in 200 MB shards, written by lorasurg's own writer (whose peak memory is measured too).
+Each way of reading runs in a fresh subprocess with one torch thread; every tensor is reduced to its norm (in
+bf16, so no up-cast copy), and the sums are compared so all ways are known to read the same data. Peak memory
+is the process's high-water resident set (``VmHWM`` from /proc/self/status, which counts mapped file pages a
 process touches, as ``ru_maxrss`` does); "above baseline" subtracts the resident set after imports.
 """
 
@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import re
+import resource
 import subprocess
 import sys
 import time
@@ -122,7 +123,7 @@ def run_mode(mode: str, data: Path) -> dict:
         raise SystemExit(f"unknown mode {mode}")
     return {
         "mode": mode, "seconds": time.perf_counter() - start, "baseline": baseline, "peak": _status("VmHWM"),
-        "ru_maxrss": __import__("resource").getrusage(__import__("resource").RUSAGE_SELF).ru_maxrss * 1024,
+        "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "checksum": total,
     }
 

@@ -44,7 +44,9 @@ EMBEDDING_NAMES: frozenset[str] = frozenset(
      "embeddings", "embedding"}
 )
 # Input (token) embeddings, the target of a tied output head, in order of preference.
-_INPUT_EMBEDDING_NAMES: tuple[str, ...] = ("embed_tokens", "wte", "word_embeddings", "tok_embeddings", "embed_in", "shared")
+_INPUT_EMBEDDING_NAMES: tuple[str, ...] = (
+    "embed_tokens", "wte", "word_embeddings", "tok_embeddings", "embed_in", "shared"
+)
 OUTPUT_NAMES: frozenset[str] = frozenset({"lm_head", "embed_out", "output", "score", "classifier", "cls", "decoder"})
 _OUTPUT_HEADS: tuple[str, ...] = ("lm_head", "embed_out")
 

@@ -43,7 +43,8 @@ class Checkpoint:
         source: what was given to :meth:`open` (a path or a repo id), for messages.
         path: the local directory or file opened (a hub id's snapshot directory).
         files: the weight files, in shard order.
-        config: the parsed ``config.json`` beside the weights, or None.
+        config: the parsed ``config.json`` of the checkpoint's directory (the directory of a single weight file
+            or index given as a path), or None.
     """
 
     def __init__(self, layout: Layout, shards: list[ShardReader], config: Optional[dict], source: str) -> None:
@@ -171,7 +172,10 @@ class Checkpoint:
         return tensor
 
     def tensors(
-        self, names: Optional[list[str]] = None, dtype: Optional[torch.dtype] = None, device=None
+        self,
+        names: Optional[list[str]] = None,
+        dtype: Optional[torch.dtype] = None,
+        device: Union[str, torch.device, None] = None,
     ) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield ``(name, tensor)`` for ``names`` (default: all, in shard order), reading one at a time."""
         for name in self.names() if names is None else names:

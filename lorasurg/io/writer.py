@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import re
+import secrets
 import shutil
 import struct
 import tempfile
@@ -75,9 +76,8 @@ def atomic_output_dir(path: PathLike, force: bool = False) -> Iterator[Path]:
     """
     out = check_output_dir(path, force).absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = _fresh_dir(out.parent, f".{out.name}.tmp-")
     try:
-        os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -100,10 +100,16 @@ def atomic_output_dir(path: PathLike, force: bool = False) -> Iterator[Path]:
         raise
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+def _fresh_dir(parent: Path, prefix: str) -> Path:
+    """A new empty directory ``parent/prefix<random>``, with the permissions the umask gives (unlike mkdtemp's
+    0o700, which would make the final output unreadable to others)."""
+    while True:
+        candidate = parent / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
 
 
 # --- sharded safetensors ----------------------------------------------------------------------------------
@@ -193,6 +199,8 @@ class ShardedWriter:
         self.max_shard_size = parse_size(max_shard_size)
         self.prefix = prefix
         self.metadata = {**(metadata or {}), "format": "pt"}
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.metadata.items()):
+            raise ValueError(f"safetensors metadata must map strings to strings, got {metadata!r}")
         if not self.directory.is_dir():
             raise InputError(f"output directory {self.directory} does not exist")
         if not prefix or "/" in prefix or os.sep in prefix:
@@ -221,8 +229,8 @@ class ShardedWriter:
         """
         if self._spool.closed:
             raise ValueError(f"writer for {self.directory} is finished")
-        if name in self._shard_of:
-            raise ValueError(f"tensor {name!r} was already written to {self.directory}")
+        if name in self._shard_of or name == "__metadata__":
+            raise ValueError(f"tensor name {name!r} is reserved or was already written to {self.directory}")
         code = code_of_dtype(tensor.dtype, where=f"tensor {name!r}")
         data = tensor.detach().to("cpu").contiguous()
         nbytes = data.numel() * data.element_size()

@@ -191,7 +191,7 @@ def test_writer_refuses_bad_use(tmp_path):
         ShardedWriter(tmp_path, prefix="a/b")
     w = ShardedWriter(tmp_path, prefix="adapter_model")
     w.add("x", torch.ones(1))
-    with pytest.raises(ValueError, match="'x' was already written"):
+    with pytest.raises(ValueError, match="'x' is reserved or was already written"):
         w.add("x", torch.ones(1))
     with pytest.raises(UnsupportedError, match="complex128"):
         w.add("c", torch.ones(1, dtype=torch.complex128))
