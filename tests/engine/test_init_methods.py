@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from conftest import tol
 from lorasurg.engine.factors import delta_weight, weight_to_matrix
 from lorasurg.engine.init import INIT_METHODS, InitMethod, init_factors, parse_init_method
 from lorasurg.errors import ConfigError, ShapeMismatchError, UnsupportedError
+from tests.conftest import tol
 
 LAYERS = [  # kind, weight shape, fan_in_fan_out
     ("linear", (12, 20), False),

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tol
 from lorasurg.engine.lowrank import lowrank_svd, stack_terms
 from lorasurg.errors import ShapeMismatchError
+from tests.conftest import tol
 
 
 def _term(out: int, r: int, n_in: int, scale: float, gen: torch.Generator, dtype=torch.float64):

@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-from conftest import tol
 from lorasurg.engine.svd import (
     approximation_error,
     decompose,
@@ -17,6 +16,7 @@ from lorasurg.engine.svd import (
     split_factors,
     truncated_svd,
 )
+from tests.conftest import tol
 
 
 def _with_spectrum(m: int, n: int, spectrum: str, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
