@@ -142,13 +142,16 @@ class LoraLayer(nn.Module):
                     magnitude: Optional[Tensor] = None) -> None:
         """Copy tensors into adapter ``name`` (cast to the parameters' dtype; shapes must already match).
 
-        A ``magnitude`` is reshaped to PEFT's stored shape; a missing one leaves the magnitude as it is.
+        A missing ``bias`` zeroes ``lora_B``'s bias; a ``magnitude`` is reshaped to PEFT's stored shape, a missing
+        one leaves the magnitude as it is.
         """
         A_param, B_param, bias_param = self._ab(name)
         A_param.copy_(A)
         B_param.copy_(B)
         if bias_param is not None and bias is not None:
             bias_param.copy_(bias)
+        elif bias_param is not None:
+            bias_param.zero_()
         if magnitude is not None and name in self.lora_magnitude_vector:
             target = self.lora_magnitude_vector[name].weight
             target.copy_(magnitude.reshape(target.shape))

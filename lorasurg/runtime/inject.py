@@ -65,16 +65,18 @@ class Plan:
     to_save: list[str]
 
 
-def _check_config(config: Any) -> list[str]:
+def _check_config(config: Any, check_init: bool) -> list[str]:
     problems = [f"{field}={getattr(config, field)!r}" for field in _UNSUPPORTED_FIELDS if getattr(config, field, None)]
     init = getattr(config, "init_lora_weights", True)
-    if isinstance(init, str) and init.lower().startswith(_UNSUPPORTED_INITS):
+    if check_init and isinstance(init, str) and init.lower().startswith(_UNSUPPORTED_INITS):
         problems.append(f"init_lora_weights={init!r}")
     return problems
 
 
-def plan_injection(model: nn.Module, config: Any, adapter_name: str) -> Plan:
+def plan_injection(model: nn.Module, config: Any, adapter_name: str, *, check_init: bool = True) -> Plan:
     """Decide which modules get LoRA (and with which r, alpha) and which get a trainable copy; check everything.
+
+    ``check_init=False`` accepts any init method (loading a saved adapter runs none).
 
     Raises:
         ConfigError: the adapter name is taken or invalid, target_modules match nothing (the message lists the
@@ -89,7 +91,7 @@ def plan_injection(model: nn.Module, config: Any, adapter_name: str) -> Plan:
         )
     if not adapter_name or "." in adapter_name:
         raise ConfigError(f"adapter name {adapter_name!r} must be non-empty and contain no '.'")
-    unsupported = _check_config(config)
+    unsupported = _check_config(config, check_init)
     if unsupported:
         raise UnsupportedError(
             "lorasurg's runtime does not support these LoraConfig settings yet: " + ", ".join(unsupported)

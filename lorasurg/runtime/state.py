@@ -1,0 +1,239 @@
+"""An injected adapter <-> an :class:`Adapter` (config + per-module tensors + extra tensors), and its files.
+
+Saving reads the wrappers' tensors into an ``Adapter``; PEFT's file naming is the ``Adapter``'s business
+(:mod:`lorasurg.io.adapter`). ``extra`` holds the modules_to_save copies (``<module>.<param>``) and, with
+``bias="all"``/``"lora_only"``, the biases PEFT saves with the adapter (keys as in the model's state_dict with the
+adapter name taken out, e.g. ``...q_proj.base_layer.bias``).
+
+Loading checks everything before it changes the model: the adapter's modules exist in the model (else it was made
+for another model), its config selects exactly those modules, and every tensor has the shape the model needs
+(all mismatches reported together). It then injects without running any init (a PiSSA/OLoRA adapter is not
+decomposed again, see :func:`~lorasurg.runtime.inject.warn_base_mutating_init`) and copies the tensors in.
+"""
+
+from __future__ import annotations
+
+import difflib
+import warnings
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import InputError, ShapeMismatchError
+from ..modules import ModuleInfo
+from . import _adapter_shim as adapter_io  # TODO: replace with lorasurg.io.adapter once it lands
+from .adapters import delete_adapter
+from .initialize import initialize_adapter
+from .inject import Plan, apply_plan, config_with, plan_injection, warn_base_mutating_init
+from .walk import adapter_configs, describe_unwrapped, lora_layers, require_adapter, save_wrappers
+
+__all__ = ["expected_shapes", "adapter_from_model", "save_adapter", "load_adapter"]
+
+
+def expected_shapes(info: ModuleInfo, r: int) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+    """``(A shape, B shape, out)`` that a rank-``r`` LoRA on a layer described by ``info`` stores (PEFT layout)."""
+    shape = info.weight_shape
+    if info.kind == "linear":
+        inp, out = (shape[0], shape[1]) if info.fan_in_fan_out else (shape[1], shape[0])
+        return (r, inp), (out, r), out
+    if info.kind == "embedding":
+        return (r, shape[0]), (shape[1], r), shape[1]
+    ones = (1,) * (len(shape) - 2)
+    return (r, *shape[1:]), (shape[0], r, *ones), shape[0]  # conv: (r, in, *k), (out, r, 1, ...)
+
+
+def _strip_adapter_name(key: str, name: str) -> str:
+    """A model state_dict key without the adapter-name segment (``a.modules_to_save.<name>.bias`` -> ``a.modules_to_save.bias``)."""
+    if key.endswith(f".{name}"):
+        return key[: -len(name) - 1]
+    head, _, last = key.rpartition(".")
+    if head.endswith(f".{name}"):
+        head = head[: -len(name) - 1]
+    return f"{head}.{last}"
+
+
+def _bias_tensors(model: nn.Module, adapter_name: str, bias: str) -> dict[str, Tensor]:
+    """The biases PEFT saves with an adapter for its ``bias`` option (keys: model keys minus the adapter name)."""
+    if bias == "lora_only":
+        return {f"{name}.base_layer.bias": layer.base_layer.bias for name, layer in lora_layers(model)
+                if adapter_name in layer.r and layer.base_layer.bias is not None}
+    if bias != "all":
+        return {}
+    others = [n for n in adapter_configs(model) if n != adapter_name]
+    out = {}
+    for key, value in model.state_dict().items():
+        if not key.endswith(".bias") or ".lora_" in key:
+            continue
+        if any(f".{o}." in key or key.endswith(f".{o}") for o in others):
+            continue
+        out[_strip_adapter_name(key, adapter_name)] = value
+    return out
+
+
+def _unshared(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Detached tensors; one that shares memory with an earlier one is cloned (safetensors refuses shared memory)."""
+    seen: set[int] = set()
+    out = {}
+    for key, value in tensors.items():
+        value = value.detach()
+        ptr = value.untyped_storage().data_ptr()
+        out[key] = value.clone() if ptr in seen else value
+        seen.add(ptr)
+    return out
+
+
+def adapter_from_model(model: nn.Module, adapter_name: str = "default") -> "adapter_io.Adapter":
+    """The injected adapter ``adapter_name`` as an ``Adapter`` (tensors detached, sharing memory with the model
+    except where two would share memory with each other).
+
+    Raises:
+        ConfigError: the model has no adapter of that name.
+    """
+    config = require_adapter(model, adapter_name)
+    modules = {}
+    for name, layer in lora_layers(model):
+        if adapter_name not in layer.r:
+            continue
+        f = layer.factors(adapter_name)
+        modules[name] = adapter_io.AdapterModule(
+            name, f.A.detach(), f.B.detach(), None if f.bias is None else f.bias.detach(),
+            None if f.magnitude is None else f.magnitude.detach(), embedding=f.kind == "embedding",
+        )
+    extra: dict[str, Tensor] = {}
+    for name, wrapper in save_wrappers(model):
+        if adapter_name in wrapper.modules_to_save:
+            for key, value in wrapper.modules_to_save[adapter_name].state_dict().items():
+                extra[f"{name}.{key}"] = value
+    extra.update(_bias_tensors(model, adapter_name, getattr(config, "bias", "none")))
+    return adapter_io.Adapter(config_with(config, inference_mode=True), modules, _unshared(extra))
+
+
+def save_adapter(model: nn.Module, directory: str, adapter_name: str = "default", *, force: bool = False) -> None:
+    """Write adapter ``adapter_name`` of ``model`` to ``directory`` in PEFT's format (loadable by PEFT).
+
+    Raises:
+        ConfigError: the model has no adapter of that name.
+        OutputExistsError: ``directory`` is not empty and ``force`` is False.
+    """
+    adapter_from_model(model, adapter_name).save(directory, force=force)
+
+
+def _nearest(names: list[str], candidates: list[str]) -> list[str]:
+    out: list[str] = []
+    for name in names[:3]:
+        out += difflib.get_close_matches(name, candidates, n=1, cutoff=0.0)
+    return out
+
+
+def _check_fits(adapter: Any, model: nn.Module, plan: Plan, source: str) -> None:
+    """Raise if the adapter's modules are not the ones its config selects in ``model`` or any shape differs."""
+    infos = describe_unwrapped(model)
+    absent = [n for n in adapter.modules if n not in infos]
+    if absent:
+        config = adapter.config
+        made_for = (getattr(config, "auto_mapping", None) or {}).get("base_model_class") or getattr(
+            config, "base_model_name_or_path", None) or "another model"
+        raise InputError(
+            f"{source} does not fit this {type(model).__name__}: {len(absent)} of its {len(adapter.modules)} LoRA "
+            f"modules are not in the model, e.g. {absent[:3]} (nearest model modules: {_nearest(absent, list(infos))}). "
+            f"It was made for {made_for}; load it into that architecture"
+        )
+    unselected = [n for n in adapter.modules if n not in plan.targets]
+    if unselected:
+        raise InputError(
+            f"{source} has LoRA tensors for modules its own config does not target: {unselected[:5]}; fix "
+            "target_modules / layers_to_transform / exclude_modules in its adapter_config.json"
+        )
+    problems = []
+    for name, m in adapter.modules.items():
+        info, r, _ = plan.targets[name]
+        want_A, want_B, out = expected_shapes(info, r)
+        for label, got, want in (("A", m.A.shape, want_A), ("B", m.B.shape, want_B)):
+            if tuple(got) != want:
+                problems.append(f"{name} ({info.type_name}, weight {info.weight_shape}, r={r}): lora_{label} is "
+                                f"{tuple(got)} in the adapter, the model needs {want}")
+        for label, t in (("lora_B.bias", m.bias), ("lora_magnitude_vector", m.magnitude)):
+            if t is not None and t.numel() != out:
+                problems.append(f"{name}: {label} has {tuple(t.shape)}, the model needs {out} outputs")
+    if problems:
+        raise ShapeMismatchError(
+            f"{source} does not fit this model ({len(problems)} mismatches):\n  " + "\n  ".join(problems)
+            + "\nload it into the model it was trained on, or fix r / rank_pattern in its adapter_config.json"
+        )
+
+
+def _extra_target(key: str, adapter_name: str, state: dict[str, Tensor], wrappers: list[str]) -> Optional[str]:
+    """Which key of the model's state_dict an extra tensor of the adapter goes to, or None."""
+    for name in sorted(wrappers, key=len, reverse=True):
+        if key.startswith(f"{name}."):
+            rest = key[len(name) + 1:]
+            if rest.startswith("original_module."):
+                return key
+            rest = rest.removeprefix("modules_to_save.")
+            return f"{name}.modules_to_save.{adapter_name}.{rest}"
+    return key if key in state else None
+
+
+@torch.no_grad()
+def _copy_in(model: nn.Module, adapter: Any, adapter_name: str, source: str) -> None:
+    layers = dict(lora_layers(model))
+    config = adapter.config
+    dropped_bias = []
+    for name, m in adapter.modules.items():
+        layer = layers[name]
+        if m.bias is not None and layer._ab(adapter_name)[2] is None:
+            dropped_bias.append(name)
+        layer.set_tensors(adapter_name, m.A, m.B, m.bias, m.magnitude)
+        if m.magnitude is None and adapter_name in layer.lora_magnitude_vector:
+            layer.reset_magnitude(adapter_name)
+    missing = [n for n, layer in layers.items() if adapter_name in layer.r and n not in adapter.modules]
+    for name in missing:
+        initialize_adapter(layers[name], adapter_name, True)
+    if missing:
+        warnings.warn(f"{source} has no tensors for {len(missing)} module(s) its config targets, e.g. {missing[:3]}; "
+                      "they start as a no-op LoRA", UserWarning, stacklevel=3)
+    if dropped_bias:
+        warnings.warn(f"{source} has lora_B biases but its config says lora_bias=false; ignored them "
+                      f"(e.g. {dropped_bias[:3]})", UserWarning, stacklevel=3)
+    state = model.state_dict(keep_vars=True)
+    wrappers = [n for n, _ in save_wrappers(model)]
+    unknown = []
+    for key, tensor in adapter.extra.items():
+        target = _extra_target(key, adapter_name, state, wrappers)
+        if target is None or target not in state or tuple(state[target].shape) != tuple(tensor.shape):
+            unknown.append(f"{key} {tuple(tensor.shape)}" + ("" if target not in state else
+                                                              f" (model: {tuple(state[target].shape)})"))
+            continue
+        state[target].data.copy_(tensor)
+    if unknown:
+        raise InputError(f"{source} has tensors this model has no place for: {unknown[:5]}; it was made for "
+                         f"another model (config: {getattr(config, 'base_model_name_or_path', None)})")
+
+
+def load_adapter(model: nn.Module, path_or_repo: str, adapter_name: str = "default", *,
+                 trainable: bool = False) -> nn.Module:
+    """Load a PEFT-format adapter into ``model`` under ``adapter_name``; returns ``model``.
+
+    The tensors are used as saved: no init runs, so a PiSSA/OLoRA adapter is not decomposed again (a warning
+    says it belongs on its residual base). Like PEFT's ``from_pretrained``, the adapter is frozen unless
+    ``trainable``; the first adapter of a model becomes active.
+
+    Raises:
+        InputError: the adapter cannot be read, or was made for another model (its modules are not in this one).
+        ShapeMismatchError: its tensors do not fit this model (every module and both shapes are listed).
+        ConfigError: ``adapter_name`` is already taken.
+    """
+    source = f"adapter {path_or_repo!r}"
+    adapter = adapter_io.Adapter.load(path_or_repo)
+    config = config_with(adapter.config, inference_mode=not trainable)
+    warn_base_mutating_init(config, source)
+    plan = plan_injection(model, config, adapter_name, check_init=False)
+    _check_fits(adapter, model, plan, source)
+    apply_plan(model, config, adapter_name, plan, initialize=False)
+    try:
+        _copy_in(model, adapter, adapter_name, source)
+    except Exception:
+        delete_adapter(model, adapter_name)
+        raise
+    return model
