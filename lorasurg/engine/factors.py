@@ -167,7 +167,8 @@ def matrix_to_weight(matrix: Tensor, kind: str, weight_shape: tuple[int, ...], f
     elif kind == "embedding":
         out = matrix.T  # (dim, num) -> (num, dim)
     elif kind in _CONV_KERNEL_DIMS:
-        out = matrix.reshape(weight_shape)  # (out, in*prod(k)) -> (out, in, *k)
+        fits = matrix.dim() == 2 and matrix.shape[0] == weight_shape[0] and matrix.numel() == math.prod(weight_shape)
+        out = matrix.reshape(weight_shape) if fits else matrix  # (out, in*prod(k)) -> (out, in, *k)
     else:
         raise ValueError(f"unknown layer kind {kind!r}")
     if tuple(out.shape) != tuple(weight_shape):
