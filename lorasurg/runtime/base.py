@@ -230,8 +230,8 @@ class LoraLayer(nn.Module):
 
     @property
     def bias(self) -> Optional[Tensor]:
-        """The base layer's bias."""
-        return self.base_layer.bias
+        """The base layer's bias (None for a layer without one, e.g. an embedding)."""
+        return getattr(self.base_layer, "bias", None)
 
     def __getattr__(self, name: str):
         try:

@@ -182,8 +182,8 @@ def _unfreeze_biases(model: nn.Module, bias: str) -> None:
                 param.requires_grad_(True)
     elif bias == "lora_only":
         for module in model.modules():
-            if isinstance(module, LoraLayer) and module.base_layer.bias is not None:
-                module.base_layer.bias.requires_grad_(True)
+            if isinstance(module, LoraLayer) and module.bias is not None:
+                module.bias.requires_grad_(True)
     else:
         raise ConfigError(f"bias={bias!r} is not one of 'none', 'all', 'lora_only'")
 

@@ -55,9 +55,9 @@ class LoraLinear(LoraLayer):
         return F.linear(x, matrix.to(x.dtype))  # (..., in) @ (in, out) -> (..., out)
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        result = self.base_layer(x, *args, **kwargs)
         if self._skip_lora():
-            return result
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
         out_dtype = result.dtype
         for name in self.active_adapters:
             if name not in self.lora_A:
@@ -99,9 +99,9 @@ class LoraConv(LoraLayer):
         return self.base_layer._conv_forward(x, self.base_layer.weight.to(x.dtype), None)
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        result = self.base_layer(x, *args, **kwargs)
         if self._skip_lora():
-            return result
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
         out_dtype = result.dtype
         channel_shape = (1, -1) + (1,) * (result.dim() - 2)  # broadcast (out,) over (N, out, *spatial)
         for name in self.active_adapters:
@@ -147,9 +147,9 @@ class LoraEmbedding(LoraLayer):
         return None
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        result = self.base_layer(x, *args, **kwargs)
         if self._skip_lora():
-            return result
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
         out_dtype = result.dtype
         embed_scale = self._embed_scale()
         for name in self.active_adapters:

@@ -56,8 +56,8 @@ def _strip_adapter_name(key: str, name: str) -> str:
 def _bias_tensors(model: nn.Module, adapter_name: str, bias: str) -> dict[str, Tensor]:
     """The biases PEFT saves with an adapter for its ``bias`` option (keys: model keys minus the adapter name)."""
     if bias == "lora_only":
-        return {f"{name}.base_layer.bias": layer.base_layer.bias for name, layer in lora_layers(model)
-                if adapter_name in layer.r and layer.base_layer.bias is not None}
+        return {f"{name}.base_layer.bias": layer.bias for name, layer in lora_layers(model)
+                if adapter_name in layer.r and layer.bias is not None}
     if bias != "all":
         return {}
     others = [n for n in adapter_configs(model) if n != adapter_name]
