@@ -126,19 +126,38 @@ def _nearest(names: list[str], candidates: list[str]) -> list[str]:
     return out
 
 
-def _check_fits(adapter: Any, model: nn.Module, plan: Plan, source: str) -> None:
-    """Raise if the adapter's modules are not the ones its config selects in ``model`` or any shape differs."""
+def _stored_kind(module: Any) -> str:
+    """The layer kind an adapter module's tensors are shaped for."""
+    if module.embedding:
+        return "embedding"
+    return "linear" if module.A.dim() == 2 else f"conv{module.A.dim() - 2}d"
+
+
+def _check_modules_exist(adapter: Any, model: nn.Module, source: str) -> None:
+    """Raise if some of the adapter's LoRA modules are not in ``model``, or are layers of another kind (the
+    adapter was made for another model).
+    """
     infos = describe_unwrapped(model)
     absent = [n for n in adapter.modules if n not in infos]
+    other_kind = [f"{n} (adapter: {_stored_kind(m)} LoRA, model: {infos[n].type_name})"
+                  for n, m in adapter.modules.items() if n in infos and infos[n].kind != _stored_kind(m)]
+    if not absent and not other_kind:
+        return
+    config = adapter.config
+    made_for = (getattr(config, "auto_mapping", None) or {}).get("base_model_class") or getattr(
+        config, "base_model_name_or_path", None) or "another model"
+    found = []
     if absent:
-        config = adapter.config
-        made_for = (getattr(config, "auto_mapping", None) or {}).get("base_model_class") or getattr(
-            config, "base_model_name_or_path", None) or "another model"
-        raise InputError(
-            f"{source} does not fit this {type(model).__name__}: {len(absent)} of its {len(adapter.modules)} LoRA "
-            f"modules are not in the model, e.g. {absent[:3]} (nearest model modules: {_nearest(absent, list(infos))}). "
-            f"It was made for {made_for}; load it into that architecture"
-        )
+        found.append(f"{len(absent)} of its {len(adapter.modules)} LoRA modules are not in the model, e.g. "
+                     f"{absent[:3]} (nearest model modules: {_nearest(absent, list(infos))})")
+    if other_kind:
+        found.append(f"modules of another kind: {', '.join(other_kind[:3])}")
+    raise InputError(f"{source} does not fit this {type(model).__name__}: {'; '.join(found)}. It was made for "
+                     f"{made_for}; load it into that architecture")
+
+
+def _check_fits(adapter: Any, plan: Plan, source: str) -> None:
+    """Raise if the adapter's modules are not the ones its config selects or any shape differs."""
     unselected = [n for n in adapter.modules if n not in plan.targets]
     if unselected:
         raise InputError(
@@ -228,8 +247,9 @@ def load_adapter(model: nn.Module, path_or_repo: str, adapter_name: str = "defau
     adapter = adapter_io.Adapter.load(path_or_repo)
     config = config_with(adapter.config, inference_mode=not trainable)
     warn_base_mutating_init(config, source)
+    _check_modules_exist(adapter, model, source)
     plan = plan_injection(model, config, adapter_name, check_init=False)
-    _check_fits(adapter, model, plan, source)
+    _check_fits(adapter, plan, source)
     apply_plan(model, config, adapter_name, plan, initialize=False)
     try:
         _copy_in(model, adapter, adapter_name, source)
