@@ -173,13 +173,18 @@ def apply_plan(model: nn.Module, config: Any, adapter_name: str, plan: Plan, *, 
 
 
 def _unfreeze_biases(model: nn.Module, bias: str) -> None:
-    """PEFT's ``bias`` option: "all" trains every ``*.bias``; "lora_only" the biases of LoRA-wrapped layers."""
+    """PEFT's ``bias`` option: "all" trains every ``*.bias`` (but those of modules_to_save originals);
+    "lora_only" the biases of LoRA-wrapped layers.
+    """
     if bias == "none":
         return
     if bias == "all":
         for name, param in model.named_parameters():
             if name == "bias" or name.endswith(".bias"):
                 param.requires_grad_(True)
+        for module in model.modules():
+            if isinstance(module, ModulesToSave):  # PEFT wraps these after unfreezing: their originals stay frozen
+                module.original_module.requires_grad_(False)
     elif bias == "lora_only":
         for module in model.modules():
             if isinstance(module, LoraLayer) and module.bias is not None:

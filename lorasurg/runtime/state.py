@@ -54,16 +54,22 @@ def _strip_adapter_name(key: str, name: str) -> str:
 
 
 def _bias_tensors(model: nn.Module, adapter_name: str, bias: str) -> dict[str, Tensor]:
-    """The biases PEFT saves with an adapter for its ``bias`` option (keys: model keys minus the adapter name)."""
+    """The biases PEFT saves with an adapter for its ``bias`` option (keys: model keys minus the adapter name).
+
+    With ``bias="all"`` PEFT also writes the biases of modules_to_save wrappers under ``<m>.modules_to_save.bias``
+    and ``<m>.original_module.bias``, keys its own loader reports as unexpected; they are left out here (the
+    copy's bias is saved as ``<m>.bias`` with the module anyway).
+    """
     if bias == "lora_only":
         return {f"{name}.base_layer.bias": layer.bias for name, layer in lora_layers(model)
                 if adapter_name in layer.r and layer.bias is not None}
     if bias != "all":
         return {}
     others = [n for n in adapter_configs(model) if n != adapter_name]
+    copies = tuple(f"{name}." for name, _ in save_wrappers(model))  # saved as modules_to_save already
     out = {}
     for key, value in model.state_dict().items():
-        if not key.endswith(".bias") or ".lora_" in key:
+        if not key.endswith(".bias") or ".lora_" in key or key.startswith(copies):
             continue
         if any(f".{o}." in key or key.endswith(f".{o}") for o in others):
             continue
