@@ -3,8 +3,10 @@
 The public API is what ``__all__`` lists; everything else is internal.
 """
 
+from .config import LoraConfig, TaskType
 from .errors import (
     ConfigError,
+    ConfigTypeError,
     InputError,
     LorasurgError,
     OutputExistsError,
@@ -13,13 +15,36 @@ from .errors import (
     ValidationFailed,
 )
 
+from .io.adapter import Adapter, AdapterModule
+from .surgery.inspect import inspect_adapter
+from .targeting import (
+    anchored_pattern_key,
+    exact_target_modules,
+    is_module_to_save,
+    pattern_key,
+    rank_alpha,
+    select_modules,
+)
+
 __version__ = "0.1.0"
 
 __all__ = [
     "__version__",
+    "LoraConfig",
+    "TaskType",
+    "Adapter",
+    "AdapterModule",
+    "inspect_adapter",
+    "select_modules",
+    "rank_alpha",
+    "pattern_key",
+    "anchored_pattern_key",
+    "exact_target_modules",
+    "is_module_to_save",
     "LorasurgError",
     "InputError",
     "ConfigError",
+    "ConfigTypeError",
     "ShapeMismatchError",
     "OutputExistsError",
     "UnsupportedError",

@@ -13,6 +13,7 @@ __all__ = [
     "LorasurgError",
     "InputError",
     "ConfigError",
+    "ConfigTypeError",
     "ShapeMismatchError",
     "OutputExistsError",
     "UnsupportedError",
@@ -39,6 +40,10 @@ class ConfigError(LorasurgError, ValueError):
 
     Subclasses ``ValueError`` so code written against PEFT's ``LoraConfig`` keeps working.
     """
+
+
+class ConfigTypeError(ConfigError, TypeError):
+    """A config field has the wrong type (PEFT raises ``TypeError`` for those it checks)."""
 
 
 class ShapeMismatchError(LorasurgError, ValueError):

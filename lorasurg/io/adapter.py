@@ -31,9 +31,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from ..config import LoraConfig
-from ..errors import InputError
-from ..targeting import rank_alpha
+from ..config import CONFIG_NAME, LoraConfig
+from ..errors import InputError, LorasurgError
+from ..modules import ModuleInfo
+from ..targeting import ALL_LINEAR, rank_alpha, select_modules
 from .hub import resolve_source
 from .writer import atomic_output_dir
 
@@ -48,7 +49,6 @@ __all__ = [
     "parse_peft_key",
 ]
 
-CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 BIN_WEIGHTS_NAME = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
@@ -232,7 +232,7 @@ class Adapter:
         ``lora_B.bias`` present exactly when ``lora_bias`` is set; DoRA magnitude present exactly when
         ``use_dora`` is set, with one entry per output.
         """
-        found: list[str] = []
+        found: list[str] = self._untargeted_modules()
         cfg = self.config
         for name, mod in self.modules.items():
             if mod.A.shape[0] != mod.B.shape[1]:
@@ -257,6 +257,25 @@ class Adapter:
             if mod.magnitude is not None and mod.magnitude.numel() != out:
                 found.append(f"{name}: lora_magnitude_vector has {mod.magnitude.numel()} entries, expected {out}")
         return found
+
+    def _untargeted_modules(self) -> list[str]:
+        """Modules with tensors that the config's target_modules would not select (PEFT drops their tensors).
+
+        Judged among the adapter's own module names, so ``"all-linear"`` (which needs the model) is not checked.
+        """
+        target = self.config.target_modules
+        if not self.modules or (isinstance(target, str) and target.lower() == ALL_LINEAR):
+            return []
+        infos = {name: ModuleInfo(mod.kind, mod.kind) for name, mod in self.modules.items()}
+        try:
+            selected = set(select_modules(self.config, infos))
+        except LorasurgError:
+            selected = set()
+        return [
+            f"{name}: has LoRA tensors but target_modules={_shown(target)} does not select it (PEFT would ignore them)"
+            for name in self.modules
+            if name not in selected
+        ]
 
     # ----------------------------------------------------------------------------------------- writing
     def to_state_dict(self) -> dict[str, Tensor]:
@@ -299,9 +318,10 @@ def _read_weights(directory: Path) -> dict[str, Tensor]:
         try:
             state = torch.load(str(bin_path), map_location="cpu", weights_only=True)
         except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
             raise InputError(
-                f"{bin_path} cannot be read safely with torch.load(weights_only=True) ({type(err).__name__}: {err}); "
-                "lorasurg never unpickles code: convert it to safetensors with a trusted tool"
+                f"{bin_path} cannot be read safely with torch.load(weights_only=True) ({type(err).__name__}: "
+                f"{first_line}); lorasurg never unpickles code: convert it to safetensors with a trusted tool"
             ) from err
         if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
             raise InputError(f"{bin_path} does not hold a flat dict of tensors")
@@ -309,3 +329,7 @@ def _read_weights(directory: Path) -> dict[str, Tensor]:
     present = sorted(p.name for p in directory.iterdir())
     raise InputError(f"{directory} has neither {WEIGHTS_NAME} nor {BIN_WEIGHTS_NAME} (found: {present})")
 
+
+def _shown(target: object) -> str:
+    """target_modules as a user wrote it: a regex string, or a sorted list."""
+    return repr(target) if isinstance(target, str) or target is None else repr(sorted(target))

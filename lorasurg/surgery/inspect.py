@@ -7,6 +7,7 @@ the tensors contradict the config (:meth:`lorasurg.io.adapter.Adapter.problems`)
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Union
@@ -113,7 +114,7 @@ def inspect_adapter(path_or_repo: Union[str, os.PathLike]) -> InspectReport:
     state = adapter.to_state_dict()
     return InspectReport(
         source=os.fspath(path_or_repo),
-        config=cfg.to_dict(),
+        config=json.loads(cfg.to_json_string()),
         modules=modules,
         extra={k: list(v.shape) for k, v in adapter.extra.items()},
         total_parameters=sum(t.numel() for t in state.values()),

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lorasurg import LoraConfig
+from lorasurg.config import WRITTEN_PEFT_VERSION
 from lorasurg.errors import InputError, OutputExistsError
 from lorasurg.io.adapter import (
     CONFIG_NAME,
@@ -54,7 +55,8 @@ def test_save_load_is_lossless(tmp_path, gen, dtype):
     assert saved.keys() == reread.keys()
     for key in saved:
         assert reread[key].dtype == dtype and torch.equal(saved[key], reread[key]), key
-    assert again.config.to_dict() == adapter.config.to_dict()
+    written = dict(adapter.config.to_dict(), peft_version=WRITTEN_PEFT_VERSION)  # None is written as the format's
+    assert again.config.to_dict() == written
     assert again.modules["emb"].embedding and again.modules["conv"].kind == "conv2d"
     # second save of what was read: byte-identical tensors file content
     again.save(tmp_path / "b")
@@ -137,9 +139,20 @@ def test_tensors_contradicting_config_are_reported(tmp_path, gen):
     message = str(info.value)
     assert "conv: stored rank 2, config gives r=3" in message
     assert "layers.0.q: lora_bias is true but lora_B.bias is missing" in message
+    assert "conv: lora_bias is true but lora_B.bias is missing" in message
     assert "emb: lora_bias is true but PEFT cannot give an embedding a lora_B bias" in message
     loose = Adapter.load(tmp_path / "a", strict=False)
-    assert len(loose.problems()) == 3
+    assert len(loose.problems()) == 4
+
+
+def test_tensors_for_untargeted_modules_are_reported(tmp_path, gen):
+    adapter = _adapter(gen)
+    adapter.config.target_modules = {"q", "emb"}
+    adapter.save(tmp_path / "a")
+    with pytest.raises(InputError, match=r"conv: has LoRA tensors but target_modules=\['emb', 'q'\] does not select it"):
+        Adapter.load(tmp_path / "a")
+    adapter.config.target_modules = "all-linear"  # needs the model to judge: not checked here
+    assert adapter.problems() == []
 
 
 def test_incomplete_module_and_foreign_keys(tmp_path, gen):
