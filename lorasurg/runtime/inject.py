@@ -12,6 +12,7 @@ frozen; :func:`~lorasurg.runtime.adapters.set_adapter` switches.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import warnings
 from typing import Any
@@ -20,8 +21,8 @@ from torch import nn
 
 from ..engine.factors import lora_scale
 from ..errors import ConfigError, UnsupportedError
+from .. import targeting
 from ..modules import ModuleInfo, output_layer_names
-from . import _targeting_standin as targeting  # TODO: replace with lorasurg.targeting once it lands
 from .adapters import apply_trainability, set_adapter
 from .base import LoraLayer
 from .initialize import initialize_adapter
@@ -32,21 +33,19 @@ from .walk import adapter_configs, describe_unwrapped, replace_module, unwrapped
 __all__ = ["inject", "plan_injection", "Plan", "config_with"]
 
 # Config fields of PEFT's LoraConfig that select features lorasurg's runtime does not implement.
+# (target_parameters, layer_replication and ensure_weight_tying are refused by lorasurg.targeting.)
 _UNSUPPORTED_FIELDS = (
     "megatron_config", "trainable_token_indices", "velora_config", "alora_invocation_tokens", "use_qalora",
-    "monteclora_config", "layer_replication", "target_parameters", "use_bdlora", "arrow_config", "kasa_config",
-    "ensure_weight_tying",
+    "monteclora_config", "use_bdlora", "arrow_config", "kasa_config",
 )
 _UNSUPPORTED_INITS = ("eva", "corda", "loftq", "lora_ga", "mica")
 
 
 def config_with(config: Any, **changes: Any) -> Any:
-    """A copy of ``config`` with some fields changed (the original is never mutated)."""
-    if dataclasses.is_dataclass(config):
-        return dataclasses.replace(config, **changes)
-    import copy
-
-    new = copy.copy(config)
+    """A deep copy of ``config`` with some fields set (the original is never mutated; nothing is re-validated,
+    so only change fields whose new value cannot make the config invalid).
+    """
+    new = copy.deepcopy(config)
     for key, value in changes.items():
         setattr(new, key, value)
     return new

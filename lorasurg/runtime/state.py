@@ -21,8 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import InputError, ShapeMismatchError
+from ..io import adapter as adapter_io
 from ..modules import ModuleInfo
-from . import _adapter_shim as adapter_io  # TODO: replace with lorasurg.io.adapter once it lands
 from .adapters import delete_adapter
 from .initialize import initialize_adapter
 from .inject import Plan, apply_plan, config_with, plan_injection, warn_base_mutating_init
@@ -204,23 +204,14 @@ def _extra_target(key: str, adapter_name: str, state: dict[str, Tensor], wrapper
 def _copy_in(model: nn.Module, adapter: Any, adapter_name: str, source: str) -> None:
     layers = dict(lora_layers(model))
     config = adapter.config
-    dropped_bias = []
     for name, m in adapter.modules.items():
-        layer = layers[name]
-        if m.bias is not None and layer._ab(adapter_name)[2] is None:
-            dropped_bias.append(name)
-        layer.set_tensors(adapter_name, m.A, m.B, m.bias, m.magnitude)
-        if m.magnitude is None and adapter_name in layer.lora_magnitude_vector:
-            layer.reset_magnitude(adapter_name)
+        layers[name].set_tensors(adapter_name, m.A, m.B, m.bias, m.magnitude)
     missing = [n for n, layer in layers.items() if adapter_name in layer.r and n not in adapter.modules]
     for name in missing:
         initialize_adapter(layers[name], adapter_name, True)
     if missing:
         warnings.warn(f"{source} has no tensors for {len(missing)} module(s) its config targets, e.g. {missing[:3]}; "
                       "they start as a no-op LoRA", UserWarning, stacklevel=3)
-    if dropped_bias:
-        warnings.warn(f"{source} has lora_B biases but its config says lora_bias=false; ignored them "
-                      f"(e.g. {dropped_bias[:3]})", UserWarning, stacklevel=3)
     state = model.state_dict(keep_vars=True)
     wrappers = [n for n, _ in save_wrappers(model)]
     unknown = []

@@ -10,11 +10,9 @@ from torch import nn
 
 
 def make_config(**kwargs):
-    """A LoraConfig with PEFT's field names (lorasurg's; PEFT's until lorasurg.config lands)."""
-    try:
-        from lorasurg.config import LoraConfig
-    except ImportError:  # TEMPORARY: lorasurg.config is not on main yet
-        from peft import LoraConfig
+    """lorasurg's LoraConfig (PEFT's field names and defaults)."""
+    from lorasurg.config import LoraConfig
+
     return LoraConfig(**kwargs)
 
 
