@@ -36,7 +36,35 @@ __all__ = ["LoraLinear", "LoraConv", "LoraEmbedding", "wrap_layer"]
 _CONV_TYPES = {"conv1d": nn.Conv1d, "conv2d": nn.Conv2d, "conv3d": nn.Conv3d}
 
 
-class LoraLinear(LoraLayer):
+class _ModuleLora(LoraLayer):
+    """Linear and conv LoRA: ``lora_A``/``lora_B`` are modules, ``y = base(x) + scale * B(A(dropout(x)))``."""
+
+    def _channel_shape(self, result: Tensor) -> tuple[int, ...]:
+        """Shape that broadcasts a per-output ``(out,)`` tensor over the layer's output."""
+        raise NotImplementedError
+
+    def _base_without_bias(self, x: Tensor) -> Tensor:
+        """``W x`` without the base bias (DoRA with dropout in training)."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if self._skip_lora():
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        out_dtype = result.dtype
+        for name in self.active_adapters:
+            if name not in self.lora_A:
+                continue
+            lora_A, lora_B = self.lora_A[name], self.lora_B[name]
+            xa = x.to(lora_A.weight.dtype)
+            if name in self.lora_magnitude_vector:
+                result = result + _dora_delta(self, name, xa, result, self._channel_shape(result))
+            else:
+                result = result + lora_B(lora_A(self.lora_dropout[name](xa))) * self.scaling[name]
+        return result.to(out_dtype)
+
+
+class LoraLinear(_ModuleLora):
     """LoRA on ``nn.Linear`` or transformers' ``Conv1D`` (``fan_in_fan_out``); ``lora_A``/``lora_B`` are ``nn.Linear``."""
 
     def __init__(self, base_layer: nn.Module, info: ModuleInfo) -> None:
@@ -54,24 +82,11 @@ class LoraLinear(LoraLayer):
         matrix = weight_to_matrix(self.base_layer.weight, "linear", self.info.fan_in_fan_out)  # (out, in)
         return F.linear(x, matrix.to(x.dtype))  # (..., in) @ (in, out) -> (..., out)
 
-    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        if self._skip_lora():
-            return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        out_dtype = result.dtype
-        for name in self.active_adapters:
-            if name not in self.lora_A:
-                continue
-            lora_A, lora_B = self.lora_A[name], self.lora_B[name]
-            xa = x.to(lora_A.weight.dtype)
-            if name in self.lora_magnitude_vector:
-                result = result + _dora_delta(self, name, xa, result, bias_shape=(-1,))
-            else:
-                result = result + lora_B(lora_A(self.lora_dropout[name](xa))) * self.scaling[name]
-        return result.to(out_dtype)
+    def _channel_shape(self, result: Tensor) -> tuple[int, ...]:
+        return (-1,)  # outputs are the last dimension
 
 
-class LoraConv(LoraLayer):
+class LoraConv(_ModuleLora):
     """LoRA on ``nn.Conv1d/2d/3d``: ``lora_A`` is a conv with the base kernel, ``lora_B`` a 1x1 conv.
 
     Grouped convolutions are refused (the engine's factors assume ``groups == 1``).
@@ -98,22 +113,8 @@ class LoraConv(LoraLayer):
     def _base_without_bias(self, x: Tensor) -> Tensor:
         return self.base_layer._conv_forward(x, self.base_layer.weight.to(x.dtype), None)
 
-    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        if self._skip_lora():
-            return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        out_dtype = result.dtype
-        channel_shape = (1, -1) + (1,) * (result.dim() - 2)  # broadcast (out,) over (N, out, *spatial)
-        for name in self.active_adapters:
-            if name not in self.lora_A:
-                continue
-            lora_A, lora_B = self.lora_A[name], self.lora_B[name]
-            xa = x.to(lora_A.weight.dtype)
-            if name in self.lora_magnitude_vector:
-                result = result + _dora_delta(self, name, xa, result, bias_shape=channel_shape)
-            else:
-                result = result + lora_B(lora_A(self.lora_dropout[name](xa))) * self.scaling[name]
-        return result.to(out_dtype)
+    def _channel_shape(self, result: Tensor) -> tuple[int, ...]:
+        return (1, -1) + (1,) * (result.dim() - 2)  # outputs are dim 1 of (N, out, *spatial)
 
 
 class LoraEmbedding(LoraLayer):
@@ -169,7 +170,7 @@ class LoraEmbedding(LoraLayer):
         return result.to(out_dtype)
 
 
-def _dora_delta(layer: LoraLayer, name: str, x: Tensor, result: Tensor, bias_shape: tuple[int, ...]) -> Tensor:
+def _dora_delta(layer: _ModuleLora, name: str, x: Tensor, result: Tensor, bias_shape: tuple[int, ...]) -> Tensor:
     """DoRA's addition to ``result = base(x)``: ``(f - 1) * (W x) + f * scale * B(A(x))`` (dropout on x in training)."""
     factor = dora_factor(layer.factors(name), layer.base_layer.weight, layer.lora_magnitude_vector[name].weight,
                          x.dtype).reshape(bias_shape)  # (out,) -> broadcastable over the output
