@@ -20,8 +20,8 @@ from typing import Any
 from torch import nn
 
 from ..engine.factors import lora_scale
-from ..errors import ConfigError, UnsupportedError
 from .. import targeting
+from ..errors import ConfigError, UnsupportedError
 from ..modules import ModuleInfo, output_layer_names
 from .adapters import apply_trainability, set_adapter
 from .base import LoraLayer
@@ -104,8 +104,6 @@ def plan_injection(model: nn.Module, config: Any, adapter_name: str, *, check_in
         info = infos[name]
         if isinstance(model.get_submodule(name), ModulesToSave):
             problems.append(f"{name}: it is a modules_to_save module of another adapter")
-        elif info.kind is None:
-            problems.append(f"{name}: LoRA does not apply to {info.type_name}")
         elif info.groups != 1:
             problems.append(f"{name}: grouped convolution (groups={info.groups})")
         elif info.kind == "embedding" and getattr(config, "lora_bias", False):
@@ -127,11 +125,10 @@ def plan_injection(model: nn.Module, config: Any, adapter_name: str, *, check_in
 
 
 def _stored_config(config: Any, plan: Plan) -> Any:
-    """The config as it is recorded (and saved): fan_in_fan_out follows the targeted layers, as PEFT sets it."""
-    fifo = any(info.fan_in_fan_out for info, _, _ in plan.targets.values())
-    if bool(getattr(config, "fan_in_fan_out", False)) != fifo:
-        return config_with(config, fan_in_fan_out=fifo)
-    return config
+    """A copy of the config as it is recorded (and saved): fan_in_fan_out is true when a targeted layer is a
+    GPT-2 ``Conv1D``, as PEFT sets it (the layers themselves follow their own type, whatever the config says).
+    """
+    return config_with(config, fan_in_fan_out=any(info.fan_in_fan_out for info, _, _ in plan.targets.values()))
 
 
 def apply_plan(model: nn.Module, config: Any, adapter_name: str, plan: Plan, *, initialize: bool = True) -> None:

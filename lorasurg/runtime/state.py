@@ -26,7 +26,7 @@ from ..modules import ModuleInfo
 from .adapters import delete_adapter
 from .initialize import initialize_adapter
 from .inject import Plan, apply_plan, config_with, plan_injection, warn_base_mutating_init
-from .walk import adapter_configs, describe_unwrapped, lora_layers, require_adapter, save_wrappers
+from .walk import describe_unwrapped, lora_layers, require_adapter, save_wrappers
 
 __all__ = ["expected_shapes", "adapter_from_model", "save_adapter", "load_adapter"]
 
@@ -43,18 +43,8 @@ def expected_shapes(info: ModuleInfo, r: int) -> tuple[tuple[int, ...], tuple[in
     return (r, *shape[1:]), (shape[0], r, *ones), shape[0]  # conv: (r, in, *k), (out, r, 1, ...)
 
 
-def _strip_adapter_name(key: str, name: str) -> str:
-    """A model state_dict key without the adapter-name segment (``a.modules_to_save.<name>.bias`` -> ``a.modules_to_save.bias``)."""
-    if key.endswith(f".{name}"):
-        return key[: -len(name) - 1]
-    head, _, last = key.rpartition(".")
-    if head.endswith(f".{name}"):
-        head = head[: -len(name) - 1]
-    return f"{head}.{last}"
-
-
 def _bias_tensors(model: nn.Module, adapter_name: str, bias: str) -> dict[str, Tensor]:
-    """The biases PEFT saves with an adapter for its ``bias`` option (keys: model keys minus the adapter name).
+    """The biases PEFT saves with an adapter for its ``bias`` option, keyed as in the model's state_dict.
 
     With ``bias="all"`` PEFT also writes the biases of modules_to_save wrappers under ``<m>.modules_to_save.bias``
     and ``<m>.original_module.bias``, keys its own loader reports as unexpected; they are left out here (the
@@ -65,16 +55,9 @@ def _bias_tensors(model: nn.Module, adapter_name: str, bias: str) -> dict[str, T
                 if adapter_name in layer.r and layer.bias is not None}
     if bias != "all":
         return {}
-    others = [n for n in adapter_configs(model) if n != adapter_name]
     copies = tuple(f"{name}." for name, _ in save_wrappers(model))  # saved as modules_to_save already
-    out = {}
-    for key, value in model.state_dict().items():
-        if not key.endswith(".bias") or ".lora_" in key or key.startswith(copies):
-            continue
-        if any(f".{o}." in key or key.endswith(f".{o}") for o in others):
-            continue
-        out[_strip_adapter_name(key, adapter_name)] = value
-    return out
+    return {key: value for key, value in model.state_dict().items()
+            if key.endswith(".bias") and ".lora_" not in key and not key.startswith(copies)}
 
 
 def _unshared(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -200,10 +183,33 @@ def _extra_target(key: str, adapter_name: str, state: dict[str, Tensor], wrapper
     return key if key in state else None
 
 
+def _extra_targets(model: nn.Module, adapter: Any, adapter_name: str, source: str) -> dict[str, Tensor]:
+    """``{model state_dict key: tensor}`` for the adapter's extra tensors; raises before anything is copied.
+
+    Raises:
+        InputError: an extra tensor has no place in the model, or a place of another shape (all listed).
+    """
+    state = model.state_dict(keep_vars=True)
+    wrappers = [n for n, _ in save_wrappers(model)]
+    found, unknown = {}, []
+    for key, tensor in adapter.extra.items():
+        target = _extra_target(key, adapter_name, state, wrappers)
+        if target in state and tuple(state[target].shape) == tuple(tensor.shape):
+            found[target] = tensor
+        else:
+            where = f" (model: {tuple(state[target].shape)})" if target in state else ""
+            unknown.append(f"{key} {tuple(tensor.shape)}{where}")
+    if unknown:
+        made_for = getattr(adapter.config, "base_model_name_or_path", None) or "another model"
+        raise InputError(f"{source} has tensors this model has no place for: {unknown[:5]}; it was made for "
+                         f"{made_for}")
+    return found
+
+
 @torch.no_grad()
 def _copy_in(model: nn.Module, adapter: Any, adapter_name: str, source: str) -> None:
+    extra = _extra_targets(model, adapter, adapter_name, source)
     layers = dict(lora_layers(model))
-    config = adapter.config
     for name, m in adapter.modules.items():
         layers[name].set_tensors(adapter_name, m.A, m.B, m.bias, m.magnitude)
     missing = [n for n, layer in layers.items() if adapter_name in layer.r and n not in adapter.modules]
@@ -213,18 +219,8 @@ def _copy_in(model: nn.Module, adapter: Any, adapter_name: str, source: str) -> 
         warnings.warn(f"{source} has no tensors for {len(missing)} module(s) its config targets, e.g. {missing[:3]}; "
                       "they start as a no-op LoRA", UserWarning, stacklevel=3)
     state = model.state_dict(keep_vars=True)
-    wrappers = [n for n, _ in save_wrappers(model)]
-    unknown = []
-    for key, tensor in adapter.extra.items():
-        target = _extra_target(key, adapter_name, state, wrappers)
-        if target is None or target not in state or tuple(state[target].shape) != tuple(tensor.shape):
-            unknown.append(f"{key} {tuple(tensor.shape)}" + ("" if target not in state else
-                                                              f" (model: {tuple(state[target].shape)})"))
-            continue
-        state[target].data.copy_(tensor)
-    if unknown:
-        raise InputError(f"{source} has tensors this model has no place for: {unknown[:5]}; it was made for "
-                         f"another model (config: {getattr(config, 'base_model_name_or_path', None)})")
+    for key, tensor in extra.items():
+        state[key].data.copy_(tensor)
 
 
 def load_adapter(model: nn.Module, path_or_repo: str, adapter_name: str = "default", *,
@@ -247,10 +243,13 @@ def load_adapter(model: nn.Module, path_or_repo: str, adapter_name: str = "defau
     _check_modules_exist(adapter, model, source)
     plan = plan_injection(model, config, adapter_name, check_init=False)
     _check_fits(adapter, plan, source)
+    requires_grad = {p: p.requires_grad for p in model.parameters()}
     apply_plan(model, config, adapter_name, plan, initialize=False)
     try:
         _copy_in(model, adapter, adapter_name, source)
     except Exception:
         delete_adapter(model, adapter_name)
+        for param, flag in requires_grad.items():
+            param.requires_grad_(flag)
         raise
     return model

@@ -21,9 +21,12 @@ __all__ = [
     "lora_layers",
     "save_wrappers",
     "describe_unwrapped",
+    "unwrapped",
     "replace_module",
     "adapter_configs",
     "active_adapter",
+    "set_active_name",
+    "forget_adapters",
     "require_adapter",
 ]
 

@@ -77,7 +77,8 @@ def test_loading_a_pissa_adapter_warns_and_leaves_the_base_alone(tmp_path):
 
 # ------------------------------------------------------------------------------------------------- bad input
 def _unchanged(model: nn.Module) -> bool:
-    return not any(isinstance(m, LoraLayer) for m in model.modules())
+    no_wrapper = not any(isinstance(m, LoraLayer) for m in model.modules())
+    return no_wrapper and all(p.requires_grad for p in model.parameters())
 
 
 def test_adapter_whose_shapes_do_not_fit(tmp_path):
