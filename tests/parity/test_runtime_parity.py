@@ -42,6 +42,7 @@ CASES = {
     "gpt2_lora_bias": ("gpt2", dict(r=4, target_modules=["c_attn"], lora_bias=True, bias="lora_only")),
     "bert_classifier": ("bert", dict(r=4, target_modules=["query", "value"], modules_to_save=["classifier"],
                                      bias="all")),
+    "bert_seq_cls_task": ("bert", dict(r=4, target_modules="all-linear", task_type="SEQ_CLS")),
     "bert_exclude": ("bert", dict(r=2, target_modules=["query", "key", "value", "dense"], modules_to_save=["classifier"],
                                   exclude_modules=["pooler.dense"])),
     "net": ("net", dict(r=2, target_modules=ALL_NET, modules_to_save=["head"])),
@@ -242,3 +243,29 @@ def test_merging_a_lora_on_a_1x1x1_conv3d():
     with torch.no_grad():
         expected = output(ours, x)
         assert _rel_diff(output(merge_and_unload(ours), x), expected) < 1e-5
+
+
+@pytest.mark.parametrize("method", ["pissa", "olora"])
+def test_loading_a_pissa_or_olora_adapter_does_not_decompose_the_residual_again(tmp_path, method):
+    theirs = _peft_model("llama", r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=method)
+    perturb(theirs)
+    x = _input("llama")
+    with torch.no_grad():
+        expected = output(theirs, x)
+    theirs.save_pretrained(str(tmp_path))  # its config says init_lora_weights=method
+    residual = {k.replace(".base_layer", ""): v for k, v in theirs.base_model.model.state_dict().items()
+                if ".lora_" not in k}
+
+    def residual_base():
+        model = llama()
+        model.load_state_dict(residual)
+        return model
+
+    with pytest.warns(UserWarning, match="residual base"):
+        ours = load_adapter(residual_base(), str(tmp_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reloaded = peft.PeftModel.from_pretrained(residual_base(), str(tmp_path)).eval()
+    with torch.no_grad():
+        assert _rel_diff(output(ours, x), expected) < 1e-5
+        assert _rel_diff(output(reloaded, x), expected) > 1e-3  # PEFT decomposes the residual a second time
