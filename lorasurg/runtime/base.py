@@ -154,14 +154,14 @@ class LoraLayer(nn.Module):
             bias_param.zero_()
         if magnitude is not None and name in self.lora_magnitude_vector:
             target = self.lora_magnitude_vector[name].weight
-            target.copy_(magnitude.reshape(target.shape))
+            target.copy_(magnitude.reshape(target.shape))  # (out,) or (1, out, 1, ...) -> stored shape
 
     @torch.no_grad()
     def reset_magnitude(self, name: str) -> None:
         """Set DoRA's magnitude to ``||W + delta||_row`` (so the adapted layer starts at ``W + delta``)."""
         target = self.lora_magnitude_vector[name].weight
         norm = dora_weight_norm(self._detached_factors(name), self.base_layer.weight)  # (out,)
-        target.copy_(norm.reshape(target.shape))
+        target.copy_(norm.reshape(target.shape))  # (out,) -> (out,) or (1, out, 1, ...)
 
     def _detached_factors(self, name: str) -> LoraFactors:
         f = self.factors(name)

@@ -177,7 +177,7 @@ def _dora_delta(layer: _ModuleLora, name: str, x: Tensor, result: Tensor, bias_s
     dropout = layer.lora_dropout[name]
     if isinstance(dropout, nn.Identity) or not layer.training:
         bias = layer.base_layer.bias
-        base_out = result if bias is None else result - bias.reshape(bias_shape)
+        base_out = result if bias is None else result - bias.reshape(bias_shape)  # (out,) -> broadcastable
     else:
         x = dropout(x)
         base_out = layer._base_without_bias(x)
