@@ -16,6 +16,8 @@ from .errors import (
 )
 
 from .io.adapter import Adapter, AdapterModule
+from .io.checkpoint import Checkpoint
+from .io.writer import write_checkpoint
 from .surgery.inspect import inspect_adapter
 from .targeting import (
     anchored_pattern_key,
@@ -34,6 +36,8 @@ __all__ = [
     "TaskType",
     "Adapter",
     "AdapterModule",
+    "Checkpoint",
+    "write_checkpoint",
     "inspect_adapter",
     "select_modules",
     "rank_alpha",
