@@ -1,71 +1,46 @@
 """Fill a freshly added adapter with its initial tensors, by init method name (``init_lora_weights``).
 
-``True``: A kaiming-uniform (``a = sqrt(5)``, as ``nn.Linear``), B zero, so the adapter starts as a no-op
-(Hu et al. 2021); for an embedding A is zero and B standard normal. ``"gaussian"``: A normal with std ``1/r``.
-``False``: both random (``nn.Linear``'s default init; standard normal for an embedding), for tests. Randomness
-comes from torch's global generator, like ``nn.Linear``'s own init: seed with ``torch.manual_seed``.
-
-A DoRA magnitude starts at ``||W + delta||_row`` of the (possibly residual) base weight.
+The tensors come from :func:`lorasurg.engine.init.init_factors`, the same pure functions the offline tools use:
+``True`` (kaiming-uniform A, zero B), ``False``, ``"gaussian"``, ``"orthogonal"``, ``"pissa"``,
+``"pissa_niter_N"``, ``"olora"``. Randomness comes from torch's global generator in PEFT's order, so from the same
+seed a model gets PEFT's tensors. PiSSA and OLoRA also return a residual base weight, which replaces the layer's
+weight here (as PEFT does). A DoRA magnitude then starts at ``||W + delta||_row`` of the (possibly residual) weight.
 """
 
 from __future__ import annotations
 
-import math
+import warnings
 from typing import Union
 
 import torch
-from torch import nn
 
-from ..errors import UnsupportedError
+from ..engine.init import init_factors
 from .base import LoraLayer
 
-__all__ = ["initialize_adapter", "BASE_MUTATING_INITS"]
-
-# Init methods that change the base weight (it becomes the residual W - scale * B @ A).
-BASE_MUTATING_INITS = ("pissa", "olora", "corda", "loftq")
-
-
-def _is_base_mutating(method: Union[bool, str]) -> bool:
-    return isinstance(method, str) and method.lower().startswith(BASE_MUTATING_INITS)
+__all__ = ["initialize_adapter"]
 
 
 @torch.no_grad()
-def _inline_init(layer: LoraLayer, name: str, method: Union[bool, str]) -> None:
-    # TEMPORARY: replace with lorasurg.engine.init once it lands (same results for True/False/"gaussian").
-    if method not in (True, False, "gaussian"):
-        raise UnsupportedError(
-            f"init_lora_weights={method!r} is not supported yet; use True, False or 'gaussian'"
-        )
-    A, B, bias = layer._ab(name)
-    if name in layer.lora_embedding_A:
-        if method is False:
-            nn.init.normal_(A)
-        else:
-            nn.init.zeros_(A)
-        nn.init.normal_(B)
-        return
-    r = A.shape[0]
-    if method == "gaussian":
-        nn.init.normal_(A, std=1 / r)
-    else:
-        nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-    if method is False:
-        nn.init.kaiming_uniform_(B, a=math.sqrt(5))
-        if bias is not None:
-            bound = 1 / math.sqrt(B[0].numel())
-            nn.init.uniform_(bias, -bound, bound)
-    else:
-        nn.init.zeros_(B)
-        if bias is not None:
-            nn.init.zeros_(bias)
-
-
-def initialize_adapter(layer: LoraLayer, name: str, method: Union[bool, str]) -> None:
+def initialize_adapter(layer: LoraLayer, name: str, method: Union[bool, str], module_name: str = "") -> None:
     """Give adapter ``name`` of ``layer`` its initial tensors per ``init_lora_weights`` = ``method``.
 
+    PiSSA/OLoRA replace ``layer.base_layer.weight`` by its residual ``W - scale * B @ A``. A method that does not
+    do what its name says on this layer (e.g. PiSSA on an embedding, which PEFT initialises as usual) warns.
+
     Raises:
-        UnsupportedError: an init method lorasurg does not implement (eva, corda, loftq, lora_ga, ...).
+        UnsupportedError: an init method lorasurg does not implement (eva, corda, loftq, lora_ga, mica).
+        ConfigError: an invalid method for this layer (odd rank for orthogonal, r > min(out, in) for PiSSA).
     """
-    _inline_init(layer, name, method)
+    weight = layer.base_layer.weight
+    lora_bias = layer._ab(name)[2] is not None
+    result = init_factors(method, layer.info.kind, tuple(weight.shape), layer.r[name], layer.scaling[name],
+                          weight=weight.detach(), fan_in_fan_out=layer.info.fan_in_fan_out, lora_bias=lora_bias,
+                          dtype=weight.dtype, device=weight.device)
+    factors = result.factors
+    layer.set_tensors(name, factors.A, factors.B, factors.bias)
+    if result.residual_weight is not None:
+        weight.copy_(result.residual_weight)
+    if result.note:
+        warnings.warn(f"{module_name or type(layer.base_layer).__name__}: {result.note}", UserWarning, stacklevel=3)
     if name in layer.lora_magnitude_vector:
         layer.reset_magnitude(name)

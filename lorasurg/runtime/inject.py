@@ -14,19 +14,21 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import warnings
-from typing import Any
+from typing import Any, Optional
 
 from torch import nn
 
 from ..engine.factors import lora_scale
+from ..engine.init import InitMethod, parse_init_method
 from .. import targeting
 from ..errors import ConfigError, UnsupportedError
 from ..modules import ModuleInfo, output_layer_names
 from .adapters import apply_trainability, set_adapter
 from .base import LoraLayer
 from .initialize import initialize_adapter
-from .layers import wrap_layer
+from .layers import expected_shapes, wrap_layer
 from .modules_to_save import ModulesToSave
 from .walk import adapter_configs, describe_unwrapped, replace_module, unwrapped
 
@@ -38,7 +40,6 @@ _UNSUPPORTED_FIELDS = (
     "megatron_config", "trainable_token_indices", "velora_config", "alora_invocation_tokens", "use_qalora",
     "monteclora_config", "use_bdlora", "arrow_config", "kasa_config",
 )
-_UNSUPPORTED_INITS = ("eva", "corda", "loftq", "lora_ga", "mica")
 
 
 def config_with(config: Any, **changes: Any) -> Any:
@@ -64,24 +65,33 @@ class Plan:
     to_save: list[str]
 
 
-def _check_config(config: Any, check_init: bool) -> list[str]:
-    problems = [f"{field}={getattr(config, field)!r}" for field in _UNSUPPORTED_FIELDS if getattr(config, field, None)]
-    init = getattr(config, "init_lora_weights", True)
-    if check_init and isinstance(init, str) and init.lower().startswith(_UNSUPPORTED_INITS):
-        problems.append(f"init_lora_weights={init!r}")
-    return problems
+def _init_problem(method: InitMethod, info: ModuleInfo, r: int) -> Optional[str]:
+    """Why ``method`` cannot initialise a rank-``r`` LoRA on this layer, or None (checked before any layer is
+    touched, since PiSSA/OLoRA change base weights as they go).
+    """
+    if info.kind == "embedding":
+        return None  # PEFT's default embedding init is used for every method
+    A_shape, _, out = expected_shapes(info, r)
+    limit = min(out, math.prod(A_shape[1:]))
+    if method.name == "orthogonal" and r % 2:
+        return f"init_lora_weights='orthogonal' needs an even rank, got r={r}"
+    if method.modifies_base and r > limit:
+        return f"init_lora_weights={method.config_value!r} needs r <= min(out, in) = {limit}, got r={r}"
+    return None
 
 
 def plan_injection(model: nn.Module, config: Any, adapter_name: str, *, check_init: bool = True) -> Plan:
     """Decide which modules get LoRA (and with which r, alpha) and which get a trainable copy; check everything.
 
-    ``check_init=False`` accepts any init method (loading a saved adapter runs none).
+    ``check_init=False`` accepts any init method (loading a saved adapter runs none); otherwise the method must
+    be one lorasurg implements and fit every targeted layer (even rank for orthogonal, ``r <= min(out, in)`` for
+    PiSSA/OLoRA).
 
     Raises:
         ConfigError: the adapter name is taken or invalid, target_modules match nothing (the message lists the
             nearest module names), or a modules_to_save module is also a LoRA target.
-        UnsupportedError: the config asks for a feature lorasurg does not implement, or a targeted module's type
-            or shape is not supported (every such module is listed).
+        UnsupportedError: the config asks for a feature or an init method lorasurg does not implement, or a
+            targeted module or its init is not supported (every such module is listed).
     """
     if adapter_name in adapter_configs(model):
         raise ConfigError(
@@ -90,12 +100,13 @@ def plan_injection(model: nn.Module, config: Any, adapter_name: str, *, check_in
         )
     if not adapter_name or "." in adapter_name:
         raise ConfigError(f"adapter name {adapter_name!r} must be non-empty and contain no '.'")
-    unsupported = _check_config(config, check_init)
+    unsupported = [f"{field}={getattr(config, field)!r}" for field in _UNSUPPORTED_FIELDS if getattr(config, field, None)]
     if unsupported:
         raise UnsupportedError(
             "lorasurg's runtime does not support these LoraConfig settings yet: " + ", ".join(unsupported)
             + "; use PEFT for them"
         )
+    method = parse_init_method(getattr(config, "init_lora_weights", True)) if check_init else None
     infos = describe_unwrapped(model)
     names = targeting.select_modules(config, infos, output_layer_names(model, getattr(config, "task_type", None)))
     problems: list[str] = []
@@ -111,6 +122,9 @@ def plan_injection(model: nn.Module, config: Any, adapter_name: str, *, check_in
         else:
             r, alpha = targeting.rank_alpha(config, name)
             targets[name] = (info, r, alpha)
+            init_problem = method and _init_problem(method, info, r)
+            if init_problem:
+                problems.append(f"{name}: {init_problem}")
     to_save: list[str] = []
     for name in infos:
         if not targeting.is_module_to_save(config, name) or any(name.startswith(f"{s}.") for s in to_save):
@@ -152,7 +166,7 @@ def apply_plan(model: nn.Module, config: Any, adapter_name: str, plan: Plan, *, 
                           use_dora=bool(getattr(config, "use_dora", False)))
         layer.lora_dropout[adapter_name].train(layer.training)
         if initialize:
-            initialize_adapter(layer, adapter_name, getattr(config, "init_lora_weights", True))
+            initialize_adapter(layer, adapter_name, getattr(config, "init_lora_weights", True), name)
     for name in plan.to_save:
         wrapper = model.get_submodule(name)
         if not isinstance(wrapper, ModulesToSave):

@@ -31,7 +31,7 @@ from ..modules import ModuleInfo, describe_module
 from .base import LoraLayer
 from .dora import dora_factor
 
-__all__ = ["LoraLinear", "LoraConv", "LoraEmbedding", "wrap_layer"]
+__all__ = ["LoraLinear", "LoraConv", "LoraEmbedding", "wrap_layer", "expected_shapes"]
 
 _CONV_TYPES = {"conv1d": nn.Conv1d, "conv2d": nn.Conv2d, "conv3d": nn.Conv3d}
 
@@ -203,3 +203,15 @@ def wrap_layer(module: nn.Module) -> LoraLayer:
             "nn.Conv1d/2d/3d. Leave this module out of target_modules"
         )
     return wrapper(module, info)
+
+
+def expected_shapes(info: ModuleInfo, r: int) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+    """``(A shape, B shape, out)`` that a rank-``r`` LoRA on a layer described by ``info`` stores (PEFT layout)."""
+    shape = info.weight_shape
+    if info.kind == "linear":
+        inp, out = (shape[0], shape[1]) if info.fan_in_fan_out else (shape[1], shape[0])
+        return (r, inp), (out, r), out
+    if info.kind == "embedding":
+        return (r, shape[0]), (shape[1], r), shape[1]
+    ones = (1,) * (len(shape) - 2)
+    return (r, *shape[1:]), (shape[0], r, *ones), shape[0]  # conv: (r, in, *k), (out, r, 1, ...)

@@ -22,25 +22,13 @@ from torch import Tensor, nn
 
 from ..errors import InputError, ShapeMismatchError
 from ..io import adapter as adapter_io
-from ..modules import ModuleInfo
 from .adapters import delete_adapter
 from .initialize import initialize_adapter
 from .inject import Plan, apply_plan, config_with, plan_injection, warn_base_mutating_init
+from .layers import expected_shapes
 from .walk import describe_unwrapped, lora_layers, require_adapter, save_wrappers
 
-__all__ = ["expected_shapes", "adapter_from_model", "save_adapter", "load_adapter"]
-
-
-def expected_shapes(info: ModuleInfo, r: int) -> tuple[tuple[int, ...], tuple[int, ...], int]:
-    """``(A shape, B shape, out)`` that a rank-``r`` LoRA on a layer described by ``info`` stores (PEFT layout)."""
-    shape = info.weight_shape
-    if info.kind == "linear":
-        inp, out = (shape[0], shape[1]) if info.fan_in_fan_out else (shape[1], shape[0])
-        return (r, inp), (out, r), out
-    if info.kind == "embedding":
-        return (r, shape[0]), (shape[1], r), shape[1]
-    ones = (1,) * (len(shape) - 2)
-    return (r, *shape[1:]), (shape[0], r, *ones), shape[0]  # conv: (r, in, *k), (out, r, 1, ...)
+__all__ = ["adapter_from_model", "save_adapter", "load_adapter"]
 
 
 def _bias_tensors(model: nn.Module, adapter_name: str, bias: str) -> dict[str, Tensor]:
@@ -214,7 +202,7 @@ def _copy_in(model: nn.Module, adapter: Any, adapter_name: str, source: str) -> 
         layers[name].set_tensors(adapter_name, m.A, m.B, m.bias, m.magnitude)
     missing = [n for n, layer in layers.items() if adapter_name in layer.r and n not in adapter.modules]
     for name in missing:
-        initialize_adapter(layers[name], adapter_name, True)
+        initialize_adapter(layers[name], adapter_name, True, name)
     if missing:
         warnings.warn(f"{source} has no tensors for {len(missing)} module(s) its config targets, e.g. {missing[:3]}; "
                       "they start as a no-op LoRA", UserWarning, stacklevel=3)

@@ -269,3 +269,29 @@ def test_loading_a_pissa_or_olora_adapter_does_not_decompose_the_residual_again(
     with torch.no_grad():
         assert _rel_diff(output(ours, x), expected) < 1e-5
         assert _rel_diff(output(reloaded, x), expected) > 1e-3  # PEFT decomposes the residual a second time
+
+
+# --------------------------------------------------------------------------------------------- initialisation
+# Each model factory reseeds torch's global RNG and builds the model; PEFT and lorasurg then draw the LoRA
+# tensors from the same RNG state.
+@pytest.mark.parametrize("case,init", [
+    (case, init) for case in ("llama", "gpt2", "net", "net_lora_bias", "bert_classifier")
+    for init in (True, False, "gaussian") if not (case == "net_lora_bias" and init == "gaussian")  # PEFT refuses it
+])
+def test_same_rng_state_gives_peft_initial_tensors(case, init):
+    theirs = _peft_model(case, init_lora_weights=init).base_model.model.state_dict()
+    ours = inject(_base(case), _config(case, init_lora_weights=init)).state_dict()
+    assert ours.keys() == theirs.keys()
+    for key, value in theirs.items():
+        assert torch.equal(ours[key], value), key
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_2", "olora", "orthogonal"])
+def test_pissa_olora_orthogonal_give_peft_factors_and_residual(init):
+    config = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=init)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(llama(), peft.LoraConfig(**config)).base_model.model.state_dict()
+    ours = inject(llama(), make_config(**config)).state_dict()
+    for key, value in theirs.items():
+        torch.testing.assert_close(ours[key], value, **tol(torch.float32), msg=key)
