@@ -129,8 +129,8 @@ def plan_injection(model: nn.Module, config: Any, adapter_name: str, *, check_in
     for name in infos:
         if not targeting.is_module_to_save(config, name) or any(name.startswith(f"{s}.") for s in to_save):
             continue
-        if name in targets or isinstance(model.get_submodule(name), LoraLayer):
-            problems.append(f"{name}: in modules_to_save but also a LoRA target")
+        if isinstance(model.get_submodule(name), LoraLayer):
+            problems.append(f"{name}: in modules_to_save but LoRA-wrapped by another adapter")
         to_save.append(name)
     if problems:
         raise UnsupportedError("cannot inject LoRA into these modules:\n  " + "\n  ".join(problems)
