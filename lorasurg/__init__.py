@@ -16,6 +16,22 @@ from .errors import (
 )
 
 from .io.adapter import Adapter, AdapterModule
+from .io.checkpoint import Checkpoint
+from .io.writer import write_checkpoint
+from .runtime import (
+    ParameterCount,
+    delete_adapter,
+    disable_adapters,
+    inject,
+    load_adapter,
+    merge_adapter,
+    merge_and_unload,
+    save_adapter,
+    set_adapter,
+    trainable_parameters,
+    unload,
+    unmerge_adapter,
+)
 from .surgery.inspect import inspect_adapter
 from .targeting import (
     anchored_pattern_key,
@@ -34,7 +50,21 @@ __all__ = [
     "TaskType",
     "Adapter",
     "AdapterModule",
+    "Checkpoint",
+    "write_checkpoint",
     "inspect_adapter",
+    "inject",
+    "load_adapter",
+    "save_adapter",
+    "set_adapter",
+    "disable_adapters",
+    "delete_adapter",
+    "merge_adapter",
+    "unmerge_adapter",
+    "merge_and_unload",
+    "unload",
+    "trainable_parameters",
+    "ParameterCount",
     "select_modules",
     "rank_alpha",
     "pattern_key",

@@ -250,17 +250,27 @@ def dora_weight_norm(factors: LoraFactors, weight: Tensor) -> Tensor:
     return torch.linalg.vector_norm(adapted, dim=1)  # (out,)
 
 
-def merged_weight(factors: LoraFactors, weight: Tensor) -> Tensor:
+def merged_weight(factors: LoraFactors, weight: Tensor, weight_norm: Optional[Tensor] = None) -> Tensor:
     """The base weight with this LoRA merged in, same shape and dtype as ``weight``.
 
     Plain LoRA: ``W + delta``. DoRA: ``m / ||W + delta||_row * (W + delta)`` (row-wise).
     The bias change (:func:`delta_bias`) is separate.
+
+    Args:
+        factors: the module's LoRA.
+        weight: the weight to merge into.
+        weight_norm: DoRA only: the row norms to divide by, when they must come from another weight than
+            ``weight`` (e.g. ``weight`` already holds other merged adapters and DoRA's norm is that of the
+            bare base weight, :func:`dora_weight_norm`). Default: the norms of ``weight + delta``.
     """
     work = compute_dtype(weight, factors.A)
     matrix = weight_to_matrix(weight, factors.kind, factors.fan_in_fan_out).to(work)  # (out, in)
     adapted = matrix + delta_matrix(factors, work)  # (out, in)
     if factors.magnitude is not None:
-        norm = torch.linalg.vector_norm(adapted, dim=1)  # (out,)
+        if weight_norm is not None:
+            norm = weight_norm.reshape(-1).to(work)  # (out,)
+        else:
+            norm = torch.linalg.vector_norm(adapted, dim=1)  # (out,)
         factor = factors.magnitude.reshape(-1).to(work) / norm  # (out,)
         adapted = adapted * factor[:, None]  # (out, in) * (out, 1)
     return matrix_to_weight(adapted, factors.kind, tuple(weight.shape), factors.fan_in_fan_out).to(weight.dtype)

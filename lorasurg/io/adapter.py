@@ -26,15 +26,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
 from ..config import CONFIG_NAME, LoraConfig
 from ..errors import InputError, LorasurgError
 from ..modules import ModuleInfo
 from ..targeting import ALL_LINEAR, rank_alpha, select_modules
+from ._shards import open_shard
 from .hub import resolve_source
 from .writer import atomic_output_dir
 
@@ -307,28 +306,21 @@ class Adapter:
 
 
 def _read_weights(directory: Path) -> dict[str, Tensor]:
-    """Tensors of ``adapter_model.safetensors`` (preferred) or ``adapter_model.bin`` in ``directory``."""
-    st_path, bin_path = directory / WEIGHTS_NAME, directory / BIN_WEIGHTS_NAME
-    if st_path.is_file():
-        try:
-            return load_file(str(st_path))
-        except (SafetensorError, OSError, ValueError) as err:
-            raise InputError(f"{st_path} is not a readable safetensors file ({err}); re-download or re-save it") from err
-    if bin_path.is_file():
-        try:
-            state = torch.load(str(bin_path), map_location="cpu", weights_only=True)
-        except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
-            first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
-            raise InputError(
-                f"{bin_path} cannot be read safely with torch.load(weights_only=True) ({type(err).__name__}: "
-                f"{first_line}); lorasurg never unpickles code: convert it to safetensors with a trusted tool"
-            ) from err
-        if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-            raise InputError(f"{bin_path} does not hold a flat dict of tensors")
-        return state
+    """Tensors of ``adapter_model.safetensors`` (preferred) or ``adapter_model.bin`` in ``directory``.
+
+    Read through the checkpoint reader's shard readers: owned copies, ``.bin`` only with
+    ``torch.load(weights_only=True)``, corrupt files named with what is wrong.
+    """
+    for filename in (WEIGHTS_NAME, BIN_WEIGHTS_NAME):
+        path = directory / filename
+        if path.is_file():
+            shard = open_shard(path)
+            try:
+                return {entry.name: shard.read(entry.name) for entry in shard.entries()}
+            finally:
+                shard.close()
     present = sorted(p.name for p in directory.iterdir())
     raise InputError(f"{directory} has neither {WEIGHTS_NAME} nor {BIN_WEIGHTS_NAME} (found: {present})")
-
 
 def _shown(target: object) -> str:
     """target_modules as a user wrote it: a regex string, or a sorted list."""

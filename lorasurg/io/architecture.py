@@ -1,0 +1,213 @@
+"""Describe a checkpoint's modules (layer kinds, shapes, tied weights) without loading its tensors.
+
+Two sources, best first:
+
+1. **The architecture.** When ``config.json`` names a class in ``config["architectures"][0]`` that transformers
+   has (never remote code), the model is built on the meta device (no memory, no init cost) from
+   ``AutoConfig.for_model(**config)`` and described with :func:`lorasurg.modules.describe_model`. Tied parameters
+   are the parameters that are the same object in that model.
+2. **Names and shapes** (no config, or an architecture transformers does not know). For each ``<m>.weight``:
+
+   - 2-D: ``embedding`` if the last name part is a known embedding name (:data:`EMBEDDING_NAMES`) or ends in
+     ``_embeddings``, or if ``config["vocab_size"]`` is known, the weight has that many rows, no bias, and the
+     name is not a known output head (:data:`OUTPUT_NAMES`); otherwise ``linear``;
+   - 3-D, 4-D, 5-D: ``conv1d``, ``conv2d``, ``conv3d`` (groups cannot be seen from the shape: reported as 1);
+   - anything else: ``kind=None``.
+
+   ``fan_in_fan_out`` (GPT-2's ``Conv1D``) cannot be seen from a shape and is reported False: give the
+   checkpoint's config.json for such models. Tied weights are only known here from ``tie_word_embeddings``
+   in a config: ``lm_head.weight`` missing from the checkpoint is then tied to the input embedding.
+
+Module names are checkpoint key prefixes (``<name>.weight`` is a key). A checkpoint saved from the base model
+(keys without the ``base_model_prefix``, e.g. ``h.0.attn`` for GPT-2 rather than ``transformer.h.0.attn``) is
+matched by stripping or adding that prefix, whichever matches more keys. Other renamings (transformers'
+per-model checkpoint conversion tables) are not applied.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..modules import ModuleInfo, describe_model, output_layer_names
+
+__all__ = ["ModelDescription", "describe_checkpoint", "meta_model", "EMBEDDING_NAMES", "OUTPUT_NAMES"]
+
+EMBEDDING_NAMES: frozenset[str] = frozenset(
+    {"embed_tokens", "wte", "wpe", "word_embeddings", "shared", "tok_embeddings", "embed_in", "embed_positions",
+     "embeddings", "embedding"}
+)
+# Input (token) embeddings, the target of a tied output head, in order of preference.
+_INPUT_EMBEDDING_NAMES: tuple[str, ...] = (
+    "embed_tokens", "wte", "word_embeddings", "tok_embeddings", "embed_in", "shared"
+)
+OUTPUT_NAMES: frozenset[str] = frozenset({"lm_head", "embed_out", "output", "score", "classifier", "cls", "decoder"})
+_OUTPUT_HEADS: tuple[str, ...] = ("lm_head", "embed_out")
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    """What a checkpoint's modules are.
+
+    Attributes:
+        modules: ``{module name: ModuleInfo}``; names are checkpoint key prefixes.
+        output_layers: names of the output layers (``lm_head``) that ``"all-linear"`` leaves out.
+        tied: ``{alias key: canonical key}`` for parameters that are one tensor in the model; the canonical key is
+            one the checkpoint holds where possible (e.g. ``{"lm_head.weight": "model.embed_tokens.weight"}``).
+            An alias may be absent from the checkpoint (save_pretrained drops tied copies) or present.
+        source: ``"architecture:<class name>"`` or ``"names and shapes"``.
+    """
+
+    modules: dict[str, ModuleInfo]
+    output_layers: set[str] = field(default_factory=set)
+    tied: dict[str, str] = field(default_factory=dict)
+    source: str = "names and shapes"
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def meta_model(config: Mapping) -> Optional[nn.Module]:
+    """Build ``config["architectures"][0]`` from transformers on the meta device, or None if that is not possible.
+
+    Never uses remote code: the class must be an attribute of the ``transformers`` package. A failure to build
+    (an unknown ``model_type``, a config the class rejects) gives None and a warning naming the reason.
+    """
+    archs = config.get("architectures") or []
+    model_type = config.get("model_type")
+    if not archs or not isinstance(archs[0], str) or not isinstance(model_type, str):
+        return None
+    import transformers
+
+    cls = getattr(transformers, archs[0], None)
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        return None
+    kwargs = {k: v for k, v in config.items() if k != "model_type"}
+    try:
+        with _quiet_transformers():
+            hf_config = transformers.AutoConfig.for_model(model_type, **kwargs)
+            with torch.device("meta"):
+                return cls(hf_config)
+    except Exception as err:  # noqa: BLE001 - any failure means "describe from names and shapes instead"
+        warnings.warn(
+            f"could not build {archs[0]} on the meta device ({type(err).__name__}: {err}); describing the "
+            "checkpoint's modules from tensor names and shapes instead",
+            stacklevel=2,
+        )
+        return None
+
+
+def describe_checkpoint(
+    shapes: Mapping[str, Sequence[int]], config: Optional[Mapping] = None, task_type: Optional[str] = None
+) -> ModelDescription:
+    """Describe the modules of a checkpoint from its tensor shapes (``{key: shape}``, in checkpoint order) and
+    its parsed config.json (or None). See the module docstring for the rules.
+    """
+    model = meta_model(config) if config else None
+    if model is not None:
+        return _from_model(model, shapes, task_type)
+    return _from_shapes(shapes, config)
+
+
+def _key_mapper(model: nn.Module, keys: Mapping[str, object]) -> Callable[[str], Optional[str]]:
+    """A map from the model's names to checkpoint names: identity, or the base_model_prefix stripped or added."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    params = [name for name, _ in model.named_parameters(remove_duplicate=False)]
+
+    def identity(name: str) -> Optional[str]:
+        return name
+
+    def strip(name: str) -> Optional[str]:
+        if name == prefix:
+            return None  # the saved base model is the checkpoint's root
+        return name[len(prefix) + 1 :] if name.startswith(prefix + ".") else name
+
+    def add(name: str) -> Optional[str]:
+        return f"{prefix}.{name}"
+
+    candidates = [identity, strip, add] if prefix else [identity]
+    return max(candidates, key=lambda fn: sum(fn(p) in keys for p in params))  # first best wins: identity
+
+
+def _from_model(model: nn.Module, shapes: Mapping[str, Sequence[int]], task_type: Optional[str]) -> ModelDescription:
+    to_key = _key_mapper(model, shapes)
+    modules: dict[str, ModuleInfo] = {}
+    for name, info in describe_model(model).items():
+        key = to_key(name)
+        if key is None:
+            continue
+        stored = shapes.get(f"{key}.weight")
+        modules[key] = dataclasses.replace(info, weight_shape=tuple(stored)) if stored is not None else info
+    outputs = {key for key in (to_key(n) for n in output_layer_names(model, task_type)) if key is not None}
+    order = {key: i for i, key in enumerate(shapes)}
+    groups: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        key = to_key(name)
+        if key is not None:
+            groups.setdefault(id(param), []).append(key)
+    tied: dict[str, str] = {}
+    for keys in groups.values():
+        if len(keys) > 1:
+            canonical = min(keys, key=lambda k: order.get(k, len(order)))
+            tied.update({k: canonical for k in keys if k != canonical})
+    return ModelDescription(modules, outputs, tied, f"architecture:{type(model).__name__}")
+
+
+def _guess_kind(module: str, shape: Sequence[int], has_bias: bool, vocab: Optional[int]) -> tuple[str, Optional[str]]:
+    """(type name, kind) of the module owning ``<module>.weight`` of ``shape``; the rules are in the module doc."""
+    last = module.rsplit(".", 1)[-1]
+    if len(shape) == 2:
+        named = last in EMBEDDING_NAMES or last.endswith("_embeddings")
+        by_vocab = vocab is not None and shape[0] == vocab and not has_bias and last not in OUTPUT_NAMES
+        return ("Embedding", "embedding") if named or by_vocab else ("Linear", "linear")
+    if len(shape) in (3, 4, 5):
+        return f"Conv{len(shape) - 2}d", f"conv{len(shape) - 2}d"
+    return "Unknown", None
+
+
+def _from_shapes(shapes: Mapping[str, Sequence[int]], config: Optional[Mapping]) -> ModelDescription:
+    vocab = config.get("vocab_size") if config else None
+    vocab = vocab if isinstance(vocab, int) else None
+    modules: dict[str, ModuleInfo] = {}
+    for key, shape in shapes.items():
+        if not key.endswith(".weight"):
+            continue
+        module = key[: -len(".weight")]
+        has_bias = f"{module}.bias" in shapes
+        type_name, kind = _guess_kind(module, shape, has_bias, vocab)
+        modules[module] = ModuleInfo(type_name, kind, False, tuple(shape), has_bias and kind != "embedding")
+    tied: dict[str, str] = {}
+    if config and config.get("tie_word_embeddings") is True and "lm_head.weight" not in shapes:
+        source = _input_embedding(modules, vocab)
+        if source is not None:
+            tied["lm_head.weight"] = f"{source}.weight"
+            modules["lm_head"] = ModuleInfo("Linear", "linear", False, modules[source].weight_shape, False)
+    outputs = {m for m in modules if m.rsplit(".", 1)[-1] in _OUTPUT_HEADS}
+    return ModelDescription(modules, outputs, tied, "names and shapes")
+
+
+def _input_embedding(modules: Mapping[str, ModuleInfo], vocab: Optional[int]) -> Optional[str]:
+    """The module most likely to be the token embedding: preferred names first, then checkpoint order."""
+    for wanted in _INPUT_EMBEDDING_NAMES:
+        for name, info in modules.items():
+            shape = info.weight_shape or ()
+            if name.rsplit(".", 1)[-1] == wanted and (vocab is None or shape[:1] == (vocab,)):
+                return name
+    return None
