@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
-from ..engine.svd import split_factors, truncated_svd
+from ..engine.ranks import RankPolicy
+from ..engine.svd import decompose, split_factors
 from ._extract_stream import DeltaOperator, operator_svd
 
 __all__ = ["NITER", "oversample", "Fit", "fit_delta", "fit_operator"]
@@ -71,7 +72,7 @@ def fit_delta(
     *,
     r: int,
     scale: float,
-    policy: Optional[Any] = None,
+    policy: Optional[RankPolicy] = None,
     method: str = "randomized",
     generator: Optional[torch.Generator] = None,
 ) -> Fit:
@@ -81,19 +82,17 @@ def fit_delta(
         delta: the weight change in matrix view; used as scratch space (it holds the residual afterwards).
         r: the largest rank to keep (clamped to ``min(out, in)``).
         scale: the module's LoRA scale ``alpha / r``; the factors are divided by ``sqrt(scale)`` each.
-        policy: a rank policy from :func:`lorasurg.engine.svd.parse_rank_policy` (None: keep ``r``).
-        method: ``randomized`` or ``exact``.
+        policy: a rank policy (:func:`lorasurg.engine.ranks.parse_rank_policy`); None keeps ``min(r, out, in)``.
+        method: ``randomized`` or ``exact`` (:func:`lorasurg.engine.svd.truncated_svd`).
         generator: seeds the randomized SVD.
     """
-    energy = float(torch.linalg.vector_norm(delta)) ** 2 if delta.numel() else 0.0
-    max_rank = min(r, *delta.shape)
-    U, S, Vh = truncated_svd(delta, max_rank, method=method, generator=generator)  # (out,k), (k,), (k,in)
+    d = decompose(delta, min(r, *delta.shape), policy or "fixed", method=method, generator=generator)
 
     def residual(B: Tensor, A: Tensor) -> float:
         delta.addmm_(B, A, alpha=-scale)  # dW - scale * (out, rank) @ (rank, in), in place
         return float(torch.linalg.vector_norm(delta))
 
-    return _finish(U, S, Vh, residual, tuple(delta.shape), r=r, scale=scale, policy=policy, energy=energy)
+    return _finish(d.U, d.S, d.Vh, residual, tuple(delta.shape), r=r, scale=scale, policy=None, energy=d.total_sq)
 
 
 def fit_operator(
@@ -103,7 +102,7 @@ def fit_operator(
     scale: float,
     energy: float,
     sketch: Tensor,
-    policy: Optional[Any] = None,
+    policy: Optional[RankPolicy] = None,
     generator: Optional[torch.Generator] = None,
 ) -> Fit:
     """:func:`fit_delta` for a delta streamed from disk (randomized SVD only).
@@ -128,11 +127,11 @@ def fit_operator(
 
 
 def _finish(U: Tensor, S: Tensor, Vh: Tensor, residual: Callable[[Tensor, Tensor], float], shape: tuple[int, int],
-            *, r: int, scale: float, policy: Optional[Any], energy: float) -> Fit:
+            *, r: int, scale: float, policy: Optional[RankPolicy], energy: float) -> Fit:
     """Choose the rank, split the factors, measure the error."""
     cap = min(shape)
     max_rank = min(r, cap)
-    rank = max_rank if policy is None else int(policy.choose(S, max_rank, total_energy=energy))
+    rank = min(max_rank, S.shape[0]) if policy is None else int(policy.choose(S, max_rank, total_sq=energy))
     if rank <= 0 or energy == 0.0:
         return Fit(None, None, 0, max_rank, r > cap, energy, 0.0, 1.0 if energy else 0.0)
     U, S, Vh = U[:, :rank], S[:rank], Vh[:rank]

@@ -42,7 +42,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from ..engine.factors import factors_from_matrices, weight_to_matrix
-from ..engine.svd import parse_rank_policy
+from ..engine.ranks import parse_rank_policy
 from ..errors import ConfigError, InputError
 from ..io.adapter import Adapter, AdapterModule
 from ..io.checkpoint import Checkpoint
@@ -173,7 +173,8 @@ def extract(
         if role.role == "alias" or name in compared:
             continue
         fit_args = dict(r=r, policy=policy, svd=svd, seed=seed)
-        streamed = _numel(base_ckpt.shape(name)) > STREAM_ABOVE and (role.role != "lora" or svd == "randomized")
+        streamed = _numel(base_ckpt.shape(name)) > STREAM_ABOVE and (
+            role.role != "lora" or (svd == "randomized" and not (policy and policy.needs_full_spectrum)))
         op = open_delta(base_ckpt, tuned_ckpt, name, _transposed(role, modules), work_device) if streamed else None
         if op is not None:
             with contextlib.closing(op):
