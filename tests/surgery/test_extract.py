@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from lorasurg.engine.factors import delta_matrix, lora_scale, weight_to_matrix
-from lorasurg.engine.svd import parse_rank_policy
+from lorasurg.engine.ranks import parse_rank_policy
 from lorasurg.io.checkpoint import Checkpoint
 from lorasurg.modules import ModuleInfo
 from lorasurg.surgery import extract as extract_mod
@@ -360,3 +360,23 @@ def test_streamed_fit_within_one_percent_on_hard_spectra(tmp_path, monkeypatch, 
         error = float(torch.linalg.vector_norm(actual - module_delta(adapter, "layer.proj", "linear")))
         assert error <= 1.01 * optimal, (decay, r, error / optimal)
         assert report.fits[0].rel_error == pytest.approx(error / float(torch.linalg.vector_norm(actual)), rel=1e-3)
+
+
+def test_rank_zero_modules_are_left_out_and_listed(tmp_path, gen):
+    from safetensors.torch import save_file
+
+    base = {f"layers.{i}.proj.weight": torch.randn(32, 16, generator=gen) for i in range(2)}
+    tuned = dict(base)
+    tuned["layers.0.proj.weight"] = base["layers.0.proj.weight"] + 1.0 * torch.randn(32, 16, generator=gen)
+    tuned["layers.1.proj.weight"] = base["layers.1.proj.weight"] + 1e-3 * torch.randn(32, 16, generator=gen)
+    for name, state in (("b", base), ("t", tuned)):
+        (tmp_path / name).mkdir()
+        save_file(state, str(tmp_path / name / "model.safetensors"))
+    adapter, report = extract(tmp_path / "b", tmp_path / "t", r=4, rank_policy="sv_epsilon:0.5")
+    assert list(adapter.modules) == ["layers.0.proj"]
+    assert {o.name: o.outcome for o in report.outcomes}["layers.1.proj.weight"] == "rank0"
+    assert any("rank 0" in n and "layers.1.proj" in n for n in report.notes)
+    from lorasurg.targeting import select_modules
+
+    infos = Checkpoint.open(tmp_path / "b").module_infos()
+    assert select_modules(adapter.config, infos) == ["layers.0.proj"]
