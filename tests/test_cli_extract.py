@@ -146,9 +146,9 @@ def test_force_replaces_existing_output(tmp_path):
 
 @pytest.mark.parametrize("error", [KeyboardInterrupt, RuntimeError])
 def test_interrupted_run_leaves_no_partial_output(tmp_path, monkeypatch, error):
-    import lorasurg.surgery.extract as extract_module
+    import lorasurg.surgery._extract_pass as pass_module
 
-    real_fit = extract_module.fit_delta
+    real_fit = pass_module.fit_delta
     calls = []
 
     def failing_fit(*args, **kwargs):
@@ -157,7 +157,7 @@ def test_interrupted_run_leaves_no_partial_output(tmp_path, monkeypatch, error):
             raise error("interrupted in the middle")
         return real_fit(*args, **kwargs)
 
-    monkeypatch.setattr(extract_module, "fit_delta", failing_fit)
+    monkeypatch.setattr(pass_module, "fit_delta", failing_fit)
     out = tmp_path / "ad"
     result = run(*LLAMA, "-o", str(out))
     assert len(calls) == 3

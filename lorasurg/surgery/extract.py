@@ -31,27 +31,21 @@ tensors plus the adapter being built, whatever the model's size.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
-import math
 import os
-import zlib
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from ..engine.factors import factors_from_matrices, weight_to_matrix
 from ..engine.ranks import parse_rank_policy
-from ..errors import ConfigError, InputError
-from ..io.adapter import Adapter, AdapterModule
+from ..errors import ConfigError, ShapeMismatchError
+from ..io.adapter import Adapter
 from ..io.checkpoint import Checkpoint
 from ..io.writer import check_output_dir
 from ._extract_build import Collected, build_adapter
-from ._extract_fit import Fit, fit_delta, fit_operator, oversample
-from ._extract_plan import TensorRole, plan_roles, split_tensor_name
-from ._extract_report import ExtractReport, ModuleFit
-from ._extract_stream import STREAM_ABOVE, DeltaOperator, max_abs, open_delta, sketch_matrix
+from ._extract_plan import plan_roles, split_tensor_name
+from ._extract_report import ExtractReport
+from ._extract_pass import compare, process_tensor
 
 __all__ = ["extract", "extract_to_dir", "default_output_path", "SVD_METHODS", "DTYPES"]
 
@@ -116,7 +110,7 @@ def extract(
         r: the LoRA rank (the cap for a rank policy); clamped per module to ``min(out, in)``, and said so.
         alpha: ``lora_alpha`` for rank ``r``; default ``r`` (scale 1). Every module keeps scale ``alpha / r``.
         rank_policy: ``energy:F``, ``sv_ratio:X``, ``sv_fro:F``, ``sv_cumulative:F``, ``sv_epsilon:E`` or a
-            fixed integer (:func:`lorasurg.engine.svd.parse_rank_policy`); None keeps ``r`` everywhere.
+            fixed integer (:func:`lorasurg.engine.ranks.parse_rank_policy`); None keeps ``r`` everywhere.
         target_modules / exclude_modules: PEFT-style selection of the layers to fit (names or ``.``-suffixes,
             or one regex); default every LoRA-able layer.
         embeddings: ``lora`` (embedding LoRA), ``full`` (modules_to_save) or ``skip`` (dropped, listed).
@@ -141,66 +135,65 @@ def extract(
     """
     policy = _check_options(r, alpha, rank_policy, svd, dtype, embeddings)
     work_device = _device(device)
-    base_ckpt, tuned_ckpt = _open(base), _open(tuned)
-    _check_pair(base_ckpt, tuned_ckpt)
-    scale = (float(alpha) if alpha is not None else float(r)) / r
-    names = base_ckpt.names()
-    modules = base_ckpt.module_infos()
-    aliases = {a: c for a, c in base_ckpt.tied_weights().items()}
-    embed = _input_embedding(base_ckpt, modules, aliases)
-    plan_kwargs = dict(
-        input_embedding=embed, output_layers=base_ckpt.output_layer_names(), aliases=aliases,
-        target_modules=target_modules, exclude_modules=exclude_modules, embeddings=embeddings, serving=serving,
+    report = ExtractReport(
+        base=_source_name(base), tuned=_source_name(tuned), r=r, alpha=float(alpha if alpha is not None else r),
+        rank_policy=str(policy) if policy else f"fixed:{r}", svd=svd, device=str(work_device), dtype=dtype,
+        lora_bias=False, serving=serving,
     )
-    run = Collected(scale=scale, out_dtype=DTYPES.get(dtype), aliases=aliases, input_embedding=embed)
-    total = sum(_numel(base_ckpt.shape(n)) for n in names if n not in aliases)
+    with contextlib.ExitStack() as opened:
+        base_ckpt, tuned_ckpt = _open(base, opened), _open(tuned, opened)
+        _check_pair(base_ckpt, tuned_ckpt)
+        adapter = _run(
+            base_ckpt, tuned_ckpt, report, work_device, policy=policy, seed=seed, lora_bias=lora_bias,
+            allow_empty=allow_empty, progress=progress, out_dtype=DTYPES.get(dtype),
+            plan=dict(target_modules=target_modules, exclude_modules=exclude_modules, embeddings=embeddings,
+                      serving=serving),
+        )
+    return adapter, report
+
+
+def _run(base: Checkpoint, tuned: Checkpoint, report: ExtractReport, device: torch.device, *, policy, seed: int,
+         lora_bias: Optional[bool], allow_empty: bool, progress: Optional[Progress], out_dtype, plan: dict) -> Adapter:
+    """The two passes over the tensors, then the adapter; fills ``report``."""
+    r, serving = report.r, report.serving
+    scale = report.alpha / r
+    names = base.names()
+    modules = base.module_infos()
+    aliases = base.tied_weights()
+    embed = _input_embedding(base, modules, aliases)
+    plan = dict(plan, input_embedding=embed, output_layers=base.output_layer_names(), aliases=aliases)
+    run = Collected(scale=scale, out_dtype=out_dtype, aliases=aliases, input_embedding=embed)
+    total = sum(_numel(base.shape(n)) for n in names if n not in aliases)
     done = 0
 
     # Pass 1: bias deltas of LoRA targets (small), which decide lora_bias before any embedding is fitted.
-    with_bias = plan_roles(names, modules, lora_bias=True, **plan_kwargs)
-    for name in [n for n, role in with_bias.items() if role.role == "bias"]:
-        _compare(base_ckpt, tuned_ckpt, with_bias[name], run, work_device)
-        done += _numel(base_ckpt.shape(name))
-    compared = {n for n, role in with_bias.items() if role.role == "bias"}
-    changed_bias = sorted(run.bias_deltas)
-    use_bias = (bool(changed_bias) and not serving) if lora_bias is None else bool(lora_bias) and not serving
+    with_bias = plan_roles(names, modules, lora_bias=True, **plan)
+    compared = [n for n, role in with_bias.items() if role.role == "bias"]
+    for name in compared:
+        compare(base, tuned, with_bias[name], run, device)
+        done += _numel(base.shape(name))
+    use_bias = bool(run.bias_deltas) if lora_bias is None else bool(lora_bias)
     if serving and lora_bias:
         run.notes.append("--lora-bias ignored: --serving writes no lora_B bias (LoRA servers reject it)")
-    roles = with_bias if use_bias else plan_roles(names, modules, lora_bias=False, **plan_kwargs)
+    use_bias = use_bias and not serving
+    roles = with_bias if use_bias else plan_roles(names, modules, lora_bias=False, **plan)
 
-    # Pass 2: everything else, in shard order.
+    # Pass 2: everything else, in shard order, one tensor pair at a time.
     for name, role in roles.items():
         if role.role == "alias" or name in compared:
             continue
-        fit_args = dict(r=r, policy=policy, svd=svd, seed=seed)
-        streamed = _numel(base_ckpt.shape(name)) > STREAM_ABOVE and (
-            role.role != "lora" or (svd == "randomized" and not (policy and policy.needs_full_spectrum)))
-        op = open_delta(base_ckpt, tuned_ckpt, name, _transposed(role, modules), work_device) if streamed else None
-        if op is not None:
-            with contextlib.closing(op):
-                _stream(op, tuned_ckpt, role, modules, run, **fit_args)
-        else:
-            delta = _compare(base_ckpt, tuned_ckpt, role, run, work_device)
-            if delta is not None and role.role == "lora":
-                matrix = weight_to_matrix(delta, role.kind, _transposed(role, modules) and role.kind == "linear")
-                _store_fit(_fit(matrix, role, run, **fit_args), role, modules, run, tuple(delta.shape))
-            del delta
-        done += _numel(base_ckpt.shape(name))
-        _return_freed_memory()
+        process_tensor(base, tuned, role, modules, run, device, r=r, policy=policy, svd=report.svd, seed=seed)
+        done += _numel(base.shape(name))
         if progress is not None:
             progress(done, total, name)
     run.raise_non_finite()
 
-    report = ExtractReport(
-        base=_source_name(base), tuned=_source_name(tuned), r=r, alpha=scale * r, rank_policy=rank_policy or f"fixed:{r}",
-        svd=svd, device=str(work_device), dtype=dtype, lora_bias=use_bias, serving=serving,
-        tensors_compared=len([n for n in names if n not in aliases]),
+    report.lora_bias = use_bias
+    report.tensors_compared = len([n for n in names if n not in aliases])
+    return build_adapter(
+        run, report, base, tuned, modules, roles, use_bias=use_bias, r=r, allow_empty=allow_empty,
+        base_name=report.base,
     )
-    adapter = build_adapter(
-        run, report, base_ckpt, tuned_ckpt, modules, roles, use_bias=use_bias, r=r, allow_empty=allow_empty,
-        base_name=_source_name(base),
-    )
-    return adapter, report
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -235,8 +228,11 @@ def _device(spec: str) -> torch.device:
     return device
 
 
-def _open(source: Source) -> Checkpoint:
-    return source if isinstance(source, Checkpoint) else Checkpoint.open(source)
+def _open(source: Source, opened: contextlib.ExitStack) -> Checkpoint:
+    """``source`` itself if it is an open checkpoint, else a checkpoint closed when ``opened`` closes."""
+    if isinstance(source, Checkpoint):
+        return source
+    return opened.enter_context(Checkpoint.open(source))
 
 
 def _source_name(source: Source) -> str:
@@ -252,8 +248,6 @@ def _numel(shape: Sequence[int]) -> int:
 
 def _check_pair(base: Checkpoint, tuned: Checkpoint) -> None:
     """Refuse checkpoints that are not the same architecture, listing every difference."""
-    from ..errors import ShapeMismatchError
-
     problems: list[str] = []
     bc, tc = base.config or {}, tuned.config or {}
     for key in ("model_type", "architectures"):
@@ -298,108 +292,3 @@ def _input_embedding(ckpt: Checkpoint, modules, aliases) -> Optional[str]:
         if vocab is not None and (modules[m].weight_shape or (None,))[0] == vocab:
             return m
     return embeddings[0] if embeddings else None
-
-
-def _compare(base: Checkpoint, tuned: Checkpoint, role: TensorRole, run: Collected, device: torch.device):
-    """Read one tensor pair; record what changed; return the float32 delta (on ``device``) or None.
-
-    Memory: the float32 delta is built in place from the tuned tensor, then the base tensor is subtracted
-    from it, so at most one input and the delta are held at once (the tuned tensor is kept only when its
-    module is saved whole). ``x - y == 0`` exactly iff ``x == y`` in floating point, so a zero delta means
-    an unchanged tensor.
-    """
-    w1 = tuned.get(role.name, device=device)
-    run.tuned_dtype[role.name] = w1.dtype
-    delta = w1.to(torch.float32, copy=True)
-    keep = w1 if role.role == "save" else None
-    del w1
-    w0 = base.get(role.name, device=device)
-    delta.sub_(w0)  # promotes w0 element by element; no float32 copy of it
-    del w0
-    peak = max_abs(delta)
-    if peak == 0.0:
-        run.unchanged += 1
-        return None
-    if not math.isfinite(peak):
-        run.non_finite.append(f"{role.name} (shape {tuple(delta.shape)})")
-        return None
-    energy = float(torch.linalg.vector_norm(delta)) ** 2
-    run.record_change(role, tuple(delta.shape), energy, delta=delta, tuned=keep)
-    return delta
-
-
-def _stream(op: DeltaOperator, tuned: Checkpoint, role: TensorRole, modules, run: Collected, *, r: int, policy,
-            svd: str, seed: int) -> None:
-    """:func:`_compare` and the fit for a tensor streamed from disk in row blocks (never held whole)."""
-    run.tuned_dtype[role.name] = op.tuned.dtype
-    generator = _generator(role, seed, op.device)
-    k = min(r, *op.shape)
-    omega = sketch_matrix(op.shape, k, oversample(k), generator, op.device) if role.role == "lora" else None
-    peak, energy, sketch = op.stats(omega)  # one pass: changed? finite? norm, and M @ omega
-    if peak == 0.0:
-        run.unchanged += 1
-        return
-    if not math.isfinite(peak):
-        run.non_finite.append(f"{role.name} (shape {op.tuned.shape})")
-        return
-    keep = tuned.get(role.name) if role.role == "save" else None
-    run.record_change(role, op.tuned.shape, energy, tuned=keep)
-    if role.role == "lora":
-        fit = fit_operator(op, r=r, scale=run.scale, energy=energy, sketch=sketch, policy=policy, generator=generator)
-        _store_fit(fit, role, modules, run, op.tuned.shape)
-
-
-def _return_freed_memory() -> None:
-    """Give freed heap memory back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
-
-    Tensors of a few tens of MB are allocated and freed once per module; glibc keeps such freed chunks in the
-    heap, so without this the resident size creeps up by a few hundred MB over a model.
-    """
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _load_libc():
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim  # noqa: B018 - glibc only
-        return libc
-    except (OSError, AttributeError):
-        return None
-
-
-_LIBC = _load_libc()
-
-
-def _transposed(role: TensorRole, modules) -> bool:
-    """Whether the stored weight's rows are columns of its matrix view (embedding, fan_in_fan_out)."""
-    info = modules.get(role.module)
-    return role.kind == "embedding" or bool(info is not None and info.fan_in_fan_out)
-
-
-def _generator(role: TensorRole, seed: int, device) -> torch.Generator:
-    """A generator seeded by ``seed`` and the module name, so results do not depend on the order."""
-    return torch.Generator(device=device).manual_seed(seed + zlib.crc32(role.module.encode()))
-
-
-def _fit(matrix, role: TensorRole, run: Collected, *, r: int, policy, svd: str, seed: int) -> Fit:
-    if matrix.dim() != 2 or 0 in matrix.shape:
-        raise InputError(f"{role.name}: cannot fit LoRA to a weight whose matrix view is {tuple(matrix.shape)}")
-    return fit_delta(matrix, r=r, scale=run.scale, policy=policy, method=svd,
-                     generator=_generator(role, seed, matrix.device))
-
-
-def _store_fit(fit: Fit, role: TensorRole, modules, run: Collected, shape: Sequence[int]) -> None:
-    """Put a module's fitted factors (PEFT layout, output dtype, on CPU) and its figures into ``run``."""
-    if fit.rank == 0:
-        run.rank_zero(role, fit)
-        return
-    fan = bool(modules[role.module].fan_in_fan_out)
-    target_dtype = run.out_dtype or run.tuned_dtype.get(role.name, torch.float32)
-    factors = factors_from_matrices(fit.A.to("cpu", target_dtype), fit.B.to("cpu", target_dtype), role.kind,
-                                    tuple(shape), run.scale, fan_in_fan_out=fan)
-    run.factors[role.module] = AdapterModule(role.module, factors.A, factors.B, embedding=role.kind == "embedding")
-    run.fits[role.module] = ModuleFit(
-        module=role.module, kind=role.kind, shape=list(shape), rank=fit.rank, max_rank=fit.max_rank,
-        alpha=run.scale * fit.rank, rel_error=fit.rel_error, energy_kept=fit.energy_kept, clamped=fit.clamped,
-    )

@@ -14,6 +14,7 @@ from lorasurg.engine.factors import delta_matrix, lora_scale, weight_to_matrix
 from lorasurg.engine.ranks import parse_rank_policy
 from lorasurg.io.checkpoint import Checkpoint
 from lorasurg.modules import ModuleInfo
+from lorasurg.surgery import _extract_pass
 from lorasurg.surgery import extract as extract_mod
 from lorasurg.surgery._extract_fit import fit_delta
 from lorasurg.surgery._extract_plan import plan_roles
@@ -316,7 +317,7 @@ def test_streamed_fit_matches_the_in_memory_fit(monkeypatch, arch):
     from lorasurg.surgery import _extract_stream
 
     dense_adapter, dense = extract(*pair(arch), r=8)
-    monkeypatch.setattr(extract_mod, "STREAM_ABOVE", 0)
+    monkeypatch.setattr(_extract_pass, "STREAM_ABOVE", 0)
     monkeypatch.setattr(_extract_stream, "_BLOCK_ELEMENTS", 1000)  # several blocks per tensor
     adapter, report = extract(*pair(arch), r=8)
     assert [(o.name, o.outcome) for o in report.outcomes] == [(o.name, o.outcome) for o in dense.outcomes]
@@ -350,7 +351,7 @@ def test_streamed_fit_within_one_percent_on_hard_spectra(tmp_path, monkeypatch, 
     (tmp_path / "t").mkdir()
     save_file({"layer.proj.weight": W.float()}, str(tmp_path / "b" / "model.safetensors"))
     save_file({"layer.proj.weight": (W + dW).float()}, str(tmp_path / "t" / "model.safetensors"))
-    monkeypatch.setattr(extract_mod, "STREAM_ABOVE", 0)
+    monkeypatch.setattr(_extract_pass, "STREAM_ABOVE", 0)
     monkeypatch.setattr(_extract_stream, "_BLOCK_ELEMENTS", 20_000)
     for r in (4, 16, 64):
         adapter, report = extract(tmp_path / "b", tmp_path / "t", r=r)
