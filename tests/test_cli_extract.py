@@ -174,3 +174,19 @@ def test_bad_option_values(tmp_path):
     result = run(*LLAMA, "-o", str(tmp_path / "ad"), "--device", "tpu:7")
     assert result.exit_code == 2 and "tpu:7" in result.output
     assert not (tmp_path / "ad").exists()
+
+
+def test_target_modules_that_select_nothing(tmp_path):
+    result = run(*LLAMA, "-o", str(tmp_path / "ad"), "--target-modules", "qproj")
+    assert result.exit_code == 2
+    assert "no LoRA-able weight changed" in result.output and "--target-modules" in result.output
+    assert not (tmp_path / "ad").exists()
+
+
+def test_target_modules_regex_and_comma_list(tmp_path):
+    result = run(*LLAMA, "-o", str(tmp_path / "a"), "--r", "2", "--target-modules", r".*\.(q|v)_proj", "--json")
+    assert result.exit_code == 0, result.output
+    fitted = {m["module"].rsplit(".", 1)[-1] for m in json.loads(result.output)["modules"]}
+    assert fitted == {"q_proj", "v_proj"}
+    result = run(*LLAMA, "-o", str(tmp_path / "b"), "--r", "2", "--target-modules", "q_proj,v_proj", "--json")
+    assert {m["module"].rsplit(".", 1)[-1] for m in json.loads(result.output)["modules"]} == {"q_proj", "v_proj"}
