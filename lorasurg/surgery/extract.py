@@ -47,7 +47,7 @@ from ._extract_plan import plan_roles, split_tensor_name
 from ._extract_report import ExtractReport
 from ._extract_pass import compare, process_tensor
 
-__all__ = ["extract", "extract_to_dir", "default_output_path", "SVD_METHODS", "DTYPES"]
+__all__ = ["extract", "extract_to_dir", "default_output_path", "ExtractReport", "SVD_METHODS", "DTYPES"]
 
 SVD_METHODS = ("randomized", "exact")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
