@@ -1,12 +1,15 @@
 """Describe a checkpoint's modules (layer kinds, shapes, tied weights) without loading its tensors.
 
-Two sources, best first:
+Two sources:
 
 1. **The architecture.** When ``config.json`` names a class in ``config["architectures"][0]`` that transformers
    has (never remote code), the model is built on the meta device (no memory, no init cost) from
    ``AutoConfig.for_model(**config)`` and described with :func:`lorasurg.modules.describe_model`. Tied parameters
    are the parameters that are the same object in that model.
-2. **Names and shapes** (no config, or an architecture transformers does not know). For each ``<m>.weight``:
+2. **Names and shapes** (no config, an architecture transformers does not know, or a causal LM of one of the
+   :data:`SHAPE_DESCRIBABLE_MODEL_TYPES`, whose modules these rules describe exactly, checked against
+   transformers for each type by the tests; that skips importing transformers' modeling code).
+   For each ``<m>.weight``:
 
    - 2-D: ``embedding`` if the last name part is a known embedding name (:data:`EMBEDDING_NAMES`) or ends in
      ``_embeddings``, or if ``config["vocab_size"]`` is known, the weight has that many rows, no bias, and the
@@ -16,7 +19,8 @@ Two sources, best first:
 
    ``fan_in_fan_out`` (GPT-2's ``Conv1D``) cannot be seen from a shape and is reported False: give the
    checkpoint's config.json for such models. Tied weights are only known here from ``tie_word_embeddings``
-   in a config: ``lm_head.weight`` missing from the checkpoint is then tied to the input embedding.
+   in a config (or, when a causal LM's config leaves it out, from ``lm_head.weight`` missing from the
+   checkpoint): ``lm_head`` is then tied to the input embedding.
 
 Module names are checkpoint key prefixes (``<name>.weight`` is a key). A checkpoint saved from the base model
 (keys without the ``base_model_prefix``, e.g. ``h.0.attn`` for GPT-2 rather than ``transformer.h.0.attn``) is
@@ -37,7 +41,15 @@ from torch import nn
 
 from ..modules import ModuleInfo, describe_model, output_layer_names
 
-__all__ = ["ModelDescription", "describe_checkpoint", "meta_model", "EMBEDDING_NAMES", "OUTPUT_NAMES"]
+__all__ = [
+    "ModelDescription",
+    "describe_checkpoint",
+    "is_shape_describable",
+    "meta_model",
+    "EMBEDDING_NAMES",
+    "OUTPUT_NAMES",
+    "SHAPE_DESCRIBABLE_MODEL_TYPES",
+]
 
 EMBEDDING_NAMES: frozenset[str] = frozenset(
     {"embed_tokens", "wte", "wpe", "word_embeddings", "shared", "tok_embeddings", "embed_in", "embed_positions",
@@ -46,6 +58,12 @@ EMBEDDING_NAMES: frozenset[str] = frozenset(
 # Input (token) embeddings, the target of a tied output head, in order of preference.
 _INPUT_EMBEDDING_NAMES: tuple[str, ...] = (
     "embed_tokens", "wte", "word_embeddings", "tok_embeddings", "embed_in", "shared"
+)
+# Decoder-only model types whose every 2-D weight belongs to an nn.Linear or an nn.Embedding: no GPT-2 Conv1D, no
+# fused 3-D expert tensors, no grouped convolutions. Their causal LMs are described from names and shapes.
+SHAPE_DESCRIBABLE_MODEL_TYPES: frozenset[str] = frozenset(
+    {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo", "olmo2", "granite", "starcoder2",
+     "stablelm", "cohere"}
 )
 OUTPUT_NAMES: frozenset[str] = frozenset({"lm_head", "embed_out", "output", "score", "classifier", "cls", "decoder"})
 _OUTPUT_HEADS: tuple[str, ...] = ("lm_head", "embed_out")
@@ -120,10 +138,28 @@ def describe_checkpoint(
     """Describe the modules of a checkpoint from its tensor shapes (``{key: shape}``, in checkpoint order) and
     its parsed config.json (or None). See the module docstring for the rules.
     """
+    if config and task_type in (None, "CAUSAL_LM") and is_shape_describable(config):
+        return _from_shapes(shapes, config, known_architecture=True)
     model = meta_model(config) if config else None
     if model is not None:
         return _from_model(model, shapes, task_type)
     return _from_shapes(shapes, config)
+
+
+def is_shape_describable(config: Mapping) -> bool:
+    """True for a causal LM of a model type in :data:`SHAPE_DESCRIBABLE_MODEL_TYPES`.
+
+    For these, the names-and-shapes rules give the description the meta-device model gives (checked for each
+    type against transformers by tests/io/test_architecture_fast_path.py), without importing transformers'
+    modeling code, which costs 3-4 s of CPU before any tensor is read.
+    """
+    archs = config.get("architectures") or []
+    return (
+        config.get("model_type") in SHAPE_DESCRIBABLE_MODEL_TYPES
+        and len(archs) == 1
+        and isinstance(archs[0], str)
+        and archs[0].endswith("ForCausalLM")
+    )
 
 
 def _key_mapper(model: nn.Module, keys: Mapping[str, object]) -> Callable[[str], Optional[str]]:
@@ -182,9 +218,13 @@ def _guess_kind(module: str, shape: Sequence[int], has_bias: bool, vocab: Option
     return "Unknown", None
 
 
-def _from_shapes(shapes: Mapping[str, Sequence[int]], config: Optional[Mapping]) -> ModelDescription:
+def _from_shapes(
+    shapes: Mapping[str, Sequence[int]], config: Optional[Mapping], known_architecture: bool = False
+) -> ModelDescription:
+    """The names-and-shapes rules. For a known architecture embeddings are recognised by name only: a linear
+    layer with as many outputs as the vocabulary (a fused qkv_proj in a tiny model) is not an embedding."""
     vocab = config.get("vocab_size") if config else None
-    vocab = vocab if isinstance(vocab, int) else None
+    vocab = vocab if isinstance(vocab, int) and not known_architecture else None
     modules: dict[str, ModuleInfo] = {}
     for key, shape in shapes.items():
         if not key.endswith(".weight"):
@@ -194,13 +234,29 @@ def _from_shapes(shapes: Mapping[str, Sequence[int]], config: Optional[Mapping])
         type_name, kind = _guess_kind(module, shape, has_bias, vocab)
         modules[module] = ModuleInfo(type_name, kind, False, tuple(shape), has_bias and kind != "embedding")
     tied: dict[str, str] = {}
-    if config and config.get("tie_word_embeddings") is True and "lm_head.weight" not in shapes:
-        source = _input_embedding(modules, vocab)
-        if source is not None:
-            tied["lm_head.weight"] = f"{source}.weight"
-            modules["lm_head"] = ModuleInfo("Linear", "linear", False, modules[source].weight_shape, False)
+    if config and _ties_embeddings(config, shapes) and "lm_head.weight" not in shapes:
+        embedding = _input_embedding(modules, vocab)
+        if embedding is not None:
+            tied["lm_head.weight"] = f"{embedding}.weight"
+            modules["lm_head"] = ModuleInfo("Linear", "linear", False, modules[embedding].weight_shape, False)
     outputs = {m for m in modules if m.rsplit(".", 1)[-1] in _OUTPUT_HEADS}
-    return ModelDescription(modules, outputs, tied, "names and shapes")
+    source = "names and shapes (known architecture)" if known_architecture else "names and shapes"
+    return ModelDescription(modules, outputs, tied, source)
+
+
+def _ties_embeddings(config: Mapping, shapes: Mapping[str, Sequence[int]]) -> bool:
+    """Whether the output head shares the input embedding's weight.
+
+    ``tie_word_embeddings`` when config.json states it; transformers leaves it out when it equals the model
+    class's default, and then a causal LM checkpoint without ``lm_head.weight`` is tied (save_pretrained drops
+    tied copies).
+    """
+    stated = config.get("tie_word_embeddings")
+    if isinstance(stated, bool):
+        return stated
+    archs = config.get("architectures") or []
+    causal = bool(archs) and isinstance(archs[0], str) and archs[0].endswith("ForCausalLM")
+    return causal and "lm_head.weight" not in shapes
 
 
 def _input_embedding(modules: Mapping[str, ModuleInfo], vocab: Optional[int]) -> Optional[str]:

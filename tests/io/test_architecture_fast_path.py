@@ -1,0 +1,74 @@
+"""The names-and-shapes description of known causal LMs equals the one from the model built on the meta device.
+
+For every model type in SHAPE_DESCRIBABLE_MODEL_TYPES, a tiny causal LM (tied and untied where the type allows)
+is saved with transformers; both descriptions of its checkpoint must agree on every module that has weights:
+layer kind, fan_in_fan_out, weight shape and bias, and on the tied parameters and output layers.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from lorasurg.io.architecture import (
+    SHAPE_DESCRIBABLE_MODEL_TYPES,
+    _from_model,
+    describe_checkpoint,
+    is_shape_describable,
+    meta_model,
+)
+from lorasurg.io.checkpoint import Checkpoint
+
+TINY = dict(
+    hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    vocab_size=64, head_dim=8, max_position_embeddings=64, pad_token_id=0,
+)
+
+
+def _save_tiny(model_type: str, tied: bool, path) -> None:
+    config = transformers.AutoConfig.for_model(model_type, **TINY, tie_word_embeddings=tied)
+    config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]]
+    cls = getattr(transformers, config.architectures[0])
+    torch.manual_seed(0)
+    cls(config).save_pretrained(path)
+
+
+def _weights_view(description):
+    return {
+        name: (info.kind, info.fan_in_fan_out, info.weight_shape, info.has_bias)
+        for name, info in description.modules.items()
+        if info.weight_shape is not None
+    }
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("model_type", sorted(SHAPE_DESCRIBABLE_MODEL_TYPES))
+def test_fast_description_equals_meta_model(tmp_path, model_type, tied):
+    _save_tiny(model_type, tied, tmp_path)
+    with Checkpoint.open(tmp_path) as ckpt:
+        shapes = {name: ckpt.shape(name) for name in ckpt.names()}
+        config = ckpt.config
+    assert is_shape_describable(config)
+    fast = describe_checkpoint(shapes, config)
+    assert fast.source == "names and shapes (known architecture)"
+    full = _from_model(meta_model(config), shapes, None)
+    assert _weights_view(fast) == _weights_view(full)
+    assert fast.tied == full.tied
+    assert fast.output_layers == full.output_layers
+    # the rule for a config that leaves tie_word_embeddings out (transformers omits class defaults)
+    config = {k: v for k, v in config.items() if k != "tie_word_embeddings"}
+    assert describe_checkpoint(shapes, config).tied == full.tied
+
+
+def test_other_architectures_and_tasks_use_the_model(tmp_path):
+    assert not is_shape_describable({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})
+    assert not is_shape_describable({"model_type": "llama", "architectures": ["LlamaForSequenceClassification"]})
+    _save_tiny("llama", False, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    with Checkpoint.open(tmp_path) as ckpt:
+        shapes = {name: ckpt.shape(name) for name in ckpt.names()}
+    assert describe_checkpoint(shapes, config, task_type="SEQ_CLS").source.startswith("architecture:")
