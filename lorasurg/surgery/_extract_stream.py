@@ -35,8 +35,9 @@ from ..io.checkpoint import Checkpoint
 
 __all__ = ["STREAM_ABOVE", "RowSource", "DeltaOperator", "max_abs", "sketch_matrix", "open_delta", "operator_svd"]
 
-#: Tensors with more elements than this are streamed (16 MB as float32).
-STREAM_ABOVE = 2**22
+#: Tensors with more elements than this are streamed (64 MB as float32): embeddings and output heads of real
+#: models; a transformer block's weights are fitted in memory (one pass over the data instead of several).
+STREAM_ABOVE = 2**24
 #: Elements per row block (8 MB as float32).
 _BLOCK_ELEMENTS = 2**21
 
