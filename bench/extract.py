@@ -4,7 +4,8 @@ Pairs (generated once under bench/.data/, git-ignored, reused when present):
 
 * ``llama``: Llama-shaped (hidden 2048, intermediate 5632, 32 heads / 4 KV heads, 4 layers, vocab 32000, untied),
   bf16, about 600 MB per checkpoint, two shards;
-* ``qwen2``: Qwen2-shaped (same sizes, 2 layers, tied embeddings, q/k/v biases), bf16.
+* ``qwen2``: Qwen2-shaped (same sizes, 4 layers, tied embeddings, q/k/v biases), bf16, about 600 MB per
+  checkpoint.
 
 ``tuned = base + delta``: every linear weight (and the embedding) gains ``G1 diag(s) G2^T`` with Gaussian
 ``G1, G2`` and a power-law spectrum ``s_i ~ (i + 1) ** -0.5`` over the full rank (slow decay: the hard case for
@@ -35,11 +36,11 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))  # lorasurg from this checkout, for the error and load checks
+from lorasurg.io.writer import ShardedWriter  # noqa: E402
 DATA = HERE / ".data"
 MERGEKIT = HERE / ".venv-mergekit" / "bin" / "mergekit-extract-lora"
 RESULTS = HERE / "RESULTS.md"
@@ -47,7 +48,7 @@ SECTION = "## Extract vs mergekit-extract-lora (issue 4)"
 
 PAIRS = {
     "llama": dict(arch="LlamaForCausalLM", layers=4, tied=False, biases=False),
-    "qwen2": dict(arch="Qwen2ForCausalLM", layers=2, tied=True, biases=True),
+    "qwen2": dict(arch="Qwen2ForCausalLM", layers=4, tied=True, biases=True),
 }
 
 
@@ -90,7 +91,9 @@ def generate(name: str, *, shard_bytes: int = 320 * 2**20) -> tuple[Path, Path]:
         meta = AutoModelForCausalLM.from_config(cfg)
     params = [(n, tuple(p.shape)) for n, p in meta.named_parameters()]  # tied duplicates removed
     gen = torch.Generator().manual_seed(0)
-    writers = {d: _ShardWriter(d, shard_bytes) for d in (base_dir, tuned_dir)}
+    for directory in (base_dir, tuned_dir):
+        directory.mkdir(parents=True)
+    writers = {d: ShardedWriter(d, max_shard_size=shard_bytes) for d in (base_dir, tuned_dir)}
     t0 = time.time()
     for pname, shape in params:
         if pname.endswith("norm.weight"):
@@ -105,47 +108,10 @@ def generate(name: str, *, shard_bytes: int = 320 * 2**20) -> tuple[Path, Path]:
         writers[base_dir].add(pname, w.to(torch.bfloat16))
         writers[tuned_dir].add(pname, (w + d).to(torch.bfloat16))
     for directory, writer in writers.items():
-        writer.close()
+        writer.finish()
         cfg.save_pretrained(directory)
     print(f"generated {root} in {time.time() - t0:.0f} s", file=sys.stderr)
     return base_dir, tuned_dir
-
-
-class _ShardWriter:
-    """Sharded safetensors + index, written tensor by tensor (``save_pretrained``'s layout)."""
-
-    def __init__(self, directory: Path, shard_bytes: int) -> None:
-        self.directory, self.shard_bytes = directory, shard_bytes
-        directory.mkdir(parents=True, exist_ok=True)
-        self.current: dict[str, torch.Tensor] = {}
-        self.size = 0
-        self.files: list[tuple[str, list[str]]] = []
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        nbytes = tensor.numel() * tensor.element_size()
-        if self.current and self.size + nbytes > self.shard_bytes:
-            self._flush()
-        self.current[name] = tensor.contiguous()
-        self.size += nbytes
-
-    def _flush(self) -> None:
-        fname = f"shard-{len(self.files):05d}.safetensors"
-        save_file(self.current, str(self.directory / fname), metadata={"format": "pt"})
-        self.files.append((fname, list(self.current)))
-        self.current, self.size = {}, 0
-
-    def close(self) -> None:
-        if self.current:
-            self._flush()
-        n = len(self.files)
-        weight_map = {}
-        for i, (fname, names) in enumerate(self.files):
-            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            os.replace(self.directory / fname, self.directory / final)
-            weight_map.update({name: final for name in names})
-        total = sum((self.directory / f).stat().st_size for f in set(weight_map.values()))
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
 # --------------------------------------------------------------------------------------------- running

@@ -32,6 +32,12 @@ from .runtime import (
     unload,
     unmerge_adapter,
 )
+from .engine.factors import LoraFactors, lora_scale
+from .engine.init import init_factors
+from .engine.ranks import RankPolicy, parse_rank_policy
+from .engine.svd import decompose, truncated_svd
+from .modules import ModuleInfo, describe_model
+from .surgery.extract import ExtractReport, extract, extract_to_dir
 from .surgery.inspect import inspect_adapter
 from .targeting import (
     anchored_pattern_key,
@@ -53,6 +59,18 @@ __all__ = [
     "Checkpoint",
     "write_checkpoint",
     "inspect_adapter",
+    "extract",
+    "extract_to_dir",
+    "ExtractReport",
+    "LoraFactors",
+    "lora_scale",
+    "truncated_svd",
+    "decompose",
+    "parse_rank_policy",
+    "RankPolicy",
+    "init_factors",
+    "ModuleInfo",
+    "describe_model",
     "inject",
     "load_adapter",
     "save_adapter",
