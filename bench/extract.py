@@ -11,7 +11,8 @@ Pairs (generated once under bench/.data/, git-ignored, reused when present):
 ``G1, G2`` and a power-law spectrum ``s_i ~ (i + 1) ** -0.5`` over the full rank (slow decay: the hard case for
 randomized SVD), scaled to 5% of the weight's norm; norms change by 1% noise; Qwen2's q/k/v biases change.
 
-Both tools run in their own subprocess, one after the other, with the same thread count (``--threads``, default
+Both tools run in their own subprocess, one after the other (``--repeats`` times each, alternating which goes first;
+the median wall time is reported), with the same thread count (``--threads``, default
 2: ``OMP_NUM_THREADS``/``MKL_NUM_THREADS``), at the same rank, with their defaults otherwise. Measured: wall time,
 peak RSS of the subprocess (``resource.getrusage(RUSAGE_CHILDREN)`` in a wrapper process), per-module Frobenius
 error relative to the optimal (Eckart-Young, exact SVD in float64) on a sample of modules, and whether PEFT
@@ -200,7 +201,7 @@ def _sample_modules(pair: str) -> list[str]:
     return names
 
 
-def bench_pair(pair: str, r: int, threads: int, work: Path) -> dict:
+def bench_pair(pair: str, r: int, threads: int, work: Path, repeats: int = 1) -> dict:
     base, tuned = generate(pair)
     outs = {"lorasurg": work / f"{pair}-lorasurg", "mergekit": work / f"{pair}-mergekit"}
     cmds = {
@@ -210,12 +211,22 @@ def bench_pair(pair: str, r: int, threads: int, work: Path) -> dict:
                      str(outs["mergekit"]), "--max-rank", str(r)],
     }
     result: dict = {"pair": pair, "r": r, "threads": threads, "checkpoint_bytes": _dir_bytes(base)}
-    for tool, cmd in cmds.items():
-        shutil.rmtree(outs[tool], ignore_errors=True)
-        print(f"[{pair}] running {tool} ...", file=sys.stderr)
-        m = run_measured(cmd, threads, work / f"{pair}-{tool}.log")
-        m["adapter_bytes"] = _dir_bytes(outs[tool]) if outs[tool].exists() else 0
-        result[tool] = m
+    runs: dict[str, list[dict]] = {tool: [] for tool in cmds}
+    for i in range(repeats):
+        order = list(cmds) if i % 2 == 0 else list(reversed(cmds))  # alternate who goes first
+        for tool in order:
+            shutil.rmtree(outs[tool], ignore_errors=True)
+            print(f"[{pair}] running {tool} ({i + 1}/{repeats}) ...", file=sys.stderr)
+            runs[tool].append(run_measured(cmds[tool], threads, work / f"{pair}-{tool}.log"))
+    for tool in cmds:
+        walls = sorted(run["wall_s"] for run in runs[tool])
+        result[tool] = {
+            "rc": max(run["rc"] for run in runs[tool]),
+            "wall_s": walls[len(walls) // 2],  # median (upper for an even count)
+            "walls": walls,
+            "peak_rss": max(run["peak_rss"] for run in runs[tool]),
+            "adapter_bytes": _dir_bytes(outs[tool]) if outs[tool].exists() else 0,
+        }
     for tool, out in outs.items():
         if result[tool]["rc"] == 0:
             result[tool]["errors"] = module_errors(base, tuned, out, _sample_modules(pair))
@@ -239,7 +250,8 @@ def render(results: list[dict], threads: int) -> str:
         SECTION, "",
         f"Machine: {os.cpu_count()} CPU cores ({cpu}), no GPU; torch {torch.__version__}; both tools limited to "
         f"{threads} threads; run {time.strftime('%Y-%m-%d')} with `python bench/extract.py`. mergekit 0.1.5 in "
-        "bench/.venv-mergekit (see bench/README.md). Each tool with its defaults at the same rank.", "",
+        "bench/.venv-mergekit (see bench/README.md). Each tool with its defaults at the same rank. Wall time: median "
+        "of the runs (the tools alternate which goes first); peak RSS: the largest of the runs.", "",
         "| pair | r | speed (mergekit wall / lorasurg wall) | peak RSS (lorasurg / mergekit) | error / optimal, "
         "lorasurg (max over sample) | error / optimal, mergekit | PEFT loads lorasurg cleanly | PEFT loads mergekit "
         "cleanly |",
@@ -255,6 +267,9 @@ def render(results: list[dict], threads: int) -> str:
             f"{mk['peak_rss'] / 2**20:.0f} MiB) | {_max_ratio(ls):.4f} | {_max_ratio(mk):.4f} | "
             f"{_peft_cell(ls)} | {_peft_cell(mk)} |"
         )
+    lines += ["", "Wall times of every run: " + "; ".join(
+        f"{r['pair']}: lorasurg {', '.join(f'{w:.1f}' for w in r['lorasurg']['walls'])} s, mergekit "
+        f"{', '.join(f'{w:.1f}' for w in r['mergekit']['walls'])} s" for r in results) + "."]
     lines += ["", "Adapter sizes: " + "; ".join(
         f"{r['pair']}: lorasurg {r['lorasurg']['adapter_bytes'] / 1e6:.0f} MB, mergekit "
         f"{r['mergekit']['adapter_bytes'] / 1e6:.0f} MB" for r in results) + ".", ""]
@@ -293,6 +308,7 @@ def main(argv=None) -> int:
     parser.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each tool, alternating; median wall time")
     parser.add_argument("--generate-only", action="store_true")
     parser.add_argument("--no-write", action="store_true", help="print, do not touch bench/RESULTS.md")
     args = parser.parse_args(argv)
@@ -309,7 +325,7 @@ def main(argv=None) -> int:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     for pair in args.pairs:
-        results.append(bench_pair(pair, args.r, args.threads, work))
+        results.append(bench_pair(pair, args.r, args.threads, work, args.repeats))
         (work / f"result-{pair}.json").write_text(json.dumps(results[-1], indent=2))
     text = render(results, args.threads)
     print(text)
