@@ -9,6 +9,7 @@ never a view into a mapped file, so a later write to that file cannot change (or
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import re
@@ -22,7 +23,7 @@ import torch
 from ..errors import InputError
 from ._dtypes import dtype_of_code
 
-__all__ = ["TensorEntry", "ShardReader", "SafetensorsShard", "BinShard", "open_shard"]
+__all__ = ["TensorEntry", "ShardReader", "SafetensorsShard", "BinShard", "RowReader", "open_shard"]
 
 _HEADER_LIMIT = 100 * 1024 * 1024  # safetensors refuses headers above 100 MB
 
@@ -105,6 +106,43 @@ class SafetensorsShard:
         handle, self._handle = getattr(self, "_handle", None), None
         if handle is not None and hasattr(handle, "__exit__"):
             handle.__exit__(None, None, None)
+
+
+class RowReader:
+    """Row blocks of one tensor of a safetensors file, read with ``os.preadv`` into new memory.
+
+    For tensors too large to hold whole: ``rows(start, stop)`` reads only those rows, flattened to
+    ``(stop - start, prod(shape[1:]))``, straight from the file (no mmap, no whole-tensor read).
+    """
+
+    def __init__(self, path: Path, name: str) -> None:
+        self.path, self.name = path, name
+        self._fd = os.open(path, os.O_RDONLY)
+        try:
+            (header_len,) = struct.unpack("<Q", os.pread(self._fd, 8, 0))
+            entry = json.loads(os.pread(self._fd, header_len, 8))[name]
+        except Exception:
+            os.close(self._fd)
+            raise
+        self.dtype = dtype_of_code(entry["dtype"], f"tensor {name!r} in {path}")
+        self.shape = tuple(int(d) for d in entry["shape"])
+        self._offset = 8 + header_len + int(entry["data_offsets"][0])
+        self._row_bytes = math.prod(self.shape[1:]) * torch.empty((), dtype=self.dtype).element_size()
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` as a new ``(stop - start, prod(shape[1:]))`` tensor.
+
+        Raises:
+            InputError: the file is shorter than its header says.
+        """
+        buf = bytearray((stop - start) * self._row_bytes)
+        got = os.preadv(self._fd, [buf], self._offset + start * self._row_bytes)
+        if got != len(buf):
+            raise InputError(f"short read of {self.name!r} rows {start}:{stop} from {self.path}: the file is truncated")
+        return torch.frombuffer(buf, dtype=self.dtype).view(stop - start, -1)  # (rows, prod(shape[1:]))
+
+    def close(self) -> None:
+        os.close(self._fd)
 
 
 def _diagnose_safetensors(path: Path) -> str:

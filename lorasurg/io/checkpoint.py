@@ -28,10 +28,10 @@ import torch
 from ..errors import InputError
 from ..modules import ModuleInfo
 from ._locate import Layout, locate
-from ._shards import ShardReader, TensorEntry, open_shard
+from ._shards import RowReader, ShardReader, TensorEntry, open_shard
 from .architecture import ModelDescription, describe_checkpoint
 
-__all__ = ["Checkpoint"]
+__all__ = ["Checkpoint", "RowReader"]
 
 
 class Checkpoint:
@@ -142,6 +142,16 @@ class Checkpoint:
     def shard_of(self, name: str) -> Path:
         """The weight file holding tensor ``name``. Raises InputError if unknown."""
         return self.files[self._entry(name)[0]]
+
+    def row_reader(self, name: str) -> Optional[RowReader]:
+        """A reader of row blocks of tensor ``name`` straight from its safetensors file (the caller closes it),
+        for tensors too large to read whole; None when the tensor is in a ``.bin`` file.
+
+        Raises:
+            InputError: ``name`` is not in the checkpoint.
+        """
+        path = self.shard_of(name)
+        return RowReader(path, name) if path.suffix == ".safetensors" else None
 
     def get(
         self,

@@ -3,7 +3,8 @@
 A large embedding (vocab 32000 x 2048) is 131 MB per bf16 checkpoint but its float32 delta is 262 MB; with
 both inputs that is 0.5 GB for one tensor. Here the delta ``M = matrix view of (W_tuned - W_base)`` is never
 formed: it is an operator whose products ``M @ X`` and ``M.T @ Y`` are sums over row blocks of the two stored
-tensors, each block read with ``os.pread`` straight from the safetensors file (no mmap, no whole-tensor read).
+tensors, each block read straight from the safetensors file (:meth:`lorasurg.io.checkpoint.Checkpoint.row_reader`:
+no mmap, no whole-tensor read).
 Memory is one block pair plus ``(out + in) * (r + oversample)`` floats, whatever the tensor's size.
 
 The SVD is the randomized range finder with power iterations (Halko, Martinsson, Tropp 2011, Alg. 4.4),
@@ -20,55 +21,21 @@ re-orthonormalised after each product:
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import struct
-from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import torch
 from torch import Tensor
 
-from ..io._dtypes import dtype_of_code
-from ..io.checkpoint import Checkpoint
+from ..io.checkpoint import Checkpoint, RowReader
 
-__all__ = ["STREAM_ABOVE", "RowSource", "DeltaOperator", "max_abs", "sketch_matrix", "open_delta", "operator_svd"]
+__all__ = ["STREAM_ABOVE", "DeltaOperator", "max_abs", "sketch_matrix", "open_delta", "operator_svd"]
 
 #: Tensors with more elements than this are streamed (64 MB as float32): embeddings and output heads of real
 #: models; a transformer block's weights are fitted in memory (one pass over the data instead of several).
 STREAM_ABOVE = 2**24
 #: Elements per row block (8 MB as float32).
 _BLOCK_ELEMENTS = 2**21
-
-
-class RowSource:
-    """Row blocks of one tensor of a safetensors file, read with ``os.pread``."""
-
-    def __init__(self, path: Path, name: str) -> None:
-        self.path, self.name = path, name
-        self._fd = os.open(path, os.O_RDONLY)
-        try:
-            (header_len,) = struct.unpack("<Q", os.pread(self._fd, 8, 0))
-            entry = json.loads(os.pread(self._fd, header_len, 8))[name]
-        except Exception:
-            os.close(self._fd)
-            raise
-        self.dtype = dtype_of_code(entry["dtype"], f"tensor {name!r} in {path}")
-        self.shape = tuple(int(d) for d in entry["shape"])
-        self._offset = 8 + header_len + int(entry["data_offsets"][0])
-        self._row_bytes = math.prod(self.shape[1:]) * torch.empty((), dtype=self.dtype).element_size()
-
-    def rows(self, start: int, stop: int) -> Tensor:
-        """Rows ``[start, stop)`` as a new ``(stop - start, prod(shape[1:]))`` tensor."""
-        buf = bytearray((stop - start) * self._row_bytes)
-        got = os.preadv(self._fd, [buf], self._offset + start * self._row_bytes)
-        if got != len(buf):
-            raise OSError(f"short read of {self.name!r} rows {start}:{stop} from {self.path}")
-        return torch.frombuffer(buf, dtype=self.dtype).view(stop - start, -1)
-
-    def close(self) -> None:
-        os.close(self._fd)
 
 
 class DeltaOperator:
@@ -78,7 +45,7 @@ class DeltaOperator:
     ``Conv1D`` ``(in, out)``); otherwise they are rows of ``M`` (linear, conv flattened to ``(out, in * k)``).
     """
 
-    def __init__(self, base: RowSource, tuned: RowSource, transposed: bool, device: torch.device) -> None:
+    def __init__(self, base: RowReader, tuned: RowReader, transposed: bool, device: torch.device) -> None:
         self.base, self.tuned, self.transposed, self.device = base, tuned, transposed, device
         rows, cols = base.shape[0], math.prod(base.shape[1:])
         self.stored_shape = (rows, cols)
@@ -176,10 +143,13 @@ def sketch_matrix(shape: tuple[int, int], rank: int, oversample: int, generator:
 def open_delta(base: Checkpoint, tuned: Checkpoint, name: str, transposed: bool,
                device: torch.device) -> Optional[DeltaOperator]:
     """A :class:`DeltaOperator` for tensor ``name``, or None when either side is not a safetensors file."""
-    paths = [ckpt.shard_of(name) for ckpt in (base, tuned)]
-    if any(p.suffix != ".safetensors" for p in paths):
+    readers = [ckpt.row_reader(name) for ckpt in (base, tuned)]
+    if any(reader is None for reader in readers):
+        for reader in readers:
+            if reader is not None:
+                reader.close()
         return None
-    return DeltaOperator(RowSource(paths[0], name), RowSource(paths[1], name), transposed, device)
+    return DeltaOperator(readers[0], readers[1], transposed, device)
 
 
 def operator_svd(

@@ -425,3 +425,38 @@ def test_closed_checkpoint_refuses_reads(tmp_path):
     with pytest.raises(ValueError, match="is closed"):
         ckpt.get("x")
     assert os.fspath(tmp_path) in repr(ckpt)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_row_reader_reads_exact_row_blocks(tmp_path, dtype):
+    gen = torch.Generator().manual_seed(0)
+    tensors = {"a.weight": torch.randn(7, 5, generator=gen).to(dtype),
+               "conv.weight": torch.randn(6, 2, 3, 3, generator=gen).to(dtype)}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with Checkpoint.open(tmp_path) as ckpt:
+        reader = ckpt.row_reader("conv.weight")
+        try:
+            assert reader.shape == (6, 2, 3, 3) and reader.dtype == dtype
+            assert torch.equal(reader.rows(1, 4), tensors["conv.weight"][1:4].reshape(3, -1))
+        finally:
+            reader.close()
+        reader = ckpt.row_reader("a.weight")
+        blocks = [reader.rows(start, min(start + 3, 7)) for start in range(0, 7, 3)]
+        reader.close()
+        assert torch.equal(torch.cat(blocks), tensors["a.weight"])
+
+
+def test_row_reader_is_none_for_bin_and_refuses_truncated_files(tmp_path):
+    torch.save({"w": torch.zeros(4, 4)}, tmp_path / "pytorch_model.bin")
+    with Checkpoint.open(tmp_path) as ckpt:
+        assert ckpt.row_reader("w") is None
+    big = tmp_path / "big"
+    big.mkdir()
+    save_file({"w": torch.ones(64, 64)}, str(big / "model.safetensors"))
+    with Checkpoint.open(big) as ckpt:
+        reader = ckpt.row_reader("w")
+    with open(big / "model.safetensors", "r+b") as fh:  # cut the data short after opening
+        fh.truncate(big.joinpath("model.safetensors").stat().st_size - 1024)
+    with pytest.raises(InputError, match="short read of 'w' rows 60:64 .* the file is truncated"):
+        reader.rows(60, 64)
+    reader.close()
