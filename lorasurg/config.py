@@ -29,7 +29,6 @@ import dataclasses
 import enum
 import json
 import os
-import re
 import sys
 import tempfile
 import warnings
@@ -41,6 +40,7 @@ from . import _subconfigs
 from ._config_checks import field_problems
 from ._subconfigs import Problem
 from .errors import ConfigError, ConfigTypeError, InputError
+from .io.hub import looks_like_repo_id, resolve_source
 
 __all__ = ["LoraConfig", "TaskType", "CONFIG_NAME", "WRITTEN_PEFT_VERSION"]
 
@@ -49,7 +49,6 @@ CONFIG_NAME = "adapter_config.json"
 WRITTEN_PEFT_VERSION = "0.21.2"
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 class TaskType(str, enum.Enum):
@@ -362,21 +361,14 @@ def _locate(source: Union[str, os.PathLike], revision: Optional[str]) -> Path:
     if path.is_file():
         return path
     text = os.fspath(source)
-    if not _REPO_ID.fullmatch(text) or text.endswith(".json"):
+    if text.endswith(".json") or not looks_like_repo_id(text):
         raise InputError(
             f"no such file or directory: {text}; give an adapter directory, its {CONFIG_NAME}, or a Hub repo id"
         )
-    try:
-        from huggingface_hub import hf_hub_download
-
-        return Path(hf_hub_download(text, CONFIG_NAME, revision=revision))
-    except Exception as err:  # huggingface_hub raises many kinds; all mean "not available"
-        raise InputError(
-            f"{text!r} is not a local path, and {CONFIG_NAME} could not be fetched from the Hugging Face Hub repo "
-            f"{text!r} ({type(err).__name__}: {err}); with HF_HUB_OFFLINE=1 only repos already in the local cache "
-            "can be used"
-        ) from err
-
+    snapshot = resolve_source(text, revision, allow_patterns=[CONFIG_NAME])
+    if not (snapshot / CONFIG_NAME).is_file():
+        raise InputError(f"Hub repo {text} has no {CONFIG_NAME}; is it a PEFT adapter repo?")
+    return snapshot / CONFIG_NAME
 
 def _read_json(path: Path) -> dict:
     """The JSON object in ``path``; InputError naming the file (and line/column) if it is not one."""

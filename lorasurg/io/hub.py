@@ -46,11 +46,22 @@ def resolve_source(
 
         local = snapshot_download(repo_id=text, revision=revision, allow_patterns=list(allow_patterns or []) or None)
     except Exception as err:  # huggingface_hub raises many types: offline, not found, auth, network
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
         hint = (
-            "HF_HUB_OFFLINE is set and the repo is not in the local cache; download it first or unset HF_HUB_OFFLINE"
-            if offline
+            "HF_HUB_OFFLINE=1 is set and the repo is not in the local cache: download it first or unset HF_HUB_OFFLINE"
+            if _offline()
             else "check the repo id, the revision, your network and your token (huggingface-cli login)"
         )
-        raise InputError(f"{text} is not a local path and could not be fetched from the hub: {err}. {hint}") from err
+        raise InputError(
+            f"{text} is not a local path and could not be fetched from the Hugging Face Hub "
+            f"({type(err).__name__}: {err}); {hint}"
+        ) from err
     return Path(local)
+
+
+def _offline() -> bool:
+    """huggingface_hub's offline switch (``HF_HUB_OFFLINE``), as the library itself sees it."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    return bool(constants.HF_HUB_OFFLINE)
