@@ -103,21 +103,14 @@ def _nearest(names: list[str], candidates: list[str]) -> list[str]:
     return out
 
 
-def _stored_kind(module: Any) -> str:
-    """The layer kind an adapter module's tensors are shaped for."""
-    if module.embedding:
-        return "embedding"
-    return "linear" if module.A.dim() == 2 else f"conv{module.A.dim() - 2}d"
-
-
 def _check_modules_exist(adapter: Any, model: nn.Module, source: str) -> None:
     """Raise if some of the adapter's LoRA modules are not in ``model``, or are layers of another kind (the
     adapter was made for another model).
     """
     infos = describe_unwrapped(model)
     absent = [n for n in adapter.modules if n not in infos]
-    other_kind = [f"{n} (adapter: {_stored_kind(m)} LoRA, model: {infos[n].type_name})"
-                  for n, m in adapter.modules.items() if n in infos and infos[n].kind != _stored_kind(m)]
+    other_kind = [f"{n} (adapter: {m.kind} LoRA, model: {infos[n].type_name})"
+                  for n, m in adapter.modules.items() if n in infos and infos[n].kind != m.kind]
     if not absent and not other_kind:
         return
     config = adapter.config

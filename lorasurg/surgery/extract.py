@@ -37,6 +37,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
+from ..engine.factors import lora_scale
 from ..engine.ranks import parse_rank_policy
 from ..errors import ConfigError, ShapeMismatchError
 from ..io.adapter import Adapter
@@ -156,7 +157,7 @@ def _run(base: Checkpoint, tuned: Checkpoint, report: ExtractReport, device: tor
          lora_bias: Optional[bool], allow_empty: bool, progress: Optional[Progress], out_dtype, plan: dict) -> Adapter:
     """The two passes over the tensors, then the adapter; fills ``report``."""
     r, serving = report.r, report.serving
-    scale = report.alpha / r
+    scale = lora_scale(r, report.alpha)
     names = base.names()
     modules = base.module_infos()
     aliases = base.tied_weights()
