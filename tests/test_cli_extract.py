@@ -128,7 +128,7 @@ def test_existing_output_is_refused_before_any_work(tmp_path, monkeypatch):
     def must_not_run(*args, **kwargs):
         raise AssertionError("extract ran although the output exists")
 
-    monkeypatch.setattr("lorasurg.surgery.extract.extract", must_not_run)
+    monkeypatch.setattr("lorasurg.surgery.extract.run.extract", must_not_run)
     result = run(*LLAMA, "-o", str(out))
     assert result.exit_code == 2
     assert "exists and is not empty" in result.output and "--force" in result.output
@@ -146,7 +146,7 @@ def test_force_replaces_existing_output(tmp_path):
 
 @pytest.mark.parametrize("error", [KeyboardInterrupt, RuntimeError])
 def test_interrupted_run_leaves_no_partial_output(tmp_path, monkeypatch, error):
-    import lorasurg.surgery._extract_pass as pass_module
+    import lorasurg.surgery.extract.process as pass_module
 
     real_fit = pass_module.fit_delta
     calls = []

@@ -14,10 +14,10 @@ from lorasurg.engine.factors import delta_matrix, lora_scale, weight_to_matrix
 from lorasurg.engine.ranks import parse_rank_policy
 from lorasurg.io.checkpoint import Checkpoint
 from lorasurg.modules import ModuleInfo
-from lorasurg.surgery import _extract_pass
-from lorasurg.surgery import extract as extract_mod
-from lorasurg.surgery._extract_fit import fit_delta
-from lorasurg.surgery._extract_plan import plan_roles
+from lorasurg.surgery.extract import process as _extract_pass
+from lorasurg.surgery.extract import run as extract_mod
+from lorasurg.surgery.extract.fit import fit_delta
+from lorasurg.surgery.extract.plan import plan_roles
 from lorasurg.surgery.extract import extract
 from lorasurg.targeting import anchored_pattern_key, rank_alpha
 from tests.conftest import tol
@@ -314,7 +314,7 @@ def test_saved_adapter_round_trips(tmp_path):
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_streamed_fit_matches_the_in_memory_fit(monkeypatch, arch):
     """Tensors above STREAM_ABOVE elements are fitted from row blocks read from disk; force it on every tensor."""
-    from lorasurg.surgery import _extract_stream
+    from lorasurg.surgery.extract import stream as _extract_stream
 
     dense_adapter, dense = extract(*pair(arch), r=8)
     monkeypatch.setattr(_extract_pass, "STREAM_ABOVE", 0)
@@ -341,7 +341,7 @@ def test_streamed_fit_within_one_percent_on_hard_spectra(tmp_path, monkeypatch, 
     """The streamed randomized SVD (one power iteration, wide oversampling) on flat and slowly decaying spectra."""
     from safetensors.torch import save_file
 
-    from lorasurg.surgery import _extract_stream
+    from lorasurg.surgery.extract import stream as _extract_stream
 
     k = 256
     s = torch.arange(1, k + 1, dtype=torch.float64) ** -decay

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
-from .report import format_bytes, format_count, format_table
+from ..report import format_bytes, format_count, format_table
 
 __all__ = ["ModuleFit", "TensorOutcome", "ExtractReport"]
 

@@ -34,8 +34,8 @@ import re
 from dataclasses import dataclass
 from typing import Collection, Mapping, Optional, Sequence, Union
 
-from ..errors import ConfigError
-from ..modules import ModuleInfo
+from ...errors import ConfigError
+from ...modules import ModuleInfo
 
 __all__ = ["ROLES", "EMBEDDING_MODES", "TensorRole", "split_tensor_name", "matches_any", "plan_roles"]
 

@@ -2,9 +2,9 @@
 
 For every linear/conv/embedding weight that changed, the delta ``dW = W_tuned - W_base`` (matrix view ``(out,
 in)``, see :mod:`lorasurg.engine.factors`) is replaced by its truncated SVD, ``scale * B @ A`` with
-``A = sqrt(S/scale) Vh`` and ``B = U sqrt(S/scale)`` (:mod:`lorasurg.surgery._extract_fit`). Everything else
+``A = sqrt(S/scale) Vh`` and ``B = U sqrt(S/scale)`` (:mod:`lorasurg.surgery.extract.fit`). Everything else
 that changed is carried exactly (``lora_B.bias``, ``modules_to_save``) or listed as dropped
-(:mod:`lorasurg.surgery._extract_plan` has the rules). Nothing changes silently: the report lists every tensor
+(:mod:`lorasurg.surgery.extract.plan` has the rules). Nothing changes silently: the report lists every tensor
 that differs and what became of it.
 
 Scale and alpha. The intended scale is ``alpha / r`` (``alpha`` defaults to ``r``, i.e. scale 1). Every module
@@ -37,16 +37,16 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from ..engine.factors import lora_scale
-from ..engine.ranks import parse_rank_policy
-from ..errors import ConfigError, ShapeMismatchError
-from ..io.adapter import Adapter
-from ..io.checkpoint import Checkpoint
-from ..io.writer import check_output_dir
-from ._extract_build import Collected, build_adapter
-from ._extract_plan import plan_roles, split_tensor_name
-from ._extract_report import ExtractReport
-from ._extract_pass import compare, process_tensor
+from ...engine.factors import lora_scale
+from ...engine.ranks import parse_rank_policy
+from ...errors import ConfigError, ShapeMismatchError
+from ...io.adapter import Adapter
+from ...io.checkpoint import Checkpoint
+from ...io.writer import check_output_dir
+from .build import Collected, build_adapter
+from .plan import plan_roles, split_tensor_name
+from .report import ExtractReport
+from .process import compare, process_tensor
 
 __all__ = ["extract", "extract_to_dir", "default_output_path", "ExtractReport", "SVD_METHODS", "DTYPES"]
 

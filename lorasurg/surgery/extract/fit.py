@@ -11,7 +11,7 @@ the best rank-r approximation in Frobenius norm when the SVD is exact; the rando
 The error ``||dW - s B A||_F`` is measured on the delta itself, not estimated from singular values.
 
 Two entry points: :func:`fit_delta` for a delta held in memory, :func:`fit_operator` for one streamed from
-disk (:mod:`lorasurg.surgery._extract_stream`).
+disk (:mod:`lorasurg.surgery.extract.stream`).
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from ..engine.ranks import RankPolicy
-from ..engine.svd import decompose, split_factors
-from ._extract_stream import DeltaOperator, operator_svd
+from ...engine.ranks import RankPolicy
+from ...engine.svd import decompose, split_factors
+from .stream import DeltaOperator, operator_svd
 
 __all__ = ["NITER", "oversample", "Fit", "fit_delta", "fit_operator"]
 

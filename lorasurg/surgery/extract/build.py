@@ -15,15 +15,15 @@ from typing import Mapping, Optional
 import torch
 from torch import Tensor
 
-from ..config import LoraConfig
-from ..errors import InputError
-from ..io.adapter import Adapter, AdapterModule
-from ..io.checkpoint import Checkpoint
-from ..modules import ModuleInfo
-from ..targeting import anchored_pattern_key, exact_target_modules
-from ._extract_fit import Fit
-from ._extract_plan import TensorRole, split_tensor_name
-from ._extract_report import ExtractReport, TensorOutcome
+from ...config import LoraConfig
+from ...errors import InputError
+from ...io.adapter import Adapter, AdapterModule
+from ...io.checkpoint import Checkpoint
+from ...modules import ModuleInfo
+from ...targeting import anchored_pattern_key, exact_target_modules
+from .fit import Fit
+from .plan import TensorRole, split_tensor_name
+from .report import ExtractReport, TensorOutcome
 
 __all__ = ["Collected", "build_adapter"]
 
@@ -129,7 +129,7 @@ def build_adapter(
 
 def _zero_factors(run: Collected, modules: Mapping[str, ModuleInfo], roles: Mapping[str, TensorRole], r: int) -> None:
     """A no-op adapter: zero factors of rank ``min(r, out, in)`` on every non-embedding LoRA target."""
-    from ..engine.factors import factors_from_matrices
+    from ...engine.factors import factors_from_matrices
 
     for role in roles.values():
         info = modules.get(role.module)

@@ -1,9 +1,9 @@
 """One tensor pair of ``extract``: compare, and fit LoRA factors when its role says so.
 
 Small tensors are read whole (:func:`compare`: the float32 delta is built in place, so about one input plus the
-delta are held); tensors above :data:`~lorasurg.surgery._extract_stream.STREAM_ABOVE` elements are streamed from
-disk in row blocks (:mod:`lorasurg.surgery._extract_stream`) and never held whole. Either way the result goes into
-the run's :class:`~lorasurg.surgery._extract_build.Collected`.
+delta are held); tensors above :data:`~lorasurg.surgery.extract.stream.STREAM_ABOVE` elements are streamed from
+disk in row blocks (:mod:`lorasurg.surgery.extract.stream`) and never held whole. Either way the result goes into
+the run's :class:`~lorasurg.surgery.extract.build.Collected`.
 """
 
 from __future__ import annotations
@@ -18,17 +18,17 @@ from typing import Mapping, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ..engine.factors import factors_from_matrices, weight_to_matrix
-from ..engine.ranks import RankPolicy
-from ..errors import InputError
-from ..io.adapter import AdapterModule
-from ..io.checkpoint import Checkpoint
-from ..modules import ModuleInfo
-from ._extract_build import Collected
-from ._extract_fit import Fit, fit_delta, fit_operator, oversample
-from ._extract_plan import TensorRole
-from ._extract_report import ModuleFit
-from ._extract_stream import STREAM_ABOVE, DeltaOperator, max_abs, open_delta, sketch_matrix
+from ...engine.factors import factors_from_matrices, weight_to_matrix
+from ...engine.ranks import RankPolicy
+from ...errors import InputError
+from ...io.adapter import AdapterModule
+from ...io.checkpoint import Checkpoint
+from ...modules import ModuleInfo
+from .build import Collected
+from .fit import Fit, fit_delta, fit_operator, oversample
+from .plan import TensorRole
+from .report import ModuleFit
+from .stream import STREAM_ABOVE, DeltaOperator, max_abs, open_delta, sketch_matrix
 
 __all__ = ["compare", "process_tensor"]
 

@@ -27,7 +27,7 @@ from typing import Callable, Iterator, Optional
 import torch
 from torch import Tensor
 
-from ..io.checkpoint import Checkpoint, RowReader
+from ...io.checkpoint import Checkpoint, RowReader
 
 __all__ = ["STREAM_ABOVE", "DeltaOperator", "max_abs", "sketch_matrix", "open_delta", "operator_svd"]
 

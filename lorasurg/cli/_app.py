@@ -1,0 +1,124 @@
+"""The ``lorasurg`` group, the options its commands share, and how reports and errors are printed.
+
+Each command parses its options, calls one function of :mod:`lorasurg.surgery`, and prints the report it
+returns (``render()``, or ``to_dict()`` as JSON with ``--json``). A :class:`~lorasurg.errors.LorasurgError`
+becomes a one-paragraph message on stderr and the error's exit code (2 for bad input or usage, 1 for
+validation findings); no traceback reaches the user for a bad input.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Callable
+
+import click
+
+from .. import __version__
+from ..errors import LorasurgError
+from ..surgery.report import Report
+
+__all__ = [
+    "main", "emit", "json_option", "force_option", "device_option", "dtype_option", "selection", "progress_bar",
+]
+
+F = Callable[..., Any]
+
+
+class _Group(click.Group):
+    """Turns lorasurg errors and Ctrl-C into clean messages and exit codes."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except LorasurgError as err:
+            click.echo(f"error: {err}", err=True)
+            ctx.exit(err.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted: nothing was written", err=True)
+            ctx.exit(130)
+
+
+def json_option(f: F) -> F:
+    return click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of text.")(f)
+
+
+def force_option(f: F) -> F:
+    return click.option("--force", is_flag=True, help="Replace an existing, non-empty output directory.")(f)
+
+
+def device_option(f: F) -> F:
+    return click.option(
+        "--device",
+        default="auto",
+        show_default=True,
+        help="Where the arithmetic runs: auto (CUDA when present), cpu, cuda or cuda:N.",
+    )(f)
+
+
+def dtype_option(f: F) -> F:
+    return click.option(
+        "--dtype",
+        type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+        default="auto",
+        show_default=True,
+        help="Dtype of the written tensors; auto keeps the input's dtype.",
+    )(f)
+
+
+def emit(report: Report, as_json: bool) -> None:
+    """Print a report as text or JSON on stdout."""
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2, sort_keys=False))
+    else:
+        click.echo(report.render())
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "--version", "-V", prog_name="lorasurg")
+def main() -> None:
+    """Offline surgery on LoRA adapters, in Hugging Face PEFT's format.
+
+    Every command reads checkpoints (a directory, a sharded checkpoint, a .safetensors or .bin file, or a
+    hub repo id) and adapters (adapter_config.json + adapter_model.safetensors), and writes outputs that
+    PEFT loads as they are. Outputs are written atomically and never overwrite anything without --force.
+
+    \b
+    Examples:
+      lorasurg extract fixtures/tiny-llama/base fixtures/tiny-llama/tuned -o out/extracted --r 8
+      lorasurg inspect out/extracted
+
+    Run `lorasurg COMMAND --help` for a command's options.
+    """
+
+
+_REGEX_CHARS = set("^$*+?()[]{}|\\")
+
+
+def selection(values: tuple[str, ...]):
+    """Repeated --target-modules/--exclude-modules values: a list of names, or one regex string."""
+    if not values:
+        return None
+    if len(values) == 1 and _REGEX_CHARS & set(values[0]):
+        return values[0]
+    return [name for value in values for name in value.split(",") if name]
+
+
+def progress_bar(desc: str):
+    """A progress callback drawing a tqdm bar with ETA on stderr when it is a terminal, else None."""
+    if not sys.stderr.isatty():
+        return None
+    from tqdm.auto import tqdm
+
+    bar = None
+
+    def update(done: int, total: int, name: str) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc=desc, unit="param", unit_scale=True, leave=False, file=sys.stderr)
+        bar.update(done - bar.n)
+        bar.set_postfix_str(name[-40:], refresh=False)
+        if done >= total:
+            bar.close()
+
+    return update

@@ -1,0 +1,60 @@
+"""``lorasurg extract``: a LoRA adapter from a full fine-tune."""
+
+from __future__ import annotations
+
+import click
+
+from ._app import device_option, dtype_option, emit, force_option, json_option, main, progress_bar, selection
+
+
+@main.command("extract")
+@click.argument("base", metavar="BASE")
+@click.argument("tuned", metavar="TUNED")
+@click.option("-o", "--output", type=click.Path(file_okay=False), default=None,
+              help="Adapter directory to write. Default: ./<TUNED name>-lora-r<R> (printed).")
+@click.option("--r", "r", type=click.IntRange(min=1), default=16, show_default=True,
+              help="LoRA rank (the cap for --rank-policy); clamped per module to min(out, in), and said so.")
+@click.option("--alpha", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="lora_alpha for rank R; default R (scale 1). Every module keeps the scale alpha/R.")
+@click.option("--rank-policy", default=None, metavar="POLICY",
+              help="Per-module rank: energy:F, sv_ratio:X, sv_fro:F, sv_cumulative:F, sv_epsilon:E (capped by --r).")
+@click.option("--target-modules", multiple=True, metavar="NAME",
+              help="Fit only these layers (names or suffixes, repeatable or comma-separated; one value with regex "
+                   "characters is a regex). Default: every changed LoRA-able layer.")
+@click.option("--exclude-modules", multiple=True, metavar="NAME",
+              help="Leave these modules out (their changes are listed as dropped). Same syntax as --target-modules.")
+@click.option("--embeddings", type=click.Choice(["lora", "full", "skip"]), default="lora", show_default=True,
+              help="Changed embeddings: LoRA factors, saved in full (modules_to_save), or left out (listed).")
+@click.option("--lora-bias/--no-lora-bias", default=None,
+              help="Carry bias deltas of LoRA layers as lora_B.bias. Default: on iff one changed.")
+@click.option("--svd", type=click.Choice(["randomized", "exact"]), default="randomized", show_default=True,
+              help="Randomized SVD (seeded, within 1% of optimal) or exact SVD.")
+@device_option
+@dtype_option
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized SVD.")
+@click.option("--serving", is_flag=True,
+              help="Write only LoRA factors on linear layers (what vLLM-style servers accept); list the rest.")
+@click.option("--allow-empty", is_flag=True, help="For identical checkpoints, write a no-op adapter instead of failing.")
+@force_option
+@json_option
+def extract_command(base: str, tuned: str, output, r, alpha, rank_policy, target_modules, exclude_modules,
+                    embeddings, lora_bias, svd, device, dtype, seed, serving, allow_empty, force, as_json) -> None:
+    """Extract a LoRA adapter from a full fine-tune: TUNED ~ BASE + adapter, by truncated SVD of each delta.
+
+    BASE and TUNED are checkpoints (a directory, a sharded checkpoint, a .safetensors or .bin file, or a
+    hub repo id) of the same architecture. Every tensor that differs is accounted for in the report:
+    LoRA factors, lora_B.bias, modules_to_save, or dropped with its share of the delta.
+
+    \b
+    Example:
+      lorasurg extract fixtures/tiny-llama/base fixtures/tiny-llama/tuned -o out/extracted --r 8
+    """
+    from ..surgery.extract import extract_to_dir
+
+    report = extract_to_dir(
+        base, tuned, output, force=force, r=r, alpha=alpha, rank_policy=rank_policy,
+        target_modules=selection(target_modules), exclude_modules=selection(exclude_modules),
+        embeddings=embeddings, lora_bias=lora_bias, svd=svd, device=device, dtype=dtype, seed=seed,
+        serving=serving, allow_empty=allow_empty, progress=None if as_json else progress_bar("extract"),
+    )
+    emit(report, as_json)
