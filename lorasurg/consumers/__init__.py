@@ -19,7 +19,7 @@ from .reading import (
     peft_scale,
     tied_heads,
 )
-from .rules import CHOICES, CONSUMERS, FEATURES, Consumer, Rule, Source, parse_consumers
+from .rules import CHOICES, CONSUMERS, FEATURES, Consumer, Rule, Source, parse_consumers, with_serving
 
 __all__ = [
     "CHOICES",
@@ -29,6 +29,7 @@ __all__ = [
     "Rule",
     "Source",
     "parse_consumers",
+    "with_serving",
     "ConsumerFinding",
     "ConsumerVerdict",
     "adapter_features",

@@ -44,6 +44,7 @@ __all__ = [
     "CONSUMERS",
     "CHOICES",
     "parse_consumers",
+    "with_serving",
 ]
 
 TREATMENTS = ("reads", "refuses", "drops", "misreads", "model-dependent")
@@ -258,6 +259,15 @@ LLAMA_CPP = Consumer(
 CONSUMERS: dict[str, Consumer] = {c.name: c for c in (PEFT, VLLM, VLLM_LEGACY, LLAMA_CPP)}
 #: what ``--for`` accepts (``all`` is every one of them).
 CHOICES = ("peft", "vllm", "llama.cpp")
+
+
+def with_serving(spec: Union[str, Iterable[str], None], serving: bool) -> tuple[str, ...]:
+    """:func:`parse_consumers` of ``spec`` with ``--serving`` (an alias of ``--for vllm``) applied: ``vllm`` replaces
+    the default ``peft``, or joins the consumers named."""
+    names = parse_consumers(spec)
+    if not serving:
+        return names
+    return ("vllm",) if names == ("peft",) else parse_consumers([*names, "vllm"])
 
 
 def parse_consumers(spec: Union[str, Iterable[str], None]) -> tuple[str, ...]:

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import Collection, Mapping, Optional, Sequence, Union
 
 from ...consumers.reading import is_norm_key
-from ...consumers.rules import CONSUMERS, Consumer, parse_consumers
+from ...consumers.rules import CONSUMERS, Consumer, with_serving
 from ...errors import ConfigError
 from ...modules import ModuleInfo
 
@@ -131,7 +131,7 @@ def plan_roles(
     """
     if embeddings not in EMBEDDING_MODES:
         raise ConfigError(f"--embeddings must be one of {', '.join(EMBEDDING_MODES)}, got {embeddings!r}")
-    chosen = [CONSUMERS[c] for c in parse_consumers([*parse_consumers(consumers), *(["vllm"] if serving else [])])]
+    chosen = [CONSUMERS[c] for c in with_serving(consumers, serving)]
     aliases = dict(aliases or {})
     embedding_layers = {m for m in (input_embedding, *output_layers) if m}
     roles: dict[str, TensorRole] = {}

@@ -37,7 +37,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from ...consumers.rules import CONSUMERS, parse_consumers
+from ...consumers.rules import CONSUMERS, with_serving
 from ...engine.factors import lora_scale
 from ...engine.ranks import parse_rank_policy
 from ...errors import ConfigError, ShapeMismatchError
@@ -140,7 +140,7 @@ def extract(
         ConfigError: an invalid option value.
     """
     policy = _check_options(r, alpha, rank_policy, svd, dtype, embeddings)
-    for_names = parse_consumers([*parse_consumers(consumers), *(["vllm"] if serving else [])])
+    for_names = with_serving(consumers, serving)
     work_device = _device(device)
     report = ExtractReport(
         base=_source_name(base), tuned=_source_name(tuned), r=r, alpha=float(alpha if alpha is not None else r),
