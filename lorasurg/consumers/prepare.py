@@ -47,7 +47,7 @@ from .reading import (
     peft_scale,
     tied_heads,
 )
-from .rules import CONSUMERS, FEATURES, parse_consumers
+from .rules import CONSUMERS, parse_consumers
 
 __all__ = ["LeftOut", "ForReport", "prepare_for"]
 

@@ -71,3 +71,11 @@ def test_inspect_shows_one_line_per_consumer(tmp_path):
     data = json.loads(run("inspect", str(out), "--json").output)
     assert [c["consumer"] for c in data["consumers"]] == ["peft", "vllm", "llama.cpp"]
     assert [c["same_as_peft"] for c in data["consumers"]] == [True, False, False]
+
+
+def test_nothing_left_for_the_consumers_says_why(tmp_path):
+    gpt2 = [str(FIXTURES / "tiny-gpt2" / "base"), str(FIXTURES / "tiny-gpt2" / "tuned")]
+    result = run("extract", *gpt2, "--r", "4", "--for", "all", "-o", str(tmp_path / "g"))
+    assert result.exit_code == 2 and not (tmp_path / "g").exists()
+    assert "--for peft,vllm,llama.cpp left out what its consumers cannot carry" in result.output
+    assert "GPT-2 Conv1D LoRA" in result.output and "--for peft keeps everything" in result.output

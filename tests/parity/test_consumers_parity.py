@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-import torch
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")

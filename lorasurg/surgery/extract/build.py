@@ -113,7 +113,7 @@ def build_adapter(
         raise InputError(
             f"no LoRA-able weight changed between {report.base} and {report.tuned} (or every one was excluded or "
             f"got rank 0), so there is no adapter to write. Changed tensors: {kept}. Check --target-modules, "
-            "--exclude-modules, --embeddings and --rank-policy."
+            "--exclude-modules, --embeddings and --rank-policy." + _for_hint(report)
         )
     config = _config(run, modules, save_modules, use_bias, base, base_name)
     adapter = Adapter(config, dict(run.factors), dict(run.saved))
@@ -132,6 +132,15 @@ def build_adapter(
 
 
 # ------------------------------------------------------------------------------------------------ steps
+
+
+def _for_hint(report: ExtractReport) -> str:
+    """What ``--for`` left out, when it did: the distinct reasons, for the "nothing to write" error."""
+    reasons = sorted({o.reason for o in report.outcomes if o.reason.startswith("--for ")})
+    if not reasons:
+        return ""
+    return (f" --for {','.join(report.consumers)} left out what its consumers cannot carry: " + "; ".join(reasons)
+            + ". Name fewer consumers (--for peft keeps everything).")
 
 
 def _zero_factors(run: Collected, modules: Mapping[str, ModuleInfo], roles: Mapping[str, TensorRole], r: int) -> None:
