@@ -63,10 +63,11 @@ class LeftOut:
         name: the module, or the tensor key for ``modules_to_save``.
         feature: which part (a key of :data:`~lorasurg.consumers.rules.FEATURES`).
         consumers: the named consumers that cannot carry it.
-        reason: what the first of them does with it.
+        reason: what each of them does with it (``"vLLM: ...; llama.cpp: ..."``).
         energy: its ``||delta||_F**2`` under PEFT; None when not known (DoRA rescaling, a whole saved module
             without a given delta energy).
         share: ``energy`` over the adapter's total delta energy, or None.
+        reasons: ``{consumer: its rule}`` (the parts of ``reason``).
     """
 
     name: str
@@ -75,6 +76,7 @@ class LeftOut:
     reason: str
     energy: Optional[float]
     share: Optional[float]
+    reasons: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -118,10 +120,8 @@ class ForReport:
         }
 
     def render(self) -> str:
-        from ..surgery.report import format_bytes, format_table
-
         head = f"written for {', '.join(self.consumers)}: " + _LAYOUT_TEXT[self.layout].format(
-            r=self.r, alpha=f"{self.lora_alpha:g}", n=len(self.padded), bytes=format_bytes(self.padding_bytes))
+            r=self.r, alpha=f"{self.lora_alpha:g}", n=len(self.padded), bytes=f"{self.padding_bytes:,} bytes")
         if self.rescaled:
             head += (f"; {len(self.rescaled)} module(s) had their factors rescaled so their scale is written as "
                      "the consumers read it")
@@ -129,11 +129,14 @@ class ForReport:
         for name in self.consumers:
             items = self.left_out_for(name)
             if name == "peft" or not items:
-                parts.append(f"{name}: carries everything" if name != "peft" else "peft: the reference")
+                parts.append("  peft: the reference" if name == "peft" else f"  {name}: carries everything")
                 continue
-            rows = [(x.name, x.feature, "?" if x.share is None else f"{100 * x.share:.3f}%", x.reason) for x in items]
-            parts.append(f"{name} leaves out:\n" + format_table(rows, ["tensor/module", "what", "energy share", "why"]))
-        parts.extend(f"note: {n}" for n in self.notes)
+            parts.append(f"  {name} leaves out:")
+            parts.extend(
+                f"    - {x.name} ({x.feature}, {'share unknown' if x.share is None else f'{100 * x.share:.3f}%'}): "
+                f"{x.reasons.get(name, x.reason)}" for x in items
+            )
+        parts.extend(f"  note: {n}" for n in self.notes)
         return "\n".join(parts)
 
 
@@ -194,9 +197,9 @@ def prepare_for(
         for item in items:
             energy = _leave_out(new, feature, item, energies)
             share = None if energy is None or total <= 0 else energy / total
-            rule = blockers[0].rules[feature]
-            report.left_out.append(LeftOut(item, feature, tuple(c.name for c in blockers),
-                                           f"{blockers[0].title}: {rule.says}", energy, share))
+            reasons = {c.name: f"{c.title}: {c.rules[feature].says}" for c in blockers}
+            report.left_out.append(LeftOut(item, feature, tuple(reasons), "; ".join(reasons.values()), energy, share,
+                                           reasons))
     _clean_config(new, adapter, chosen)
     if not new.modules:
         listed = ", ".join(sorted({x.feature for x in report.left_out}))

@@ -12,7 +12,7 @@ from lorasurg.io.adapter import Adapter, AdapterModule  # noqa: E402
 from lorasurg.surgery.extract import extract  # noqa: E402
 from lorasurg.targeting import anchored_pattern_key  # noqa: E402
 
-from .test_extract_parity import load_adapter, logits, pair, rel  # noqa: E402
+from tests.parity.test_extract_parity import load_adapter, logits, pair, rel  # noqa: E402
 
 
 @pytest.mark.parametrize("consumers", ["vllm", "llama.cpp", "all"])

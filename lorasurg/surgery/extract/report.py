@@ -118,7 +118,8 @@ class ExtractReport:
             items = [{"name": o.name, "why": o.reason, "share": self.share(o)}
                      for o in self.outcomes if o.outcome == "dropped" and name in _for_names(o.reason)]
             if self.for_report is not None:
-                items += [{"name": x.name, "why": x.reason, "share": x.share} for x in self.for_report.left_out_for(name)]
+                items += [{"name": x.name, "why": x.reasons.get(name, x.reason), "share": x.share}
+                          for x in self.for_report.left_out_for(name)]
             out[name] = items
         return out
 
