@@ -37,6 +37,7 @@ from .engine.init import init_factors
 from .engine.ranks import RankPolicy, parse_rank_policy
 from .engine.svd import decompose, truncated_svd
 from .modules import ModuleInfo, describe_model
+from .consumers import ConsumerFinding, ForReport, consumer_delta, consumer_findings, prepare_for
 from .surgery.extract import ExtractReport, extract, extract_to_dir
 from .surgery.inspect import inspect_adapter
 from .targeting import (
@@ -62,6 +63,11 @@ __all__ = [
     "extract",
     "extract_to_dir",
     "ExtractReport",
+    "prepare_for",
+    "ForReport",
+    "consumer_delta",
+    "consumer_findings",
+    "ConsumerFinding",
     "LoraFactors",
     "lora_scale",
     "truncated_svd",

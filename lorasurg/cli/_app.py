@@ -19,7 +19,8 @@ from ..errors import LorasurgError
 from ..surgery.report import Report
 
 __all__ = [
-    "main", "emit", "json_option", "force_option", "device_option", "dtype_option", "selection", "progress_bar",
+    "main", "emit", "json_option", "force_option", "device_option", "dtype_option", "for_option", "selection",
+    "progress_bar",
 ]
 
 F = Callable[..., Any]
@@ -63,6 +64,29 @@ def dtype_option(f: F) -> F:
         default="auto",
         show_default=True,
         help="Dtype of the written tensors; auto keeps the input's dtype.",
+    )(f)
+
+
+def _parse_for(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:
+    from ..consumers import parse_consumers
+    from ..errors import ConfigError
+
+    try:
+        return parse_consumers(value)
+    except ConfigError as err:
+        raise click.BadParameter(str(err), ctx=ctx, param=param) from err
+
+
+def for_option(f: F) -> F:
+    """``--for peft|vllm|llama.cpp|all`` (comma lists allowed) -> parameter ``consumers``: a tuple of names.
+
+    A command that writes an adapter passes it to :func:`lorasurg.consumers.prepare_for` (or to a surgery
+    function that does) and puts the returned report's ``render()``/``to_dict()`` into its own.
+    """
+    return click.option(
+        "--for", "consumers", default="peft", show_default=True, metavar="CONSUMERS", callback=_parse_for,
+        help="Who will load the adapter: peft, vllm, llama.cpp or all (comma-separated for several). The output is "
+             "written so that each computes PEFT's per-module delta; what one cannot carry is left out and listed.",
     )(f)
 
 

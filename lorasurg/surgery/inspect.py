@@ -2,7 +2,8 @@
 
 For each module: layer kind, rank r, lora_alpha and the scale ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA)
 the config gives it, tensor shapes, dtype and parameter count; the non-LoRA tensors; totals; and every way
-the tensors contradict the config (:meth:`lorasurg.io.adapter.Adapter.problems`).
+the tensors contradict the config (:meth:`lorasurg.io.adapter.Adapter.problems`); and, per consumer (PEFT, vLLM,
+llama.cpp), whether it reads the adapter as PEFT does (:func:`lorasurg.consumers.consumer_verdicts`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Union
 
+from ..consumers import consumer_verdicts
 from ..engine.factors import lora_scale
 from ..io.adapter import Adapter
 from .report import format_bytes, format_count, format_table
@@ -47,6 +49,7 @@ class InspectReport:
     total_parameters: int
     total_bytes: int
     problems: list[str] = field(default_factory=list)
+    consumers: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -57,6 +60,7 @@ class InspectReport:
             "total_parameters": self.total_parameters,
             "total_bytes": self.total_bytes,
             "problems": self.problems,
+            "consumers": self.consumers,
         }
 
     def render(self) -> str:
@@ -85,6 +89,8 @@ class InspectReport:
             parts.append("problems:\n" + "\n".join(f"  - {p}" for p in self.problems))
         else:
             parts.append("no problems found: the tensors match the config")
+        if self.consumers:
+            parts.append("read by:\n" + "\n".join(f"  {c['line']}" for c in self.consumers))
         return "\n\n".join(parts)
 
 
@@ -120,4 +126,5 @@ def inspect_adapter(path_or_repo: Union[str, os.PathLike]) -> InspectReport:
         total_parameters=sum(t.numel() for t in state.values()),
         total_bytes=sum(t.numel() * t.element_size() for t in state.values()),
         problems=adapter.problems(),
+        consumers=[v.to_dict() for v in consumer_verdicts(adapter)],
     )

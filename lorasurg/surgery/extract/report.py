@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
+from ...consumers.prepare import ForReport
 from ..report import format_bytes, format_count, format_table
 
 __all__ = ["ModuleFit", "TensorOutcome", "ExtractReport"]
@@ -75,6 +76,8 @@ class ExtractReport:
     adapter_parameters: int = 0
     adapter_bytes: int = 0
     output: Optional[str] = None
+    consumers: list[str] = field(default_factory=lambda: ["peft"])
+    for_report: Optional[ForReport] = None
 
     # ------------------------------------------------------------------------------------------ totals
     @property
@@ -107,6 +110,37 @@ class ExtractReport:
         """Changed tensors the adapter does not carry (dropped, rank 0)."""
         return [o for o in self.outcomes if o.outcome in ("dropped", "rank0")]
 
+    def left_out_by_consumer(self) -> dict[str, list[dict[str, Any]]]:
+        """For each consumer named with ``--for``: what was left out because it cannot carry it (tensor or
+        module, why, energy share; share None when unknown)."""
+        out: dict[str, list[dict[str, Any]]] = {}
+        for name in self.consumers:
+            items = [{"name": o.name, "why": o.reason, "share": self.share(o)}
+                     for o in self.outcomes if o.outcome == "dropped" and name in _for_names(o.reason)]
+            if self.for_report is not None:
+                items += [{"name": x.name, "why": x.reasons.get(name, x.reason), "share": x.share}
+                          for x in self.for_report.left_out_for(name)]
+            out[name] = items
+        return out
+
+    def _render_consumers(self) -> str:
+        """The ``--for`` section: how the scale was written, and what each named consumer leaves out."""
+        lines = []
+        if self.for_report is not None:
+            head = self.for_report.render().splitlines()[0]
+            lines.append(head)
+        for name, items in self.left_out_by_consumer().items():
+            if name == "peft":
+                continue
+            if not items:
+                lines.append(f"  {name}: leaves out nothing")
+                continue
+            known = sum(i["share"] or 0.0 for i in items)
+            shown = ", ".join(i["name"] for i in items[:8]) + (f" and {len(items) - 8} more" if len(items) > 8 else "")
+            lines.append(f"  {name}: leaves out {len(items)} tensor(s)/module(s), {100 * known:.3f}% of the delta "
+                         f"energy: {shown}")
+        return "\n".join(lines)
+
     # ------------------------------------------------------------------------------------------ output
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -116,7 +150,10 @@ class ExtractReport:
             "settings": {
                 "r": self.r, "alpha": self.alpha, "rank_policy": self.rank_policy, "svd": self.svd,
                 "device": self.device, "dtype": self.dtype, "lora_bias": self.lora_bias, "serving": self.serving,
+                "for": list(self.consumers),
             },
+            "for": self.for_report.to_dict() if self.for_report is not None else None,
+            "left_out_by_consumer": self.left_out_by_consumer(),
             "modules": [asdict(f) for f in self.fits],
             "tensors": [dict(asdict(o), share=self.share(o)) for o in self.outcomes],
             "notes": list(self.notes),
@@ -137,7 +174,7 @@ class ExtractReport:
         head = [
             f"extract: {self.base} -> {self.tuned}",
             f"r={self.r} alpha={self.alpha:g} rank policy={self.rank_policy} svd={self.svd} device={self.device} "
-            f"dtype={self.dtype} lora_bias={str(self.lora_bias).lower()}" + (" serving" if self.serving else ""),
+            f"dtype={self.dtype} lora_bias={str(self.lora_bias).lower()} for={','.join(self.consumers)}",
         ]
         parts = ["\n".join(head)]
         if self.fits:
@@ -156,6 +193,8 @@ class ExtractReport:
             parts.append("other changed tensors:\n" + format_table(rows, ["tensor", "became", "energy share", "why"]))
         if self.notes:
             parts.append("notes:\n" + "\n".join(f"  - {n}" for n in self.notes))
+        if self.consumers != ["peft"]:
+            parts.append(self._render_consumers())
         left = sum(self.share(o) for o in self.left_out())
         totals = (
             f"{self.tensors_compared} tensors compared, {len(self.outcomes)} changed, {self.tensors_unchanged} "
@@ -167,3 +206,10 @@ class ExtractReport:
         if self.output:
             parts.append(f"wrote {self.output}")
         return "\n\n".join(parts)
+
+
+def _for_names(reason: str) -> list[str]:
+    """The consumers a ``--for a, b: ...`` reason names (empty for any other reason)."""
+    if not reason.startswith("--for "):
+        return []
+    return [n.strip() for n in reason[len("--for "):].split(":", 1)[0].split(",")]

@@ -37,6 +37,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
+from ...consumers.rules import CONSUMERS, with_serving
 from ...engine.factors import lora_scale
 from ...engine.ranks import parse_rank_policy
 from ...errors import ConfigError, ShapeMismatchError
@@ -44,7 +45,7 @@ from ...io.adapter import Adapter
 from ...io.checkpoint import Checkpoint
 from ...io.writer import check_output_dir
 from .build import Collected, build_adapter
-from .plan import plan_roles, split_tensor_name
+from .plan import blocker, plan_roles, split_tensor_name
 from .report import ExtractReport
 from .process import compare, process_tensor
 
@@ -100,6 +101,7 @@ def extract(
     device: str = "auto",
     dtype: str = "auto",
     seed: int = 0,
+    consumers: Union[str, Sequence[str], None] = "peft",
     serving: bool = False,
     allow_empty: bool = False,
     progress: Optional[Progress] = None,
@@ -120,8 +122,11 @@ def extract(
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``: where the arithmetic runs.
         dtype: dtype of the written tensors; ``auto`` follows the tuned checkpoint.
         seed: seeds the randomized SVD (per module, independent of order).
-        serving: write only LoRA factors on linear layers (what vLLM-style servers accept); list the rest
-            with its share of the delta energy.
+        consumers: who will read the adapter (``--for``): ``peft`` (default), ``vllm``, ``llama.cpp``, ``all``, or
+            several (``"vllm,llama.cpp"`` or a list). What one of them cannot carry is left out and listed with
+            its share of the delta energy, and the scale is written so that each computes PEFT's delta
+            (:func:`lorasurg.consumers.prepare_for`).
+        serving: an alias of adding ``vllm`` to ``consumers`` (``--serving``).
         allow_empty: for identical checkpoints, return a no-op adapter (all factors zero) instead of raising.
         progress: called as ``progress(done, total, tensor name)`` in elements after each tensor.
 
@@ -135,11 +140,12 @@ def extract(
         ConfigError: an invalid option value.
     """
     policy = _check_options(r, alpha, rank_policy, svd, dtype, embeddings)
+    for_names = with_serving(consumers, serving)
     work_device = _device(device)
     report = ExtractReport(
         base=_source_name(base), tuned=_source_name(tuned), r=r, alpha=float(alpha if alpha is not None else r),
         rank_policy=str(policy) if policy else f"fixed:{r}", svd=svd, device=str(work_device), dtype=dtype,
-        lora_bias=False, serving=serving,
+        lora_bias=False, serving="vllm" in for_names, consumers=list(for_names),
     )
     with contextlib.ExitStack() as opened:
         base_ckpt, tuned_ckpt = _open(base, opened), _open(tuned, opened)
@@ -148,7 +154,7 @@ def extract(
             base_ckpt, tuned_ckpt, report, work_device, policy=policy, seed=seed, lora_bias=lora_bias,
             allow_empty=allow_empty, progress=progress, out_dtype=DTYPES.get(dtype),
             plan=dict(target_modules=target_modules, exclude_modules=exclude_modules, embeddings=embeddings,
-                      serving=serving),
+                      consumers=for_names),
         )
     return adapter, report
 
@@ -156,7 +162,8 @@ def extract(
 def _run(base: Checkpoint, tuned: Checkpoint, report: ExtractReport, device: torch.device, *, policy, seed: int,
          lora_bias: Optional[bool], allow_empty: bool, progress: Optional[Progress], out_dtype, plan: dict) -> Adapter:
     """The two passes over the tensors, then the adapter; fills ``report``."""
-    r, serving = report.r, report.serving
+    r = report.r
+    no_bias = blocker([CONSUMERS[c] for c in report.consumers], "lora_bias")
     scale = lora_scale(r, report.alpha)
     names = base.names()
     modules = base.module_infos()
@@ -174,9 +181,9 @@ def _run(base: Checkpoint, tuned: Checkpoint, report: ExtractReport, device: tor
         compare(base, tuned, with_bias[name], run, device)
         done += _numel(base.shape(name))
     use_bias = bool(run.bias_deltas) if lora_bias is None else bool(lora_bias)
-    if serving and lora_bias:
-        run.notes.append("--lora-bias ignored: --serving writes no lora_B bias (LoRA servers reject it)")
-    use_bias = use_bias and not serving
+    if no_bias and lora_bias:
+        run.notes.append(f"--lora-bias ignored: {no_bias.title} {no_bias.rules['lora_bias'].says}")
+    use_bias = use_bias and not no_bias
     roles = with_bias if use_bias else plan_roles(names, modules, lora_bias=False, **plan)
 
     # Pass 2: everything else, in shard order, one tensor pair at a time.
