@@ -39,6 +39,8 @@ from .engine.svd import decompose, truncated_svd
 from .modules import ModuleInfo, describe_model
 from .surgery.extract import ExtractReport, extract, extract_to_dir
 from .surgery.inspect import inspect_adapter
+from .surgery.validate import ValidationReport, validate, validate_adapter
+from .findings import Finding
 from .targeting import (
     anchored_pattern_key,
     exact_target_modules,
@@ -59,6 +61,10 @@ __all__ = [
     "Checkpoint",
     "write_checkpoint",
     "inspect_adapter",
+    "validate",
+    "validate_adapter",
+    "ValidationReport",
+    "Finding",
     "extract",
     "extract_to_dir",
     "ExtractReport",
