@@ -11,13 +11,15 @@ code                   fix
                        true/false): PEFT then loads the ``lora_B.bias`` tensors it used to drop
 ``tensor-untargeted``  drop the tensors of modules the config does not target (PEFT ignored them anyway)
 ``pattern-unmatched``  rewrite a rank_pattern/alpha_pattern key that matches nothing as the anchored name of
-                       the one module it was meant for (``"^" + re.escape(name)``, in the same dict position)
+                       the one module it was meant for (``"^" + re.escape(name)``, in the same dict position),
+                       when no other key takes that module first (in file order or PEFT's sorted order)
 ``file-bin``           write the tensors as ``adapter_model.safetensors`` instead of the pickle file
 =====================  ======================================================================================
 
 Tensor values are never changed: every tensor written is a tensor read, same key, dtype and values. The
-config is the file's own JSON with only the fixed keys changed (written as PEFT writes it: sorted keys,
-indent 2). Other files in the adapter directory (README, tokenizer files) are copied as they are.
+config is the file's own JSON with only the fixed keys changed, in the file's own key order (the order of
+pattern keys decides which one applies). Other files in the adapter directory (README, tokenizer files) are
+copied as they are.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from ...io.adapter import BIN_WEIGHTS_NAME, WEIGHTS_NAME, parse_peft_key
 from ...io.writer import atomic_output_dir
 from .report import Change, FixResult
 from .subject import Subject
+from ...targeting import pattern_key
 from .target_checks import pattern_targets, unmatched_pattern_keys
 
 __all__ = ["FIXERS", "write_fixed_copy"]
@@ -105,9 +108,18 @@ def _fix_patterns(subject: Subject, findings: list[Finding], plan: _Plan) -> Non
         patterns = plan.config.get(item.field)
         if len(item.meant) != 1 or not isinstance(patterns, dict) or item.rewrite in patterns:
             continue
-        plan.config[item.field] = {(item.rewrite if k == item.key else k): v for k, v in patterns.items()}
+        rewritten = {(item.rewrite if k == item.key else k): v for k, v in patterns.items()}
+        if not _wins(rewritten, item.meant[0], item.rewrite):
+            continue  # an earlier key matches the module too: which one was meant is not clear
+        plan.config[item.field] = rewritten
         plan.change("pattern-unmatched", f"{item.field}[{item.key!r}]",
                     f"key rewritten as {item.rewrite!r}: it now applies to {item.meant[0]} only, as meant")
+
+
+def _wins(patterns: dict, module: str, key: str) -> bool:
+    """``key`` is the pattern that applies to ``module`` in this order and in sorted order (PEFT writes
+    ``adapter_config.json`` with sorted keys, nested dicts included, so a re-saved file has sorted patterns)."""
+    return pattern_key(patterns, module) == key and pattern_key(dict(sorted(patterns.items())), module) == key
 
 
 def _fix_bin(subject: Subject, findings: list[Finding], plan: _Plan) -> None:
@@ -144,7 +156,7 @@ def write_fixed_copy(subject: Subject, findings: list[Finding], output: os.PathL
         if mine:
             fixer(subject, mine, plan)
     with atomic_output_dir(output, force) as tmp:
-        (tmp / CONFIG_NAME).write_text(json.dumps(plan.config, indent=2, sort_keys=True), encoding="utf-8")
+        (tmp / CONFIG_NAME).write_text(json.dumps(plan.config, indent=2), encoding="utf-8")
         if plan.state is not None:
             save_file({k: v.contiguous() for k, v in plan.state.items()}, str(tmp / WEIGHTS_NAME),
                       metadata={"format": "pt"})

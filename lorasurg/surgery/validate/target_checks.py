@@ -40,13 +40,12 @@ def check_targets(subject: Subject) -> list[Finding]:
     """``target-*``, ``exclude-unmatched``, ``layers-*``, ``rank-too-large`` and ``save-unmatched``: the config
     against the base model's module names and shapes."""
     cfg, base = subject.config, subject.base
-    found = _unmatched_targets(cfg, base)
+    found = _unmatched_targets(cfg, base) + _layer_findings(cfg, base)
     selected, _ = match_modules(cfg, base.modules, base.output_layers)
-    if not selected and not found:
+    if not selected and not found:  # nothing selected, and no finding above says why
         found.append(_none_selected(cfg, base))
     found += _unsupported(selected, base.modules)
     found += _unused_excludes(cfg, base)
-    found += _layer_findings(cfg, base)
     found += _too_large(cfg, [n for n in selected if base.modules[n].kind is not None], base.modules)
     found += _unmatched_saves(cfg, base)
     return found
@@ -119,8 +118,8 @@ def _none_selected(cfg: Any, base: BaseModel) -> Finding:
 def _unsupported(selected: Sequence[str], modules: Mapping[str, ModuleInfo]) -> list[Finding]:
     return [
         Finding("target-unsupported", name,
-                f"target_modules selects it but it is a {modules[name].type_name} layer "
-                f"(weight {modules[name].weight_shape}); PEFT refuses it: LoRA wraps {_WRAPPABLE}",
+                f"target_modules selects it but LoRA cannot wrap it ({modules[name].type_name}, weight "
+                f"{modules[name].weight_shape}); PEFT refuses it: LoRA wraps {_WRAPPABLE}",
                 "narrow target_modules to the layers you mean (e.g. leaf names like 'q_proj'), or add it to "
                 "exclude_modules")
         for name in selected
@@ -239,8 +238,8 @@ def pattern_findings(cfg: Any, targeted: Sequence[str], all_names: Iterable[str]
         found.append(Finding(
             "pattern-unmatched", f"{item.field}[{item.key!r}]",
             f"the key matches none of the {len(targeted)} targeted modules{note}, so PEFT ignores it silently and "
-            f"they keep {default}. PEFT's rule: the key must match a whole '.'-suffix of the module name "
-            "(re.match(r'(.*\\.)?(KEY)$', name))", fix,
+            f"every targeted module keeps {default}. PEFT's rule: the key must match a whole '.'-suffix of the "
+            "module name (re.match(r'(.*\\.)?(KEY)$', name))", fix,
         ))
     return found
 

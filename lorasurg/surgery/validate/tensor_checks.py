@@ -103,8 +103,8 @@ def check_shapes(subject: Subject) -> list[Finding]:
         elif info.kind != mod.kind:
             found.append(Finding(
                 "kind-mismatch", name,
-                f"the adapter stores a {mod.kind} LoRA (A {tuple(mod.A.shape)}) but the base layer is a "
-                f"{info.type_name} (weight {info.weight_shape})",
+                f"the adapter's factors are shaped for a layer of kind {mod.kind!r} (A {tuple(mod.A.shape)}) but "
+                f"the base layer is a {info.type_name} of kind {info.kind!r} (weight {info.weight_shape})",
                 "validate against the base model the adapter was trained on" + _made_for(subject),
             ))
         elif mod.A.shape[0] == mod.B.shape[1]:
