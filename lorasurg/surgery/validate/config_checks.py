@@ -30,7 +30,7 @@ def check_config(subject: Subject) -> list[Finding]:
     found += [Finding("config-warning", where, message, "remove or correct the setting: PEFT does not use it as written")
               for message in reading.warnings]
     found += [
-        Finding("config-unknown-key", f"{where}: {key}",
+        Finding("config-unknown-key", key,
                 f"{key}={json.dumps(value, default=str)[:80]} is not a field of PEFT 0.21.2's LoraConfig",
                 "written by a newer PEFT? PEFT 0.21.2 drops it with a warning; lorasurg keeps it unchanged")
         for key, value in reading.unknown.items()
@@ -38,7 +38,7 @@ def check_config(subject: Subject) -> list[Finding]:
     init = subject.raw_config.get("init_lora_weights") if subject.raw_config else None
     if subject.directory is not None and reinitialised_on_load(init):
         found.append(Finding(
-            "init-reinit", f"{where}: init_lora_weights",
+            "init-reinit", "init_lora_weights",
             f"init_lora_weights={init!r} in a saved adapter: PEFT runs this init again when it loads the adapter, "
             "before it copies the saved tensors in (pissa/olora/corda/loftq/lora_ga replace the base weight by a "
             "new residual, so the adapter no longer sits on the base it was trained on)",

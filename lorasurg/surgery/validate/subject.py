@@ -21,7 +21,7 @@ from ...errors import InputError
 from ...findings import Finding
 from ...io.adapter import BIN_WEIGHTS_NAME, WEIGHTS_NAME, Adapter, read_weights, weights_file
 from ...io.checkpoint import Checkpoint
-from ...io.hub import looks_like_repo_id, resolve_source
+from ...io.hub import resolve_source
 from ...modules import ModuleInfo
 from ...targeting import match_modules
 
@@ -96,6 +96,7 @@ class Subject:
     adapter: Optional[Adapter] = None
     base: Optional[BaseModel] = None
     read_findings: list[Finding] = field(default_factory=list)
+    _selection: Optional[list[str]] = field(default=None, repr=False)
 
     @property
     def config(self) -> Optional[LoraConfig]:
@@ -104,6 +105,7 @@ class Subject:
 
     def selection(self) -> Optional[list[str]]:
         """The modules the config selects in the base model (PEFT's rules), or None without a base or config.
+        Computed once.
 
         Raises:
             LorasurgError: the config's targeting cannot be evaluated (target_modules None, a bad regex, an
@@ -111,7 +113,9 @@ class Subject:
         """
         if self.config is None or self.base is None:
             return None
-        return match_modules(self.config, self.base.modules, self.base.output_layers)[0]
+        if self._selection is None:
+            self._selection = match_modules(self.config, self.base.modules, self.base.output_layers)[0]
+        return list(self._selection)
 
 
 def _locate(path: PathLike) -> tuple[Optional[Path], Optional[Path]]:
@@ -127,8 +131,6 @@ def _locate(path: PathLike) -> tuple[Optional[Path], Optional[Path]]:
                 f"{CONFIG_NAME} and {WEIGHTS_NAME}), its {CONFIG_NAME}, or a hub repo id"
             )
         return None, local
-    if not looks_like_repo_id(text):
-        raise InputError(f"{text} does not exist (neither a local path nor a hub repo id)")
     return resolve_source(text, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, BIN_WEIGHTS_NAME]), None
 
 

@@ -158,3 +158,26 @@ def test_json_of_findings_is_serialisable(tmp_path):
     data = json.loads(json.dumps(validate_adapter(path, base).to_dict()))
     assert data["counts"] == {"error": 1, "warning": 0, "info": 0}
     assert data["findings"][0]["code"] == "value-nonfinite"
+
+
+def test_conv_kernels_and_vocabulary_sizes_are_checked(tmp_path):
+    """A checkpoint without config.json, described from names and shapes: a Conv2d and an embedding."""
+    from safetensors.torch import save_file
+
+    from lorasurg import Adapter, AdapterModule, LoraConfig
+
+    base = tmp_path / "base"
+    base.mkdir()
+    save_file({"conv.weight": torch.ones(6, 3, 3, 3), "conv.bias": torch.ones(6),
+               "embed_tokens.weight": torch.ones(20, 8)}, base / "model.safetensors")
+    cfg = LoraConfig(r=2, target_modules=["conv", "embed_tokens"])
+
+    def adapter(conv_a, emb_a):
+        return Adapter(cfg, {"conv": AdapterModule("conv", torch.ones(conv_a), torch.ones(6, 2, 1, 1)),
+                             "embed_tokens": AdapterModule("embed_tokens", torch.ones(emb_a), torch.ones(8, 2),
+                                                           embedding=True)})
+
+    assert validate(save(adapter((2, 3, 3, 3), (2, 20)), tmp_path / "ok"), base) == []
+    wrong = {f.where: f.message for f in validate(save(adapter((2, 3, 5, 5), (2, 30)), tmp_path / "bad"), base)}
+    assert "lora_A is (2, 3, 5, 5), the layer needs (2, 3, 3, 3) (Conv2d, weight (6, 3, 3, 3))" in wrong["conv"]
+    assert "lora_A is (2, 30), the layer needs (2, 20) (Embedding, weight (20, 8))" in wrong["embed_tokens"]
