@@ -6,14 +6,14 @@ from typing import Optional
 
 import click
 
-from ._app import emit, force_option, json_option, main
+from ._app import emit, json_option, main
 
 
 @main.command("inspect")
 @click.argument("adapter", metavar="ADAPTER")
 @click.option("--base", metavar="BASE", help="The base model: delta norms are also given relative to its weights.")
 @click.option("--plot", metavar="FILE.png", help="Draw the spectra and delta norms into this PNG (needs matplotlib).")
-@force_option
+@click.option("--force", is_flag=True, help="Replace an existing --plot file.")
 @json_option
 def inspect_command(adapter: str, base: Optional[str], plot: Optional[str], force: bool, as_json: bool) -> None:
     """Show what is in an adapter: config, modules, ranks, scales, sizes, the spectrum of each module's delta,
