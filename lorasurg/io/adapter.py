@@ -302,11 +302,11 @@ class Adapter:
         """Modules with tensors that the config's target_modules would not select (PEFT drops their tensors).
 
         Without ``selected``, judged among the adapter's own module names, so ``"all-linear"`` (which needs the
-        model) is not checked.
+        model) is not checked; nor is ``target_modules`` None (PEFT's default targets per model type).
         """
         target = self.config.target_modules
         if selected is None:
-            if not self.modules or (isinstance(target, str) and target.lower() == ALL_LINEAR):
+            if not self.modules or target is None or (isinstance(target, str) and target.lower() == ALL_LINEAR):
                 return []
             infos = {name: ModuleInfo(mod.kind, mod.kind) for name, mod in self.modules.items()}
             try:

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
-from ...errors import ConfigError
+from ...errors import ConfigError, LorasurgError
 from ...findings import Finding
 from ...modules import ModuleInfo
 from ...targeting import (
@@ -40,8 +40,8 @@ def check_targets(subject: Subject) -> list[Finding]:
     """``target-*``, ``exclude-unmatched``, ``layers-*``, ``rank-too-large`` and ``save-unmatched``: the config
     against the base model's module names and shapes."""
     cfg, base = subject.config, subject.base
+    selected = subject.selection()  # raises first when target_modules cannot be evaluated (None, bad regex)
     found = _unmatched_targets(cfg, base) + _layer_findings(cfg, base)
-    selected, _ = match_modules(cfg, base.modules, base.output_layers)
     if not selected and not found:  # nothing selected, and no finding above says why
         found.append(_none_selected(cfg, base))
     found += _unsupported(selected, base.modules)
@@ -53,15 +53,16 @@ def check_targets(subject: Subject) -> list[Finding]:
 
 def pattern_targets(subject: Subject) -> Optional[tuple[list[str], list[str]]]:
     """``(targeted modules, every module name)`` that rank_pattern/alpha_pattern keys are judged against: the
-    LoRA-able modules the config selects in the base model, or without one the adapter's own modules; None
-    when there is neither.
-
-    Raises:
-        LorasurgError: the config's targeting cannot be evaluated on the base model.
+    LoRA-able modules the config selects in the base model, or without one (or when the selection cannot be
+    evaluated: the targets check says why) the adapter's own modules; None when there is neither.
     """
-    if subject.base is not None:
+    try:
+        selected = subject.selection()
+    except LorasurgError:
+        selected = None
+    if selected is not None:
         modules = subject.base.modules
-        return [n for n in subject.selection() if modules[n].kind is not None], list(modules)
+        return [n for n in selected if modules[n].kind is not None], list(modules)
     if subject.adapter is not None and subject.adapter.modules:
         names = list(subject.adapter.modules)
         return names, names

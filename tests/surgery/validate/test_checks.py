@@ -181,3 +181,11 @@ def test_conv_kernels_and_vocabulary_sizes_are_checked(tmp_path):
     wrong = {f.where: f.message for f in validate(save(adapter((2, 3, 5, 5), (2, 30)), tmp_path / "bad"), base)}
     assert "lora_A is (2, 3, 5, 5), the layer needs (2, 3, 3, 3) (Conv2d, weight (6, 3, 3, 3))" in wrong["conv"]
     assert "lora_A is (2, 30), the layer needs (2, 20) (Embedding, weight (20, 8))" in wrong["embed_tokens"]
+
+
+def test_target_modules_none_is_not_judged(tmp_path):
+    """PEFT picks default targets per model type for target_modules None; lorasurg does not model that table."""
+    path = save(clean_adapter(), tmp_path / "a", target_modules=None)
+    findings = validate(path, LLAMA)
+    assert _codes(findings) == ["check-skipped"]
+    assert "the targets check could not run: target_modules is not set" in findings[0].message
