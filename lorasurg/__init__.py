@@ -40,6 +40,8 @@ from .modules import ModuleInfo, describe_model
 from .consumers import ConsumerFinding, ForReport, consumer_delta, consumer_findings, prepare_for
 from .surgery.extract import ExtractReport, extract, extract_to_dir
 from .surgery.inspect import inspect_adapter
+from .surgery.validate import ValidationReport, validate, validate_adapter
+from .findings import Finding
 from .targeting import (
     anchored_pattern_key,
     exact_target_modules,
@@ -60,6 +62,10 @@ __all__ = [
     "Checkpoint",
     "write_checkpoint",
     "inspect_adapter",
+    "validate",
+    "validate_adapter",
+    "ValidationReport",
+    "Finding",
     "extract",
     "extract_to_dir",
     "ExtractReport",

@@ -50,6 +50,26 @@ class ModuleInfo:
         """True for ``nn.Linear`` and GPT-2 ``Conv1D``: what ``target_modules="all-linear"`` selects."""
         return self.kind == "linear"
 
+    def lora_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+        """``(A shape, B shape, out)`` that a rank-``r`` LoRA on this layer stores, in PEFT's file layout.
+
+        linear ``(r, in), (out, r)`` (``in, out = weight_shape`` with ``fan_in_fan_out``); embedding
+        ``(r, num_embeddings), (embedding_dim, r)``; conv ``(r, in, *k), (out, r, 1, ...)``.
+
+        Raises:
+            ValueError: the layer has no LoRA kind or no weight shape.
+        """
+        shape = self.weight_shape
+        if self.kind is None or shape is None:
+            raise ValueError(f"a {self.type_name} layer has no LoRA layout (kind {self.kind}, weight {shape})")
+        if self.kind == "linear":
+            inp, out = (shape[0], shape[1]) if self.fan_in_fan_out else (shape[1], shape[0])
+            return (r, inp), (out, r), out
+        if self.kind == "embedding":
+            return (r, shape[0]), (shape[1], r), shape[1]
+        ones = (1,) * (len(shape) - 2)
+        return (r, *shape[1:]), (shape[0], r, *ones), shape[0]  # conv: (r, in, *k), (out, r, 1, ...)
+
 
 def _gpt2_conv1d_class() -> Optional[type]:
     try:

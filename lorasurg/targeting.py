@@ -46,6 +46,8 @@ if TYPE_CHECKING:  # only for annotations: keeps this module free of torch
 __all__ = [
     "ALL_LINEAR",
     "select_modules",
+    "match_modules",
+    "matches_entry",
     "select_modules_to_save",
     "modules_to_save",
     "is_module_to_save",
@@ -89,6 +91,20 @@ def _compile(pattern: str, field: str, value: Optional[str] = None) -> re.Patter
 def _matches_entry(entry: str, name: str) -> bool:
     """A list entry of target_modules/exclude_modules selects ``name`` when equal to it or to a ``.``-suffix."""
     return name == entry or name.endswith("." + entry)
+
+
+def matches_entry(entry: str, name: str, *, regex: bool = False) -> bool:
+    """Whether one ``target_modules``/``exclude_modules`` value selects ``name``, before any other rule.
+
+    A list entry (``regex=False``) selects a name equal to it or ending in ``"." + entry``; a string value
+    (``regex=True``) is a regex that must match the whole name.
+
+    Raises:
+        ConfigError: ``regex`` and ``entry`` is not a valid regex.
+    """
+    if regex:
+        return _compile(entry, "target_modules/exclude_modules").fullmatch(name) is not None
+    return _matches_entry(entry, name)
 
 
 # ------------------------------------------------------------------------------------------------ small rules
@@ -306,6 +322,33 @@ def select_modules(
     """
     _refuse_unsupported(config)
     targets = _resolve_targets(config, modules, output_layers)
+    selected, excluded = _match(config, targets, modules)
+    if not selected:
+        raise _nothing_selected(config, targets, modules, excluded)
+    _check_wrappable(config, selected, modules)
+    return selected
+
+
+def match_modules(
+    config: Any, modules: Mapping[str, ModuleInfo], output_layers: Collection[str] = ()
+) -> tuple[list[str], list[str]]:
+    """``(selected, excluded)``: what :func:`select_modules` selects, without its refusals.
+
+    ``selected`` may be empty and may hold modules LoRA cannot wrap; ``excluded`` are the modules that
+    ``exclude_modules`` or ``modules_to_save`` take out of targeting (rule 1), in model order. For callers that
+    report problems themselves (``lorasurg validate``).
+
+    Raises:
+        ConfigError: target_modules is None; a regex in the config is invalid.
+        UnsupportedError: target_parameters or layer_replication is set.
+    """
+    _refuse_unsupported(config)
+    return _match(config, _resolve_targets(config, modules, output_layers), modules)
+
+
+def _match(
+    config: Any, targets: Union[str, set[str]], modules: Mapping[str, ModuleInfo]
+) -> tuple[list[str], list[str]]:
     exclude = getattr(config, "exclude_modules", None)
     save_entries = modules_to_save(config)
     selected: list[str] = []
@@ -315,10 +358,7 @@ def select_modules(
             excluded.append(name)
         elif _target_match(config, targets, name):
             selected.append(name)
-    if not selected:
-        raise _nothing_selected(config, targets, modules, excluded)
-    _check_wrappable(config, selected, modules)
-    return selected
+    return selected, excluded
 
 
 def _nothing_selected(

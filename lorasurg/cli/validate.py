@@ -1,0 +1,45 @@
+"""``lorasurg validate``: what is wrong with an adapter or a config, and a corrected copy with ``--fix``."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import click
+
+from ..errors import ValidationFailed
+from ._app import emit, force_option, json_option, main
+
+
+@main.command("validate")
+@click.argument("path", metavar="PATH")
+@click.option("--base", metavar="BASE", help="The base model (directory, weights file or hub id) to check against.")
+@click.option("--fix", "fix", is_flag=True, help="Write a corrected copy (safe fixes only) to -o OUT.")
+@click.option("-o", "--output", metavar="OUT", help="Where --fix writes the corrected copy.")
+@force_option
+@json_option
+def validate_command(path: str, base: Optional[str], fix: bool, output: Optional[str], force: bool,
+                     as_json: bool) -> None:
+    """Check an adapter (or a config) against PEFT's rules and, with --base, against its base model.
+
+    PATH is an adapter directory, its adapter_config.json (the config alone), or a hub repo id. Each
+    finding has a severity, a stable code (listed in the README), the module or key, the evidence and what
+    to do. Exit status: 0 without errors, 1 with errors, 2 when validation could not run.
+
+    --fix -o OUT writes a corrected copy for the safe fixes (lora_bias when the tensors are there,
+    init_lora_weights true, tensors of untargeted modules dropped, a pattern key anchored to the one module
+    it was meant for, .bin as safetensors), never changing a tensor's values, lists the changes and
+    validates the copy; the exit status then says whether the copy has errors.
+
+    \b
+    Examples:
+      lorasurg validate out/extracted --base fixtures/tiny-llama/base
+      lorasurg validate my-adapter --fix -o my-adapter-fixed --json
+    """
+    from ..surgery.validate import validate_adapter
+
+    if fix != (output is not None):
+        raise click.UsageError("--fix and -o/--output go together: --fix -o OUT")
+    report = validate_adapter(path, base, fix_output=output, force=force)
+    emit(report, as_json)
+    if report.errors:
+        raise ValidationFailed(f"{report.errors} error(s) found" + (" in the fixed copy" if report.fix else ""))
