@@ -67,11 +67,9 @@ def dtype_option(f: F) -> F:
 
 
 def emit(report: Report, as_json: bool) -> None:
-    """Print a report as text or JSON on stdout."""
-    if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=2, sort_keys=False))
-    else:
-        click.echo(report.render())
+    """Print a report as text or JSON on stdout, ending with exactly one newline (so a prompt starts on its own line)."""
+    text = json.dumps(report.to_dict(), indent=2, sort_keys=False) if as_json else report.render()
+    click.echo(text.rstrip("\n"))
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
