@@ -67,7 +67,7 @@ def dtype_option(f: F) -> F:
 
 
 def emit(report: Report, as_json: bool) -> None:
-    """Print a report as text or JSON on stdout, ending with exactly one newline (so a prompt starts on its own line)."""
+    """Print a report as text or JSON on stdout, ending with exactly one newline (a prompt starts on a new line)."""
     text = json.dumps(report.to_dict(), indent=2, sort_keys=False) if as_json else report.render()
     click.echo(text.rstrip("\n"))
 
