@@ -49,6 +49,8 @@ def test_readme_cli_examples_run(tmp_path, monkeypatch):
     for command in filter(_runnable, _commands()):  # in README order: later examples read what earlier ones wrote
         result = runner.invoke(main, shlex.split(command)[1:], catch_exceptions=False)
         assert result.exit_code == 0, f"{command}\n{result.output}"
+        # every command's output ends with exactly one newline, so the next prompt starts on its own line
+        assert result.stdout.endswith("\n") and not result.stdout.endswith("\n\n"), f"{command}: {result.stdout[-80:]!r}"
 
 
 @pytest.mark.filterwarnings("ignore")

@@ -91,11 +91,9 @@ def for_option(f: F) -> F:
 
 
 def emit(report: Report, as_json: bool) -> None:
-    """Print a report as text or JSON on stdout."""
-    if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=2, sort_keys=False))
-    else:
-        click.echo(report.render())
+    """Print a report as text or JSON on stdout, ending with exactly one newline (a prompt starts on a new line)."""
+    text = json.dumps(report.to_dict(), indent=2, sort_keys=False) if as_json else report.render()
+    click.echo(text.rstrip("\n"))
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -38,7 +38,14 @@ Unsupported methods (``eva``, ``corda``, ``loftq``, ``lora_ga``, ``mica``) raise
 
 Randomness: every draw comes from ``generator`` (torch's global RNG when None) in PEFT's order, including the
 draws PEFT makes when it builds the ``lora_A``/``lora_B`` modules and then overwrites, so that from the same RNG
-state the tensors equal PEFT's bit for bit (one layer at a time). Draws are made on the CPU in float32 (as PEFT
+state the tensors equal PEFT's bit for bit (one layer at a time).
+
+Floating point: PiSSA, OLoRA and orthogonal compute what PEFT computes, op for op and on the same memory layouts
+(the QR or SVD of the same float32 matrix; ``(scale * B) @ A`` of contiguous factors, then one subtraction; PiSSA's
+``sqrt(S) * Vh`` elementwise where PEFT multiplies by ``diag(sqrt(S))``, which has one nonzero term per entry and so
+rounds identically). On any one machine their results therefore equal PEFT's bit for bit too. Across machines the
+BLAS/LAPACK kernels round differently, so a matmul, QR or SVD result may differ by a few ulps from one CPU to the
+next, for PEFT as for lorasurg. Draws are made on the CPU in float32 (as PEFT
 builds its modules there) and then moved to ``device`` and cast to ``dtype``; ``pissa_niter_N`` draws on the
 weight's device, as ``torch.svd_lowrank`` does.
 """
@@ -286,6 +293,12 @@ def _base_matrix(req: _Request) -> tuple[Tensor, torch.dtype]:
 
 
 def _residual(req: _Request, M: Tensor, A: Tensor, B: Tensor, dtype: torch.dtype) -> Tensor:
+    """``M - scale * B @ A`` as PEFT computes it: ``(scale * B) @ A`` (Python's left-to-right ``*``/``@``), with A
+    and B contiguous (PEFT stores them in ``nn.Linear`` weights before it forms the product), then one subtraction.
+
+    Same ops on the same memory layouts dispatch to the same BLAS kernel, so on any one machine the residual equals
+    PEFT's bit for bit; a strided view of Q or R (a different GEMM transpose mode) rounds differently on some CPUs.
+    """
     residual = M - (req.scale * B) @ A  # (out, in) - (out, r) @ (r, in); PEFT's order of operations
     return matrix_to_weight(residual, req.kind, req.weight_shape, req.fan_in_fan_out).to(dtype)
 
@@ -311,7 +324,7 @@ def _init_olora(req: _Request) -> InitResult:
     _peft_modules(req)
     M, dtype = _base_matrix(req)
     Q, R = torch.linalg.qr(M)  # (out, p), (p, in) with p = min(out, in)
-    B, A = Q[:, :req.r], R[:req.r]  # (out, r), (r, in)
+    B, A = Q[:, :req.r].contiguous(), R[:req.r].contiguous()  # (out, r), (r, in); row-major like PEFT's copies
     return req.finish(A, B, None, _residual(req, M, A, B, dtype), _conv_note(req))
 
 

@@ -16,7 +16,7 @@ from typing import Any, Optional
 from ...consumers.prepare import ForReport
 from ..report import format_bytes, format_count, format_table
 
-__all__ = ["ModuleFit", "TensorOutcome", "ExtractReport"]
+__all__ = ["ModuleFit", "TensorOutcome", "BufferOutcome", "ExtractReport"]
 
 
 @dataclass
@@ -55,6 +55,25 @@ class TensorOutcome:
 
 
 @dataclass
+class BufferOutcome:
+    """A buffer (registered by the architecture, not a weight) on one side only or that differs: ignored.
+
+    Attributes:
+        name: tensor key in the checkpoint.
+        shape: its shape (base's when both hold it).
+        present_in: ``base``, ``tuned`` or ``both``.
+        reason: ``only in base``, ``only in tuned``, or how the two differ.
+        outcome: always ``buffer, ignored``.
+    """
+
+    name: str
+    shape: list[int]
+    present_in: str
+    reason: str
+    outcome: str = "buffer, ignored"
+
+
+@dataclass
 class ExtractReport:
     """Everything ``extract`` did; ``render()`` for people, ``to_dict()`` for ``--json``."""
 
@@ -73,6 +92,7 @@ class ExtractReport:
     fits: list[ModuleFit] = field(default_factory=list)
     outcomes: list[TensorOutcome] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    buffers: list[BufferOutcome] = field(default_factory=list)
     adapter_parameters: int = 0
     adapter_bytes: int = 0
     output: Optional[str] = None
@@ -156,11 +176,13 @@ class ExtractReport:
             "left_out_by_consumer": self.left_out_by_consumer(),
             "modules": [asdict(f) for f in self.fits],
             "tensors": [dict(asdict(o), share=self.share(o)) for o in self.outcomes],
+            "buffers": [asdict(b) for b in self.buffers],
             "notes": list(self.notes),
             "totals": {
                 "tensors_compared": self.tensors_compared,
                 "tensors_changed": len(self.outcomes),
                 "tensors_unchanged": self.tensors_unchanged,
+                "buffers_ignored": len(self.buffers),
                 "lora_modules": len(self.fits),
                 "adapter_parameters": self.adapter_parameters,
                 "adapter_bytes": self.adapter_bytes,
@@ -191,6 +213,10 @@ class ExtractReport:
         if others:
             rows = [(o.name, o.outcome, f"{100 * self.share(o):.3f}%", o.reason) for o in others]
             parts.append("other changed tensors:\n" + format_table(rows, ["tensor", "became", "energy share", "why"]))
+        if self.buffers:
+            rows = [(b.name, "x".join(map(str, b.shape)) or "scalar", b.outcome, b.reason) for b in self.buffers]
+            parts.append("buffers (registered by the architecture, not weights):\n"
+                         + format_table(rows, ["tensor", "shape", "became", "why"]))
         if self.notes:
             parts.append("notes:\n" + "\n".join(f"  - {n}" for n in self.notes))
         if self.consumers != ["peft"]:

@@ -40,11 +40,12 @@ import torch
 from ...consumers.rules import CONSUMERS, with_serving
 from ...engine.factors import lora_scale
 from ...engine.ranks import parse_rank_policy
-from ...errors import ConfigError, ShapeMismatchError
+from ...errors import ConfigError
 from ...io.adapter import Adapter
 from ...io.checkpoint import Checkpoint
 from ...io.writer import check_output_dir
 from .build import Collected, build_adapter
+from .pair import buffer_names, check_pair
 from .plan import blocker, plan_roles, split_tensor_name
 from .report import ExtractReport
 from .process import compare, process_tensor
@@ -134,7 +135,8 @@ def extract(
         ``(adapter, report)``; save the adapter with :meth:`Adapter.save` (or use :func:`extract_to_dir`).
 
     Raises:
-        ShapeMismatchError: the checkpoints differ in architecture, tensor names or shapes (all listed).
+        ShapeMismatchError: the checkpoints differ in architecture, weight names or shapes (all listed); buffers
+            on one side only or that differ are ignored and listed in the report (:mod:`.pair`).
         InputError: a delta holds NaN/inf (tensors named); the checkpoints are identical (without
             ``allow_empty``); nothing LoRA-able changed; a checkpoint cannot be read.
         ConfigError: an invalid option value.
@@ -149,7 +151,7 @@ def extract(
     )
     with contextlib.ExitStack() as opened:
         base_ckpt, tuned_ckpt = _open(base, opened), _open(tuned, opened)
-        _check_pair(base_ckpt, tuned_ckpt)
+        report.buffers = check_pair(base_ckpt, tuned_ckpt)
         adapter = _run(
             base_ckpt, tuned_ckpt, report, work_device, policy=policy, seed=seed, lora_bias=lora_bias,
             allow_empty=allow_empty, progress=progress, out_dtype=DTYPES.get(dtype),
@@ -165,7 +167,8 @@ def _run(base: Checkpoint, tuned: Checkpoint, report: ExtractReport, device: tor
     r = report.r
     no_bias = blocker([CONSUMERS[c] for c in report.consumers], "lora_bias")
     scale = lora_scale(r, report.alpha)
-    names = base.names()
+    skip = buffer_names(base, tuned)  # not weights: listed by check_pair, never compared or carried
+    names = [n for n in base.names() if n not in skip]
     modules = base.module_infos()
     aliases = base.tied_weights()
     embed = _input_embedding(base, modules, aliases)
@@ -252,39 +255,6 @@ def _numel(shape: Sequence[int]) -> int:
     for d in shape:
         n *= int(d)
     return n
-
-
-def _check_pair(base: Checkpoint, tuned: Checkpoint) -> None:
-    """Refuse checkpoints that are not the same architecture, listing every difference."""
-    problems: list[str] = []
-    bc, tc = base.config or {}, tuned.config or {}
-    for key in ("model_type", "architectures"):
-        if key in bc and key in tc and bc[key] != tc[key]:
-            problems.append(f"config {key}: base {bc[key]!r}, tuned {tc[key]!r}")
-    aliases = set(base.tied_weights())  # the tuned side is the same architecture, or the names differ below
-    b_names = set(base.names()) - aliases
-    t_names = set(tuned.names()) - aliases
-    only_b, only_t = sorted(b_names - t_names), sorted(t_names - b_names)
-    if only_b:
-        problems.append(f"missing from tuned ({len(only_b)}): {_short(only_b)}")
-    if only_t:
-        problems.append(f"missing from base ({len(only_t)}): {_short(only_t)}")
-    shapes = [
-        f"{n}: base {tuple(base.shape(n))}, tuned {tuple(tuned.shape(n))}"
-        for n in base.names() if n in t_names and tuple(base.shape(n)) != tuple(tuned.shape(n))
-    ]
-    if shapes:
-        problems.append(f"shape mismatch ({len(shapes)}): {_short(shapes)}")
-    if problems:
-        raise ShapeMismatchError(
-            f"{base.source} and {tuned.source} are not the same architecture:\n  - " + "\n  - ".join(problems)
-            + "\nextract needs a base checkpoint and a fine-tune of it with the same tensors and shapes."
-        )
-
-
-def _short(items: Sequence[str], limit: int = 10) -> str:
-    shown = ", ".join(items[:limit])
-    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
 def _input_embedding(ckpt: Checkpoint, modules, aliases) -> Optional[str]:
