@@ -24,12 +24,13 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from ...consumers import parse_consumers
+from ...consumers.reading import Consumers
 from ...errors import InputError
 from ...findings import Finding
 from ...io.writer import check_output_dir
+from .consumer_checks import CONSUMER_CODES
 from .fix import FIXERS, write_fixed_copy
 from .report import Change, FixResult, ValidationReport
-from .consumer_checks import CONSUMER_CODES
 from .run import CHECKS, Check, run_checks
 from .subject import BaseModel, Subject, load_subject, open_base
 
@@ -37,8 +38,6 @@ __all__ = [
     "validate", "validate_adapter", "ValidationReport", "FixResult", "Change", "Check", "CHECKS", "FIXERS",
     "Subject", "BaseModel", "load_subject", "open_base", "run_checks", "CONSUMER_CODES",
 ]
-
-Consumers = Union[str, Sequence[str], None]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
