@@ -4,7 +4,8 @@ A :class:`Finding` is one problem found in an adapter or a config: a stable ``co
 ``where`` (the module, tensor key, config field or file it concerns), ``message`` (the evidence: values,
 shapes, counts) and ``fix`` (what to do). Its severity comes from the code's row in :data:`CODES`:
 
-* ``error``: PEFT refuses the adapter, or loads it and quietly does something other than what it says;
+* ``error``: PEFT (or a consumer named with ``--for``) refuses the adapter, or loads it and quietly does
+  something other than what it says;
 * ``warning``: it loads and works, but something is probably not what its author meant;
 * ``info``: worth knowing, nothing wrong.
 
@@ -87,6 +88,26 @@ CODES: dict[str, Code] = {
     # values
     "value-nonfinite": Code("error", "values", "a tensor holds NaN or inf"),
     "untrained": Code("warning", "values", "lora_B (and lora_B.bias) is zero on every module: the adapter is a no-op"),
+    # the consumers named with --for (vLLM, llama.cpp): how each reads the adapter, compared with PEFT
+    "consumer-refuses": Code(
+        "error", "consumers", "a --for consumer refuses to load (or convert) part of the adapter"
+    ),
+    "consumer-drops": Code(
+        "error", "consumers", "a --for consumer loads the adapter but silently leaves part of it out"
+    ),
+    "consumer-misreads": Code(
+        "error", "consumers", "a --for consumer applies part of the adapter other than PEFT does"
+    ),
+    "consumer-scale": Code(
+        "error", "consumers", "a --for consumer applies another scale than PEFT on some modules (the factor is given)"
+    ),
+    "consumer-model-dependent": Code(
+        "warning", "consumers", "a --for consumer reads this part only for some base models (vLLM: embedding, lm_head)"
+    ),
+    "consumer-legacy-scale": Code(
+        "warning", "consumers", "vLLM before 0.32 (one scale for the adapter) applies another scale than PEFT"
+    ),
+    "consumer-max-rank": Code("warning", "consumers", "a rank above vLLM's default --max-lora-rank of 16"),
     # the run itself
     "check-skipped": Code("info", "run", "a check could not run (no --base, or the config is unusable)"),
 }
@@ -102,12 +123,15 @@ class Finding:
         where: what it concerns: a module name, a tensor key, a config field (``rank_pattern['q']``) or a file.
         message: what is wrong, with the evidence (values, shapes, counts).
         fix: what to do about it.
+        modules: every module or tensor key concerned, when the finding concerns several (``where`` then names
+            the first and how many more); empty otherwise.
     """
 
     code: str
     where: str
     message: str
     fix: str = ""
+    modules: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.code not in CODES:
@@ -123,5 +147,8 @@ class Finding:
         return f"{self.where}: {self.message}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"severity": self.severity, "code": self.code, "where": self.where, "message": self.message,
-                "fix": self.fix}
+        out = {"severity": self.severity, "code": self.code, "where": self.where, "message": self.message,
+               "fix": self.fix}
+        if self.modules:
+            out["modules"] = list(self.modules)
+        return out

@@ -69,12 +69,14 @@ class ValidationReport:
         source: PATH as given. base: ``--base`` as given, or None.
         findings: every finding, errors first.
         fix: what ``--fix`` did, or None without ``--fix``.
+        consumers: the consumers checked (``--for``); ``("peft",)`` is PEFT's rules only.
     """
 
     source: str
     base: Optional[str]
     findings: list[Finding]
     fix: Optional[FixResult] = None
+    consumers: tuple[str, ...] = ("peft",)
 
     @property
     def errors(self) -> int:
@@ -87,6 +89,7 @@ class ValidationReport:
         return {
             "source": self.source,
             "base": self.base,
+            "consumers": list(self.consumers),
             "counts": {s: counts[s] for s in SEVERITIES},
             "findings": [f.to_dict() for f in self.findings],
             "fix": self.fix.to_dict() if self.fix is not None else None,
@@ -94,6 +97,8 @@ class ValidationReport:
 
     def render(self) -> str:
         head = f"validate {self.source}" + (f" against {self.base}" if self.base else "")
+        if self.consumers != ("peft",):
+            head += f", as read by {', '.join(self.consumers)}"
         parts = [head]
         if self.findings:
             parts.append("\n".join(_render_findings(self.findings)))

@@ -1,9 +1,10 @@
 """The list of checks ``validate`` runs, and how it runs them.
 
 A check is a function ``Subject -> list[Finding]`` with the inputs it needs (:class:`Check`). :data:`CHECKS` is
-the default list; a caller adds producers of its own by passing ``checks=CHECKS + (Check(...),)`` (e.g. the
-rules of one consumer of the adapter). A check whose inputs are missing does not run, and one ``check-skipped``
-finding per missing input says which checks did not run and why. Every check runs before anything is reported.
+the default list (its last check, ``consumers``, reads ``subject.consumers``: the consumers named with ``--for``);
+a caller adds producers of its own by passing ``checks=CHECKS + (Check(...),)``. A check whose inputs are missing
+does not run, and one ``check-skipped`` finding per missing input says which checks did not run and why. Every
+check runs before anything is reported.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Callable, Sequence
 from ...errors import LorasurgError
 from ...findings import SEVERITIES, Finding
 from .config_checks import check_config
+from .consumer_checks import check_consumers
 from .subject import Subject
 from .target_checks import check_patterns, check_targets
 from .tensor_checks import check_dtypes, check_shapes, check_tensors
@@ -47,6 +49,7 @@ CHECKS: tuple[Check, ...] = (
     Check("dtypes", check_dtypes, ("tensors",)),
     Check("shapes", check_shapes, ("tensors", "base")),
     Check("values", check_values, ("tensors",)),
+    Check("consumers", check_consumers),  # checks its own inputs: it needs the tensors only with --for
 )
 """The checks ``validate`` runs by default, in order."""
 

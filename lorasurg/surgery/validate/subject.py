@@ -41,6 +41,7 @@ class BaseModel:
         shapes: ``{tensor key: shape}``, tied aliases (a tied ``lm_head.weight``) included.
         from_architecture: module kinds come from the transformers class (so GPT-2's ``Conv1D`` is known), not
             from names and shapes alone.
+        tied: ``{alias key: canonical key}`` of tied weights (``{"lm_head.weight": "model.embed_tokens.weight"}``).
     """
 
     source: str
@@ -48,6 +49,7 @@ class BaseModel:
     output_layers: set[str]
     shapes: dict[str, tuple[int, ...]]
     from_architecture: bool
+    tied: dict[str, str] = field(default_factory=dict)
 
 
 def open_base(source: PathLike, task_type: Optional[str] = None) -> BaseModel:
@@ -64,7 +66,7 @@ def open_base(source: PathLike, task_type: Optional[str] = None) -> BaseModel:
                 shapes[alias] = shapes[canonical]
         return BaseModel(
             os.fspath(source), dict(description.modules), set(description.output_layers), shapes,
-            description.source.startswith("architecture:"),
+            description.source.startswith("architecture:"), dict(description.tied),
         )
 
 
@@ -83,6 +85,7 @@ class Subject:
         adapter: the tensors sorted into LoRA modules and extra tensors (None when not read). Its config is
             the adapter's own only when :attr:`config` is not None.
         base: the base model, or None.
+        consumers: the consumers named with ``--for`` (``("peft",)``: PEFT's own rules only).
         read_findings: what reading found (``file-*``, ``key-foreign``, ``module-incomplete``).
     """
 
@@ -95,6 +98,7 @@ class Subject:
     state: Optional[dict[str, Tensor]] = None
     adapter: Optional[Adapter] = None
     base: Optional[BaseModel] = None
+    consumers: tuple[str, ...] = ("peft",)
     read_findings: list[Finding] = field(default_factory=list)
     _selection: Optional[list[str]] = field(default=None, repr=False)
 
@@ -134,16 +138,18 @@ def _locate(path: PathLike) -> tuple[Optional[Path], Optional[Path]]:
     return resolve_source(text, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, BIN_WEIGHTS_NAME]), None
 
 
-def load_subject(path: PathLike, base: Union[PathLike, BaseModel, None] = None) -> Subject:
+def load_subject(path: PathLike, base: Union[PathLike, BaseModel, None] = None,
+                 consumers: tuple[str, ...] = ("peft",)) -> Subject:
     """Read the adapter or config at ``path`` leniently, and describe ``base`` (a path, hub id, or a
-    :class:`BaseModel` already described).
+    :class:`BaseModel` already described). ``consumers``: names as :func:`~lorasurg.consumers.parse_consumers`
+    returns them, kept for the consumers check.
 
     Raises:
         InputError: ``path`` does not exist or is a directory with neither a config nor weights; the base
             model cannot be opened.
     """
     directory, config_file = _locate(path)
-    subject = Subject(os.fspath(path), directory=directory, config_file=config_file)
+    subject = Subject(os.fspath(path), directory=directory, config_file=config_file, consumers=tuple(consumers))
     found = subject.read_findings
     weights = None
     if directory is not None:

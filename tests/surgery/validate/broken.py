@@ -27,6 +27,7 @@ from lorasurg.targeting import select_modules
 
 ROOT = Path(__file__).resolve().parents[3]
 LLAMA = ROOT / "fixtures" / "tiny-llama" / "base"
+GPT2 = ROOT / "fixtures" / "tiny-gpt2" / "base"
 Q0 = "model.layers.0.self_attn.q_proj"
 
 
@@ -94,12 +95,14 @@ class Case:
         where: the finding's ``where`` must end with this.
         message: a regex the finding's message must match (``re.search``).
         base: validate against the tiny Llama (else without ``--base``).
+        consumers: validate ``--for`` these (the ``consumer-*`` codes).
     """
 
     build: Callable[[Path], Path]
     where: str
     message: str
     base: bool = True
+    consumers: Optional[str] = None
 
 
 def _file_missing(d: Path) -> Path:
@@ -280,6 +283,27 @@ CASES: dict[str, Case] = {
                             r"shape \(3, 64\) for which .* has no 'classifier.weight'"),
     "value-nonfinite": Case(_value_nonfinite, _key(Q0, "lora_A.weight"), r"1 NaN and 1 inf among its 256 values"),
     "untrained": Case(_untrained, "lora_B", r"all zeros in every one of the 4 modules: the adapter changes nothing"),
+    "consumer-refuses": Case(lambda d: save(clean_adapter(lora_bias=True), d), f"vllm: {Q0} and 3 more",
+                             r"vLLM refuses lora_B.bias tensors \(lora_bias\) \(4: ", consumers="vllm"),
+    "consumer-drops": Case(_extra("model.norm.weight", (64,), modules_to_save=["norm"]), "llama.cpp: model.norm.weight",
+                           r"llama.cpp drops silently norm weights saved in modules_to_save \(1: model.norm.weight\)",
+                           consumers="llama.cpp"),
+    "consumer-misreads": Case(lambda d: save(clean_adapter(targets=("c_attn",), base=GPT2, fan_in_fan_out=True), d),
+                              "llama.cpp: transformer.h.0.attn.c_attn and 1 more",
+                              r"llama.cpp misreads LoRA on layers stored \(in, out\)", base=False,
+                              consumers="llama.cpp"),
+    "consumer-scale": Case(_configured({}, alpha_pattern={"v_proj": 4}),
+                           "llama.cpp: model.layers.0.self_attn.v_proj and 1 more",
+                           r"llama.cpp applies 2x PEFT's scale on 2 module\(s\): lora_alpha=8 with rank 4 "
+                           r"\(alpha_pattern not read\)", consumers="llama.cpp"),
+    "consumer-model-dependent": Case(_configured({}, targets=("q_proj", "embed_tokens")), "vllm: model.embed_tokens",
+                                     r"vLLM may refuse LoRA on an embedding", consumers="vllm"),
+    "consumer-legacy-scale": Case(_configured({}, alpha_pattern={"v_proj": 4}),
+                                  "vllm: model.layers.0.self_attn.v_proj and 1 more",
+                                  r"vLLM before 0.32 applies 2x PEFT's scale on 2 module\(s\): one scale for the whole "
+                                  r"adapter, lora_alpha/r = 8/4", consumers="vllm"),
+    "consumer-max-rank": Case(_configured({}, targets=("q_proj",), r=32), "vllm",
+                              r"this adapter's largest rank is 32", consumers="vllm"),
     "check-skipped": Case(lambda d: save(clean_adapter(), d), "--base",
                           r"no base model was given: the targets, shapes check\(s\) did not run", base=False),
 }
@@ -295,7 +319,8 @@ def main(argv: list[str]) -> None:
     out = Path(argv[0] if argv else "broken-adapters")
     for code in CASES:
         path, base = build(code, out / code)
-        print(f"{code}: {path}" + (f" (base {base})" if base else ""))
+        consumers = CASES[code].consumers
+        print(f"{code}: {path}" + (f" (base {base})" if base else "") + (f" (--for {consumers})" if consumers else ""))
 
 
 if __name__ == "__main__":

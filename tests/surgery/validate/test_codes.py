@@ -20,7 +20,7 @@ def test_every_code_has_a_broken_fixture():
 @pytest.mark.parametrize("code", sorted(CASES))
 def test_broken_fixture_gives_its_finding(tmp_path, code):
     path, base = build(code, tmp_path / code)
-    findings = validate(path, base)
+    findings = validate(path, base, CASES[code].consumers)
     mine = [f for f in findings if f.code == code]
     assert mine, f"no {code} among {[(f.code, f.where, f.message) for f in findings]}"
     case = CASES[code]
