@@ -20,7 +20,7 @@ from ..surgery.report import Report
 
 __all__ = [
     "main", "emit", "json_option", "force_option", "device_option", "dtype_option", "for_option", "selection",
-    "progress_bar",
+    "progress_bar", "parse_for",
 ]
 
 F = Callable[..., Any]
@@ -67,7 +67,7 @@ def dtype_option(f: F) -> F:
     )(f)
 
 
-def _parse_for(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:
+def parse_for(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:
     from ..consumers import parse_consumers
     from ..errors import ConfigError
 
@@ -84,7 +84,7 @@ def for_option(f: F) -> F:
     function that does) and puts the returned report's ``render()``/``to_dict()`` into its own.
     """
     return click.option(
-        "--for", "consumers", default="peft", show_default=True, metavar="CONSUMERS", callback=_parse_for,
+        "--for", "consumers", default="peft", show_default=True, metavar="CONSUMERS", callback=parse_for,
         help="Who will load the adapter: peft, vllm, llama.cpp or all (comma-separated for several). The output is "
              "written so that each computes PEFT's per-module delta; what one cannot carry is left out and listed.",
     )(f)

@@ -7,14 +7,14 @@ from typing import Optional
 import click
 
 from ..errors import ValidationFailed
-from ._app import _parse_for, emit, force_option, json_option, main
+from ._app import parse_for, emit, force_option, json_option, main
 
 
 @main.command("validate")
 @click.argument("path", metavar="PATH")
 @click.option("--base", metavar="BASE", help="The base model (directory, weights file or hub id) to check against.")
 @click.option(
-    "--for", "consumers", default="peft", show_default=True, metavar="CONSUMERS", callback=_parse_for,
+    "--for", "consumers", default="peft", show_default=True, metavar="CONSUMERS", callback=parse_for,
     help="Also check how these will read the adapter: vllm, llama.cpp, all or peft (comma-separated for several): "
          "what each refuses, drops silently, misreads or scales differently from PEFT. peft: PEFT's rules only.",
 )
