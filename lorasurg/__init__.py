@@ -39,6 +39,8 @@ from .engine.svd import decompose, truncated_svd
 from .modules import ModuleInfo, describe_model
 from .surgery.extract import ExtractReport, extract, extract_to_dir
 from .surgery.inspect import inspect_adapter
+from .surgery.merge import MergeReport, merge_adapters, merge_to_dir
+from .surgery.rerank import RerankReport, rerank, rerank_to_dir
 from .targeting import (
     anchored_pattern_key,
     exact_target_modules,
@@ -62,6 +64,12 @@ __all__ = [
     "extract",
     "extract_to_dir",
     "ExtractReport",
+    "rerank",
+    "rerank_to_dir",
+    "RerankReport",
+    "merge_adapters",
+    "merge_to_dir",
+    "MergeReport",
     "LoraFactors",
     "lora_scale",
     "truncated_svd",
