@@ -6,7 +6,8 @@ Each module's delta ``s * B @ A`` (``A: (r, in)``, ``B: (out, r)``) is replaced 
 ``A' = sqrt(S_k / s) Vh_k``, ``B' = U_k sqrt(S_k / s)``.
 
 * ``r=N``: every module gets rank N. A module whose rank is already <= N keeps its factors, zero-padded to N: the
-  delta is unchanged bit for bit. N above ``min(out, in)`` is clamped to it, and the report says so.
+  delta is unchanged bit for bit. N above ``min(out, in)`` is clamped to it (padding beyond the largest possible
+  rank of the module is useless), and the report says so.
 * ``rank_policy=P``: the rank per module chosen from its exact spectrum by P (``energy:F``, ``sv_ratio:X``,
   ``sv_fro:F``, ``sv_cumulative:F``, ``sv_epsilon:E``; :mod:`lorasurg.engine.ranks`, the same code as extract),
   capped by ``r`` (default: the module's current rank). A module that gets rank 0 is left out and listed.
@@ -228,14 +229,15 @@ def _rerank_module(mod: AdapterModule, scale: float, r: Optional[int], policy):
     out_f, in_f = int(mod.B.shape[0]), int(mod.A[0].numel())
     limit = min(out_f, in_f)
     cap = mod.rank if r is None else r
-    clamped = r is not None and r > limit
     target = min(cap, limit)
 
     def row(new_rank: int, energy: float, kept: float, error: float, padded: bool = False) -> ModuleRerank:
+        clamped = r is not None and r > limit and new_rank < r
         return ModuleRerank(mod.name, mod.kind, [out_f, in_f], mod.rank, new_rank, scale, energy, kept, error, padded,
                             clamped)
 
-    if policy is None and target >= mod.rank:  # nothing to cut: keep the factors, zero-padded
+    if policy is None and cap >= mod.rank:  # nothing to cut: keep the factors, zero-padded up to min(cap, out, in)
+        target = max(target, mod.rank)
         A, B = pad_factors(mod.A, mod.B, target)
         new = AdapterModule(mod.name, A, B, mod.bias, mod.magnitude, mod.embedding)
         energy = lowrank_norm_sq([(scale, mod.B, mod.A)])

@@ -36,7 +36,10 @@ def factor_shapes(kind: str, weight_shape: tuple[int, ...], r: int) -> tuple[tup
 def make_adapter(layers: Mapping[str, tuple[str, tuple[int, ...]]] = LAYERS, *, r: int = 4, lora_alpha: float = 8,
                  seed: int = 0, dtype: torch.dtype = torch.float32, extra: Optional[dict] = None,
                  **config) -> Adapter:
-    """An adapter with random A, B (and lora_B.bias / DoRA magnitudes when the config asks) on ``layers``."""
+    """An adapter with random A, B (and lora_B.bias / DoRA magnitudes when the config asks) on ``layers``
+    (embeddings left out with ``lora_bias``)."""
+    if config.get("lora_bias"):  # PEFT refuses lora_bias on embeddings
+        layers = {n: spec for n, spec in layers.items() if spec[0] != "embedding"}
     cfg = LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=sorted(layers), **config)
     gen = torch.Generator().manual_seed(seed)
     modules = {}

@@ -125,7 +125,8 @@ def check_adapters(adapters: Sequence[Adapter], names: Sequence[str], options: O
     Raises:
         UnsupportedError: a DoRA adapter (see the message for why).
         InputError: a module whose shapes or layer kind differ between adapters (different bases), adapters that
-            disagree on ``fan_in_fan_out``, or the same modules_to_save tensor with different values in two adapters.
+            disagree on ``fan_in_fan_out``, lora_bias together with embedding LoRA (PEFT refuses that), or the
+            same modules_to_save tensor with different values in two adapters.
         ConfigError: unequal ranks on a module for a factor-wise method.
     """
     dora = [n for a, n in zip(adapters, names) if a.config.use_dora]
@@ -150,6 +151,15 @@ def check_adapters(adapters: Sequence[Adapter], names: Sequence[str], options: O
             f"the adapters are for different base models: {len(mismatched)} module(s) differ in shape or layer kind:\n"
             "  - " + "\n  - ".join(mismatched[:10]) + ("\n  - ..." if len(mismatched) > 10 else "")
             + "\nMerge only adapters trained on the same base model."
+        )
+    with_bias = [n for a, n in zip(adapters, names) if a.config.lora_bias]
+    embeddings = [m for m, entries in plan.items() if entries[0][1].embedding]
+    if with_bias and embeddings:
+        raise InputError(
+            f"{', '.join(with_bias)} carr{'ies' if len(with_bias) == 1 else 'y'} lora_B.bias (lora_bias: true) and the "
+            f"merge would have LoRA on embedding module(s) {', '.join(embeddings[:4])}; PEFT refuses lora_bias on "
+            "Embedding layers, so no PEFT adapter can hold both. Merge adapters without embedding LoRA, or without "
+            "lora_bias."
         )
     fan = {bool(a.config.fan_in_fan_out) for a in adapters if a.modules}
     if len(fan) > 1:
