@@ -31,6 +31,7 @@ from ..errors import ShapeMismatchError
 from .factors import compute_dtype
 from .ranks import RankPolicy
 from .svd import TruncatedSvd, split_factors
+from .threads import threads_for
 
 __all__ = [
     "lowrank_svd", "stack_terms", "lowrank_norm_sq", "LowRankFit", "fit_from_svd", "truncate_terms", "truncate_factors",
@@ -90,13 +91,14 @@ def lowrank_svd(terms: Sequence[tuple[float, Tensor, Tensor]], rank: Optional[in
     if rank is not None and rank < 1:
         raise ValueError(f"lowrank_svd needs rank >= 1, got {rank}")
     Bs, As = stack_terms(terms)  # (out, R), (R, in)
-    Qb, Rb = torch.linalg.qr(Bs)  # (out, p), (p, R), p = min(out, R)
-    Qa, Ra = torch.linalg.qr(As.mT)  # (in, q), (q, R), q = min(in, R)
-    core = Rb @ Ra.mT  # (p, R) @ (R, q) -> (p, q)
-    Uc, S, Vch = torch.linalg.svd(core, full_matrices=False)  # (p, t), (t,), (t, q), t = min(p, q)
-    k = S.shape[0] if rank is None else min(rank, S.shape[0])
-    U = Qb @ Uc[:, :k]  # (out, p) @ (p, k) -> (out, k)
-    Vh = Vch[:k] @ Qa.mT  # (k, q) @ (q, in) -> (k, in)
+    with threads_for((Bs.shape[0] + As.shape[1]) * Bs.shape[1] ** 2):
+        Qb, Rb = torch.linalg.qr(Bs)  # (out, p), (p, R), p = min(out, R)
+        Qa, Ra = torch.linalg.qr(As.mT)  # (in, q), (q, R), q = min(in, R)
+        core = Rb @ Ra.mT  # (p, R) @ (R, q) -> (p, q)
+        Uc, S, Vch = torch.linalg.svd(core, full_matrices=False)  # (p, t), (t,), (t, q), t = min(p, q)
+        k = S.shape[0] if rank is None else min(rank, S.shape[0])
+        U = Qb @ Uc[:, :k]  # (out, p) @ (p, k) -> (out, k)
+        Vh = Vch[:k] @ Qa.mT  # (k, q) @ (q, in) -> (k, in)
     return TruncatedSvd(U, S[:k].contiguous(), Vh)
 
 
@@ -228,7 +230,9 @@ def lowrank_norm_sq(terms: Sequence[tuple[float, Tensor, Tensor]]) -> float:
     ``||Bs @ As||_F^2 = trace(As^T Bs^T Bs As) = sum((Bs^T Bs) * (As As^T))``: two ``R x R`` Gram matrices. Float64
     keeps the difference of nearly equal sums accurate to ~1e-8 relative (float32 would give ~3e-4).
     """
-    Bs, As = stack_terms([(s, B.double(), A.double()) for s, B, A in terms])  # (out, R), (R, in)
-    gram_b = Bs.mT @ Bs  # (R, out) @ (out, R) -> (R, R)
-    gram_a = As @ As.mT  # (R, in) @ (in, R) -> (R, R)
-    return max(float((gram_b * gram_a).sum()), 0.0)
+    width = sum(B.shape[1] for _, B, _ in terms)
+    with threads_for(sum(B.shape[0] + A[0].numel() for _, B, A in terms[:1]) * width**2):
+        Bs, As = stack_terms([(s, B.double(), A.double()) for s, B, A in terms])  # (out, R), (R, in)
+        gram_b = Bs.mT @ Bs  # (R, out) @ (out, R) -> (R, R)
+        gram_a = As @ As.mT  # (R, in) @ (in, R) -> (R, R)
+        return max(float((gram_b * gram_a).sum()), 0.0)

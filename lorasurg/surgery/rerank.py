@@ -33,6 +33,7 @@ from typing import Any, Optional, Union
 from ..engine.factors import factors_from_matrices, lora_scale, pad_factors
 from ..engine.lowrank import lowrank_norm_sq, truncate_factors
 from ..engine.ranks import parse_rank_policy
+from ..engine.threads import threads_for
 from ..errors import ConfigError, InputError
 from ..io.adapter import Adapter, AdapterModule
 from ..io.writer import check_output_dir
@@ -190,7 +191,8 @@ def rerank(adapter: AdapterSource, *, r: Optional[int] = None,
     for module, mod in source.modules.items():
         rank, alpha = source.rank_alpha(module)
         scale = lora_scale(rank, alpha, cfg.use_rslora)
-        new, row = _rerank_module(mod, scale, r, policy)
+        with threads_for((mod.B.shape[0] + mod.A[0].numel()) * mod.rank**2):
+            new, row = _rerank_module(mod, scale, r, policy)
         report.modules.append(row)
         if new is not None:
             modules[module] = new

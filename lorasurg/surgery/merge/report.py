@@ -5,8 +5,9 @@ merged delta is ``D``. Reported per module:
 
 * ``energy_kept`` (svd methods): the share of the merged matrix's energy the rank-k truncation keeps (``M = E`` for
   ``svd``; the trimmed/dropped sum for the ``*_svd`` methods);
-* ``rel_diff``: ``||D - E||_F / ||E||_F``, computed from the factors in float64. 0 (to rounding) for ``cat`` and for
-  ``svd`` at full rank; for ``linear`` it is the size of PEFT's cross terms; for ties/dare what trimming changed.
+* ``rel_diff``: ``||D - E||_F / ||E||_F``: for ``svd`` ``sqrt(1 - energy_kept)`` (Eckart-Young, from the exact
+  spectrum), 0 for ``cat`` (exact by construction); for the other methods computed from the factors in float64
+  (for ``linear`` it is the size of PEFT's cross terms; for ties/dare what trimming or dropping changed).
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ import torch
 from ...engine.combine import MergeSettings, Term, combine
 from ...engine.factors import factors_from_matrices, lora_scale
 from ...engine.lowrank import lowrank_norm_sq
+from ...engine.threads import threads_for
 from ...io.adapter import Adapter, AdapterModule
 from ...io.writer import check_output_dir
 from ..patterns import derive_config, rank_alpha_fields
@@ -152,13 +153,24 @@ def _merge_module(module: str, entries: list[tuple[int, AdapterModule]], inputs:
         scale = lora_scale(rank, alpha, inputs[index].config.use_rslora)
         terms.append(Term(options.weights[index], scale, mod.B.reshape(mod.B.shape[0], -1),  # (out, r)
                           mod.A.reshape(mod.A.shape[0], -1)))  # (r, in)
-    first = entries[0][1]
     out_f, in_f = terms[0].B.shape[0], terms[0].A.shape[1]
     generator = None
     if options.method.random:
         generator = torch.Generator().manual_seed(options.seed + zlib.crc32(module.encode()))
     settings = MergeSettings(rank=new_rank, density=options.density, majority_sign=options.majority_sign,
                              generator=generator, scale=1.0)
+    width = sum(t.A.shape[0] for t in terms) + (new_rank or 0)
+    work = out_f * in_f * min(out_f, in_f) if options.method.family == "dense" else (out_f + in_f) * width**2
+    with threads_for(work):
+        return _finish_module(module, entries, inputs, options, new_rank, use_bias, terms, settings)
+
+
+def _finish_module(module: str, entries: list[tuple[int, AdapterModule]], inputs: Sequence[Adapter],
+                   options: Options, new_rank: Optional[int], use_bias: bool, terms: list[Term],
+                   settings: MergeSettings) -> tuple[AdapterModule, ModuleMerge]:
+    """The merge of one module's terms, its bias, the layout, and the report row."""
+    first = entries[0][1]
+    out_f, in_f = terms[0].B.shape[0], terms[0].A.shape[1]
     merged = combine(options.method.name, terms, settings)
     dtype = _promoted([m.A for _, m in entries] + [m.B for _, m in entries])
     f = factors_from_matrices(merged.A, merged.B, first.kind, (out_f, *first.A.shape[1:]), 1.0)
@@ -171,16 +183,19 @@ def _merge_module(module: str, entries: list[tuple[int, AdapterModule]], inputs:
         biases = [m.bias for _, m in entries if m.bias is not None]
         bias = bias.to(_promoted(biases) if biases else dtype)
     result = AdapterModule(module, f.A.to(dtype).contiguous(), f.B.to(dtype).contiguous(), bias, None, first.embedding)
-    exact = [(t.coefficient, t.B, t.A) for t in terms]
-    exact_sq = lowrank_norm_sq(exact)
-    diff_sq = lowrank_norm_sq([(1.0, merged.B, merged.A)] + [(-c, B, A) for c, B, A in exact])
+    if options.method.family == "exact":  # svd: Eckart-Young, ||E - E_k||^2 = (1 - kept) ||E||^2; cat: exact
+        rel_diff = max(1.0 - merged.energy_kept, 0.0) ** 0.5
+    else:
+        exact = [(t.coefficient, t.B, t.A) for t in terms]
+        exact_sq = lowrank_norm_sq(exact)
+        diff_sq = lowrank_norm_sq([(1.0, merged.B, merged.A)] + [(-c, B, A) for c, B, A in exact])
+        rel_diff = (diff_sq / exact_sq) ** 0.5 if exact_sq > 0 else (0.0 if diff_sq == 0 else float("inf"))
     ranks: list[Optional[int]] = [None] * len(inputs)
     for index, mod in entries:
         ranks[index] = mod.rank
     k = merged.A.shape[0]
     row = ModuleMerge(
-        module, first.kind, [out_f, in_f], ranks, k, merged.energy_kept,
-        (diff_sq / exact_sq) ** 0.5 if exact_sq > 0 else (0.0 if diff_sq == 0 else float("inf")),
+        module, first.kind, [out_f, in_f], ranks, k, merged.energy_kept, rel_diff,
         padded=k - merged.rank if options.method.takes_rank else 0,
         clamped=new_rank is not None and new_rank > min(out_f, in_f),
     )
