@@ -302,6 +302,10 @@ def bench_rerank(paths: dict[str, Path], repeats: int, threads: int) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- report
+def _ratio(x: float) -> str:
+    return f"{x:.1f}x" if x < 10 else f"{x:.0f}x"
+
+
 def _pairs(runs) -> str:
     return ", ".join(f"{cpu:.2f}/{wall:.2f}" for cpu, wall in runs)
 
@@ -328,8 +332,8 @@ def render(merges: list[dict], rerank_result: dict, threads: int, loads: tuple[s
     for m in merges:
         lines.append(
             f"| {m['method']} | {m['peft_call_cpu_s']:.1f} | {m['cli_cpu_s']:.2f} | "
-            f"{m['peft_call_cpu_s'] / m['cli_cpu_s']:.0f}x | {m['function_cpu_s']:.3f} | "
-            f"{m['peft_call_cpu_s'] / m['function_cpu_s']:.0f}x | {m['max_rel_diff']:.1e} | "
+            f"{_ratio(m['peft_call_cpu_s'] / m['cli_cpu_s'])} | {m['function_cpu_s']:.3f} | "
+            f"{_ratio(m['peft_call_cpu_s'] / m['function_cpu_s'])} | {m['max_rel_diff']:.1e} | "
             f"{m['vs_float64']['peft']:.1e} / {m['vs_float64']['lorasurg']:.1e} |"
         )
     lines += ["", "Every run, CPU/wall seconds: " + "; ".join(
@@ -337,8 +341,8 @@ def render(merges: list[dict], rerank_result: dict, threads: int, loads: tuple[s
         f"median); lorasurg process {_pairs(m['cli_runs'])} (peak RSS {m['cli_peak_rss'] / 2**20:.0f} MiB); "
         f"merge_adapters {_pairs(m['function_runs'])}" for m in merges) + ".",
         "", "Wall-time ratios (same runs, medians): " + "; ".join(
-            f"{m['method']}: process {m['peft_call_s'] / m['cli_s']:.0f}x, function "
-            f"{m['peft_call_s'] / m['function_s']:.0f}x" for m in merges) + "."]
+            f"{m['method']}: process {_ratio(m['peft_call_s'] / m['cli_s'])}, function "
+            f"{_ratio(m['peft_call_s'] / m['function_s'])}" for m in merges) + "."]
     rr = rerank_result
     lines += [
         "",
@@ -383,7 +387,15 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="threads of every process (default 1: on a shared machine more threads spin at barriers)")
     parser.add_argument("--no-write", action="store_true", help="print, do not touch bench/RESULTS.md")
+    parser.add_argument("--render-only", action="store_true", help="re-render the last run's bench/.data/merge/result.json")
     args = parser.parse_args(argv)
+    if args.render_only:
+        saved = json.loads((WORK / "result.json").read_text())
+        text = render(saved["merges"], saved["rerank"], saved["threads"], tuple(saved["loads"]), saved["base_bytes"])
+        print(text)
+        if not args.no_write:
+            write_results(text)
+        return 0
     torch.set_num_threads(args.threads)
     before = _loadavg()
     base, _ = generate("llama")
@@ -396,8 +408,10 @@ def main(argv=None) -> int:
     rerank_result = bench_rerank(paths, args.repeats, args.threads)
     print(json.dumps(rerank_result), file=sys.stderr)
     base_bytes = sum(p.stat().st_size for p in base.rglob("*") if p.is_file())
-    text = render(merges, rerank_result, args.threads, (before, _loadavg()), base_bytes)
-    (WORK / "result.json").write_text(json.dumps({"merges": merges, "rerank": rerank_result}, indent=2))
+    loads = (before, _loadavg())
+    text = render(merges, rerank_result, args.threads, loads, base_bytes)
+    (WORK / "result.json").write_text(json.dumps({"merges": merges, "rerank": rerank_result, "threads": args.threads,
+                                                  "loads": loads, "base_bytes": base_bytes}, indent=2))
     print(text)
     if not args.no_write:
         write_results(text)
