@@ -42,6 +42,8 @@ from .surgery.extract import ExtractReport, extract, extract_to_dir
 from .surgery.inspect import inspect_adapter
 from .surgery.validate import ValidationReport, validate, validate_adapter
 from .findings import Finding
+from .surgery.merge import MergeReport, merge_adapters, merge_to_dir
+from .surgery.rerank import RerankReport, rerank, rerank_to_dir
 from .targeting import (
     anchored_pattern_key,
     exact_target_modules,
@@ -74,6 +76,12 @@ __all__ = [
     "consumer_delta",
     "consumer_findings",
     "ConsumerFinding",
+    "rerank",
+    "rerank_to_dir",
+    "RerankReport",
+    "merge_adapters",
+    "merge_to_dir",
+    "MergeReport",
     "LoraFactors",
     "lora_scale",
     "truncated_svd",

@@ -9,7 +9,7 @@ with ``--json``). :mod:`._app` holds the group, the shared options and the error
 
 from __future__ import annotations
 
-from . import extract, inspect, validate  # noqa: F401  (each module registers its command on ``main``)
+from . import extract, inspect, merge, rerank, validate  # noqa: F401  (each module registers its command on ``main``)
 from ._app import main
 
 __all__ = ["main"]

@@ -57,6 +57,7 @@ __all__ = [
     "dora_weight_norm",
     "merged_weight",
     "unmerged_weight",
+    "pad_factors",
 ]
 
 LayerKind = Literal["linear", "embedding", "conv1d", "conv2d", "conv3d"]
@@ -295,3 +296,17 @@ def unmerged_weight(factors: LoraFactors, merged: Tensor, weight_norm: Optional[
         matrix = matrix / factor[:, None]  # (out, in) / (out, 1)
     restored = matrix - delta_matrix(factors, work)  # (out, in)
     return matrix_to_weight(restored, factors.kind, tuple(merged.shape), factors.fan_in_fan_out).to(merged.dtype)
+
+
+def pad_factors(A: Tensor, B: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """Zero-pad stored factors to a higher rank: ``B @ A`` is unchanged, bit for bit.
+
+    ``A: (r, in[, *k])`` gains ``rank - r`` zero rows (dim 0), ``B: (out, r[, 1, ...])`` as many zero columns (dim 1),
+    in their own dtypes. ``rank <= r`` returns them unchanged.
+    """
+    extra = rank - A.shape[0]
+    if extra <= 0:
+        return A, B
+    A = torch.cat([A, A.new_zeros(extra, *A.shape[1:])], dim=0)  # (rank, in, *k)
+    B = torch.cat([B, B.new_zeros(B.shape[0], extra, *B.shape[2:])], dim=1)  # (out, rank, 1, ...)
+    return A, B
