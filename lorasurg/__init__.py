@@ -37,7 +37,10 @@ from .engine.init import init_factors
 from .engine.ranks import RankPolicy, parse_rank_policy
 from .engine.svd import decompose, truncated_svd
 from .modules import ModuleInfo, describe_model
+from .surgery.convert import ConvertReport, convert, convert_to_dir
 from .surgery.extract import ExtractReport, extract, extract_to_dir
+from .surgery.fuse import FuseReport, fuse
+from .surgery.residualize import ResidualizeReport, residualize
 from .surgery.inspect import inspect_adapter
 from .targeting import (
     anchored_pattern_key,
@@ -62,6 +65,13 @@ __all__ = [
     "extract",
     "extract_to_dir",
     "ExtractReport",
+    "residualize",
+    "ResidualizeReport",
+    "convert",
+    "convert_to_dir",
+    "ConvertReport",
+    "fuse",
+    "FuseReport",
     "LoraFactors",
     "lora_scale",
     "truncated_svd",

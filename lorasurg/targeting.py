@@ -55,6 +55,8 @@ __all__ = [
     "unused_pattern_keys",
     "exact_target_modules",
     "anchored_pattern_key",
+    "rank_alpha_fields",
+    "alpha_value",
     "nearest_names",
 ]
 
@@ -210,6 +212,34 @@ def anchored_pattern_key(module_name: str) -> str:
     name that differs only where the dots are (``model.layers.1.q`` vs ``model_layers_1_q``).
     """
     return "^" + re.escape(module_name)
+
+
+def rank_alpha_fields(per_module: Mapping[str, tuple[int, float]]) -> dict[str, Any]:
+    """Config fields ``r``, ``lora_alpha``, ``rank_pattern``, ``alpha_pattern`` that give each module exactly its
+    ``(rank, alpha)`` under PEFT's rules (:func:`rank_alpha`).
+
+    ``r`` is the largest rank and ``lora_alpha`` the alpha of the first module with that rank, so tools that ignore
+    the patterns still see a typical module; every module whose rank or alpha differs gets an anchored key
+    (:func:`anchored_pattern_key`) in ``rank_pattern`` / ``alpha_pattern``, separately. Integral alphas are ints.
+
+    Raises:
+        ConfigError: ``per_module`` is empty.
+    """
+    if not per_module:
+        raise ConfigError("rank_alpha_fields needs at least one module")
+    r = max(rank for rank, _ in per_module.values())
+    alpha = next(a for rank, a in per_module.values() if rank == r)
+    return {
+        "r": int(r),
+        "lora_alpha": alpha_value(alpha),
+        "rank_pattern": {anchored_pattern_key(m): int(k) for m, (k, _) in per_module.items() if k != r},
+        "alpha_pattern": {anchored_pattern_key(m): alpha_value(a) for m, (_, a) in per_module.items() if a != alpha},
+    }
+
+
+def alpha_value(x: float) -> Union[int, float]:
+    """``x`` as a config writes it: an int when integral (PEFT writes lora_alpha as an int by default)."""
+    return int(x) if float(x).is_integer() else float(x)
 
 
 # ------------------------------------------------------------------------------------------------ selection

@@ -9,7 +9,7 @@ with ``--json``). :mod:`._app` holds the group, the shared options and the error
 
 from __future__ import annotations
 
-from . import extract, inspect  # noqa: F401  (each module registers its command on ``main``)
+from . import convert, extract, fuse, inspect, residualize  # noqa: F401  (each module registers its command on ``main``)
 from ._app import main
 
 __all__ = ["main"]

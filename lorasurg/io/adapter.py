@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Mapping, Optional, Union
 
 from safetensors.torch import save_file
 from torch import Tensor
@@ -287,8 +287,12 @@ class Adapter:
             state[KEY_PREFIX + name] = tensor
         return state
 
-    def save(self, directory: PathLike, force: bool = False) -> Path:
+    def save(self, directory: PathLike, force: bool = False, metadata: Optional[Mapping[str, str]] = None) -> Path:
         """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``directory``, atomically.
+
+        Args:
+            metadata: extra string entries for the safetensors header (``{"format": "pt"}`` is always there),
+                e.g. where the adapter came from.
 
         Raises:
             OutputExistsError: ``directory`` exists, is not empty, and ``force`` is false.
@@ -296,8 +300,19 @@ class Adapter:
         state = {k: v.detach().contiguous() for k, v in self.to_state_dict().items()}
         with atomic_output_dir(directory, force) as tmp:
             self.config.save_pretrained(tmp)
-            save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            save_file(state, str(tmp / WEIGHTS_NAME), metadata={**(metadata or {}), "format": "pt"})
         return Path(directory)
+
+    @staticmethod
+    def read_metadata(path_or_repo: PathLike) -> dict[str, str]:
+        """The safetensors header metadata of a saved adapter (``{}`` for a ``.bin`` adapter or none stored)."""
+        path = Path(path_or_repo) / WEIGHTS_NAME
+        if not path.is_file():
+            return {}
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
 
     # ----------------------------------------------------------------------------------------- summary
     def num_parameters(self) -> int:

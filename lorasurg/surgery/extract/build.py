@@ -20,7 +20,7 @@ from ...errors import InputError
 from ...io.adapter import Adapter, AdapterModule
 from ...io.checkpoint import Checkpoint
 from ...modules import ModuleInfo
-from ...targeting import anchored_pattern_key, exact_target_modules
+from ...targeting import exact_target_modules, rank_alpha_fields
 from .fit import Fit
 from .plan import TensorRole, split_tensor_name
 from .report import ExtractReport, TensorOutcome
@@ -262,20 +262,13 @@ def _bias_factors(run: Collected, report: ExtractReport, modules: Mapping[str, M
 
 def _config(run: Collected, modules: Mapping[str, ModuleInfo], save_modules: list[str], use_bias: bool, base: Checkpoint, base_name: str) -> LoraConfig:
     """The adapter_config: exactly the modules with factors, each at its own rank with the common scale."""
-    ranks = {m: f.rank for m, f in run.factors.items()}
-    r_cfg = max(ranks.values())
-    alpha = _number(run.scale * r_cfg)
-    rank_pattern = {anchored_pattern_key(m): k for m, k in ranks.items() if k != r_cfg}
-    alpha_pattern = {anchored_pattern_key(m): _number(run.scale * k) for m, k in ranks.items() if k != r_cfg}
+    fields = rank_alpha_fields({m: (f.rank, run.scale * f.rank) for m, f in run.factors.items()})
     selected = list(run.factors)
     targets = exact_target_modules(selected, list(modules))
     arch = ((base.config or {}).get("architectures") or [""])[0]
     return LoraConfig(
-        r=r_cfg,
-        lora_alpha=alpha,
+        **fields,
         target_modules=targets,
-        rank_pattern=rank_pattern,
-        alpha_pattern=alpha_pattern,
         lora_bias=use_bias,
         modules_to_save=sorted(save_modules) or None,
         fan_in_fan_out=any(modules[m].fan_in_fan_out for m in selected if m in modules),
@@ -284,7 +277,3 @@ def _config(run: Collected, modules: Mapping[str, ModuleInfo], save_modules: lis
         base_model_name_or_path=base_name,
     )
 
-
-def _number(x: float):
-    """An int when ``x`` is integral (PEFT writes lora_alpha as an int by default)."""
-    return int(x) if float(x).is_integer() else float(x)
