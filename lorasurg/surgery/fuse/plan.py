@@ -10,7 +10,7 @@ An adapter is matched against BASE module by module:
   ``bias="all"``/``"lora_only"``, ``<module>.base_layer.bias``) and replaces BASE's tensor of that name and shape;
   trainable-token deltas are refused;
 * a ``lora_B.bias`` that is not zero on a layer without a bias in BASE needs a bias tensor: where the architecture's
-  config has a flag that gives the layer one (:func:`lorasurg.io.bias_flags.bias_flags`, e.g. Llama's
+  config has a flag that gives the layer one (:func:`lorasurg.io.meta_facts.bias_flags`, e.g. Llama's
   ``attention_bias``), the flag is set and every other layer it governs gets a zero bias; where none exists
   (Qwen2's o_proj and MLP) the fuse is refused, naming the modules and the norm of each bias, unless
   ``drop_unfusable_bias`` drops them (listed). A zero ``lora_B.bias`` needs nothing (``extract`` writes zeros on
@@ -35,7 +35,7 @@ from ...engine.factors import LoraFactors, factor_shapes, lora_scale
 from ...engine.lowrank import lowrank_svd
 from ...errors import InputError, ShapeMismatchError, UnsupportedError
 from ...io.adapter import Adapter
-from ...io.bias_flags import bias_flags
+from ...io.meta_facts import bias_flags
 from ...io.checkpoint import Checkpoint
 from ...modules import ModuleInfo
 from ..options import short_list

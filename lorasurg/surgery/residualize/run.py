@@ -20,9 +20,9 @@ lorasurg's version) is in ``OUT/README.md`` and in the adapter file's safetensor
 
 Streaming: :func:`lorasurg.io.rewrite.rewrite_checkpoint` reads BASE one tensor at a time in shard order; only a
 target weight is converted (to float32 for the factorisation); every other tensor is copied through as stored.
-Randomness (``pissa_niter_N`` and embedding inits) comes from one generator seeded with ``seed``, drawn in
-shard order, which is PEFT's order for a checkpoint saved by ``save_pretrained``: after ``torch.manual_seed(seed)``
-PEFT's ``get_peft_model`` makes the same draws.
+Randomness (``pissa_niter_N`` and embedding inits) comes from one CPU generator seeded with ``seed`` and is drawn
+as PEFT draws it, module by module in the model's ``named_modules()`` order (not the file's order): after
+``torch.manual_seed(seed)`` PEFT's ``get_peft_model`` on the same model makes the same draws.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from ...engine.init import InitMethod, init_factors, parse_init_method
 from ...errors import ConfigError, InputError, LorasurgError
 from ...io.adapter import Adapter, AdapterModule
 from ...io.checkpoint import Checkpoint
+from ...io.meta_facts import module_order
 from ...io.rewrite import TensorSource, rewrite_checkpoint
 from ...io.writer import atomic_output_dir, check_output_dir
 from ...modules import ModuleInfo
@@ -128,6 +129,7 @@ def residualize(
         ckpt = open_checkpoint(base, opened)
         targets = _plan(ckpt, method, r, alpha, use_rslora, target_modules, exclude_modules, report)
         generator = torch.Generator().manual_seed(seed)
+        states = _draw_states(ckpt, method, targets, generator) if _uses_rng(method, targets) else {}
         factors: dict[str, AdapterModule] = {}
 
         def edit(name: str, source: TensorSource):
@@ -135,6 +137,8 @@ def residualize(
             target = targets.get(module) if module is not None else None
             if target is None:
                 return None
+            if module in states:
+                generator.set_state(states[module])
             residual = _residualize_one(target, method, source.read(name, work_device), generator, factors, report)
             return None if residual is None else [(name, residual)]
 
@@ -204,6 +208,25 @@ def _plan(ckpt: Checkpoint, method: InitMethod, r: int, alpha: float, use_rslora
         report.notes.append(f"r={r} exceeds min(out, in) of {len(clamped)} module(s); their rank was clamped to it "
                             f"(same scale): {short_list(clamped)}")
     return targets
+
+
+def _draw_states(ckpt: Checkpoint, method: InitMethod, targets: dict[str, _Target],
+                 generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """The generator's state at the start of each target, were the targets initialised in PEFT's order.
+
+    PEFT initialises modules in ``named_modules()`` order (:func:`lorasurg.io.meta_facts.module_order`); BASE is
+    streamed in file order. Running each init on a meta-device weight makes exactly its random draws (on the CPU)
+    and no arithmetic, so the states come at no cost; each target then restarts from its own state.
+    """
+    shapes = {n: ckpt.shape(n) for n in ckpt.names()}
+    states = {}
+    for name in module_order(ckpt.config, shapes, targets):
+        t = targets[name]
+        states[name] = generator.get_state()
+        weight = torch.empty(t.info.weight_shape, device="meta")
+        init_factors(method, t.info.kind, tuple(t.info.weight_shape), t.rank, t.scale, weight=weight,
+                     fan_in_fan_out=t.info.fan_in_fan_out, generator=generator)
+    return states
 
 
 def _residualize_one(target: _Target, method: InitMethod, weight: torch.Tensor, generator: torch.Generator,

@@ -1,22 +1,28 @@
-"""Which config.json flags give which layers a bias, for architectures transformers knows.
+"""Facts about a checkpoint's architecture that need its model class, built on the meta device (no memory).
 
-Fusing a ``lora_bias`` into a layer that has no bias needs a bias tensor the model will load. Some architectures
+Only for architectures transformers has (never remote code, see :func:`lorasurg.io.architecture.meta_model`);
+module names are given as the checkpoint's keys name them.
+
+Module order (:func:`module_order`): the order ``named_modules()`` visits modules, which is the order PEFT
+initialises adapters in (and so draws random numbers in); a safetensors file stores tensors sorted by name instead.
+
+Bias flags (:func:`bias_flags`): fusing a ``lora_bias`` into a layer that has no bias needs a bias tensor the model will load. Some architectures
 can express that in their config: Llama's ``attention_bias`` gives q/k/v/o_proj a bias, ``mlp_bias`` gives
 gate/up/down_proj one. Others cannot (Qwen2's o_proj and MLP are built without a bias, whatever the config says).
 
 Nothing is hard-coded per model type: for every boolean config field whose name ends in ``bias`` and that is false,
-the model class is built on the meta device (no memory) with that field true, and the layers that gained a bias
-are the ones the flag governs. Never uses remote code (see :func:`lorasurg.io.architecture.meta_model`).
+the model class is built with that field true, and the layers that gained a bias are the ones the flag governs.
 """
 
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence
+import re
+from typing import Iterable, Mapping, Optional, Sequence
 
 from ..modules import describe_model
 from .architecture import _key_mapper, meta_model
 
-__all__ = ["bias_flags"]
+__all__ = ["bias_flags", "module_order"]
 
 
 def bias_flags(config: Optional[Mapping], shapes: Mapping[str, Sequence[int]]) -> dict[str, frozenset[str]]:
@@ -56,3 +62,27 @@ def _full_config(model, config: Mapping) -> dict:
     hf_config = getattr(model, "config", None)
     full = hf_config.to_dict() if hf_config is not None and hasattr(hf_config, "to_dict") else {}
     return {**full, **config}
+
+
+def module_order(config: Optional[Mapping], shapes: Mapping[str, Sequence[int]], names: Iterable[str]) -> list[str]:
+    """``names`` (module names of the checkpoint) in the order the model's ``named_modules()`` visits them.
+
+    Without a model class (no config, an architecture transformers lacks), in natural order instead: names
+    compared part by part, numbers numerically (``layers.2`` before ``layers.10``).
+    """
+    wanted = list(names)
+    model = meta_model(config) if config else None
+    if model is not None:
+        to_key = _key_mapper(model, shapes)
+        rank = {}
+        for position, (name, _) in enumerate(model.named_modules()):
+            key = to_key(name)
+            if key is not None:
+                rank.setdefault(key, position)
+        if all(n in rank for n in wanted):
+            return sorted(wanted, key=rank.__getitem__)
+    return sorted(wanted, key=_natural)
+
+
+def _natural(name: str) -> list:
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"[.]", name)]
