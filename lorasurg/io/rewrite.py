@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -144,7 +145,7 @@ def rewrite_checkpoint(
     source = TensorSource(base, dtype)
     result = RewriteResult()
     names = base.names()
-    total = sum(_numel(base.shape(n)) for n in names)
+    total = sum(math.prod(base.shape(n)) for n in names)
     done = 0
     writer = ShardedWriter(out, max_shard_size=2**62, prefix=_output_prefix(base.files))
     with writer:
@@ -165,7 +166,7 @@ def rewrite_checkpoint(
                 result.written += 1
                 result.bytes += tensor.numel() * tensor.element_size()
             del replacement
-            done += _numel(base.shape(name))
+            done += math.prod(base.shape(name))
             if progress is not None:
                 progress(done, total, name)
     result.weight_files = [f.name for f in writer.files]
@@ -175,13 +176,6 @@ def rewrite_checkpoint(
     result.config_updates = {k: v for k, v in updates.items() if (base.config or {}).get(k, object()) != v}
     result.side_files, result.left_out = _copy_side_files(base, out, result.config_updates)
     return result
-
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
 
 
 def _output_prefix(files: Sequence[Path]) -> str:

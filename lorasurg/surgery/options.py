@@ -6,6 +6,7 @@ One definition each, so ``--device``, ``--dtype`` and a BASE argument mean the s
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
@@ -17,7 +18,7 @@ from ..io.checkpoint import Checkpoint
 
 __all__ = [
     "DTYPES", "Source", "Progress", "parse_device", "dtype_problem", "output_dtype", "open_checkpoint",
-    "source_name", "numel", "short_list",
+    "source_name", "default_output", "numel", "short_list",
 ]
 
 #: ``--dtype`` values other than ``auto`` and the dtypes they mean.
@@ -75,10 +76,7 @@ def default_output(source: Union[Source, "os.PathLike[str]"], suffix: str) -> Pa
 
 def numel(shape: Sequence[int]) -> int:
     """The number of elements of a tensor of ``shape``."""
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
+    return math.prod(int(d) for d in shape)
 
 
 def short_list(items: Sequence[str], limit: int = 10) -> str:

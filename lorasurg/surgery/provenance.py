@@ -12,7 +12,7 @@ from typing import Mapping, Optional, Union
 
 from ..io.adapter import Adapter
 
-__all__ = ["PREFIX", "provenance_metadata", "read_provenance", "lorasurg_version"]
+__all__ = ["PREFIX", "provenance_metadata", "read_provenance", "provenance_lines", "lorasurg_version"]
 
 PREFIX = "lorasurg."
 

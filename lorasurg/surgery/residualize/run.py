@@ -49,7 +49,7 @@ from ...modules import ModuleInfo
 from ...targeting import ALL_LINEAR, exact_target_modules, rank_alpha_fields, select_modules
 from ..options import Progress, Source, default_output, dtype_problem, open_checkpoint, output_dtype, parse_device
 from ..options import short_list, source_name
-from ..provenance import provenance_lines, provenance_metadata
+from ..provenance import lorasurg_version, provenance_lines, provenance_metadata
 from .report import ResidualizeReport, ResidualModule
 
 __all__ = ["residualize", "INIT_CHOICES", "ResidualizeReport"]
@@ -292,8 +292,7 @@ def _readme(meta: dict, report: ResidualizeReport) -> str:
         "",
         "Provenance (also in the safetensors metadata of `adapter/adapter_model.safetensors`, keys `lorasurg.*`):",
         "",
-        *provenance_lines({**meta, "version": provenance_metadata()["lorasurg.version"],
-                           "modules": len(report.modules)}),
+        *provenance_lines({**meta, "version": lorasurg_version(), "modules": len(report.modules)}),
         "",
     ]
     return "\n".join(lines)
