@@ -47,6 +47,7 @@ __all__ = [
     "LAYER_KINDS",
     "LoraFactors",
     "lora_scale",
+    "lora_alpha_for",
     "compute_dtype",
     "weight_to_matrix",
     "matrix_to_weight",
@@ -75,6 +76,12 @@ def lora_scale(r: int, alpha: float, use_rslora: bool = False) -> float:
     if r <= 0:
         raise ValueError(f"LoRA rank must be positive, got r={r}")
     return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def lora_alpha_for(scale: float, r: int, use_rslora: bool = False) -> float:
+    """The ``lora_alpha`` that gives ``scale`` at rank ``r``: ``scale * r`` (``scale * sqrt(r)`` with rsLoRA);
+    the inverse of :func:`lora_scale`."""
+    return scale * (math.sqrt(r) if use_rslora else r)
 
 
 def compute_dtype(*tensors: Optional[Tensor]) -> torch.dtype:

@@ -319,6 +319,10 @@ class Adapter:
         """Total number of elements in every stored tensor."""
         return sum(t.numel() for t in self.to_state_dict().values())
 
+    def num_bytes(self) -> int:
+        """Total bytes of tensor data in every stored tensor."""
+        return sum(t.numel() * t.element_size() for t in self.to_state_dict().values())
+
 
 def _read_weights(directory: Path) -> dict[str, Tensor]:
     """Tensors of ``adapter_model.safetensors`` (preferred) or ``adapter_model.bin`` in ``directory``.

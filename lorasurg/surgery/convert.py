@@ -32,7 +32,7 @@ from typing import Any, Optional, Union
 import torch
 
 from ..config import LoraConfig
-from ..engine.factors import lora_scale
+from ..engine.factors import lora_alpha_for, lora_scale
 from ..engine.lowrank import lowrank_svd
 from ..engine.svd import split_factors
 from ..errors import ConfigError, InputError
@@ -166,7 +166,7 @@ def convert(trained: AdapterSource, initial: AdapterSource, *, r: Optional[int] 
     modules = {name: _convert_module(t, i, name, r, report) for name in t.modules}
     adapter = _build(t, modules, report)
     report.adapter_parameters = adapter.num_parameters()
-    report.adapter_bytes = sum(x.numel() * x.element_size() for x in adapter.to_state_dict().values())
+    report.adapter_bytes = adapter.num_bytes()
     return adapter, report
 
 
@@ -225,7 +225,7 @@ def _convert_module(t: Adapter, i: Adapter, name: str, r: Optional[int], report:
         return AdapterModule(name, A, B, bias, tm.magnitude, tm.embedding)
     limit = min(2 * rank, tm.B.shape[0], tm.A[0].numel())
     k = min(r, limit)
-    new_scale = lora_scale(k, _alpha_for(s, k, t.config.use_rslora), t.config.use_rslora)
+    new_scale = lora_scale(k, lora_alpha_for(s, k, t.config.use_rslora), t.config.use_rslora)
     A_mat, B_mat = split_factors(svd.U[:, :k], svd.S[:k], svd.Vh[:k], new_scale)  # (k, in), (out, k)
     dtype = tm.A.dtype
     A = A_mat.to(dtype).reshape(k, *tm.A.shape[1:])  # (k, in[, *kernel])
@@ -233,11 +233,6 @@ def _convert_module(t: Adapter, i: Adapter, name: str, r: Optional[int], report:
     kept = float(svd.S[:k].double().pow(2).sum()) / total if total > 0 else 1.0
     report.modules.append(ConvertedModule(name, tm.kind, rank, k, math.sqrt(total), kept, clamped=k < r))
     return AdapterModule(name, A.contiguous(), B.contiguous(), bias, tm.magnitude, tm.embedding)
-
-
-def _alpha_for(scale: float, rank: int, rslora: bool) -> float:
-    """The lora_alpha that gives ``scale`` at ``rank``."""
-    return scale * (math.sqrt(rank) if rslora else rank)
 
 
 def _build(t: Adapter, modules: dict[str, AdapterModule], report: ConvertReport) -> Adapter:
@@ -254,7 +249,7 @@ def _build(t: Adapter, modules: dict[str, AdapterModule], report: ConvertReport)
         per_module = {}
         for m in report.modules:
             rank, alpha = t.rank_alpha(m.module)
-            per_module[m.module] = (m.rank, _alpha_for(lora_scale(rank, alpha, rslora), m.rank, rslora))
+            per_module[m.module] = (m.rank, lora_alpha_for(lora_scale(rank, alpha, rslora), m.rank, rslora))
         cfg.update(rank_alpha_fields(per_module))
         clamped = [f"{m.module} (r={m.rank})" for m in report.modules if m.clamped]
         if clamped:

@@ -18,7 +18,7 @@ from ..io.checkpoint import Checkpoint
 
 __all__ = [
     "DTYPES", "Source", "Progress", "parse_device", "dtype_problem", "output_dtype", "open_checkpoint",
-    "source_name", "default_output", "numel", "short_list",
+    "source_name", "default_output", "numel", "short_list", "task_type_of",
 ]
 
 #: ``--dtype`` values other than ``auto`` and the dtypes they mean.
@@ -72,6 +72,12 @@ def default_output(source: Union[Source, "os.PathLike[str]"], suffix: str) -> Pa
     """``./<source name><suffix>`` in the working directory."""
     name = Path(source_name(source).rstrip("/")).name or "model"
     return Path(f"{name}{suffix}")
+
+
+def task_type_of(config: Optional[dict]) -> Optional[str]:
+    """The PEFT ``task_type`` a checkpoint's config implies: ``CAUSAL_LM`` for a ``*ForCausalLM``, else None."""
+    archs = (config or {}).get("architectures") or [""]
+    return "CAUSAL_LM" if isinstance(archs[0], str) and archs[0].endswith("ForCausalLM") else None
 
 
 def numel(shape: Sequence[int]) -> int:

@@ -37,7 +37,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from ...config import LoraConfig
-from ...engine.factors import delta_frobenius_sq, factor_shapes, lora_scale
+from ...engine.factors import delta_frobenius_sq, factor_shapes, lora_alpha_for, lora_scale
 from ...engine.init import InitMethod, init_factors, parse_init_method
 from ...errors import ConfigError, InputError, LorasurgError
 from ...io.adapter import Adapter, AdapterModule
@@ -48,7 +48,7 @@ from ...io.writer import atomic_output_dir, check_output_dir
 from ...modules import ModuleInfo
 from ...targeting import ALL_LINEAR, exact_target_modules, rank_alpha_fields, select_modules
 from ..options import Progress, Source, default_output, dtype_problem, open_checkpoint, output_dtype, parse_device
-from ..options import short_list, source_name
+from ..options import short_list, source_name, task_type_of
 from ..provenance import lorasurg_version, provenance_lines, provenance_metadata
 from .report import ResidualizeReport, ResidualModule
 
@@ -153,7 +153,7 @@ def residualize(
     report.weight_files, report.side_files, report.left_out = written.weight_files, written.side_files, written.left_out
     report.model_bytes = written.bytes
     report.adapter_parameters = adapter.num_parameters()
-    report.adapter_bytes = sum(t.numel() * t.element_size() for t in adapter.to_state_dict().values())
+    report.adapter_bytes = adapter.num_bytes()
     return report
 
 
@@ -201,7 +201,7 @@ def _plan(ckpt: Checkpoint, method: InitMethod, r: int, alpha: float, use_rslora
         _, _, out = factor_shapes(info.kind, info.weight_shape, 1, info.fan_in_fan_out)
         limit = min(out, math.prod(info.weight_shape) // out)
         rank = r if info.kind == "embedding" else min(r, limit)
-        module_alpha = scale * (math.sqrt(rank) if use_rslora else rank)
+        module_alpha = lora_alpha_for(scale, rank, use_rslora)
         targets[name] = _Target(name, info, rank, module_alpha, scale, r)
     clamped = [f"{t.module} (r={t.rank})" for t in targets.values() if t.clamped]
     if clamped:
@@ -256,14 +256,13 @@ def _adapter(ckpt: Checkpoint, targets: dict[str, _Target], factors: dict[str, A
     """The initial adapter: exactly the targets, each at its rank with the common scale; ``init_lora_weights: true``."""
     modules = ckpt.module_infos()
     fields = rank_alpha_fields({m: (t.rank, t.alpha) for m, t in targets.items()})
-    arch = ((ckpt.config or {}).get("architectures") or [""])[0]
     config = LoraConfig(
         **fields,
         target_modules=exact_target_modules(list(targets), list(modules)),
         use_rslora=use_rslora,
         fan_in_fan_out=any(t.info.fan_in_fan_out for t in targets.values()),
         init_lora_weights=True,
-        task_type="CAUSAL_LM" if isinstance(arch, str) and arch.endswith("ForCausalLM") else None,
+        task_type=task_type_of(ckpt.config),
         base_model_name_or_path=os.fspath(model_path),
     )
     adapter = Adapter(config, {m: factors[m] for m in targets if m in factors})
