@@ -128,6 +128,52 @@ def bench(r: int, threads: int, repeats: int) -> dict:
     return result
 
 
+def scaled_copy(base: Path, layers: int) -> Path:
+    """A copy of ``base`` with ``layers`` decoder layers (layer ``i`` is base's layer ``i % n``), for the memory
+    scaling run; written once under bench/.data/llama-<layers>l/."""
+    from lorasurg.io.checkpoint import Checkpoint
+    from lorasurg.io.writer import ShardedWriter
+
+    out = DATA / f"llama-{layers}l"
+    if (out / "config.json").is_file():
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    config = json.loads((base / "config.json").read_text())
+    n = config["num_hidden_layers"]
+    with Checkpoint.open(base) as ckpt, ShardedWriter(out, max_shard_size=320 * 2**20) as writer:
+        names = ckpt.names()
+        for name in names:
+            if not name.startswith("model.layers."):
+                writer.add(name, ckpt.get(name))
+        for i in range(layers):
+            prefix = f"model.layers.{i % n}."
+            for name in names:
+                if name.startswith(prefix):
+                    writer.add(f"model.layers.{i}." + name[len(prefix):], ckpt.get(name))
+    config["num_hidden_layers"] = layers
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
+def scaling(r: int, threads: int, repeats: int, layers: int = 8) -> dict:
+    """Peak RSS of ``lorasurg residualize --init pissa_niter_4`` on BASE and on a copy with ``layers`` layers."""
+    base, _ = generate("llama")
+    work = DATA / "runs-residual-scaling"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    result = {}
+    for model in (base, scaled_copy(base, layers)):
+        cmd = [sys.executable, "-m", "lorasurg.cli", "residualize", str(model), "--init", "pissa_niter_4", "--r", str(r),
+               "-o", str(work / "out"), "--device", "cpu", "--json", "--force"]
+        runs = [run_measured(cmd, threads, work / "log") for _ in range(repeats)]
+        result[model.name if model != base else "base"] = {
+            "bytes": _dir_bytes(model), "peak_rss": max(x["peak_rss"] for x in runs),
+            "wall_s": sorted(x["wall_s"] for x in runs)[len(runs) // 2]}
+        shutil.rmtree(work / "out", ignore_errors=True)
+    return result
+
+
 def render(res: dict) -> str:
     t = res["tools"]
     peft_exact = t["peft pissa"]
@@ -171,6 +217,12 @@ def render(res: dict) -> str:
                   f"{c['distance peft pissa_niter_4']:.2e} relative (the random weights' flat spectrum makes the "
                   "leading 16-dimensional subspace ill-determined: any close subspace leaves almost the same "
                   "residual energy)."]
+    if res.get("scaling"):
+        rows = " and ".join(f"{v['bytes'] / 1e6:.0f} MB: {v['peak_rss'] / 2**20:.0f} MiB in {v['wall_s']:.0f} s"
+                            for v in res["scaling"].values())
+        lines += ["", f"Peak RSS against the model's size (lorasurg pissa_niter_4, `--scaling`, a copy of the base with "
+                      f"twice the layers): {rows}. Streaming holds one target weight (and its float32 copy), so the "
+                      "peak does not grow with the number of layers."]
     return "\n".join(lines) + "\n"
 
 
@@ -182,6 +234,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-write", action="store_true", help="print, do not touch bench/RESULTS.md")
     parser.add_argument("--peft-run", nargs=3, metavar=("INIT", "BASE", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--render", type=Path, help="render a saved result.json instead of running")
+    parser.add_argument("--scaling", action="store_true",
+                        help="also measure peak RSS on a copy of the base with twice the layers")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.peft_run:
@@ -189,6 +243,9 @@ def main(argv=None) -> int:
         peft_run(init, Path(base), Path(out), args.r)
         return 0
     result = json.loads(args.render.read_text()) if args.render else bench(args.r, args.threads, args.repeats)
+    if args.scaling:
+        result["scaling"] = scaling(args.r, args.threads, 1)
+        (DATA / "runs-residual" / "result.json").write_text(json.dumps(result, indent=2))
     text = render(result)
     print(text)
     if not args.no_write:
