@@ -20,7 +20,7 @@ import re
 from typing import Iterable, Mapping, Optional, Sequence
 
 from ..modules import describe_model
-from .architecture import _key_mapper, meta_model
+from .architecture import _key_mapper, is_shape_describable, meta_model
 
 __all__ = ["bias_flags", "module_order"]
 
@@ -64,13 +64,27 @@ def _full_config(model, config: Mapping) -> dict:
     return {**full, **config}
 
 
+# Module leaf names of the known causal LMs (SHAPE_DESCRIBABLE_MODEL_TYPES) in the order their classes register
+# them; checked against the model classes for every type by tests/io/test_meta_facts.py.
+_LEAF_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_proj", "up_proj", "gate_up_proj",
+               "down_proj", "c_fc", "c_proj")
+_LAYER = re.compile(r"model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)")
+
+
 def module_order(config: Optional[Mapping], shapes: Mapping[str, Sequence[int]], names: Iterable[str]) -> list[str]:
     """``names`` (module names of the checkpoint) in the order the model's ``named_modules()`` visits them.
 
-    Without a model class (no config, an architecture transformers lacks), in natural order instead: names
-    compared part by part, numbers numerically (``layers.2`` before ``layers.10``).
+    For a causal LM of a type :func:`~lorasurg.io.architecture.is_shape_describable` accepts, from the names alone
+    (``model.embed_tokens``, then each layer's attention and MLP projections in their classes' order, then
+    ``lm_head``), without importing the modeling code. Otherwise from the model built on the meta device; without a
+    model class (no config, an architecture transformers lacks), in natural order: names compared part by part,
+    numbers numerically (``layers.2`` before ``layers.10``).
     """
     wanted = list(names)
+    if config and is_shape_describable(config):
+        keys = [_known_key(n) for n in wanted]
+        if None not in keys:
+            return [n for _, n in sorted(zip(keys, wanted))]
     model = meta_model(config) if config else None
     if model is not None:
         to_key = _key_mapper(model, shapes)
@@ -82,6 +96,17 @@ def module_order(config: Optional[Mapping], shapes: Mapping[str, Sequence[int]],
         if all(n in rank for n in wanted):
             return sorted(wanted, key=rank.__getitem__)
     return sorted(wanted, key=_natural)
+
+
+def _known_key(name: str) -> Optional[tuple[int, int, int]]:
+    if name == "model.embed_tokens":
+        return (0, 0, 0)
+    if name == "lm_head":
+        return (2, 0, 0)
+    found = _LAYER.fullmatch(name)
+    if found is None or found.group(3) not in _LEAF_ORDER:
+        return None
+    return (1, int(found.group(1)), _LEAF_ORDER.index(found.group(3)))
 
 
 def _natural(name: str) -> list:

@@ -37,7 +37,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from ...config import LoraConfig
-from ...engine.factors import delta_frobenius_sq, factor_shapes, lora_alpha_for, lora_scale
+from ...engine.factors import compute_dtype, delta_frobenius_sq, factor_shapes, lora_alpha_for, lora_scale
 from ...engine.init import InitMethod, init_factors, parse_init_method
 from ...errors import ConfigError, InputError, LorasurgError
 from ...io.adapter import Adapter, AdapterModule
@@ -240,9 +240,10 @@ def _residualize_one(target: _Target, method: InitMethod, weight: torch.Tensor, 
     factors[target.module] = AdapterModule(target.module, f.A.cpu(), f.B.cpu(), embedding=info.kind == "embedding")
     if result.note:
         report.notes.append(f"{target.module}: {result.note}")
-    total = float(torch.linalg.vector_norm(weight.float())) ** 2
+    work = compute_dtype(weight)  # norms reduced in float32 (float64 stays), without a converted copy
+    total = float(torch.linalg.vector_norm(weight, dtype=work)) ** 2
     residual = result.residual_weight
-    res_norm = float(torch.linalg.vector_norm((residual if residual is not None else weight).float()))
+    res_norm = float(torch.linalg.vector_norm(residual if residual is not None else weight, dtype=work))
     report.modules.append(ResidualModule(
         target.module, info.kind, list(weight.shape), target.rank, target.clamped,
         energy_taken=delta_frobenius_sq(f) / total if total > 0 else 0.0,
