@@ -31,7 +31,8 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from extract import DATA, ROOT, _dir_bytes, generate, run_measured, write_results  # noqa: E402
+from extract import DATA, ROOT, _dir_bytes, generate, write_results  # noqa: E402
+from _measure import measure  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 SECTION = "## Fuse vs PEFT merge_and_unload + save_pretrained (issue 8)"
@@ -101,22 +102,11 @@ def bench(r: int, threads: int, repeats: int) -> dict:
         "peft merge_and_unload": [sys.executable, str(Path(__file__)), "--peft-run", str(base), str(adapter),
                                   str(outs["peft merge_and_unload"])],
     }
-    runs: dict[str, list[dict]] = {tool: [] for tool in cmds}
-    loads = []
-    for i in range(repeats):
-        for tool in (list(cmds) if i % 2 == 0 else list(reversed(cmds))):
-            shutil.rmtree(outs[tool], ignore_errors=True)
-            loads.append(Path("/proc/loadavg").read_text().split()[0])
-            print(f"running {tool} ({i + 1}/{repeats}), load {loads[-1]} ...", file=sys.stderr)
-            runs[tool].append(run_measured(cmds[tool], threads, work / f"{tool.split()[0]}.log"))
-            print(f"  {runs[tool][-1]}", file=sys.stderr)
-    result = {"r": r, "threads": threads, "repeats": repeats, "checkpoint_bytes": _dir_bytes(base), "loads": loads,
-              "tools": {}}
-    for tool in cmds:
-        walls = sorted(run["wall_s"] for run in runs[tool])
-        result["tools"][tool] = {"rc": max(run["rc"] for run in runs[tool]), "walls": walls,
-                                 "wall_s": walls[len(walls) // 2], "peak_rss": max(run["peak_rss"] for run in runs[tool]),
-                                 "files": sorted(p.name for p in outs[tool].iterdir()) if outs[tool].exists() else []}
+    measured = measure({tool: (cmd, outs[tool]) for tool, cmd in cmds.items()}, repeats, threads, work)
+    result = {"r": r, "threads": threads, "repeats": repeats, "checkpoint_bytes": _dir_bytes(base),
+              "loads": measured["loads"], "tools": measured["tools"]}
+    for tool, out in outs.items():
+        result["tools"][tool]["files"] = sorted(p.name for p in out.iterdir()) if out.exists() else []
     if all(t["rc"] == 0 for t in result["tools"].values()):
         result["compare"] = compare(outs["lorasurg fuse"], outs["peft merge_and_unload"])
     (work / "result.json").write_text(json.dumps(result, indent=2))
@@ -144,10 +134,12 @@ def render(res: dict) -> str:
                   f"{ours['peak_rss'] / peft['peak_rss']:.2f}x its peak RSS."]
     c = res.get("compare")
     if c:
-        lines.append(f"The two fused checkpoints hold the same {c['tensors']} tensors (dtypes {c['dtypes'][0]} and "
-                     f"{c['dtypes'][1]}); the largest relative difference of a tensor is {c['max_relative_difference']:.2e} "
-                     f"({c['where']}): bf16 rounding of the same merge (lorasurg adds the delta in float32 and rounds "
-                     "once; PEFT adds a bf16-rounded delta to the bf16 weight).")
+        same = ("are bitwise identical" if c["max_relative_difference"] == 0 else
+                f"differ by at most {c['max_relative_difference']:.2e} relative ({c['where']}), bf16 rounding")
+        lines.append(f"The two fused checkpoints hold the same {c['tensors']} tensors, all "
+                     f"{', '.join(t.replace('torch.', '') for t in c['dtypes'][0])} on both sides, and {same}; "
+                     "lorasurg keeps BASE's two shards, transformers writes one file (and a generation_config.json "
+                     "BASE does not have).")
     return "\n".join(lines) + "\n"
 
 

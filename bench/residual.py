@@ -30,12 +30,14 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from extract import DATA, ROOT, _dir_bytes, generate, run_measured, write_results  # noqa: E402
+from _measure import measure  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 SECTION = "## Residualize vs PEFT's in-memory PiSSA init (issue 8)"
@@ -55,9 +57,9 @@ def peft_run(init: str, base: Path, out: Path, r: int) -> None:
     pm.unload().save_pretrained(out / "model")
 
 
-def commands(base: Path, work: Path, r: int) -> dict[str, tuple[list[str], Path]]:
+def commands(base: Path, work: Path, r: int, methods=METHODS) -> dict[str, tuple[list[str], Path]]:
     cmds = {}
-    for method in METHODS:
+    for method in methods:
         out = work / f"lorasurg-{method}"
         cmds[f"lorasurg {method}"] = ([sys.executable, "-m", "lorasurg.cli", "residualize", str(base), "--init", method,
                                        "--r", str(r), "-o", str(out), "--device", "cpu", "--json", "--force"], out)
@@ -96,34 +98,30 @@ def compare(base: Path, outs: dict[str, Path]) -> dict:
     return result
 
 
-def bench(r: int, threads: int, repeats: int) -> dict:
+def bench(r: int, threads: int, repeats: int, methods=METHODS, keep: Optional[Path] = None) -> dict:
+    """Measure the tools of ``methods``; tools of the other methods come from ``keep``, an earlier result.json."""
     base, _ = generate("llama")
-    work = DATA / "runs-residual"
+    work = DATA / ("runs-residual" if tuple(methods) == METHODS else f"runs-residual-{'-'.join(methods)}")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    cmds = commands(base, work, r)
-    runs: dict[str, list[dict]] = {tool: [] for tool in cmds}
-    loads = []
-    tools = list(cmds)
-    for i in range(repeats):
-        order = tools[i % len(tools):] + tools[: i % len(tools)]  # rotate who goes first
-        if i % 2:
-            order.reverse()
-        for tool in order:
-            cmd, out = cmds[tool]
-            shutil.rmtree(out, ignore_errors=True)
-            loads.append(Path("/proc/loadavg").read_text().split()[0])
-            print(f"running {tool} ({i + 1}/{repeats}), load {loads[-1]} ...", file=sys.stderr)
-            runs[tool].append(run_measured(cmd, threads, work / f"{tool.replace(' ', '-')}.log"))
-            print(f"  {runs[tool][-1]}", file=sys.stderr)
-    result = {"r": r, "threads": threads, "repeats": repeats, "checkpoint_bytes": _dir_bytes(base), "loads": loads,
-              "tools": {}}
-    for tool in cmds:
-        walls = sorted(run["wall_s"] for run in runs[tool])
-        result["tools"][tool] = {"rc": max(run["rc"] for run in runs[tool]), "walls": walls,
-                                 "wall_s": walls[len(walls) // 2], "peak_rss": max(run["peak_rss"] for run in runs[tool])}
-    if all(t["rc"] == 0 for t in result["tools"].values()):
-        result["compare"] = compare(base, {tool: out for tool, (_, out) in cmds.items()})
+    cmds = commands(base, work, r, methods)
+    measured = measure(cmds, repeats, threads, work)
+    result = {"r": r, "threads": threads, "repeats": repeats, "checkpoint_bytes": _dir_bytes(base),
+              "loads": {", ".join(cmds): measured["loads"]}, "tools": measured["tools"],
+              "outputs": {tool: str(out) for tool, (_, out) in cmds.items()}}
+    if keep is not None:
+        earlier = json.loads(keep.read_text())
+        for tool in earlier["tools"]:
+            if tool not in result["tools"]:
+                result["tools"][tool] = earlier["tools"][tool]
+                result["outputs"][tool] = earlier["outputs"][tool] if "outputs" in earlier else str(
+                    keep.parent / tool.replace(" ", "-"))
+        for tools, loads in (earlier["loads"].items() if isinstance(earlier["loads"], dict)
+                             else [(", ".join(earlier["tools"]), earlier["loads"])]):
+            result["loads"].setdefault(f"{tools} (earlier invocation)", loads)
+    if len(result["tools"]) == 2 * len(METHODS) and all(t["rc"] == 0 for t in result["tools"].values()):
+        result["compare"] = compare(base, {tool: Path(out) for tool, out in result["outputs"].items()})
+    result["work"] = str(work)
     (work / "result.json").write_text(json.dumps(result, indent=2))
     return result
 
@@ -184,8 +182,8 @@ def render(res: dict) -> str:
         f"all linear layers but lm_head (28 weights). Machine: {os.cpu_count()} CPU cores "
         f"({platform.processor() or platform.machine()}), shared with other sessions, no GPU; torch "
         f"{torch.__version__}; every tool limited to {res['threads']} threads. Load average (1 min, `/proc/loadavg`) "
-        f"at each start: {', '.join(res['loads'])}. Wall: median of the runs (the order of the four tools rotates "
-        "every round); peak RSS: largest of the runs.", "",
+        f"at each start: {_loads(res['loads'])}. Wall: median of the runs (the order of the tools rotates every "
+        "round); peak RSS: largest of the runs.", "",
         "| tool | wall (median) | runs | peak RSS | vs PEFT exact pissa: speed | vs PEFT exact pissa: RSS |",
         "|---|---|---|---|---|---|",
     ]
@@ -226,6 +224,12 @@ def render(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _loads(loads) -> str:
+    if isinstance(loads, list):
+        return ", ".join(loads)
+    return "; ".join(f"{tools}: {', '.join(values)}" for tools, values in loads.items())
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--r", type=int, default=16)
@@ -234,6 +238,9 @@ def main(argv=None) -> int:
     parser.add_argument("--no-write", action="store_true", help="print, do not touch bench/RESULTS.md")
     parser.add_argument("--peft-run", nargs=3, metavar=("INIT", "BASE", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--render", type=Path, help="render a saved result.json instead of running")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
+                        help="measure only these methods' tools ...")
+    parser.add_argument("--keep", type=Path, help="... and take the other tools from this earlier result.json")
     parser.add_argument("--scaling", action="store_true",
                         help="also measure peak RSS on a copy of the base with twice the layers")
     args = parser.parse_args(argv)
@@ -242,10 +249,14 @@ def main(argv=None) -> int:
         init, base, out = args.peft_run
         peft_run(init, Path(base), Path(out), args.r)
         return 0
-    result = json.loads(args.render.read_text()) if args.render else bench(args.r, args.threads, args.repeats)
+    if args.render:
+        result = json.loads(args.render.read_text())
+    else:
+        result = bench(args.r, args.threads, args.repeats, tuple(args.methods), args.keep)
     if args.scaling:
         result["scaling"] = scaling(args.r, args.threads, 1)
-        (DATA / "runs-residual" / "result.json").write_text(json.dumps(result, indent=2))
+        work = Path(result.get("work") or args.render.parent)
+        (work / "result.json").write_text(json.dumps(result, indent=2))
     text = render(result)
     print(text)
     if not args.no_write:
