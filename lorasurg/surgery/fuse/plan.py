@@ -59,20 +59,19 @@ class FusePlan:
 
     Attributes:
         factors: ``{module: LoraFactors}`` of every LoRA module (scale applied from the config).
-        weight_of: ``{"<module>.weight": module}`` for the LoRA modules.
         bias_of: ``{"<module>.bias": module}`` for LoRA modules with a lora_B bias and a bias in BASE.
         new_bias: ``{"<module>.weight": module}`` whose lora_B bias becomes a new ``<module>.bias``.
         zero_bias: ``{"<module>.weight": module}`` that get a zero ``<module>.bias`` (a flag gave them one).
         replace: ``{BASE tensor name: adapter tensor}`` (modules_to_save copies, saved biases, ...).
         untie: ``{canonical tensor: alias tensor}`` written separately (the alias's module is in ``module_of``).
-        module_of: ``{tensor name: module}`` for every tensor above, aliases included.
+        module_of: ``{tensor name: module}`` for the weights of LoRA modules (aliases included), the biases in
+            ``bias_of`` and the tensors in ``replace``.
         config_updates: keys set in config.json (bias flags, ``tie_word_embeddings``).
         dropped: lora_B biases left out (``drop_unfusable_bias``).
         notes: what the report should say.
     """
 
     factors: dict[str, LoraFactors] = field(default_factory=dict)
-    weight_of: dict[str, str] = field(default_factory=dict)
     bias_of: dict[str, str] = field(default_factory=dict)
     new_bias: dict[str, str] = field(default_factory=dict)
     zero_bias: dict[str, str] = field(default_factory=dict)
@@ -81,7 +80,6 @@ class FusePlan:
     module_of: dict[str, str] = field(default_factory=dict)
     config_updates: dict[str, object] = field(default_factory=dict)
     dropped: list[DroppedBias] = field(default_factory=list)
-    kept_tied: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
 
@@ -133,8 +131,6 @@ def _factors(base: Checkpoint, adapter: Adapter, modules: Mapping[str, ModuleInf
         plan.factors[name] = LoraFactors(info.kind, mod.A, mod.B, lora_scale(r, alpha, cfg.use_rslora), bias=mod.bias,
                                          magnitude=mod.magnitude, fan_in_fan_out=info.fan_in_fan_out)
         plan.module_of[weight] = name
-        if weight in base:
-            plan.weight_of[weight] = name
     problems = []
     if missing:
         problems.append(f"modules not in BASE ({len(missing)}): {short_list(missing)}")
@@ -246,7 +242,6 @@ def _ties(base: Checkpoint, aliases: Mapping[str, str], plan: FusePlan) -> None:
         if not (a_touched or c_touched):
             continue
         if _same_change(plan, alias, canonical, a_mod, c_mod):
-            plan.kept_tied.append(alias)
             plan.notes.append(f"{alias} is tied to {canonical} and both get the same change: applied once, still tied")
             continue
         plan.config_updates["tie_word_embeddings"] = False
