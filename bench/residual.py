@@ -174,7 +174,7 @@ def scaling(r: int, threads: int, repeats: int, layers: int = 8) -> dict:
 
 def render(res: dict) -> str:
     t = res["tools"]
-    peft_exact = t["peft pissa"]
+    peft_exact = t.get("peft pissa") or next(iter(t.values()))
     lines = [
         SECTION, "",
         f"`python bench/residual.py --repeats {res['repeats']}` on {time.strftime('%Y-%m-%d')}: bench/extract.py's "
@@ -194,13 +194,10 @@ def render(res: dict) -> str:
             f"{v['peak_rss'] / peft_exact['peak_rss']:.2f} |"
         )
     lines.append("")
-    peft_niter = t["peft pissa_niter_4"]
-    lines.append(
-        f"Same method side by side: lorasurg pissa is {peft_exact['wall_s'] / t['lorasurg pissa']['wall_s']:.2f}x "
-        f"PEFT pissa's speed at {t['lorasurg pissa']['peak_rss'] / peft_exact['peak_rss']:.2f}x its peak RSS; "
-        f"lorasurg pissa_niter_4 is {peft_niter['wall_s'] / t['lorasurg pissa_niter_4']['wall_s']:.2f}x PEFT "
-        f"pissa_niter_4's speed at {t['lorasurg pissa_niter_4']['peak_rss'] / peft_niter['peak_rss']:.2f}x its peak RSS."
-    )
+    pairs = [(m, t[f"lorasurg {m}"], t[f"peft {m}"]) for m in METHODS if f"lorasurg {m}" in t and f"peft {m}" in t]
+    lines.append("Same method side by side: " + "; ".join(
+        f"lorasurg {m} is {theirs['wall_s'] / ours['wall_s']:.2f}x PEFT {m}'s speed at "
+        f"{ours['peak_rss'] / theirs['peak_rss']:.2f}x its peak RSS" for m, ours, theirs in pairs) + ".")
     c = res.get("compare")
     if c:
         lines += ["",
