@@ -30,7 +30,6 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -98,8 +97,8 @@ def compare(base: Path, outs: dict[str, Path]) -> dict:
     return result
 
 
-def bench(r: int, threads: int, repeats: int, methods=METHODS, keep: Optional[Path] = None) -> dict:
-    """Measure the tools of ``methods``; tools of the other methods come from ``keep``, an earlier result.json."""
+def bench(r: int, threads: int, repeats: int, methods=METHODS) -> dict:
+    """Measure the tools of ``methods`` (both tools of each); compare the residuals when all four ran."""
     base, _ = generate("llama")
     work = DATA / ("runs-residual" if tuple(methods) == METHODS else f"runs-residual-{'-'.join(methods)}")
     shutil.rmtree(work, ignore_errors=True)
@@ -109,16 +108,6 @@ def bench(r: int, threads: int, repeats: int, methods=METHODS, keep: Optional[Pa
     result = {"r": r, "threads": threads, "repeats": repeats, "checkpoint_bytes": _dir_bytes(base),
               "loads": {", ".join(cmds): measured["loads"]}, "tools": measured["tools"],
               "outputs": {tool: str(out) for tool, (_, out) in cmds.items()}}
-    if keep is not None:
-        earlier = json.loads(keep.read_text())
-        for tool in earlier["tools"]:
-            if tool not in result["tools"]:
-                result["tools"][tool] = earlier["tools"][tool]
-                result["outputs"][tool] = earlier["outputs"][tool] if "outputs" in earlier else str(
-                    keep.parent / tool.replace(" ", "-"))
-        for tools, loads in (earlier["loads"].items() if isinstance(earlier["loads"], dict)
-                             else [(", ".join(earlier["tools"]), earlier["loads"])]):
-            result["loads"].setdefault(f"{tools} (earlier invocation)", loads)
     if len(result["tools"]) == 2 * len(METHODS) and all(t["rc"] == 0 for t in result["tools"].values()):
         result["compare"] = compare(base, {tool: Path(out) for tool, out in result["outputs"].items()})
     result["work"] = str(work)
@@ -203,9 +192,10 @@ def render(res: dict) -> str:
         lines += ["",
                   f"Residuals, maxima over the {c['modules']} target weights (Frobenius norms in float64, of the "
                   "bf16 residuals as written):", "",
-                  f"- parity with PEFT, same method: pissa {c['parity pissa']:.2e}, pissa_niter_4 "
-                  f"{c['parity pissa_niter_4']:.2e} (`||R_lorasurg - R_peft|| / ||R_peft||`; the same seed gives "
-                  "the same random draws);",
+                  f"- parity with PEFT, same method (`||R_lorasurg - R_peft|| / ||R_peft||`): pissa "
+                  f"{c['parity pissa']:.2e} (lorasurg's Gram eigendecomposition against PEFT's LAPACK SVD: bf16 "
+                  f"rounding flips), pissa_niter_4 {c['parity pissa_niter_4']:.2e} (the same seed gives the same "
+                  "random draws);",
                   f"- pissa_niter_4 against exact PiSSA: the residual's norm exceeds the optimal (exact) one by "
                   f"{c['norm excess lorasurg pissa_niter_4']:.2e} (lorasurg) / {c['norm excess peft pissa_niter_4']:.2e}"
                   f" (PEFT) relative; the residuals themselves differ by {c['distance lorasurg pissa_niter_4']:.2e} / "
@@ -236,8 +226,7 @@ def main(argv=None) -> int:
     parser.add_argument("--peft-run", nargs=3, metavar=("INIT", "BASE", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--render", type=Path, help="render a saved result.json instead of running")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
-                        help="measure only these methods' tools ...")
-    parser.add_argument("--keep", type=Path, help="... and take the other tools from this earlier result.json")
+                        help="measure only these methods' tools")
     parser.add_argument("--scaling", action="store_true",
                         help="also measure peak RSS on a copy of the base with twice the layers")
     args = parser.parse_args(argv)
@@ -249,7 +238,7 @@ def main(argv=None) -> int:
     if args.render:
         result = json.loads(args.render.read_text())
     else:
-        result = bench(args.r, args.threads, args.repeats, tuple(args.methods), args.keep)
+        result = bench(args.r, args.threads, args.repeats, tuple(args.methods))
     if args.scaling:
         result["scaling"] = scaling(args.r, args.threads, 1)
         work = Path(result.get("work") or args.render.parent)
