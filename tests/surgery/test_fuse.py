@@ -44,8 +44,8 @@ def test_merges_by_the_definition_and_copies_the_rest(tmp_path, gen):
                 torch.testing.assert_close(f.get(name), want, **tol(torch.float32))
             else:
                 assert torch.equal(f.get(name), b.get(name)), name
-    assert report.tensors_copied == len(names) - 1
-    assert sorted(report.side_files) == ["config.json", "generation_config.json"]
+    assert report.model.copied == len(names) - 1
+    assert sorted(report.model.side_files) == ["config.json", "generation_config.json"]
     assert "1 LoRA modules merged" in report.render() and report.to_dict()["modules"][0]["module"] == Q
 
 
@@ -71,13 +71,13 @@ def test_dtype_device_and_sharded_bin_base(tmp_path, gen):
     (binary / "pytorch_model.bin.index.json").write_text(json.dumps(index))
     shutil.copy(LLAMA / "config.json", binary / "config.json")
     report = fuse(binary, _adapter(gen), tmp_path / "fused", dtype="float16", device="cpu")
-    assert report.weight_files == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+    assert report.model.weight_files == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
                                    "model.safetensors.index.json"]
     assert report.config_updates == {"dtype": "float16"}
     with Checkpoint.open(tmp_path / "fused") as f:
         assert {f.dtype(n) for n in f.names()} == {torch.float16}
         assert [f.shard_of(n).name[:11] for n in (names[0], names[-1])] == ["model-00001", "model-00002"]
-    assert not any(n.endswith(".bin") for n in report.side_files)
+    assert not any(n.endswith(".bin") for n in report.model.side_files)
 
 
 def test_in_place_with_force(tmp_path, gen):

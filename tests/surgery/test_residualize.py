@@ -53,7 +53,7 @@ def test_residual_plus_adapter_is_the_weight_and_report_says_what_it_took(tmp_pa
             if init.startswith("pissa"):  # W = U_r S_r Vh_r + residual, orthogonal parts: the energies add up
                 assert row.energy_taken + row.relative_residual**2 == pytest.approx(1.0, abs=1e-4)
     data = report.to_dict()
-    assert data["settings"]["init"] == init and data["model"]["tensors_residualized"] == 14
+    assert data["settings"]["init"] == init and data["model"]["edited"] == 14
     assert "14 weights residualized" in report.render()
 
 
@@ -76,7 +76,7 @@ def test_layout_side_files_and_provenance(tmp_path):
     model = tmp_path / "out" / "model"
     index = json.loads((model / "model.safetensors.index.json").read_text())["weight_map"]
     assert index == json.loads((base / "model.safetensors.index.json").read_text())["weight_map"]
-    assert {"config.json", "generation_config.json", "tokenizer_config.json", "special_file.txt"} <= set(report.side_files)
+    assert {"config.json", "generation_config.json", "tokenizer_config.json", "special_file.txt"} <= set(report.model.side_files)
     assert (model / "config.json").read_bytes() == (base / "config.json").read_bytes()
     with Checkpoint.open(base) as b, Checkpoint.open(model) as m:
         assert b.names() == m.names() and all(b.dtype(n) == m.dtype(n) for n in b.names())
@@ -134,7 +134,7 @@ def test_dtype_option_and_bin_base(tmp_path):
         torch.save({n: ckpt.get(n) for n in ckpt.names()}, binary / "pytorch_model.bin")
     (binary / "config.json").write_text((LLAMA / "config.json").read_text())
     report = residualize(binary, tmp_path / "out", r=4, dtype="bfloat16", target_modules=["q_proj"])
-    assert report.weight_files == ["model.safetensors"]
+    assert report.model.weight_files == ["model.safetensors"]
     with Checkpoint.open(tmp_path / "out" / "model") as m:
         assert {m.dtype(n) for n in m.names()} == {torch.bfloat16}
     assert json.loads((tmp_path / "out" / "model" / "config.json").read_text())["dtype"] == "bfloat16"

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
-from ..report import format_bytes, format_table
+from ...io.rewrite import RewriteResult
+from ..report import format_list, format_table, model_summary
 
 __all__ = ["FusedModule", "FuseReport"]
 
@@ -36,12 +37,7 @@ class FuseReport:
     dropped_biases: dict[str, float] = field(default_factory=dict)
     config_updates: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-    tensors_copied: int = 0
-    tensors_written: int = 0
-    weight_files: list[str] = field(default_factory=list)
-    side_files: list[str] = field(default_factory=list)
-    left_out: list[str] = field(default_factory=list)
-    model_bytes: int = 0
+    model: Optional[RewriteResult] = None  # what was written to the output
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -54,9 +50,7 @@ class FuseReport:
             "dropped_biases": dict(self.dropped_biases),
             "config_updates": dict(self.config_updates),
             "notes": list(self.notes),
-            "model": {"weight_files": self.weight_files, "side_files": self.side_files, "left_out": self.left_out,
-                      "tensors_written": self.tensors_written, "tensors_copied": self.tensors_copied,
-                      "bytes": self.model_bytes},
+            "model": asdict(self.model) if self.model is not None else None,
         }
 
     def render(self) -> str:
@@ -66,15 +60,11 @@ class FuseReport:
             parts.append(format_table(rows, ["module", "kind", "r", "scale", "DoRA", "lora_B bias"]))
         if self.config_updates:
             parts.append("config.json: " + ", ".join(f"{k} = {v!r}" for k, v in self.config_updates.items()))
-        if self.notes:
-            parts.append("notes:\n" + "\n".join(f"  - {n}" for n in self.notes))
-        if self.left_out:
-            parts.append("not copied from BASE's directory:\n" + "\n".join(f"  - {n}" for n in self.left_out))
-        parts.append(
-            f"{len(self.modules)} LoRA modules merged, {len(self.replaced)} tensors replaced, {self.tensors_copied} "
-            f"copied unchanged; model: {len(self.weight_files)} weight file(s), {format_bytes(self.model_bytes)}, "
-            f"{len(self.side_files)} other file(s) copied"
-        )
+        parts.append(format_list("notes", self.notes))
+        if self.model is not None:
+            parts.append(format_list("not copied from BASE's directory", self.model.left_out))
+            parts.append(f"{len(self.modules)} LoRA modules merged, {len(self.replaced)} tensors replaced by saved "
+                         f"copies; {model_summary(self.model)}")
         if self.output:
             parts.append(f"wrote {self.output}")
-        return "\n\n".join(parts)
+        return "\n\n".join(p for p in parts if p)

@@ -163,6 +163,4 @@ def _fill(report: FuseReport, plan: FusePlan, written) -> None:
     report.dropped_biases = dropped
     report.config_updates = dict(written.config_updates)
     report.notes = list(plan.notes)
-    report.tensors_copied, report.tensors_written = written.copied, written.written
-    report.weight_files, report.side_files, report.left_out = written.weight_files, written.side_files, written.left_out
-    report.model_bytes = written.bytes
+    report.model = written

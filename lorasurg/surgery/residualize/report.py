@@ -13,7 +13,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
-from ..report import format_bytes, format_count, format_table
+from ...io.rewrite import RewriteResult
+from ..report import format_bytes, format_count, format_list, format_table, model_summary
 
 __all__ = ["ResidualModule", "ResidualizeReport"]
 
@@ -46,11 +47,7 @@ class ResidualizeReport:
     output: Optional[str] = None
     modules: list[ResidualModule] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    tensors_copied: int = 0
-    weight_files: list[str] = field(default_factory=list)
-    side_files: list[str] = field(default_factory=list)
-    left_out: list[str] = field(default_factory=list)
-    model_bytes: int = 0
+    model: Optional[RewriteResult] = None  # what was written to OUT/model
     adapter_parameters: int = 0
     adapter_bytes: int = 0
 
@@ -62,9 +59,7 @@ class ResidualizeReport:
                          "device": self.device, "dtype": self.dtype},
             "modules": [asdict(m) for m in self.modules],
             "notes": list(self.notes),
-            "model": {"weight_files": self.weight_files, "side_files": self.side_files, "left_out": self.left_out,
-                      "tensors_residualized": len(self.modules), "tensors_copied": self.tensors_copied,
-                      "bytes": self.model_bytes},
+            "model": asdict(self.model) if self.model is not None else None,
             "adapter": {"parameters": self.adapter_parameters, "bytes": self.adapter_bytes},
         }
 
@@ -80,16 +75,11 @@ class ResidualizeReport:
             if any(m.clamped for m in self.modules):
                 table += "\n* rank clamped to the module's largest possible rank min(out, in)"
             parts.append(table)
-        if self.notes:
-            parts.append("notes:\n" + "\n".join(f"  - {n}" for n in self.notes))
-        if self.left_out:
-            parts.append("not copied from BASE's directory:\n" + "\n".join(f"  - {n}" for n in self.left_out))
-        parts.append(
-            f"{len(self.modules)} weights residualized, {self.tensors_copied} tensors copied unchanged; model: "
-            f"{len(self.weight_files)} weight file(s), {format_bytes(self.model_bytes)}, "
-            f"{len(self.side_files)} other file(s) copied; adapter: {format_count(self.adapter_parameters)} "
-            f"parameters, {format_bytes(self.adapter_bytes)}"
-        )
+        parts.append(format_list("notes", self.notes))
+        if self.model is not None:
+            parts.append(format_list("not copied from BASE's directory", self.model.left_out))
+            parts.append(f"{len(self.modules)} weights residualized; {model_summary(self.model)}; adapter: "
+                         f"{format_count(self.adapter_parameters)} parameters, {format_bytes(self.adapter_bytes)}")
         if self.output:
             parts.append(f"wrote {self.output}/model (residual base) and {self.output}/adapter (initial adapter)")
-        return "\n\n".join(parts)
+        return "\n\n".join(p for p in parts if p)

@@ -152,9 +152,7 @@ def residualize(
                         base=report.base, seed=seed if _uses_rng(method, targets) else None)
             adapter.save(tmp / "adapter", metadata=provenance_metadata(**meta))
             (tmp / "README.md").write_text(_readme(meta, report), encoding="utf-8")
-    report.tensors_copied = written.copied
-    report.weight_files, report.side_files, report.left_out = written.weight_files, written.side_files, written.left_out
-    report.model_bytes = written.bytes
+    report.model = written
     report.adapter_parameters = adapter.num_parameters()
     report.adapter_bytes = adapter.num_bytes()
     return report
