@@ -38,7 +38,10 @@ from .engine.ranks import RankPolicy, parse_rank_policy
 from .engine.svd import decompose, truncated_svd
 from .modules import ModuleInfo, describe_model
 from .consumers import ConsumerFinding, ForReport, consumer_delta, consumer_findings, prepare_for
+from .surgery.convert import ConvertReport, convert, convert_to_dir
 from .surgery.extract import ExtractReport, extract, extract_to_dir
+from .surgery.fuse import FuseReport, fuse
+from .surgery.residualize import ResidualizeReport, residualize
 from .surgery.inspect import inspect_adapter
 from .surgery.validate import ValidationReport, validate, validate_adapter
 from .findings import Finding
@@ -82,6 +85,13 @@ __all__ = [
     "merge_adapters",
     "merge_to_dir",
     "MergeReport",
+    "residualize",
+    "ResidualizeReport",
+    "convert",
+    "convert_to_dir",
+    "ConvertReport",
+    "fuse",
+    "FuseReport",
     "LoraFactors",
     "lora_scale",
     "truncated_svd",

@@ -53,22 +53,16 @@ class ModuleInfo:
     def lora_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...], int]:
         """``(A shape, B shape, out)`` that a rank-``r`` LoRA on this layer stores, in PEFT's file layout.
 
-        linear ``(r, in), (out, r)`` (``in, out = weight_shape`` with ``fan_in_fan_out``); embedding
-        ``(r, num_embeddings), (embedding_dim, r)``; conv ``(r, in, *k), (out, r, 1, ...)``.
+        (:func:`lorasurg.engine.factors.factor_shapes` of this layer's kind, weight shape and layout.)
 
         Raises:
             ValueError: the layer has no LoRA kind or no weight shape.
         """
-        shape = self.weight_shape
-        if self.kind is None or shape is None:
-            raise ValueError(f"a {self.type_name} layer has no LoRA layout (kind {self.kind}, weight {shape})")
-        if self.kind == "linear":
-            inp, out = (shape[0], shape[1]) if self.fan_in_fan_out else (shape[1], shape[0])
-            return (r, inp), (out, r), out
-        if self.kind == "embedding":
-            return (r, shape[0]), (shape[1], r), shape[1]
-        ones = (1,) * (len(shape) - 2)
-        return (r, *shape[1:]), (shape[0], r, *ones), shape[0]  # conv: (r, in, *k), (out, r, 1, ...)
+        if self.kind is None or self.weight_shape is None:
+            raise ValueError(f"a {self.type_name} layer has no LoRA layout (kind {self.kind}, weight {self.weight_shape})")
+        from .engine.factors import factor_shapes
+
+        return factor_shapes(self.kind, tuple(self.weight_shape), r, self.fan_in_fan_out)
 
 
 def _gpt2_conv1d_class() -> Optional[type]:

@@ -33,7 +33,9 @@ targets. Not modelled silently: PEFT's default ``target_modules`` per model type
 from __future__ import annotations
 
 import difflib
+import math
 import re
+from collections import Counter
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Optional, Union
@@ -57,6 +59,8 @@ __all__ = [
     "unused_pattern_keys",
     "exact_target_modules",
     "anchored_pattern_key",
+    "rank_alpha_fields",
+    "alpha_value",
     "nearest_names",
 ]
 
@@ -226,6 +230,46 @@ def anchored_pattern_key(module_name: str) -> str:
     name that differs only where the dots are (``model.layers.1.q`` vs ``model_layers_1_q``).
     """
     return "^" + re.escape(module_name)
+
+
+def rank_alpha_fields(per_module: Mapping[str, tuple[int, float]]) -> dict[str, Any]:
+    """Config fields ``r``, ``lora_alpha``, ``rank_pattern``, ``alpha_pattern`` that give each module exactly its
+    ``(rank, alpha)`` under PEFT's rules (:func:`rank_alpha`).
+
+    ``r`` is the largest rank and ``lora_alpha`` the alpha that the most modules of that rank have (the first such
+    on a tie), so tools that ignore the patterns still see the typical module; every module whose rank or alpha
+    differs gets an anchored key (:func:`anchored_pattern_key`, one module each) in ``rank_pattern`` /
+    ``alpha_pattern``, separately (PEFT looks the two up separately). Alphas equal to 1e-12 relative count as
+    equal; integral alphas are written as ints (:func:`alpha_value`).
+
+    Raises:
+        ConfigError: ``per_module`` is empty, or a rank is below 1.
+    """
+    if not per_module:
+        raise ConfigError("rank_alpha_fields needs at least one module")
+    bad = {m: rank for m, (rank, _) in per_module.items() if rank < 1}
+    if bad:
+        raise ConfigError(f"ranks must be >= 1, got {bad}")
+    alphas = {m: alpha_value(a) for m, (_, a) in per_module.items()}
+    r = max(rank for rank, _ in per_module.values())
+    alpha = Counter(alphas[m] for m, (rank, _) in per_module.items() if rank == r).most_common(1)[0][0]
+    return {
+        "r": int(r),
+        "lora_alpha": alpha,
+        "rank_pattern": {anchored_pattern_key(m): int(k) for m, (k, _) in per_module.items() if k != r},
+        "alpha_pattern": {
+            anchored_pattern_key(m): a for m, a in alphas.items() if not math.isclose(a, alpha, rel_tol=1e-12)
+        },
+    }
+
+
+def alpha_value(x: float) -> Union[int, float]:
+    """``x`` as a config writes it: an int when integral to 1e-9 relative (PEFT writes lora_alpha as an int by
+    default; ``scale * r`` computed in floats may land a rounding error off an integer), else a float."""
+    nearest = round(x)
+    if math.isclose(x, nearest, rel_tol=1e-9, abs_tol=1e-12):
+        return int(nearest)
+    return float(x)
 
 
 # ------------------------------------------------------------------------------------------------ selection

@@ -68,10 +68,11 @@ from .factors import (
     matrix_to_weight,
     weight_to_matrix,
 )
-from .svd import split_factors, truncated_svd
+from .svd import gram_svd, split_factors, truncated_svd
 
-__all__ = ["InitMethod", "InitResult", "INIT_METHODS", "parse_init_method", "init_factors"]
+__all__ = ["InitMethod", "InitResult", "INIT_METHODS", "EXACT_SVDS", "parse_init_method", "init_factors"]
 
+EXACT_SVDS = ("lapack", "gram")
 _NAMES = ("kaiming", "random", "gaussian", "orthogonal", "pissa", "olora")
 _UNSUPPORTED = ("eva", "corda", "loftq", "lora_ga", "mica")
 _VALID = "True, False, 'gaussian', 'orthogonal', 'pissa', 'pissa_niter_N' (N >= 0) or 'olora'"
@@ -170,6 +171,7 @@ class _Request:
     generator: Optional[torch.Generator]
     dtype: torch.dtype
     device: torch.device
+    exact_svd: str = "lapack"
 
     @property
     def out_features(self) -> int:
@@ -308,6 +310,11 @@ def _init_pissa(req: _Request) -> InitResult:
         return _embedding_default(req, _embedding_note(req))
     _peft_modules(req)
     M, dtype = _base_matrix(req)
+    if req.method.niter is None and req.exact_svd == "gram":
+        precise = dtype in (torch.float32, torch.float64)  # the residual is stored in dtype: hold its precision
+        U, S, Vh = gram_svd(M, req.r, dtype=torch.float64 if precise else None)
+        A, B = split_factors(U, S, Vh, req.scale)  # (r, in), (out, r)
+        return req.finish(A, B, None, _residual(req, M, A, B, dtype), _conv_note(req))
     if req.method.niter is None:
         method, kwargs = "exact", {}
     else:  # torch.svd_lowrank(M, q=r, niter=N) on the global RNG of M's device, or on the given generator
@@ -352,6 +359,7 @@ def init_factors(
     generator: Optional[torch.Generator] = None,
     dtype: Optional[torch.dtype] = None,
     device: Optional[Union[str, torch.device]] = None,
+    exact_svd: str = "lapack",
 ) -> InitResult:
     """Initialise the LoRA of one layer as PEFT's ``init_lora_weights=method`` does (see the module docstring).
 
@@ -367,6 +375,9 @@ def init_factors(
         generator: a CPU generator for every draw; None uses torch's global RNG, in PEFT's order.
         dtype: dtype of A, B and the bias; default the compute dtype (float32, float64 for a float64 weight).
         device: device of A, B and the bias; default the weight's device, else the CPU.
+        exact_svd: the SVD of exact PiSSA: ``"lapack"`` (``torch.linalg.svd``, PEFT's, bit for bit) or ``"gram"``
+            (:func:`lorasurg.engine.svd.gram_svd`: the same triplets from the smaller Gram matrix, several times
+            faster on the CPU; float64 when the weight is float32/float64, so the residual keeps its precision).
 
     Returns:
         :class:`InitResult`: factors, the residual base weight for PiSSA/OLoRA (same shape and dtype as
@@ -387,8 +398,10 @@ def init_factors(
         device = weight.device if weight is not None else torch.device("cpu")
     if dtype is None:
         dtype = compute_dtype(weight)
+    if exact_svd not in EXACT_SVDS:
+        raise ValueError(f"exact_svd must be one of {EXACT_SVDS}, got {exact_svd!r}")
     req = _Request(parsed, kind, shape, r, float(scale), weight, fan_in_fan_out, lora_bias, generator, dtype,
-                   torch.device(device))
+                   torch.device(device), exact_svd)
     return INIT_METHODS[parsed.name](req)
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Collection, Optional, Union
+from typing import Collection, Mapping, Optional, Union
 
 from safetensors.torch import save_file
 from torch import Tensor
@@ -246,7 +246,6 @@ class Adapter:
                 judged among the adapter's own module names (so ``"all-linear"`` is not checked).
         """
         found: list[Finding] = self._untargeted_modules(selected)
-        cfg = self.config
         for name, mod in self.modules.items():
             if mod.A.shape[0] != mod.B.shape[1]:
                 found.append(Finding(
@@ -335,8 +334,12 @@ class Adapter:
             state[KEY_PREFIX + name] = tensor
         return state
 
-    def save(self, directory: PathLike, force: bool = False) -> Path:
+    def save(self, directory: PathLike, force: bool = False, metadata: Optional[Mapping[str, str]] = None) -> Path:
         """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``directory``, atomically.
+
+        Args:
+            metadata: extra string entries for the safetensors header (``{"format": "pt"}`` is always there),
+                e.g. where the adapter came from.
 
         Raises:
             OutputExistsError: ``directory`` exists, is not empty, and ``force`` is false.
@@ -344,13 +347,28 @@ class Adapter:
         state = {k: v.detach().contiguous() for k, v in self.to_state_dict().items()}
         with atomic_output_dir(directory, force) as tmp:
             self.config.save_pretrained(tmp)
-            save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            save_file(state, str(tmp / WEIGHTS_NAME), metadata={**(metadata or {}), "format": "pt"})
         return Path(directory)
+
+    @staticmethod
+    def read_metadata(path_or_repo: PathLike) -> dict[str, str]:
+        """The safetensors header metadata of a saved adapter (``{}`` for a ``.bin`` adapter or none stored)."""
+        path = Path(path_or_repo) / WEIGHTS_NAME
+        if not path.is_file():
+            return {}
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
 
     # ----------------------------------------------------------------------------------------- summary
     def num_parameters(self) -> int:
         """Total number of elements in every stored tensor."""
         return sum(t.numel() for t in self.to_state_dict().values())
+
+    def num_bytes(self) -> int:
+        """Total bytes of tensor data in every stored tensor."""
+        return sum(t.numel() * t.element_size() for t in self.to_state_dict().values())
 
 
 @dataclass

@@ -13,26 +13,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections import Counter
-from typing import Any, Mapping, Union
+from typing import Any, Mapping
 
 from ..config import LoraConfig
-from ..targeting import anchored_pattern_key
+from ..targeting import rank_alpha_fields
 
-__all__ = ["config_number", "rank_alpha_fields", "derive_config"]
-
-Number = Union[int, float]
+__all__ = ["rank_scale_fields", "derive_config"]
 
 
-def config_number(x: float) -> Number:
-    """An int when ``x`` is integral to 1e-9 relative (PEFT writes ``lora_alpha`` as an int by default), else float."""
-    nearest = round(x)
-    if math.isclose(x, nearest, rel_tol=1e-9, abs_tol=1e-12):
-        return int(nearest)
-    return float(x)
-
-
-def rank_alpha_fields(modules: Mapping[str, tuple[int, float]], use_rslora: bool = False) -> dict[str, Any]:
+def rank_scale_fields(modules: Mapping[str, tuple[int, float]], use_rslora: bool = False) -> dict[str, Any]:
     """The config fields that give each module its rank and scale (see the module docstring): a dict with
     ``r``, ``lora_alpha``, ``rank_pattern`` and ``alpha_pattern``, keyword arguments for a ``LoraConfig``.
 
@@ -41,26 +30,11 @@ def rank_alpha_fields(modules: Mapping[str, tuple[int, float]], use_rslora: bool
         use_rslora: whether the config uses rsLoRA (``alpha = scale * sqrt(r)``).
 
     Raises:
-        ValueError: no modules, or a rank < 1.
+        ConfigError: no modules, or a rank < 1 (:func:`lorasurg.targeting.rank_alpha_fields`).
     """
-    if not modules:
-        raise ValueError("rank_alpha_fields needs at least one module")
-    bad = {m: r for m, (r, _) in modules.items() if r < 1}
-    if bad:
-        raise ValueError(f"ranks must be >= 1, got {bad}")
-
-    def alpha(rank: int, scale: float) -> Number:
-        return config_number(scale * (math.sqrt(rank) if use_rslora else rank))
-
-    alphas = {m: alpha(r, s) for m, (r, s) in modules.items()}
-    r_cfg = max(r for r, _ in modules.values())
-    at_top = Counter(alphas[m] for m, (r, _) in modules.items() if r == r_cfg)
-    alpha_cfg = at_top.most_common(1)[0][0]
-    rank_pattern = {anchored_pattern_key(m): r for m, (r, _) in modules.items() if r != r_cfg}
-    alpha_pattern = {
-        anchored_pattern_key(m): a for m, a in alphas.items() if not math.isclose(a, alpha_cfg, rel_tol=1e-12)
-    }
-    return dict(r=r_cfg, lora_alpha=alpha_cfg, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+    return rank_alpha_fields(
+        {m: (r, s * (math.sqrt(r) if use_rslora else r)) for m, (r, s) in modules.items()}
+    )
 
 
 def derive_config(config: LoraConfig, **changes: Any) -> LoraConfig:

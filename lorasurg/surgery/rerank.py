@@ -14,7 +14,7 @@ Each module's delta ``s * B @ A`` (``A: (r, in)``, ``B: (out, r)``) is replaced 
 
 Every module keeps its scale ``s`` (``alpha / r``, ``alpha / sqrt(r)`` with rsLoRA, per module from the patterns):
 its new alpha is ``s * k`` (``s * sqrt(k)``), written with the ranks into ``rank_pattern``/``alpha_pattern`` under
-anchored keys (:func:`lorasurg.surgery.patterns.rank_alpha_fields`, as extract does). ``lora_B.bias`` is multiplied
+anchored keys (:func:`lorasurg.surgery.patterns.rank_scale_fields`, as extract does). ``lora_B.bias`` is multiplied
 by that same scale in PEFT's forward, so it and ``modules_to_save`` copies carry over unchanged.
 
 DoRA: the adapted weight is ``W' = m * (W + delta) / ||W + delta||_row``, whose per-output norms are ``m`` whatever
@@ -37,7 +37,7 @@ from ..engine.threads import threads_for
 from ..errors import ConfigError, InputError
 from ..io.adapter import Adapter, AdapterModule
 from ..io.writer import check_output_dir
-from .patterns import derive_config, rank_alpha_fields
+from .patterns import derive_config, rank_scale_fields
 from .report import format_bytes, format_count, format_table
 from .sources import AdapterSource, open_adapter, source_name
 
@@ -202,7 +202,7 @@ def rerank(adapter: AdapterSource, *, r: Optional[int] = None,
             f"rank policy {policy} keeps no singular value of any module of {name} (every delta is zero or below the "
             "threshold): there is nothing to write. Use a fixed --r or a less strict policy."
         )
-    changes: dict[str, Any] = dict(rank_alpha_fields(ranks, cfg.use_rslora))
+    changes: dict[str, Any] = dict(rank_scale_fields(ranks, cfg.use_rslora))
     if report.dropped:
         changes["target_modules"] = sorted(modules)
         report.notes.append(

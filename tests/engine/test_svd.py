@@ -200,3 +200,39 @@ def test_decompose_applies_the_policy(gen):
     assert decompose(M, 3, "sv_cumulative:0.9").rank == 3  # (4+2+1)/7.5 = 0.93: needs the whole spectrum
     assert decompose(M, 3).rank == 3
     assert decompose(torch.zeros(5, 4), 3, "fixed").rank == 0
+
+
+# --- gram_svd ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(60, 24), (24, 60), (32, 32)])
+def test_gram_svd_gives_the_leading_triplets(gen, shape):
+    from lorasurg.engine.svd import gram_svd
+
+    M = torch.randn(shape, generator=gen, dtype=torch.float64)
+    U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+    got = gram_svd(M.float(), 5, dtype=torch.float64)
+    assert got.U.shape == (shape[0], 5) and got.Vh.shape == (5, shape[1]) and got.U.dtype == torch.float32
+    torch.testing.assert_close(got.S.double(), S[:5], **tol(torch.float32))
+    torch.testing.assert_close((got.U * got.S) @ got.Vh, ((U[:, :5] * S[:5]) @ Vh[:5]).float(), **tol(torch.float32))
+    torch.testing.assert_close(got.U.mT @ got.U, torch.eye(5), **tol(torch.float32))
+
+
+def test_gram_svd_of_a_rank_deficient_matrix_has_zero_columns_not_nan(gen):
+    from lorasurg.engine.svd import gram_svd
+
+    M = torch.randn(20, 2, generator=gen) @ torch.randn(2, 12, generator=gen)  # rank 2
+    got = gram_svd(M, 4, dtype=torch.float64)
+    assert torch.isfinite(got.U).all() and float(got.S[2:].max()) < 1e-5 * float(got.S[0])
+    torch.testing.assert_close((got.U * got.S) @ got.Vh, M, **tol(torch.float32))
+    zero = gram_svd(torch.zeros(6, 4), 2)
+    assert torch.equal(zero.S, torch.zeros(2)) and torch.equal(zero.U, torch.zeros(6, 2))
+
+
+def test_gram_svd_bad_input():
+    from lorasurg.engine.svd import gram_svd
+
+    with pytest.raises(ValueError, match="2-D"):
+        gram_svd(torch.zeros(3), 1)
+    with pytest.raises(ValueError, match="rank >= 1"):
+        gram_svd(torch.zeros(3, 3), 0)

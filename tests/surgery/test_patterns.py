@@ -8,7 +8,8 @@ import pytest
 
 from lorasurg.config import LoraConfig
 from lorasurg.engine.factors import lora_scale
-from lorasurg.surgery.patterns import config_number, derive_config, rank_alpha_fields
+from lorasurg.surgery.patterns import derive_config, rank_scale_fields
+from lorasurg.targeting import alpha_value
 from lorasurg.targeting import anchored_pattern_key, rank_alpha
 
 MODULES = ["model.layers.0.q", "model.layers.0.v", "model.layers.1.q", "model.layers.1.v", "lm_head"]
@@ -18,7 +19,7 @@ MODULES = ["model.layers.0.q", "model.layers.0.v", "model.layers.1.q", "model.la
 def test_every_module_reads_back_its_rank_and_scale(rslora):
     wanted = {"model.layers.0.q": (8, 2.0), "model.layers.0.v": (8, 0.5), "model.layers.1.q": (4, 2.0),
               "model.layers.1.v": (8, 2.0), "lm_head": (3, 1 / 3)}
-    fields = rank_alpha_fields(wanted, use_rslora=rslora)
+    fields = rank_scale_fields(wanted, use_rslora=rslora)
     cfg = LoraConfig(target_modules=MODULES, use_rslora=rslora, **fields)
     assert cfg.r == 8
     for module, (rank, scale) in wanted.items():
@@ -31,22 +32,22 @@ def test_every_module_reads_back_its_rank_and_scale(rslora):
 
 
 def test_one_scale_one_rank_needs_no_patterns():
-    fields = rank_alpha_fields({m: (16, 2.0) for m in MODULES})
+    fields = rank_scale_fields({m: (16, 2.0) for m in MODULES})
     assert fields == {"r": 16, "lora_alpha": 32, "rank_pattern": {}, "alpha_pattern": {}}
     assert isinstance(fields["lora_alpha"], int)
 
 
-def test_config_number():
-    assert config_number(3.0000000000000004) == 3 and isinstance(config_number(3.0000000000000004), int)
-    assert config_number(2.5) == 2.5 and isinstance(config_number(2.5), float)
-    assert config_number(4 * math.sqrt(2) / math.sqrt(2)) == 4
+def test_alpha_value_is_an_int_when_integral_to_rounding():
+    assert alpha_value(3.0000000000000004) == 3 and isinstance(alpha_value(3.0000000000000004), int)
+    assert alpha_value(2.5) == 2.5 and isinstance(alpha_value(2.5), float)
+    assert alpha_value(4 * math.sqrt(2) / math.sqrt(2)) == 4
 
 
 def test_refusals():
     with pytest.raises(ValueError, match="at least one module"):
-        rank_alpha_fields({})
+        rank_scale_fields({})
     with pytest.raises(ValueError, match="ranks must be >= 1"):
-        rank_alpha_fields({"a": (0, 1.0)})
+        rank_scale_fields({"a": (0, 1.0)})
 
 
 def test_derive_config_keeps_unknown_keys_and_validates():

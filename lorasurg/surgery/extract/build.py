@@ -22,8 +22,8 @@ from ...errors import InputError
 from ...io.adapter import Adapter, AdapterModule
 from ...io.checkpoint import Checkpoint
 from ...modules import ModuleInfo
-from ...targeting import exact_target_modules
-from ..patterns import rank_alpha_fields
+from ...targeting import exact_target_modules, rank_alpha_fields
+from ..options import task_type_of
 from .fit import Fit
 from .plan import TensorRole, split_tensor_name
 from .report import ExtractReport, TensorOutcome
@@ -128,7 +128,7 @@ def build_adapter(
     report.fits = [run.fits[m] for m in run.factors if m in adapter.modules and m in run.fits]
     report.notes[:0] = run.notes
     report.adapter_parameters = adapter.num_parameters()
-    report.adapter_bytes = sum(t.numel() * t.element_size() for t in adapter.to_state_dict().values())
+    report.adapter_bytes = adapter.num_bytes()
     return adapter
 
 
@@ -284,10 +284,9 @@ def _bias_factors(run: Collected, report: ExtractReport, modules: Mapping[str, M
 
 def _config(run: Collected, modules: Mapping[str, ModuleInfo], save_modules: list[str], use_bias: bool, base: Checkpoint, base_name: str) -> LoraConfig:
     """The adapter_config: exactly the modules with factors, each at its own rank with the common scale."""
-    fields = rank_alpha_fields({m: (f.rank, run.scale) for m, f in run.factors.items()})
+    fields = rank_alpha_fields({m: (f.rank, run.scale * f.rank) for m, f in run.factors.items()})
     selected = list(run.factors)
     targets = exact_target_modules(selected, list(modules))
-    arch = ((base.config or {}).get("architectures") or [""])[0]
     return LoraConfig(
         **fields,
         target_modules=targets,
@@ -295,7 +294,7 @@ def _config(run: Collected, modules: Mapping[str, ModuleInfo], save_modules: lis
         modules_to_save=sorted(save_modules) or None,
         fan_in_fan_out=any(modules[m].fan_in_fan_out for m in selected if m in modules),
         init_lora_weights=True,
-        task_type="CAUSAL_LM" if arch.endswith("ForCausalLM") else None,
+        task_type=task_type_of(base.config),
         base_model_name_or_path=base_name,
     )
 

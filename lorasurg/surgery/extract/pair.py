@@ -10,12 +10,11 @@ side's architecture says so.
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 
 from ...errors import ShapeMismatchError
 from ...io.checkpoint import Checkpoint
+from ..options import short_list as _short
 from .report import BufferOutcome
 
 __all__ = ["buffer_names", "check_pair"]
@@ -83,8 +82,3 @@ def _difference(base: Checkpoint, tuned: Checkpoint, name: str) -> str:
     if b_dtype != t_dtype:
         return f"{str(b_dtype).removeprefix('torch.')} in base, {str(t_dtype).removeprefix('torch.')} in tuned"
     return "" if torch.equal(base.get(name), tuned.get(name)) else "values differ between base and tuned"
-
-
-def _short(items: Sequence[str], limit: int = 10) -> str:
-    shown = ", ".join(items[:limit])
-    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")

@@ -33,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -44,6 +44,8 @@ from ...errors import ConfigError
 from ...io.adapter import Adapter
 from ...io.checkpoint import Checkpoint
 from ...io.writer import check_output_dir
+from ..options import DTYPES, Progress, Source, dtype_problem, numel as _numel, open_checkpoint as _open
+from ..options import parse_device as _device, source_name as _source_name
 from .build import Collected, build_adapter
 from .pair import buffer_names, check_pair
 from .plan import blocker, plan_roles, split_tensor_name
@@ -53,9 +55,6 @@ from .process import compare, process_tensor
 __all__ = ["extract", "extract_to_dir", "default_output_path", "ExtractReport", "SVD_METHODS", "DTYPES"]
 
 SVD_METHODS = ("randomized", "exact")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-Source = Union[str, os.PathLike, Checkpoint]
-Progress = Callable[[int, int, str], None]
 
 
 def default_output_path(tuned: Union[str, os.PathLike], r: int, rank_policy: Optional[str] = None) -> Path:
@@ -218,8 +217,8 @@ def _check_options(r: int, alpha, rank_policy, svd: str, dtype: str, embeddings:
         problems.append(f"alpha must be a positive number, got {alpha!r}")
     if svd not in SVD_METHODS:
         problems.append(f"svd must be one of {', '.join(SVD_METHODS)}, got {svd!r}")
-    if dtype != "auto" and dtype not in DTYPES:
-        problems.append(f"dtype must be auto or one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dtype_problem(dtype):
+        problems.append(dtype_problem(dtype))
     if embeddings not in ("lora", "full", "skip"):
         problems.append(f"embeddings must be lora, full or skip, got {embeddings!r}")
     if problems:
@@ -227,34 +226,12 @@ def _check_options(r: int, alpha, rank_policy, svd: str, dtype: str, embeddings:
     return parse_rank_policy(rank_policy) if rank_policy else None
 
 
-def _device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(spec)
-    except (RuntimeError, ValueError) as err:
-        raise ConfigError(f"--device {spec!r} is not a device; use auto, cpu, cuda or cuda:N") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {spec} asked for CUDA but torch sees no CUDA device; use --device cpu or auto")
-    return device
 
 
-def _open(source: Source, opened: contextlib.ExitStack) -> Checkpoint:
-    """``source`` itself if it is an open checkpoint, else a checkpoint closed when ``opened`` closes."""
-    if isinstance(source, Checkpoint):
-        return source
-    return opened.enter_context(Checkpoint.open(source))
 
 
-def _source_name(source: Source) -> str:
-    return str(source.source) if isinstance(source, Checkpoint) else os.fspath(source)
 
 
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
 
 
 def _input_embedding(ckpt: Checkpoint, modules, aliases) -> Optional[str]:

@@ -36,7 +36,7 @@ from ...engine.lowrank import lowrank_norm_sq
 from ...engine.threads import threads_for
 from ...io.adapter import Adapter, AdapterModule
 from ...io.writer import check_output_dir
-from ..patterns import derive_config, rank_alpha_fields
+from ..patterns import derive_config, rank_scale_fields
 from ..sources import AdapterSource, open_adapter, source_name
 from .checks import Options, check_adapters, check_options, default_rank, plan_modules
 from .report import InputSummary, MergeReport, ModuleMerge
@@ -212,7 +212,7 @@ def _promoted(tensors: Sequence[torch.Tensor]) -> torch.dtype:
 def _config(inputs: Sequence[Adapter], modules: dict[str, AdapterModule], use_bias: bool):
     """Adapter 0's config with the merged ranks at scale 1, the union of targets and modules_to_save, no DoRA/rsLoRA."""
     base = inputs[0].config
-    changes: dict[str, Any] = dict(rank_alpha_fields({m: (mod.rank, 1.0) for m, mod in modules.items()}))
+    changes: dict[str, Any] = dict(rank_scale_fields({m: (mod.rank, 1.0) for m, mod in modules.items()}))
     same_targets = all(
         set(a.modules) == set(inputs[0].modules) and all(getattr(a.config, f) == getattr(base, f) for f in _TARGETING)
         for a in inputs
