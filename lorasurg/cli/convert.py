@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ._app import emit, force_option, json_option, main
+from ._app import emit, for_option, force_option, json_option, main
 
 
 @main.command("convert")
@@ -16,17 +16,20 @@ from ._app import emit, force_option, json_option, main
 @click.option("--r", "r", type=click.IntRange(min=1), default=None,
               help="Re-rank every module to R by the exact SVD of its stacked factors (energy kept is reported). "
                    "Default: the exact conversion, rank 2r.")
+@for_option
 @force_option
 @json_option
-def convert_command(trained, initial, output, r, force, as_json) -> None:
+def convert_command(trained, initial, output, r, consumers, force, as_json) -> None:
     """Turn a trained PiSSA/OLoRA adapter into a plain LoRA that gives the trained model's outputs on the
     ORIGINAL base: dW = s (B A - B0 A0) = s [B | -B0] [A ; A0], rank 2r, alpha adjusted so the scale is
-    unchanged (rsLoRA and rank/alpha patterns included; DoRA magnitudes kept).
+    unchanged (rsLoRA and rank/alpha patterns included; DoRA magnitudes kept). With --for, it is written so
+    that each named consumer computes PEFT's per-module delta (what one cannot carry is left out and listed).
 
     \b
-    Example:
+    Examples:
       lorasurg convert out/pissa-trained --initial out/pissa/adapter -o out/pissa-lora
+      lorasurg convert out/pissa-trained --initial out/pissa/adapter --r 8 --for all -o out/pissa-lora-served
     """
     from ..surgery.convert import convert_to_dir
 
-    emit(convert_to_dir(trained, initial, output, r=r, force=force), as_json)
+    emit(convert_to_dir(trained, initial, output, r=r, force=force, consumers=consumers), as_json)

@@ -6,7 +6,7 @@ import click
 
 from ..engine.combine import METHODS
 from ..errors import ConfigError
-from ._app import emit, force_option, json_option, main
+from ._app import emit, for_option, force_option, json_option, main
 
 
 def _weights(text):
@@ -35,21 +35,26 @@ def _weights(text):
 @click.option("--majority-sign", type=click.Choice(["total", "frequency"]), default=None,
               help="How ties and dare_ties elect the sign of an entry. Default: total.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the dare methods' random drops.")
+@for_option
 @force_option
 @json_option
-def merge_command(adapters, output, weights, method, r, density, majority_sign, seed, force, as_json) -> None:
+def merge_command(adapters, output, weights, method, r, density, majority_sign, seed, consumers, force,
+                  as_json) -> None:
     """Merge adapters A B [C ...] into one, offline, from the adapter files alone (no base model).
 
     Each input is read at its own scale (alpha/r or alpha/sqrt(r), rank and alpha patterns applied); a module
     missing from an input counts as zero there; lora_B.bias deltas add with the same weights. The result has
-    scale 1 on every module. DoRA adapters are refused (their merge needs the base weights).
+    scale 1 on every module. DoRA adapters are refused (their merge needs the base weights). With --for, the
+    result is written so that each named consumer computes PEFT's per-module delta (what one cannot carry is
+    left out and listed).
 
     \b
-    Example:
+    Examples:
       lorasurg merge out/llama-r8 out/llama-r4 --weights 0.7,0.3 -o out/merged
+      lorasurg merge out/llama-r8 out/llama-r4 --method cat --for all -o out/merged-everywhere
     """
     from ..surgery.merge import merge_to_dir
 
     report = merge_to_dir(list(adapters), output, _weights(weights), force=force, method=method, r=r,
-                          density=density, majority_sign=majority_sign, seed=seed)
+                          density=density, majority_sign=majority_sign, seed=seed, consumers=consumers)
     emit(report, as_json)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import click
 
-from ._app import device_option, dtype_option, emit, force_option, json_option, main, progress_bar, selection
+from ._app import (
+    device_option, dtype_option, emit, for_option, force_option, json_option, main, progress_bar, selection,
+)
 
 
 @main.command("residualize")
@@ -26,10 +28,11 @@ from ._app import device_option, dtype_option, emit, force_option, json_option, 
 @device_option
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of pissa_niter_N's random sketches (and of embedding inits).")
+@for_option
 @force_option
 @json_option
 def residualize_command(base, init, r, alpha, use_rslora, target_modules, exclude_modules, output, dtype, device,
-                        seed, force, as_json) -> None:
+                        seed, consumers, force, as_json) -> None:
     """Write OUT/model (BASE with each target weight replaced by its PiSSA/OLoRA residual) and OUT/adapter (the
     initial adapter): together they compute what BASE computes; train the adapter on the residual model.
 
@@ -37,9 +40,15 @@ def residualize_command(base, init, r, alpha, use_rslora, target_modules, exclud
     copied as they are. The adapter's config says init_lora_weights: true (PEFT would decompose the residual again
     on load otherwise); OUT/README.md and the adapter's safetensors metadata record where it came from.
 
+    --for applies to OUT/adapter and is lossless: only how the scale is written changes (factors rescaled, or
+    zero-padded to one rank for all), so OUT/model + OUT/adapter still compute BASE. A consumer that cannot carry
+    the whole initial adapter (vLLM: embedding/lm_head or conv LoRA; llama.cpp: GPT-2 Conv1D or conv LoRA) is
+    refused before any work, naming the modules to exclude: leaving a part out would break that sum.
+
     \b
-    Example:
+    Examples:
       lorasurg residualize fixtures/tiny-llama/base --init pissa_niter_4 --r 8 -o out/pissa
+      lorasurg residualize fixtures/tiny-llama/base --init olora --r 8 --rslora --for all -o out/olora-everywhere
     """
     from ..surgery.residualize import residualize
 
@@ -47,5 +56,6 @@ def residualize_command(base, init, r, alpha, use_rslora, target_modules, exclud
         base, output, init=init, r=r, alpha=alpha, use_rslora=use_rslora,
         target_modules=selection(target_modules), exclude_modules=selection(exclude_modules), dtype=dtype,
         device=device, seed=seed, force=force, progress=None if as_json else progress_bar("residualize"),
+        consumers=consumers,
     )
     emit(report, as_json)

@@ -7,7 +7,7 @@
 * :mod:`.prepare`: :func:`prepare_for` rewrites an adapter so the named consumers compute PEFT's delta.
 """
 
-from .prepare import ForReport, LeftOut, prepare_for
+from .prepare import ForReport, LeftOut, blocked_parts, prepare_for
 from .reading import (
     ConsumerFinding,
     ConsumerVerdict,
@@ -42,4 +42,5 @@ __all__ = [
     "ForReport",
     "LeftOut",
     "prepare_for",
+    "blocked_parts",
 ]

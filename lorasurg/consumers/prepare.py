@@ -47,9 +47,9 @@ from .reading import (
     peft_scale,
     tied_heads,
 )
-from .rules import CONSUMERS, parse_consumers
+from .rules import CONSUMERS, Consumer, parse_consumers
 
-__all__ = ["LeftOut", "ForReport", "prepare_for"]
+__all__ = ["LeftOut", "ForReport", "prepare_for", "blocked_parts"]
 
 _MODULE_FEATURES = ("embedding_lora", "output_layer_lora", "tied_head_lora", "conv_lora", "fan_in_fan_out_lora")
 _SCALE_FEATURES = ("rank_pattern", "alpha_pattern", "rslora")
@@ -103,6 +103,11 @@ class ForReport:
     def left_out_for(self, consumer: str) -> list[LeftOut]:
         """What ``consumer`` cannot carry."""
         return [x for x in self.left_out if consumer in x.consumers]
+
+    def left_out_by_consumer(self) -> dict[str, list[dict]]:
+        """``{consumer: [{"name", "feature", "why", "share"}, ...]}`` for every named consumer (``peft``: empty)."""
+        return {name: [{"name": x.name, "feature": x.feature, "why": x.reasons.get(name, x.reason), "share": x.share}
+                       for x in self.left_out_for(name)] for name in self.consumers}
 
     def to_dict(self) -> dict:
         return {
@@ -176,17 +181,13 @@ def prepare_for(
     """
     names = parse_consumers(consumers)
     chosen = [CONSUMERS[n] for n in names]
-    features = adapter_features(adapter, tied)
     total, energies = _energies(adapter, delta_energy)
     total = total if total_energy is None else float(total_energy)
     new = Adapter(copy.deepcopy(adapter.config), {n: copy.copy(m) for n, m in adapter.modules.items()},
                   dict(adapter.extra))
     report = ForReport(names, "patterns", 0, 0.0, False, total_energy=total)
 
-    for feature, items in features.items():
-        blockers = [c for c in chosen if not c.carries(feature)]
-        if feature in _SCALE_FEATURES or not blockers:
-            continue
+    for feature, (items, blockers) in blocked_parts(adapter, names, tied).items():
         if feature == "init_weights":
             new.config.init_lora_weights = True
             report.notes.append(
@@ -210,6 +211,23 @@ def prepare_for(
     _layout(new, adapter, {c.layout for c in chosen if c.layout != "patterns"} or {"patterns"}, report)
     _check(new, names, tied, adapter)
     return new, report
+
+
+def blocked_parts(adapter: Adapter, consumers: Union[str, Iterable[str], None],
+                  tied: Optional[Collection[str]] = None) -> dict[str, tuple[list[str], list[Consumer]]]:
+    """``{feature: (items, consumers)}``: the parts of ``adapter`` that some named consumers cannot carry (what
+    :func:`prepare_for` leaves out, or for ``init_weights`` rewrites), and which of the consumers cannot.
+
+    Reads only names, kinds, shapes and the config (no tensor values when ``tied`` is given), so a caller can ask
+    before it computes any factor, with placeholder tensors on the meta device.
+    """
+    chosen = [CONSUMERS[n] for n in parse_consumers(consumers)]
+    found = {}
+    for feature, items in adapter_features(adapter, tied).items():
+        blockers = [c for c in chosen if not c.carries(feature)]
+        if feature not in _SCALE_FEATURES and blockers:
+            found[feature] = (items, blockers)
+    return found
 
 
 # ------------------------------------------------------------------------------------------------ leaving out

@@ -20,6 +20,10 @@ evenly at the module's own scale; the report gives the share of ``||dW||_F**2`` 
 INIT is the initial adapter (``residualize``'s ``OUT/adapter`` or one PEFT saved before training); it must be the
 initial state of TRAINED: the same modules, ranks, shapes, scales and layer kinds. Everything that differs is
 listed before anything is written.
+
+``consumers`` (``--for``): the converted adapter is then rewritten by :func:`lorasurg.consumers.prepare_for` so that
+each named consumer computes PEFT's per-module delta on the original base; what one cannot carry (``lora_B.bias``,
+DoRA, ``modules_to_save``, ...) is left out and listed with its share of the converted delta's energy.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from typing import Any, Optional, Union
 import torch
 
 from ..config import LoraConfig
+from ..consumers import ForReport, parse_consumers, prepare_for, tied_heads
+from ..consumers.reading import Consumers
 from ..engine.factors import lora_alpha_for, lora_scale
 from ..engine.lowrank import lowrank_svd
 from ..engine.svd import split_factors
@@ -41,7 +47,7 @@ from ..io.writer import check_output_dir
 from ..targeting import alpha_value, rank_alpha_fields
 from .options import default_output, short_list
 from .provenance import provenance_metadata, read_provenance
-from .report import format_bytes, format_count, format_table
+from .report import for_dict, format_bytes, format_count, format_for, format_table
 
 __all__ = ["convert", "convert_to_dir", "ConvertReport", "ConvertedModule"]
 
@@ -76,11 +82,14 @@ class ConvertReport:
     notes: list[str] = field(default_factory=list)
     adapter_parameters: int = 0
     adapter_bytes: int = 0
+    consumers: list[str] = field(default_factory=lambda: ["peft"])
+    for_report: Optional[ForReport] = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "trained": self.trained, "initial": self.initial, "output": self.output, "base_model": self.base_model,
-            "settings": {"r": self.r, "use_rslora": self.use_rslora},
+            "settings": {"r": self.r, "use_rslora": self.use_rslora, "for": list(self.consumers)},
+            **for_dict(self.for_report),
             "modules": [asdict(m) for m in self.modules],
             "notes": list(self.notes),
             "totals": {"modules": len(self.modules), "adapter_parameters": self.adapter_parameters,
@@ -96,7 +105,7 @@ class ConvertReport:
     def render(self) -> str:
         how = f"re-ranked to r={self.r} (exact SVD of the stacked factors)" if self.r else "exact (rank 2r)"
         parts = [f"convert: {self.trained} (initial state {self.initial}) -> plain LoRA, {how}"
-                 + (" rslora" if self.use_rslora else "")]
+                 + (" rslora" if self.use_rslora else "") + f"; for={','.join(self.consumers)}"]
         rows = [(m.module, m.kind, m.trained_rank, f"{m.rank}" + ("*" if m.clamped else ""), f"{m.delta_norm:.4g}",
                  f"{100 * m.energy_kept:.2f}%") for m in self.modules]
         table = format_table(rows, ["module", "kind", "trained r", "r", "||dW||", "energy kept"])
@@ -105,6 +114,8 @@ class ConvertReport:
         parts.append(table)
         if self.notes:
             parts.append("notes:\n" + "\n".join(f"  - {n}" for n in self.notes))
+        if self.consumers != ["peft"]:
+            parts.append(format_for(self.for_report))
         parts.append(f"{len(self.modules)} modules; adapter: {format_count(self.adapter_parameters)} parameters, "
                      f"{format_bytes(self.adapter_bytes)}; energy of dW kept {100 * self.energy_kept:.2f}%; "
                      f"base model: {self.base_model or 'unknown'}")
@@ -114,7 +125,7 @@ class ConvertReport:
 
 
 def convert_to_dir(trained: AdapterSource, initial: AdapterSource, output: Union[str, os.PathLike, None] = None, *,
-                   r: Optional[int] = None, force: bool = False) -> ConvertReport:
+                   r: Optional[int] = None, force: bool = False, consumers: Consumers = "peft") -> ConvertReport:
     """:func:`convert`, then save the plain LoRA to ``output`` (default ``./<TRAINED name>-lora``) atomically.
 
     The output is checked before any work: an existing non-empty directory is refused without ``force``.
@@ -123,10 +134,11 @@ def convert_to_dir(trained: AdapterSource, initial: AdapterSource, output: Union
         OutputExistsError: ``output`` exists, is not empty, and ``force`` is false.
         and everything :func:`convert` raises.
     """
+    parse_consumers(consumers)
     if output is None:
         output = default_output(trained, "-lora")
     check_output_dir(output, force)
-    adapter, report = convert(trained, initial, r=r)
+    adapter, report = convert(trained, initial, r=r, consumers=consumers)
     meta = provenance_metadata(method="convert", trained=report.trained, initial=report.initial, r=r,
                                base=report.base_model)
     adapter.save(output, force=force, metadata=meta)
@@ -134,7 +146,8 @@ def convert_to_dir(trained: AdapterSource, initial: AdapterSource, output: Union
     return report
 
 
-def convert(trained: AdapterSource, initial: AdapterSource, *, r: Optional[int] = None) -> tuple[Adapter, ConvertReport]:
+def convert(trained: AdapterSource, initial: AdapterSource, *, r: Optional[int] = None,
+            consumers: Consumers = "peft") -> tuple[Adapter, ConvertReport]:
     """The plain LoRA equal to TRAINED on the residual base, for the original base (see the module docstring).
 
     Args:
@@ -142,18 +155,23 @@ def convert(trained: AdapterSource, initial: AdapterSource, *, r: Optional[int] 
         initial: its initial state (``residualize``'s ``OUT/adapter``, or PEFT's saved initial adapter).
         r: re-rank every module to this rank (clamped to ``min(2r, out, in)``, and said so); None keeps the exact
             rank ``2r``.
+        consumers: who will load the result (``--for``): ``peft`` (default), ``vllm``, ``llama.cpp``, ``all`` or
+            several; see the module docstring.
 
     Returns:
         ``(adapter, report)``; save the adapter with :meth:`Adapter.save` (or use :func:`convert_to_dir`).
 
     Raises:
-        ConfigError: ``r`` is not a positive integer.
-        InputError: INIT is not the initial state of TRAINED (every difference listed); unreadable adapters.
+        ConfigError: ``r`` is not a positive integer; an unknown consumer.
+        InputError: INIT is not the initial state of TRAINED (every difference listed); unreadable adapters; nothing
+            left that the named consumers can carry.
     """
     if r is not None and (not isinstance(r, int) or isinstance(r, bool) or r < 1):
         raise ConfigError(f"r must be a positive integer, got {r!r}")
+    names = parse_consumers(consumers)
     t, i = Adapter.load(trained), Adapter.load(initial)
-    report = ConvertReport(trained=os.fspath(trained), initial=os.fspath(initial), r=r, use_rslora=t.config.use_rslora)
+    report = ConvertReport(trained=os.fspath(trained), initial=os.fspath(initial), r=r, use_rslora=t.config.use_rslora,
+                           consumers=list(names))
     _check_pair(t, i, report)
     origin = read_provenance(initial).get("base") if os.path.isdir(os.fspath(initial)) else None
     report.base_model = origin or t.config.base_model_name_or_path
@@ -165,6 +183,7 @@ def convert(trained: AdapterSource, initial: AdapterSource, *, r: Optional[int] 
         )
     modules = {name: _convert_module(t, i, name, r, report) for name in t.modules}
     adapter = _build(t, modules, report)
+    adapter, report.for_report = prepare_for(adapter, names, tied=tied_heads(t) & set(adapter.modules))
     report.adapter_parameters = adapter.num_parameters()
     report.adapter_bytes = adapter.num_bytes()
     return adapter, report

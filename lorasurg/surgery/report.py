@@ -6,9 +6,14 @@ print; the CLI chooses between ``render()`` and ``json.dumps(to_dict())``.
 
 from __future__ import annotations
 
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Protocol, Sequence, runtime_checkable
 
-__all__ = ["Report", "format_table", "format_bytes", "format_count", "format_list", "model_summary"]
+if TYPE_CHECKING:
+    from ..consumers.prepare import ForReport
+
+__all__ = [
+    "Report", "format_table", "format_bytes", "format_count", "format_list", "model_summary", "format_for", "for_dict",
+]
 
 
 @runtime_checkable
@@ -48,6 +53,55 @@ def model_summary(written: Any) -> str:
     return (f"model: {written.edited} tensors rewritten, {written.copied} copied unchanged, "
             f"{len(written.weight_files)} weight file(s), {format_bytes(written.bytes)}, "
             f"{len(written.side_files)} other file(s) copied")
+
+
+def format_for(for_report: Optional["ForReport"],
+               left_out: Optional[Mapping[str, Sequence[Mapping[str, Any]]]] = None) -> str:
+    """The ``--for`` section of a report: how the scale was written, then one line per named consumer but PEFT
+    with what it leaves out (count, share of the delta's energy, names) and the notes of the rewrite.
+
+    Args:
+        for_report: what :func:`lorasurg.consumers.prepare_for` returned (None: no head line).
+        left_out: ``{consumer: [{"name", "share", ...}]}``; default ``for_report.left_out_by_consumer()`` (extract
+            adds the tensors its plan left out for the consumers).
+    """
+    if left_out is None:
+        left_out = for_report.left_out_by_consumer() if for_report is not None else {}
+    lines = [] if for_report is None else [for_report.render().splitlines()[0]]
+    for name, items in left_out.items():
+        if name == "peft":
+            continue
+        if not items:
+            lines.append(f"  {name}: leaves out nothing")
+            continue
+        shares = [i["share"] for i in items if i["share"] is not None]
+        unknown = len(items) - len(shares)
+        energy = f"{100 * sum(shares):.3f}% of the delta energy" if shares else "share of the delta energy unknown"
+        if shares and unknown:
+            energy += f" (+{unknown} of unknown share)"
+        shown = ", ".join(_item(i) for i in items[:8])
+        shown += f" and {len(items) - 8} more" if len(items) > 8 else ""
+        lines.append(f"  {name}: leaves out {len(items)} tensor(s)/module(s), {energy}: {shown}")
+    if for_report is not None:
+        lines.extend(f"  note: {n}" for n in for_report.notes)
+    return "\n".join(lines)
+
+
+#: features whose left-out item is a part of a module, not the whole module: the tensor's key suffix
+_PART = {"lora_bias": ".lora_B.bias", "dora": ".lora_magnitude_vector"}
+
+
+def _item(item: Mapping[str, Any]) -> str:
+    name = item["name"]
+    return name if name.startswith("config.") else name + _PART.get(item.get("feature"), "")
+
+
+def for_dict(for_report: Optional["ForReport"]) -> dict[str, Any]:
+    """The ``--for`` keys of a report's ``to_dict()``: ``for`` (the rewrite, or None) and ``left_out_by_consumer``."""
+    return {
+        "for": for_report.to_dict() if for_report is not None else None,
+        "left_out_by_consumer": for_report.left_out_by_consumer() if for_report is not None else {},
+    }
 
 
 def format_bytes(n: float) -> str:

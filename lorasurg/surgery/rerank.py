@@ -17,6 +17,11 @@ its new alpha is ``s * k`` (``s * sqrt(k)``), written with the ranks into ``rank
 anchored keys (:func:`lorasurg.surgery.patterns.rank_scale_fields`, as extract does). ``lora_B.bias`` is multiplied
 by that same scale in PEFT's forward, so it and ``modules_to_save`` copies carry over unchanged.
 
+``consumers`` (``--for``): the re-ranked adapter is then rewritten by :func:`lorasurg.consumers.prepare_for` so
+that each named consumer (``vllm``, ``llama.cpp``) computes PEFT's per-module delta; what one cannot carry is left out
+and listed with its share of the re-ranked adapter's delta energy (a ``modules_to_save`` copy's share is unknown
+without the base model). A head tied to the input embedding is recognised in the input adapter.
+
 DoRA: the adapted weight is ``W' = m * (W + delta) / ||W + delta||_row``, whose per-output norms are ``m`` whatever
 the direction ``W + delta`` is. So the magnitude vector is kept as it is: the recomputed magnitude for the new
 direction is ``m`` again, and the adapted weight's per-output norms are kept exactly; only its direction changes,
@@ -30,6 +35,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from ..consumers import ForReport, parse_consumers, prepare_for, tied_heads
+from ..consumers.reading import Consumers
 from ..engine.factors import factors_from_matrices, lora_scale, pad_factors
 from ..engine.lowrank import lowrank_norm_sq, truncate_factors
 from ..engine.ranks import parse_rank_policy
@@ -38,7 +45,7 @@ from ..errors import ConfigError, InputError
 from ..io.adapter import Adapter, AdapterModule
 from ..io.writer import check_output_dir
 from .patterns import derive_config, rank_scale_fields
-from .report import format_bytes, format_count, format_table
+from .report import for_dict, format_bytes, format_count, format_for, format_table
 from .sources import AdapterSource, open_adapter, source_name
 
 __all__ = ["ModuleRerank", "RerankReport", "rerank", "rerank_to_dir", "default_rerank_path"]
@@ -83,6 +90,8 @@ class RerankReport:
     adapter_parameters: int = 0
     adapter_bytes: int = 0
     output: Optional[str] = None
+    consumers: list[str] = field(default_factory=lambda: ["peft"])
+    for_report: Optional[ForReport] = None
 
     @property
     def dropped(self) -> list[str]:
@@ -99,7 +108,8 @@ class RerankReport:
         return {
             "source": self.source,
             "output": self.output,
-            "settings": {"r": self.r, "rank_policy": self.rank_policy},
+            "settings": {"r": self.r, "rank_policy": self.rank_policy, "for": list(self.consumers)},
+            **for_dict(self.for_report),
             "modules": [asdict(m) for m in self.modules],
             "dropped": self.dropped,
             "notes": list(self.notes),
@@ -114,6 +124,7 @@ class RerankReport:
 
     def render(self) -> str:
         how = f"r={self.r}" if self.rank_policy is None else f"rank policy={self.rank_policy} (cap {self.r or 'old r'})"
+        how += f" for={','.join(self.consumers)}"
         parts = [f"rerank: {self.source}\n{how}"]
         rows = [
             (m.module, m.kind, "x".join(map(str, m.shape)), m.old_rank,
@@ -128,6 +139,8 @@ class RerankReport:
         parts.append(table)
         if self.notes:
             parts.append("notes:\n" + "\n".join(f"  - {n}" for n in self.notes))
+        if self.consumers != ["peft"]:
+            parts.append(format_for(self.for_report))
         parts.append(
             f"{len(self.modules) - len(self.dropped)} modules; parameters {format_count(self.old_parameters)} -> "
             f"{format_count(self.adapter_parameters)} ({format_bytes(self.adapter_bytes)}); energy kept "
@@ -147,7 +160,8 @@ def default_rerank_path(source: AdapterSource, r: Optional[int], rank_policy: Op
 
 
 def rerank_to_dir(adapter: AdapterSource, output: Union[str, os.PathLike, None] = None, *, force: bool = False,
-                  r: Optional[int] = None, rank_policy: Optional[str] = None) -> RerankReport:
+                  r: Optional[int] = None, rank_policy: Optional[str] = None,
+                  consumers: Consumers = "peft") -> RerankReport:
     """:func:`rerank`, then write the adapter to ``output`` (default :func:`default_rerank_path`) atomically.
 
     The output is checked before any work: an existing non-empty directory is refused without ``force``.
@@ -157,34 +171,40 @@ def rerank_to_dir(adapter: AdapterSource, output: Union[str, os.PathLike, None] 
             raises.
     """
     _check_settings(r, rank_policy)
+    parse_consumers(consumers)
     output = default_rerank_path(adapter, r, rank_policy) if output is None else output
     check_output_dir(output, force)
-    result, report = rerank(adapter, r=r, rank_policy=rank_policy)
+    result, report = rerank(adapter, r=r, rank_policy=rank_policy, consumers=consumers)
     result.save(output, force=force)
     report.output = str(output)
     return report
 
 
-def rerank(adapter: AdapterSource, *, r: Optional[int] = None,
-           rank_policy: Optional[str] = None) -> tuple[Adapter, RerankReport]:
+def rerank(adapter: AdapterSource, *, r: Optional[int] = None, rank_policy: Optional[str] = None,
+           consumers: Consumers = "peft") -> tuple[Adapter, RerankReport]:
     """Re-rank every module of ``adapter`` (see the module docstring); nothing is written.
 
     Args:
         adapter: an :class:`Adapter`, or a directory / hub repo id ``Adapter.load`` reads.
         r: the new rank (with ``rank_policy``: its cap). Clamped per module to ``min(out, in)``, and said so.
         rank_policy: choose each module's rank from its spectrum (``energy:0.9``, ``sv_ratio:4``, ...).
+        consumers: who will load the result (``--for``): ``peft`` (default: written as PEFT reads it), ``vllm``,
+            ``llama.cpp``, ``all`` or several; see the module docstring.
 
     Returns:
         ``(new adapter, report)``.
 
     Raises:
-        ConfigError: neither ``r`` nor ``rank_policy``, ``r < 1``, or a policy that does not parse.
-        InputError: the adapter cannot be read or contradicts its config, or the policy keeps no module.
+        ConfigError: neither ``r`` nor ``rank_policy``, ``r < 1``, a policy that does not parse, an unknown
+            consumer.
+        InputError: the adapter cannot be read or contradicts its config, the policy keeps no module, or nothing
+            the named consumers can carry is left.
     """
     policy = _check_settings(r, rank_policy)
+    names = parse_consumers(consumers)
     source, name = open_adapter(adapter)
     cfg = source.config
-    report = RerankReport(name, r, None if policy is None else str(policy))
+    report = RerankReport(name, r, None if policy is None else str(policy), consumers=list(names))
     report.old_parameters = source.num_parameters()
     modules: dict[str, AdapterModule] = {}
     ranks: dict[str, tuple[int, float]] = {}
@@ -213,6 +233,7 @@ def rerank(adapter: AdapterSource, *, r: Optional[int] = None,
     problems = result.problems()
     if problems:  # a bug here, not in the user's input
         raise AssertionError("rerank built an inconsistent adapter: " + "; ".join(problems))
+    result, report.for_report = prepare_for(result, names, tied=tied_heads(source) & set(result.modules))
     report.adapter_parameters = result.num_parameters()
     report.adapter_bytes = sum(t.numel() * t.element_size() for t in result.to_state_dict().values())
     return result, report

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 from ...consumers.prepare import ForReport
-from ..report import format_bytes, format_count, format_table
+from ..report import format_bytes, format_count, format_for, format_table
 
 __all__ = ["ModuleFit", "TensorOutcome", "BufferOutcome", "ExtractReport"]
 
@@ -143,24 +143,6 @@ class ExtractReport:
             out[name] = items
         return out
 
-    def _render_consumers(self) -> str:
-        """The ``--for`` section: how the scale was written, and what each named consumer leaves out."""
-        lines = []
-        if self.for_report is not None:
-            head = self.for_report.render().splitlines()[0]
-            lines.append(head)
-        for name, items in self.left_out_by_consumer().items():
-            if name == "peft":
-                continue
-            if not items:
-                lines.append(f"  {name}: leaves out nothing")
-                continue
-            known = sum(i["share"] or 0.0 for i in items)
-            shown = ", ".join(i["name"] for i in items[:8]) + (f" and {len(items) - 8} more" if len(items) > 8 else "")
-            lines.append(f"  {name}: leaves out {len(items)} tensor(s)/module(s), {100 * known:.3f}% of the delta "
-                         f"energy: {shown}")
-        return "\n".join(lines)
-
     # ------------------------------------------------------------------------------------------ output
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -220,7 +202,7 @@ class ExtractReport:
         if self.notes:
             parts.append("notes:\n" + "\n".join(f"  - {n}" for n in self.notes))
         if self.consumers != ["peft"]:
-            parts.append(self._render_consumers())
+            parts.append(format_for(self.for_report, self.left_out_by_consumer()))
         left = sum(self.share(o) for o in self.left_out())
         totals = (
             f"{self.tensors_compared} tensors compared, {len(self.outcomes)} changed, {self.tensors_unchanged} "

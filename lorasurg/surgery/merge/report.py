@@ -15,7 +15,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
-from ..report import format_bytes, format_count, format_table
+from ...consumers.prepare import ForReport
+from ..report import for_dict, format_bytes, format_count, format_for, format_table
 
 __all__ = ["InputSummary", "ModuleMerge", "MergeReport"]
 
@@ -72,6 +73,8 @@ class MergeReport:
     adapter_parameters: int = 0
     adapter_bytes: int = 0
     output: Optional[str] = None
+    consumers: list[str] = field(default_factory=lambda: ["peft"])
+    for_report: Optional[ForReport] = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -79,7 +82,9 @@ class MergeReport:
             "settings": {
                 "method": self.method, "formula": self.formula, "weights": self.weights, "r": self.r,
                 "density": self.density, "majority_sign": self.majority_sign, "seed": self.seed,
+                "for": list(self.consumers),
             },
+            **for_dict(self.for_report),
             "inputs": [asdict(i) for i in self.inputs],
             "modules": [asdict(m) for m in self.modules],
             "notes": list(self.notes),
@@ -101,6 +106,7 @@ class MergeReport:
             settings.append(f"majority sign={self.majority_sign}")
         if self.seed is not None:
             settings.append(f"seed={self.seed}")
+        settings.append(f"for={','.join(self.consumers)}")
         head = [f"merge: {' '.join(settings)}", f"  {self.formula}"]
         inputs = format_table(
             [(i.source, f"{i.weight:g}", i.r, f"{i.lora_alpha:g}", str(i.use_rslora).lower(), str(i.lora_bias).lower(),
@@ -118,6 +124,8 @@ class MergeReport:
         parts = ["\n".join(head), inputs, table]
         if self.notes:
             parts.append("notes:\n" + "\n".join(f"  - {n}" for n in self.notes))
+        if self.consumers != ["peft"]:
+            parts.append(format_for(self.for_report))
         parts.append(
             f"{len(self.modules)} modules; adapter: {format_count(self.adapter_parameters)} parameters, "
             f"{format_bytes(self.adapter_bytes)}"

@@ -19,6 +19,10 @@ used. Beyond PEFT:
 
 ``modules_to_save`` copies carry over from the one adapter that has them (a full copy cannot be weighted without
 the base model; two different copies of one module are refused, as PEFT does).
+
+``consumers`` (``--for``): the merged adapter is then rewritten by :func:`lorasurg.consumers.prepare_for` so that each
+named consumer computes PEFT's per-module delta; what one cannot carry is left out and listed with its share of the
+merged delta's energy. An output layer tied to the input embedding in any input is tied in the result.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
+from ...consumers import parse_consumers, prepare_for, tied_heads
+from ...consumers.reading import Consumers
 from ...engine.combine import MergeSettings, Term, combine
 from ...engine.factors import factors_from_matrices, lora_scale
 from ...engine.lowrank import lowrank_norm_sq
@@ -54,7 +60,7 @@ def default_merge_path(adapters: Sequence[AdapterSource], method: str) -> Path:
 
 def merge_to_dir(adapters: Sequence[AdapterSource], output: Union[str, os.PathLike, None] = None,
                  weights: Optional[Sequence[float]] = None, *, force: bool = False, method: str = "svd",
-                 **options: Any) -> MergeReport:
+                 consumers: Consumers = "peft", **options: Any) -> MergeReport:
     """:func:`merge_adapters`, then write the result to ``output`` (default :func:`default_merge_path`) atomically.
 
     The options and the output are checked before any adapter is read: an existing non-empty directory is refused
@@ -66,9 +72,10 @@ def merge_to_dir(adapters: Sequence[AdapterSource], output: Union[str, os.PathLi
     """
     check_options(method, len(adapters), weights, options.get("r"), options.get("density"),
                   options.get("majority_sign"), options.get("seed", 0))
+    parse_consumers(consumers)
     output = default_merge_path(adapters, method) if output is None else output
     check_output_dir(output, force)
-    merged, report = merge_adapters(adapters, weights, method=method, **options)
+    merged, report = merge_adapters(adapters, weights, method=method, consumers=consumers, **options)
     merged.save(output, force=force)
     report.output = str(output)
     return report
@@ -83,6 +90,7 @@ def merge_adapters(
     density: Optional[float] = None,
     majority_sign: Optional[str] = None,
     seed: int = 0,
+    consumers: Consumers = "peft",
 ) -> tuple[Adapter, MergeReport]:
     """Merge ``adapters`` with ``weights`` by ``method`` (see the module docstring); nothing is written.
 
@@ -98,17 +106,21 @@ def merge_adapters(
         density: the fraction each adapter keeps, in (0, 1]; required by ties, dare and magnitude_prune.
         majority_sign: ``total`` (default) or ``frequency``, for ties and dare_ties.
         seed: seeds the dare methods (per module, independent of order: ``seed + crc32(module name)``).
+        consumers: who will load the result (``--for``): ``peft`` (default), ``vllm``, ``llama.cpp``, ``all`` or
+            several; see the module docstring.
 
     Returns:
         ``(merged adapter, report)``.
 
     Raises:
         ConfigError: options that do not fit the method or the adapters (see :func:`checks.check_options`),
-            unequal ranks for a factor-wise method.
+            unequal ranks for a factor-wise method, an unknown consumer.
         UnsupportedError: DoRA adapters.
-        InputError: unreadable adapters, adapters for different bases, clashing modules_to_save copies.
+        InputError: unreadable adapters, adapters for different bases, clashing modules_to_save copies, nothing
+            left that the named consumers can carry.
     """
     options = check_options(method, len(adapters), weights, r, density, majority_sign, seed)
+    names_for = parse_consumers(consumers)
     opened = [open_adapter(a, f"adapter {i}") for i, a in enumerate(adapters)]
     inputs, names = [a for a, _ in opened], [n for _, n in opened]
     plan = plan_modules(inputs)
@@ -118,6 +130,7 @@ def merge_adapters(
     report = MergeReport(
         spec.name, spec.formula, list(options.weights), new_rank, options.density,
         options.majority_sign if spec.uses_sign else None, options.seed if spec.random else None,
+        consumers=list(names_for),
     )
     for adapter, name, weight in zip(inputs, names, options.weights):
         cfg = adapter.config
@@ -139,6 +152,8 @@ def merge_adapters(
     if problems:  # a bug here, not in the user's input
         raise AssertionError("merge built an inconsistent adapter: " + "; ".join(problems))
     _notes(report, inputs, names, extra)
+    tied = set().union(*(tied_heads(a) for a in inputs)) & set(result.modules)
+    result, report.for_report = prepare_for(result, names_for, tied=tied)
     report.adapter_parameters = result.num_parameters()
     report.adapter_bytes = sum(t.numel() * t.element_size() for t in result.to_state_dict().values())
     return result, report

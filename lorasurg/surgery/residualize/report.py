@@ -13,8 +13,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
+from ...consumers.prepare import ForReport
 from ...io.rewrite import RewriteResult
-from ..report import format_bytes, format_count, format_list, format_table, model_summary
+from ..report import for_dict, format_bytes, format_count, format_for, format_list, format_table, model_summary
 
 __all__ = ["ResidualModule", "ResidualizeReport"]
 
@@ -50,13 +51,16 @@ class ResidualizeReport:
     model: Optional[RewriteResult] = None  # what was written to OUT/model
     adapter_parameters: int = 0
     adapter_bytes: int = 0
+    consumers: list[str] = field(default_factory=lambda: ["peft"])
+    for_report: Optional[ForReport] = None  # how OUT/adapter was written for the consumers
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "base": self.base,
             "output": self.output,
             "settings": {"init": self.init, "r": self.r, "alpha": self.alpha, "use_rslora": self.use_rslora,
-                         "device": self.device, "dtype": self.dtype},
+                         "device": self.device, "dtype": self.dtype, "for": list(self.consumers)},
+            **for_dict(self.for_report),
             "modules": [asdict(m) for m in self.modules],
             "notes": list(self.notes),
             "model": asdict(self.model) if self.model is not None else None,
@@ -65,7 +69,8 @@ class ResidualizeReport:
 
     def render(self) -> str:
         head = (f"residualize: {self.base}\ninit={self.init} r={self.r} alpha={self.alpha:g}"
-                f"{' rslora' if self.use_rslora else ''} device={self.device} dtype={self.dtype}")
+                f"{' rslora' if self.use_rslora else ''} device={self.device} dtype={self.dtype} "
+                f"for={','.join(self.consumers)}")
         parts = [head]
         if self.modules:
             rows = [(m.module, m.kind, "x".join(map(str, m.shape)), f"{m.rank}" + ("*" if m.clamped else ""),
@@ -76,6 +81,8 @@ class ResidualizeReport:
                 table += "\n* rank clamped to the module's largest possible rank min(out, in)"
             parts.append(table)
         parts.append(format_list("notes", self.notes))
+        if self.consumers != ["peft"]:
+            parts.append("initial adapter " + format_for(self.for_report))
         if self.model is not None:
             parts.append(format_list("not copied from BASE's directory", self.model.left_out))
             parts.append(f"{len(self.modules)} weights residualized; {model_summary(self.model)}; adapter: "

@@ -18,6 +18,16 @@ The adapter's config says ``init_lora_weights: true``: PEFT re-runs the init nam
 ``"pissa"`` there would decompose the residual a second time. Where it came from (method, r, alpha, BASE,
 lorasurg's version) is in ``OUT/README.md`` and in the adapter file's safetensors metadata.
 
+``consumers`` (``--for``) applies to the initial adapter only, and only losslessly: ``OUT/model`` has the adapter's
+delta already taken out of its weights, so leaving any part of the adapter out for a consumer would break
+``OUT/model + OUT/adapter == BASE``. A consumer that cannot carry the whole initial adapter (vLLM: embedding or
+``lm_head`` LoRA, conv LoRA; llama.cpp: GPT-2 ``Conv1D`` LoRA, conv LoRA) is refused before any work, naming the
+modules, so the user can leave them out of the targets. Otherwise :func:`lorasurg.consumers.prepare_for` only
+rewrites how the scale is written: for ``llama.cpp`` no ``alpha_pattern``/rsLoRA, the factors of a module whose
+written scale differs multiplied by ``sqrt(c)`` each (exact to float32 rounding); for ``all`` every module
+zero-padded to one rank (exact; the padded rows and columns get zero gradients in training and stay zero). Each
+module's ``scale * B0 @ A0``, and so ``OUT/model``, is the same for every ``--for``.
+
 Streaming: :func:`lorasurg.io.rewrite.rewrite_checkpoint` reads BASE one tensor at a time in shard order; only a
 target weight is converted (to float32 for the factorisation); every other tensor is copied through as stored.
 Randomness (``pissa_niter_N`` and embedding inits) comes from one CPU generator seeded with ``seed`` and is drawn
@@ -37,6 +47,8 @@ from typing import Optional, Sequence, Union
 import torch
 
 from ...config import LoraConfig
+from ...consumers import ForReport, blocked_parts, parse_consumers, prepare_for
+from ...consumers.reading import Consumers
 from ...engine.factors import compute_dtype, delta_frobenius_sq, factor_shapes, lora_alpha_for, lora_scale
 from ...engine.init import InitMethod, init_factors, parse_init_method
 from ...errors import ConfigError, InputError, LorasurgError
@@ -91,6 +103,7 @@ def residualize(
     seed: int = 0,
     force: bool = False,
     progress: Optional[Progress] = None,
+    consumers: Consumers = "peft",
 ) -> ResidualizeReport:
     """Write ``output/model`` (BASE with residual target weights) and ``output/adapter`` (the initial adapter).
 
@@ -111,26 +124,32 @@ def residualize(
         seed: seeds ``pissa_niter_N``'s random sketches and embedding inits.
         force: replace an existing non-empty ``output``.
         progress: called as ``progress(done, total, tensor name)`` in elements.
+        consumers: who will load the initial adapter (``--for``): ``peft`` (default), ``vllm``, ``llama.cpp``, ``all``
+            or several; the adapter is rewritten losslessly for them, or refused (see the module docstring).
 
     Returns:
         :class:`ResidualizeReport`.
 
     Raises:
         OutputExistsError: ``output`` exists and is not empty, without ``force``.
-        ConfigError: an invalid option, or a target selection that matches nothing.
+        ConfigError: an invalid option, a target selection that matches nothing, or a named consumer that cannot
+            carry the whole initial adapter (checked before any work).
         InputError: a target is an output layer tied to the input embedding; BASE cannot be read.
     """
     method = _check_options(init, r, alpha, dtype)
+    names = parse_consumers(consumers)
     work_device = parse_device(device)
     alpha = float(alpha if alpha is not None else r)
     if output is None:
         output = default_output(base, f"-{method.config_value}-r{r}")
     check_output_dir(output, force)
     report = ResidualizeReport(base=source_name(base), init=str(method.config_value), r=r, alpha=alpha,
-                               use_rslora=use_rslora, device=str(work_device), dtype=dtype, output=str(output))
+                               use_rslora=use_rslora, device=str(work_device), dtype=dtype, output=str(output),
+                               consumers=list(names))
     with contextlib.ExitStack() as opened:
         ckpt = open_checkpoint(base, opened)
         targets = _plan(ckpt, method, r, alpha, use_rslora, target_modules, exclude_modules, report)
+        _check_consumers(ckpt, targets, use_rslora, names)
         generator = torch.Generator().manual_seed(seed)
         states = _draw_states(ckpt, method, targets, generator) if _uses_rng(method, targets) else {}
         factors: dict[str, AdapterModule] = {}
@@ -148,6 +167,7 @@ def residualize(
         with atomic_output_dir(output, force) as tmp:
             written = rewrite_checkpoint(ckpt, tmp / "model", edit, dtype=output_dtype(dtype), progress=progress)
             adapter = _adapter(ckpt, targets, factors, use_rslora, Path(output) / "model")
+            adapter, report.for_report = _for_consumers(adapter, names)
             meta = dict(method=method.config_value, r=r, alpha=f"{alpha:g}", use_rslora=use_rslora or None,
                         base=report.base, seed=seed if _uses_rng(method, targets) else None)
             adapter.save(tmp / "adapter", metadata=provenance_metadata(**meta))
@@ -209,6 +229,46 @@ def _plan(ckpt: Checkpoint, method: InitMethod, r: int, alpha: float, use_rslora
         report.notes.append(f"r={r} exceeds min(out, in) of {len(clamped)} module(s); their rank was clamped to it "
                             f"(same scale): {short_list(clamped)}")
     return targets
+
+
+def _check_consumers(ckpt: Checkpoint, targets: dict[str, _Target], use_rslora: bool, names: tuple[str, ...]) -> None:
+    """Refuse, before any work, consumers that cannot carry the whole initial adapter (see the module docstring).
+
+    The adapter is built with placeholder factors on the meta device: which parts a consumer cannot carry depends
+    on the modules' names, kinds and layouts only.
+    """
+    if names == ("peft",):
+        return
+    probe = {}
+    for m, t in targets.items():
+        a_shape, b_shape, _ = factor_shapes(t.info.kind, t.info.weight_shape, t.rank, t.info.fan_in_fan_out)
+        probe[m] = AdapterModule(m, torch.empty(a_shape, device="meta"), torch.empty(b_shape, device="meta"),
+                                 embedding=t.info.kind == "embedding")
+    blocked = blocked_parts(_adapter(ckpt, targets, probe, use_rslora, Path("model")), names, tied=())
+    if not blocked:
+        return
+    lines, modules = [], []
+    for feature, (items, blockers) in blocked.items():
+        modules.extend(items)
+        says = "; ".join(f"{c.title} {c.rules[feature].says}" for c in blockers)
+        lines.append(f"{short_list(items)}: {says}")
+    raise ConfigError(
+        f"--for {','.join(names)}: the initial adapter cannot be written whole for these consumers, and residualize "
+        "leaves nothing out (OUT/model has the adapter's part taken out of its weights, so a part left out of "
+        "OUT/adapter would no longer add back to BASE):\n  - " + "\n  - ".join(lines)
+        + f"\nLeave those modules out of the targets (--exclude-modules {','.join(sorted(set(modules)))}), or write "
+        "the adapter for consumers that carry them. Nothing was written."
+    )
+
+
+def _for_consumers(adapter: Adapter, names: tuple[str, ...]) -> tuple[Adapter, ForReport]:
+    """:func:`prepare_for` of the initial adapter: a lossless rewrite of how its scales are written, never a part left
+    out (:func:`_check_consumers` refused that before any work)."""
+    written, for_report = prepare_for(adapter, names, tied=())
+    if for_report.left_out or set(written.modules) != set(adapter.modules):  # a bug, not the user's input
+        raise AssertionError("residualize would leave part of the initial adapter out for "
+                             + ", ".join(names) + ": " + ", ".join(x.name for x in for_report.left_out))
+    return written, for_report
 
 
 def _draw_states(ckpt: Checkpoint, method: InitMethod, targets: dict[str, _Target],
