@@ -47,7 +47,7 @@ from .reading import (
     peft_scale,
     tied_heads,
 )
-from .rules import CONSUMERS, Consumer, parse_consumers
+from .rules import CONSUMERS, FEATURES, Consumer, parse_consumers
 
 __all__ = ["LeftOut", "ForReport", "prepare_for", "blocked_parts"]
 
@@ -203,7 +203,7 @@ def prepare_for(
                                            reasons))
     _clean_config(new, adapter, chosen)
     if not new.modules:
-        listed = ", ".join(sorted({x.feature for x in report.left_out}))
+        listed = "; ".join(FEATURES[f] for f in sorted({x.feature for x in report.left_out}))
         raise InputError(
             f"nothing of this adapter can be written for {', '.join(names)}: every LoRA module is of a kind they "
             f"cannot carry ({listed}). Write it for fewer consumers (--for peft keeps everything)."

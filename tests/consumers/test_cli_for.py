@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from lorasurg.cli import main
@@ -79,3 +80,54 @@ def test_nothing_left_for_the_consumers_says_why(tmp_path):
     assert result.exit_code == 2 and not (tmp_path / "g").exists()
     assert "--for peft,vllm,llama.cpp left out what its consumers cannot carry" in result.output
     assert "GPT-2 Conv1D LoRA" in result.output and "--for peft keeps everything" in result.output
+
+
+PISSA = FIXTURES / "tiny-llama" / "pissa"
+
+
+def _command_args(command: str, tmp_path: Path) -> list[str]:
+    """The arguments of one adapter-writing command on the fixtures (rerank and merge read extract outputs)."""
+    if command in ("rerank", "merge"):
+        for name, r in (("e8", "8"), ("e4", "4")):
+            if not (tmp_path / name).exists():
+                assert run("extract", *LLAMA, "--r", r, "-o", str(tmp_path / name)).exit_code == 0
+    return {
+        "rerank": ["rerank", str(tmp_path / "e8"), "--rank-policy", "energy:0.9"],
+        "merge": ["merge", str(tmp_path / "e8"), str(tmp_path / "e4"), "--method", "cat"],
+        "convert": ["convert", str(PISSA / "trained"), "--initial", str(PISSA / "adapter"), "--r", "6"],
+        "residualize": ["residualize", LLAMA[0], "--r", "4", "--rslora", "--target-modules", "q_proj,down_proj"],
+    }[command]
+
+
+@pytest.mark.parametrize("command", ["rerank", "merge", "convert", "residualize"])
+def test_for_on_every_writing_command(command, tmp_path):
+    out = tmp_path / "out"
+    result = run(*_command_args(command, tmp_path), "--for", "llama.cpp,vllm", "--json", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["settings"]["for"] == ["vllm", "llama.cpp"]
+    assert data["for"]["consumers"] == ["vllm", "llama.cpp"] and data["for"]["layout"] == "padded"
+    assert set(data["left_out_by_consumer"]) == {"vllm", "llama.cpp"}
+    adapter = Adapter.load(out / "adapter" if command == "residualize" else out)
+    assert [f.message for f in consumer_findings(adapter, "vllm,llama.cpp") if f.severity == "error"] == []
+    text = run(*_command_args(command, tmp_path), "--for", "all", "-o", str(tmp_path / "text")).output
+    assert "written for peft, vllm, llama.cpp: every module zero-padded to rank" in text
+    assert "  vllm: leaves " in text and "  llama.cpp: leaves " in text
+    default = run(*_command_args(command, tmp_path), "--json", "-o", str(tmp_path / "default"))
+    assert json.loads(default.output)["settings"]["for"] == ["peft"]
+
+
+@pytest.mark.parametrize("command", ["rerank", "merge", "convert", "residualize"])
+def test_for_with_an_unknown_consumer_is_a_usage_error(command, tmp_path):
+    result = run(*_command_args(command, tmp_path), "--for", "peft,tgi", "-o", str(tmp_path / "x"))
+    assert result.exit_code == 2
+    assert "Invalid value for '--for'" in result.output and "unknown consumer(s) 'tgi'" in result.output
+    assert not (tmp_path / "x").exists()
+
+
+def test_residualize_for_a_consumer_that_cannot_carry_the_adapter_exits_2(tmp_path):
+    gpt2 = str(FIXTURES / "tiny-gpt2" / "base")
+    result = run("residualize", gpt2, "--init", "olora", "--r", "4", "--for", "llama.cpp", "-o", str(tmp_path / "g"))
+    assert result.exit_code == 2 and not (tmp_path / "g").exists()
+    assert "error: --for llama.cpp: the initial adapter cannot be written whole" in result.output
+    assert "--exclude-modules transformer.h.0.attn.c_attn," in result.output and "Traceback" not in result.output
