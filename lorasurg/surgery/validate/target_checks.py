@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
+from ...consumers.rules import CONSUMERS
 from ...errors import ConfigError, LorasurgError
 from ...findings import Finding
 from ...modules import ModuleInfo
@@ -46,7 +47,8 @@ def check_targets(subject: Subject) -> list[Finding]:
         found.append(_none_selected(cfg, base))
     found += _unsupported(selected, base.modules)
     found += _unused_excludes(cfg, base)
-    found += _too_large(cfg, [n for n in selected if base.modules[n].kind is not None], base.modules)
+    if not _one_rank_needed(cfg, subject.consumers):
+        found += _too_large(cfg, [n for n in selected if base.modules[n].kind is not None], base.modules)
     found += _unmatched_saves(cfg, base)
     return found
 
@@ -269,6 +271,15 @@ def _rewrite(key: str, meant: Sequence[str], targeted: Sequence[str]) -> Optiona
 
 
 # ----------------------------------------------------------------------------------------- ranks and saves
+
+
+def _one_rank_needed(cfg: Any, consumers: Sequence[str]) -> bool:
+    """The named consumers read the scale by rules that agree only when every module has one rank (vLLM's global
+    ``lora_alpha / r`` and llama.cpp's ``lora_alpha / r_m``), and the config has it: ``prepare_for``'s ``padded``
+    layout. A module padded beyond ``min(out, in)`` is then the price of that agreement (the ``--for`` report gives
+    it in bytes), not a mistake, and ``rank_pattern`` (``rank-too-large``'s hint) would break the agreement."""
+    layouts = {CONSUMERS[c].layout for c in consumers if c in CONSUMERS} - {"patterns"}
+    return len(layouts) > 1 and not cfg.rank_pattern
 
 
 def _too_large(cfg: Any, targeted: Sequence[str], modules: Mapping[str, ModuleInfo]) -> list[Finding]:
