@@ -14,7 +14,10 @@ Layout of the output, as BASE's:
   is BASE's (``model``; a ``pytorch_model*.bin`` checkpoint, read with ``torch.load(weights_only=True)``,
   becomes ``model*.safetensors``);
 * the same tensor names and dtypes, unless ``dtype`` asks for another float dtype (then every floating tensor is
-  cast and config.json's ``dtype``/``torch_dtype`` says so);
+  cast and config.json's ``dtype``/``torch_dtype`` says so) -- except buffers (:meth:`Checkpoint.is_buffer`:
+  ``rotary_emb.inv_freq``, ``position_ids``, GPT-2's ``attn.bias``/``masked_bias``, ...), which are always copied as
+  stored: a bfloat16 ``inv_freq`` would move the rotary frequencies of whatever still reads it, and a buffer is
+  not a weight the requested dtype is about;
 * config.json with ``config_updates`` applied (e.g. ``attention_bias: true``); copied byte for byte otherwise.
 
 Files in BASE's directory that hold weights in other formats (``*.bin``, ``*.pt``, ``*.h5``, ``*.msgpack``,
@@ -71,9 +74,11 @@ class TensorSource:
         self.dtype = dtype
 
     def output_dtype(self, name: str) -> torch.dtype:
-        """The dtype tensor ``name`` is written in: its own, or ``dtype`` for a floating tensor."""
+        """The dtype tensor ``name`` is written in: its own, or ``dtype`` for a floating tensor that is not a
+        buffer."""
         stored = self.checkpoint.dtype(name)
-        return self.dtype if self.dtype is not None and stored.is_floating_point else stored
+        cast = self.dtype is not None and stored.is_floating_point and not self.checkpoint.is_buffer(name)
+        return self.dtype if cast else stored
 
     def read(self, name: str, device: Union[str, torch.device, None] = None) -> Tensor:
         """Tensor ``name`` in its output dtype (see :meth:`output_dtype`), whole, on ``device`` (default CPU).
@@ -128,7 +133,8 @@ def rewrite_checkpoint(
         base: the open checkpoint to rewrite.
         directory: the output directory, usually inside :func:`~lorasurg.io.writer.atomic_output_dir`.
         edit: decides, tensor by tensor in shard order, what is written (see :data:`Edit`).
-        dtype: write every floating tensor in this dtype (and say so in config.json); None keeps each tensor's.
+        dtype: write every floating tensor but buffers in this dtype (and say so in config.json); None keeps each
+            tensor's.
         config_updates: keys to set in the copied config.json.
         progress: called as ``progress(done, total, name)`` in elements after each BASE tensor.
 

@@ -63,7 +63,7 @@ def fuse(
         adapter: a PEFT adapter directory (or hub repo id), or an :class:`Adapter`.
         output: the model directory to write; default ``./<BASE name>-fused``. Checked before any work; replaced
             only with ``force`` (it may be BASE itself: BASE is replaced after the last tensor is read).
-        dtype: dtype of the written floating tensors; ``auto`` keeps each tensor's own.
+        dtype: dtype of the written floating tensors but buffers (copied as stored); ``auto`` keeps each tensor's own.
         device: where the merges run (``auto``, ``cpu``, ``cuda``, ``cuda:N``).
         drop_unfusable_bias: leave out lora_B biases on layers the architecture cannot give a bias (listed with
             their norms) instead of refusing.

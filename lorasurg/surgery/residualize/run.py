@@ -118,8 +118,9 @@ def residualize(
         use_rslora: scale ``alpha / sqrt(r)`` instead of ``alpha / r``.
         target_modules / exclude_modules: PEFT's selection (names or ``.``-suffixes, or one regex); default every
             linear layer except the output head (``all-linear``).
-        dtype: dtype of the written model's floating tensors; ``auto`` keeps each tensor's. The adapter is float32
-            (float64 for a float64 BASE), as PEFT's ``get_peft_model`` keeps adapter weights.
+        dtype: dtype of the written model's floating tensors but buffers (copied as stored); ``auto`` keeps each
+            tensor's. The adapter is float32 (float64 for a float64 BASE), as PEFT's ``get_peft_model`` keeps adapter
+            weights.
         device: where the factorisations run (``auto``, ``cpu``, ``cuda``, ``cuda:N``).
         seed: seeds ``pissa_niter_N``'s random sketches and embedding inits.
         force: replace an existing non-empty ``output``.
