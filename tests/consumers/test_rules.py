@@ -251,7 +251,7 @@ def test_untargeting_a_regex_target_uses_exclude_modules():
 def test_nothing_left_is_refused():
     g = torch.Generator().manual_seed(1)
     conv = AdapterModule("c", torch.randn(2, 3, 3, 3, generator=g), torch.randn(4, 2, 1, 1, generator=g))
-    with pytest.raises(InputError, match="nothing of this adapter can be written for llama.cpp.*conv_lora"):
+    with pytest.raises(InputError, match=r"written for llama.cpp: every LoRA module .*\(LoRA on convolution layers\)"):
         prepare_for(_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["c"]), conv), "llama.cpp")
 
 
