@@ -148,7 +148,7 @@ def test_force_replaces_existing_output(tmp_path):
 def test_interrupted_run_leaves_no_partial_output(tmp_path, monkeypatch, error):
     import lorasurg.surgery.extract.process as pass_module
 
-    real_fit = pass_module.fit_delta
+    real_fit = pass_module.fit_operator
     calls = []
 
     def failing_fit(*args, **kwargs):
@@ -157,7 +157,7 @@ def test_interrupted_run_leaves_no_partial_output(tmp_path, monkeypatch, error):
             raise error("interrupted in the middle")
         return real_fit(*args, **kwargs)
 
-    monkeypatch.setattr(pass_module, "fit_delta", failing_fit)
+    monkeypatch.setattr(pass_module, "fit_operator", failing_fit)
     out = tmp_path / "ad"
     result = run(*LLAMA, "-o", str(out))
     assert len(calls) == 3

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import click
 
-from ._app import device_option, dtype_option, emit, force_option, json_option, main, progress_bar, selection
+from ._app import (
+    device_option, dtype_option, emit, force_option, json_option, main, max_memory_option, progress_bar, selection,
+)
 
 
 @main.command("extract")
@@ -31,6 +33,7 @@ from ._app import device_option, dtype_option, emit, force_option, json_option, 
               help="Randomized SVD (seeded, within 1% of optimal) or exact SVD.")
 @device_option
 @dtype_option
+@max_memory_option
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized SVD.")
 @click.option("--serving", is_flag=True,
               help="Write only LoRA factors on linear layers (what vLLM-style servers accept); list the rest.")
@@ -38,7 +41,8 @@ from ._app import device_option, dtype_option, emit, force_option, json_option, 
 @force_option
 @json_option
 def extract_command(base: str, tuned: str, output, r, alpha, rank_policy, target_modules, exclude_modules,
-                    embeddings, lora_bias, svd, device, dtype, seed, serving, allow_empty, force, as_json) -> None:
+                    embeddings, lora_bias, svd, device, dtype, max_memory, seed, serving, allow_empty, force,
+                    as_json) -> None:
     """Extract a LoRA adapter from a full fine-tune: TUNED ~ BASE + adapter, by truncated SVD of each delta.
 
     BASE and TUNED are checkpoints (a directory, a sharded checkpoint, a .safetensors or .bin file, or a
@@ -56,5 +60,6 @@ def extract_command(base: str, tuned: str, output, r, alpha, rank_policy, target
         target_modules=selection(target_modules), exclude_modules=selection(exclude_modules),
         embeddings=embeddings, lora_bias=lora_bias, svd=svd, device=device, dtype=dtype, seed=seed,
         serving=serving, allow_empty=allow_empty, progress=None if as_json else progress_bar("extract"),
+        max_memory=max_memory,
     )
     emit(report, as_json)

@@ -40,7 +40,7 @@ Every function computes in float32 (float64 when the input is float64) on the in
 from __future__ import annotations
 
 import math
-from typing import Literal, NamedTuple, Optional
+from typing import Callable, Literal, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -61,6 +61,8 @@ __all__ = [
     "approximation_error",
     "Decomposition",
     "decompose",
+    "sketch_matrix",
+    "operator_svd",
 ]
 
 SvdMethod = Literal["randomized", "exact"]
@@ -316,6 +318,7 @@ def decompose(
     method: str = "randomized",
     generator: Optional[torch.Generator] = None,
     seed: Optional[int] = 0,
+    total_sq: Optional[float] = None,
 ) -> Decomposition:
     """Truncated SVD of ``matrix`` at the rank ``policy`` chooses, capped by ``max_rank``.
 
@@ -327,16 +330,99 @@ def decompose(
         max_rank: the cap (``--r``), >= 1.
         policy: a :class:`~lorasurg.engine.ranks.RankPolicy` or its text (``"fixed"``, ``"energy:0.9"``, ...).
         method, generator, seed: as for :func:`truncated_svd`.
+        total_sq: ``||M||_F^2`` when the caller already has it (saves a pass over the matrix).
 
     Raises:
         ConfigError: policy text that does not parse.
         ValueError: as :func:`truncated_svd`.
     """
     chosen = parse_rank_policy(policy) if isinstance(policy, str) else policy
-    total = frobenius_sq(matrix)
+    total = frobenius_sq(matrix) if total_sq is None else float(total_sq)
     if chosen.needs_full_spectrum:
         U, S, Vh = truncated_svd(matrix, min(matrix.shape), method="exact")
     else:
         U, S, Vh = truncated_svd(matrix, max_rank, method=method, generator=generator, seed=seed)
     rank = chosen.choose(S, max_rank, total_sq=total)
     return Decomposition(U[:, :rank], S[:rank], Vh[:rank], total)
+
+
+def sketch_matrix(shape: tuple[int, int], rank: int, oversample: int, generator: Optional[torch.Generator],
+                  device: Optional[torch.device] = None) -> Tensor:
+    """The Gaussian test matrix ``Omega: (n, l)`` of :func:`operator_svd` for ``M: (m, n)``, with
+    ``l = min(rank + oversample, m, n)``, drawn on ``generator.device`` (CPU without one) and moved to ``device``."""
+    q = min(rank + oversample, *shape)
+    omega = torch.randn(shape[1], q, generator=generator, device=generator.device if generator else None)
+    return omega.to(device) if device is not None else omega
+
+
+def operator_svd(
+    matmul: Callable[[Tensor], Tensor],
+    rmatmul: Callable[[Tensor], Tensor],
+    shape: tuple[int, int],
+    rank: int,
+    *,
+    oversample: int,
+    passes: int = 4,
+    generator: Optional[torch.Generator] = None,
+    device: Optional[torch.device] = None,
+    sketch: Optional[Tensor] = None,
+) -> TruncatedSvd:
+    """Randomized truncated SVD of an operator ``M: (m, n)`` known only by its products ``M @ X`` and ``M.T @ Y``.
+
+    For a matrix too large to hold (its products are sums over row blocks read from disk), or held but costly to
+    pass over. Randomized subspace iteration (Halko, Martinsson & Tropp 2011, Algorithms 4.4 and 5.1) counted in
+    passes over ``M``, one product each, with ``l = min(rank + oversample, m, n)`` columns and a QR after every
+    product; the basis alternates between the column space (``Q``) and the row space (``V``)::
+
+        pass 1:            Q = qr(M @ Omega)
+        passes 2 .. p-1:   V = qr(M.T @ Q), then Q = qr(M @ V), alternately
+        pass p:            after a Q:  Bt = M.T @ Q;  Bt.T = Ub diag(S) Vh;  U = Q @ Ub
+                           after a V:  C = M @ V;     C = U diag(S) Wh;     Vh = Wh @ V.T
+
+    ``passes = 2 + 2q`` is Halko's scheme with ``q`` power iterations; an odd count ends on the row space. Either
+    way ``U_k diag(S_k) Vh_k`` is an orthogonal projection of ``M`` (``U_k U_k.T M``, resp. ``M V Wk Wk.T V.T``),
+    so its error is ``||M||_F^2 - sum(S_k^2)`` with no further pass.
+
+    Args:
+        matmul: ``X: (n, l) -> M @ X: (m, l)``; rmatmul: ``Y: (m, l) -> M.T @ Y: (n, l)``.
+        shape: ``(m, n)``; rank: the triplets wanted (``k = min(rank, m, n)``).
+        oversample: extra columns; passes: products with ``M``, at least 2.
+        generator, device: draw ``Omega`` with :func:`sketch_matrix`.
+        sketch: ``M @ Omega`` when the caller computed it already (e.g. in the pass that first read ``M``), with
+            ``Omega = sketch_matrix(shape, rank, oversample, generator, device)``; saves a pass.
+
+    Returns:
+        :class:`TruncatedSvd` ``(U: (m, k), S: (k,), Vh: (k, n))``, float32.
+    """
+    if passes < 2:
+        raise ValueError(f"operator_svd needs at least 2 passes, got {passes}")
+    if sketch is None:
+        sketch = matmul(sketch_matrix(shape, rank, oversample, generator, device))  # (m, l)
+    basis, column_space = _orth(sketch), True  # Q: (m, l)
+    del sketch
+    for _ in range(passes - 2):
+        if column_space:
+            basis = _orth(rmatmul(basis))  # V = qr((n, m) @ (m, l)): (n, l)
+        else:
+            basis = _orth(matmul(basis))  # Q = qr((m, n) @ (n, l)): (m, l)
+        column_space = not column_space
+    k = min(rank, *shape)
+    if column_space:
+        Bt = rmatmul(basis)  # (n, m) @ (m, l) -> (n, l) = (Q.T @ M).T
+        Qb, Ua, S, Wa = _thin_svd(Bt)  # Bt = Qb Ua diag(S) Wa.T, so Q.T M = Wa diag(S) (Qb Ua).T
+        U = basis @ Wa[:, :k]  # (m, l) @ (l, k) -> (m, k)
+        Vh = (Qb @ Ua[:, :k]).mT  # ((n, l) @ (l, k)).T -> (k, n)
+    else:
+        C = matmul(basis)  # (m, n) @ (n, l) -> (m, l) = M @ V
+        Qc, Ua, S, Wa = _thin_svd(C)  # C = Qc Ua diag(S) Wa.T, so M V V.T = (Qc Ua) diag(S) (V Wa).T
+        U = Qc @ Ua[:, :k]  # (m, l) @ (l, k) -> (m, k)
+        Vh = (basis @ Wa[:, :k]).mT  # ((n, l) @ (l, k)).T -> (k, n)
+    return TruncatedSvd(U.contiguous(), S[:k].contiguous(), Vh.contiguous())
+
+
+def _thin_svd(X: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """SVD of a tall ``X: (p, l)`` as ``X = Q @ Ua @ diag(S) @ Wa.T`` through its QR: ``X = Q R`` and
+    ``R = Ua diag(S) Wa.T`` (``(l, l)``); several times faster than LAPACK's SVD of the tall matrix itself."""
+    Q, R = torch.linalg.qr(X)  # (p, l), (l, l)
+    Ua, S, Wh = torch.linalg.svd(R)  # (l, l), (l,), (l, l)
+    return Q, Ua, S, Wh.mT

@@ -14,7 +14,6 @@ from lorasurg.engine.factors import delta_matrix, lora_scale, weight_to_matrix
 from lorasurg.engine.ranks import parse_rank_policy
 from lorasurg.io.checkpoint import Checkpoint
 from lorasurg.modules import ModuleInfo
-from lorasurg.surgery.extract import process as _extract_pass
 from lorasurg.surgery.extract import run as extract_mod
 from lorasurg.surgery.extract.fit import fit_delta
 from lorasurg.surgery.extract.plan import plan_roles
@@ -173,21 +172,31 @@ def test_embeddings_modes(mode):
 
 
 def test_tied_embedding_is_read_once_and_written_for_both(monkeypatch):
+    from lorasurg.io._shards import RowReader
+
     reads: list[str] = []
-    real_get = Checkpoint.get
+    real_get, real_rows = Checkpoint.get, RowReader.rows_into
 
     def counting_get(self, name, *args, **kwargs):
         reads.append(name)
         return real_get(self, name, *args, **kwargs)
 
+    def counting_rows(self, start, stop, buffer):
+        reads.append(f"{self.name}[{start}:{stop}]")
+        return real_rows(self, start, stop, buffer)
+
     monkeypatch.setattr(Checkpoint, "get", counting_get)
+    monkeypatch.setattr(RowReader, "rows_into", counting_rows)
     adapter, report = extract(*pair("qwen2"), r=8, lora_bias=False)
     emb, head = adapter.modules["model.embed_tokens"], adapter.modules["lm_head"]
     assert emb.embedding and not head.embedding
     torch.testing.assert_close(head.A, emb.B.T, rtol=0, atol=0)
     torch.testing.assert_close(head.B, emb.A.T, rtol=0, atol=0)
-    assert reads.count("model.embed_tokens.weight") == 2  # once per checkpoint
-    assert "lm_head.weight" not in reads
+    rows = Checkpoint.open(pair("qwen2")[0]).shape("model.embed_tokens.weight")[0]
+    spans = [r.partition("[")[2].rstrip("]") for r in reads if r.startswith("model.embed_tokens.weight")]
+    assert sum(int(b) - int(a) for a, b in (span.split(":") for span in spans)) == 2 * rows  # once per checkpoint
+    assert len(spans) == 2 * len(set(spans))
+    assert not any(r.startswith("lm_head") for r in reads)
     assert any("lm_head shares its weight" in n for n in report.notes)
 
 
@@ -311,15 +320,27 @@ def test_saved_adapter_round_trips(tmp_path):
     assert math.isclose(report.to_dict()["totals"]["adapter_parameters"], sum(t.numel() for t in state.values()))
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_streamed_fit_matches_the_in_memory_fit(monkeypatch, arch):
-    """Tensors above STREAM_ABOVE elements are fitted from row blocks read from disk; force it on every tensor."""
+def force_streaming(monkeypatch, block_elements: int) -> None:
+    """Make every LoRA target too large to hold under any budget, and blocks of about ``block_elements``."""
+    from lorasurg.surgery.budget import MemoryBudget
     from lorasurg.surgery.extract import stream as _extract_stream
 
+    real_place = MemoryBudget.place
+    monkeypatch.setattr(MemoryBudget, "place",
+                        lambda self, name, **kw: real_place(self, name, **dict(kw, hold_bytes=self.limit + 1)))
+    monkeypatch.setattr(_extract_stream, "_BLOCK_ELEMENTS", block_elements)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_streamed_fit_matches_the_in_memory_fit(monkeypatch, arch):
+    """LoRA targets over the memory budget are fitted from row blocks read from disk; force it on every one."""
     dense_adapter, dense = extract(*pair(arch), r=8)
-    monkeypatch.setattr(_extract_pass, "STREAM_ABOVE", 0)
-    monkeypatch.setattr(_extract_stream, "_BLOCK_ELEMENTS", 1000)  # several blocks per tensor
+    assert dense.streamed == []
+    force_streaming(monkeypatch, block_elements=1000)  # several blocks per tensor
     adapter, report = extract(*pair(arch), r=8)
+    lora = [o.name for o in report.outcomes if o.outcome == "lora"]
+    assert lora and {t.name for t in report.streamed} == set(lora)
+    assert all(t.block_rows < t.shape[0] for t in report.streamed if t.shape[0] * math.prod(t.shape[1:]) > 2000)
     assert [(o.name, o.outcome) for o in report.outcomes] == [(o.name, o.outcome) for o in dense.outcomes]
     assert [o.energy for o in report.outcomes] == pytest.approx([o.energy for o in dense.outcomes], rel=1e-5)
     assert report.tensors_unchanged == dense.tensors_unchanged
@@ -341,8 +362,6 @@ def test_streamed_fit_within_one_percent_on_hard_spectra(tmp_path, monkeypatch, 
     """The streamed randomized SVD (one power iteration, wide oversampling) on flat and slowly decaying spectra."""
     from safetensors.torch import save_file
 
-    from lorasurg.surgery.extract import stream as _extract_stream
-
     k = 256
     s = torch.arange(1, k + 1, dtype=torch.float64) ** -decay
     W = torch.randn(512, k, generator=gen, dtype=torch.float64) * 0.02
@@ -351,10 +370,10 @@ def test_streamed_fit_within_one_percent_on_hard_spectra(tmp_path, monkeypatch, 
     (tmp_path / "t").mkdir()
     save_file({"layer.proj.weight": W.float()}, str(tmp_path / "b" / "model.safetensors"))
     save_file({"layer.proj.weight": (W + dW).float()}, str(tmp_path / "t" / "model.safetensors"))
-    monkeypatch.setattr(_extract_pass, "STREAM_ABOVE", 0)
-    monkeypatch.setattr(_extract_stream, "_BLOCK_ELEMENTS", 20_000)
+    force_streaming(monkeypatch, block_elements=20_000)
     for r in (4, 16, 64):
         adapter, report = extract(tmp_path / "b", tmp_path / "t", r=r)
+        assert [t.name for t in report.streamed] == ["layer.proj.weight"]
         actual = (Checkpoint.open(tmp_path / "t").get("layer.proj.weight", dtype=torch.float64)
                   - Checkpoint.open(tmp_path / "b").get("layer.proj.weight", dtype=torch.float64))
         optimal = float(torch.linalg.svdvals(actual)[r:].pow(2).sum().sqrt())

@@ -13,9 +13,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
+from ..budget import format_size
 from ..report import format_bytes, format_count, format_table
 
-__all__ = ["ModuleFit", "TensorOutcome", "ExtractReport"]
+__all__ = ["ModuleFit", "TensorOutcome", "StreamedTensor", "ExtractReport"]
 
 
 @dataclass
@@ -54,6 +55,24 @@ class TensorOutcome:
 
 
 @dataclass
+class StreamedTensor:
+    """A LoRA target whose delta was streamed from disk in row blocks (4 passes) instead of held in memory.
+
+    Attributes:
+        name: tensor key; shape: its shape.
+        hold_bytes: what holding its delta would have needed.
+        block_rows: rows per block read.
+        reason: why (the budget it exceeded).
+    """
+
+    name: str
+    shape: list[int]
+    hold_bytes: int
+    block_rows: int
+    reason: str
+
+
+@dataclass
 class ExtractReport:
     """Everything ``extract`` did; ``render()`` for people, ``to_dict()`` for ``--json``."""
 
@@ -75,6 +94,10 @@ class ExtractReport:
     adapter_parameters: int = 0
     adapter_bytes: int = 0
     output: Optional[str] = None
+    max_memory: int = 0
+    memory_budget: str = ""
+    memory_in_use: int = 0
+    streamed: list[StreamedTensor] = field(default_factory=list)
 
     # ------------------------------------------------------------------------------------------ totals
     @property
@@ -131,7 +154,24 @@ class ExtractReport:
                 "captured_energy": self.captured_energy,
                 "left_out_energy": sum(self.share(o) for o in self.left_out()),
             },
+            "memory": self._memory_dict(),
         }
+
+    def _memory_dict(self) -> dict[str, Any]:
+        return {"max_memory": self.max_memory, "in_use_at_start": self.memory_in_use,
+                "for_tensors": self.max_memory - self.memory_in_use, "budget": self.memory_budget,
+                "streamed": [asdict(t) for t in self.streamed]}
+
+    def _render_memory(self) -> str:
+        """The memory budget and the LoRA targets streamed under it."""
+        head = f"memory budget {format_size(self.max_memory)} ({self.memory_budget})"
+        if not self.streamed:
+            return head + ": every LoRA target's delta held in memory (one read each)"
+        rows = [(t.name, "x".join(map(str, t.shape)), format_size(t.hold_bytes), t.block_rows) for t in self.streamed]
+        left = format_size(self.max_memory - self.memory_in_use)
+        return (head + f": {len(self.streamed)} LoRA target(s) streamed from disk in row blocks (4 passes each), "
+                f"because holding their delta needs more than the {left} the budget leaves for tensors:\n"
+                + format_table(rows, ["tensor", "shape", "to hold", "block rows"]))
 
     def render(self) -> str:
         head = [
@@ -156,6 +196,8 @@ class ExtractReport:
             parts.append("other changed tensors:\n" + format_table(rows, ["tensor", "became", "energy share", "why"]))
         if self.notes:
             parts.append("notes:\n" + "\n".join(f"  - {n}" for n in self.notes))
+        if self.max_memory:
+            parts.append(self._render_memory())
         left = sum(self.share(o) for o in self.left_out())
         totals = (
             f"{self.tensors_compared} tensors compared, {len(self.outcomes)} changed, {self.tensors_unchanged} "

@@ -24,8 +24,11 @@ once; the adapter then carries the change for both modules, since PEFT adapts th
 ``lora_embedding_A/B`` on the embedding and the same factors, transposed, as ``lm_head``'s ``lora_A/B`` (with
 ``--embeddings full``, a saved copy for each).
 
-Streaming: tensors are read one base/tuned pair at a time in shard order, so memory is about one module's
-tensors plus the adapter being built, whatever the model's size.
+Memory: tensors are read one base/tuned pair at a time in shard order, in row blocks. ``max_memory`` (a
+:class:`~lorasurg.surgery.budget.MemoryBudget`; default half the available memory) decides per LoRA target whether
+its float32 delta is held in memory after one read or streamed from disk in row blocks over several passes
+(:func:`lorasurg.surgery.extract.process.placements`), so memory is about the budget plus the interpreter and
+torch, whatever the model's size; the report lists the streamed tensors and why.
 """
 
 from __future__ import annotations
@@ -43,10 +46,12 @@ from ...errors import ConfigError, ShapeMismatchError
 from ...io.adapter import Adapter
 from ...io.checkpoint import Checkpoint
 from ...io.writer import check_output_dir
+from ..budget import MemoryBudget, Size
 from .build import Collected, build_adapter
 from .plan import plan_roles, split_tensor_name
-from .report import ExtractReport
-from .process import compare, process_tensor
+from .report import ExtractReport, StreamedTensor
+from .process import compare, placements, process_tensor
+from .stream import Workspace
 
 __all__ = ["extract", "extract_to_dir", "default_output_path", "ExtractReport", "SVD_METHODS", "DTYPES"]
 
@@ -103,6 +108,7 @@ def extract(
     serving: bool = False,
     allow_empty: bool = False,
     progress: Optional[Progress] = None,
+    max_memory: Optional[Size] = None,
 ) -> tuple[Adapter, ExtractReport]:
     """Extract a LoRA adapter approximating ``tuned`` as ``base + adapter`` (see the module docstring).
 
@@ -124,6 +130,10 @@ def extract(
             with its share of the delta energy.
         allow_empty: for identical checkpoints, return a no-op adapter (all factors zero) instead of raising.
         progress: called as ``progress(done, total, tensor name)`` in elements after each tensor.
+        max_memory: the memory budget for the tensors being processed (bytes, or text such as ``"2GB"``,
+            ``"500MB"``, ``"50%"``: :func:`lorasurg.surgery.budget.parse_size`); None: half the available memory.
+            A LoRA target whose delta fits is fitted in memory from one read, a larger one is streamed from disk
+            in row blocks (4 passes); the report says which and why. Python and torch themselves are not counted.
 
     Returns:
         ``(adapter, report)``; save the adapter with :meth:`Adapter.save` (or use :func:`extract_to_dir`).
@@ -132,21 +142,24 @@ def extract(
         ShapeMismatchError: the checkpoints differ in architecture, tensor names or shapes (all listed).
         InputError: a delta holds NaN/inf (tensors named); the checkpoints are identical (without
             ``allow_empty``); nothing LoRA-able changed; a checkpoint cannot be read.
-        ConfigError: an invalid option value.
+        ConfigError: an invalid option value; a ``max_memory`` that is not a size, or below the smallest
+            workable budget for these checkpoints (the message says what that is).
     """
     policy = _check_options(r, alpha, rank_policy, svd, dtype, embeddings)
     work_device = _device(device)
+    budget = MemoryBudget.resolve(max_memory, work_device)
     report = ExtractReport(
         base=_source_name(base), tuned=_source_name(tuned), r=r, alpha=float(alpha if alpha is not None else r),
         rank_policy=str(policy) if policy else f"fixed:{r}", svd=svd, device=str(work_device), dtype=dtype,
-        lora_bias=False, serving=serving,
+        lora_bias=False, serving=serving, max_memory=budget.total, memory_budget=budget.description,
+        memory_in_use=budget.in_use,
     )
     with contextlib.ExitStack() as opened:
         base_ckpt, tuned_ckpt = _open(base, opened), _open(tuned, opened)
         _check_pair(base_ckpt, tuned_ckpt)
         adapter = _run(
             base_ckpt, tuned_ckpt, report, work_device, policy=policy, seed=seed, lora_bias=lora_bias,
-            allow_empty=allow_empty, progress=progress, out_dtype=DTYPES.get(dtype),
+            allow_empty=allow_empty, progress=progress, out_dtype=DTYPES.get(dtype), budget=budget,
             plan=dict(target_modules=target_modules, exclude_modules=exclude_modules, embeddings=embeddings,
                       serving=serving),
         )
@@ -154,7 +167,8 @@ def extract(
 
 
 def _run(base: Checkpoint, tuned: Checkpoint, report: ExtractReport, device: torch.device, *, policy, seed: int,
-         lora_bias: Optional[bool], allow_empty: bool, progress: Optional[Progress], out_dtype, plan: dict) -> Adapter:
+         lora_bias: Optional[bool], allow_empty: bool, progress: Optional[Progress], out_dtype, plan: dict,
+         budget: MemoryBudget) -> Adapter:
     """The two passes over the tensors, then the adapter; fills ``report``."""
     r, serving = report.r, report.serving
     scale = lora_scale(r, report.alpha)
@@ -179,14 +193,21 @@ def _run(base: Checkpoint, tuned: Checkpoint, report: ExtractReport, device: tor
     use_bias = use_bias and not serving
     roles = with_bias if use_bias else plan_roles(names, modules, lora_bias=False, **plan)
 
-    # Pass 2: everything else, in shard order, one tensor pair at a time.
-    for name, role in roles.items():
-        if role.role == "alias" or name in compared:
-            continue
-        process_tensor(base, tuned, role, modules, run, device, r=r, policy=policy, svd=report.svd, seed=seed)
-        done += _numel(base.shape(name))
-        if progress is not None:
-            progress(done, total, name)
+    # Pass 2: everything else, in shard order, one tensor pair at a time, each LoRA target held or streamed.
+    places = placements(base, tuned, roles, modules, budget, r=r, svd=report.svd, policy=policy, out_dtype=out_dtype)
+    _report_placements(report, base, places)
+    work = Workspace(device)
+    try:
+        for name, role in roles.items():
+            if role.role == "alias" or name in compared:
+                continue
+            process_tensor(base, tuned, role, modules, run, device, r=r, policy=policy, svd=report.svd, seed=seed,
+                           work=work, placement=places.get(name))
+            done += _numel(base.shape(name))
+            if progress is not None:
+                progress(done, total, name)
+    finally:
+        work.release()
     run.raise_non_finite()
 
     report.lora_bias = use_bias
@@ -198,6 +219,16 @@ def _run(base: Checkpoint, tuned: Checkpoint, report: ExtractReport, device: tor
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+
+
+def _report_placements(report: ExtractReport, base: Checkpoint, places) -> None:
+    """The streamed LoRA targets (and those held above the budget) into the report."""
+    for name, place in places.items():
+        if not place.hold:
+            report.streamed.append(StreamedTensor(name, list(base.shape(name)), place.hold_bytes, place.block_rows,
+                                                  place.reason))
+        elif place.over_budget:
+            report.notes.append(f"{name}: {place.reason}")
 
 
 def _check_options(r: int, alpha, rank_policy, svd: str, dtype: str, embeddings: str):
