@@ -36,6 +36,7 @@ from .engine.factors import LoraFactors, lora_scale
 from .engine.init import init_factors
 from .engine.ranks import RankPolicy, parse_rank_policy
 from .engine.svd import decompose, truncated_svd
+from .surgery.budget import MemoryBudget, parse_size
 from .modules import ModuleInfo, describe_model
 from .surgery.extract import ExtractReport, extract, extract_to_dir
 from .surgery.inspect import inspect_adapter
@@ -62,6 +63,8 @@ __all__ = [
     "extract",
     "extract_to_dir",
     "ExtractReport",
+    "MemoryBudget",
+    "parse_size",
     "LoraFactors",
     "lora_scale",
     "truncated_svd",

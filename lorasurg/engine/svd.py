@@ -369,23 +369,25 @@ def operator_svd(
 ) -> TruncatedSvd:
     """Randomized truncated SVD of an operator ``M: (m, n)`` known only by its products ``M @ X`` and ``M.T @ Y``.
 
-    For a matrix too large to hold (its products are sums over row blocks read from disk), or held but costly to
-    pass over. Randomized subspace iteration (Halko, Martinsson & Tropp 2011, Algorithms 4.4 and 5.1) counted in
-    passes over ``M``, one product each, with ``l = min(rank + oversample, m, n)`` columns and a QR after every
-    product; the basis alternates between the column space (``Q``) and the row space (``V``)::
+    For a matrix too large to hold (its products are sums over row blocks read from disk), or one held but costly
+    to pass over. Randomized subspace iteration (Halko, Martinsson & Tropp 2011, Algorithm 4.4) counted in passes
+    over ``M``, one product each, with ``l = min(rank + oversample, m, n)`` columns and a QR after each product,
+    the basis alternating between the column space and the row space; the last pass projects ``M`` on the ``k``
+    leading Ritz vectors of the one before (``k = min(rank, m, n)`` columns, not ``l``)::
 
-        pass 1:            Q = qr(M @ Omega)
-        passes 2 .. p-1:   V = qr(M.T @ Q), then Q = qr(M @ V), alternately
-        pass p:            after a Q:  Bt = M.T @ Q;  Bt.T = Ub diag(S) Vh;  U = Q @ Ub
-                           after a V:  C = M @ V;     C = U diag(S) Wh;     Vh = Wh @ V.T
+        pass 1:              Y = M @ Omega
+        passes 2 .. p-1:     Z = M.T @ qr(Y), then Y = M @ qr(Z), alternately (the last product is P)
+        Ritz vectors:        W = the k leading left singular vectors of P
+        pass p:              after a Y: Bt = M.T @ W  (n, k); Bt.T = Ub diag(S) Vh;  U = W @ Ub
+                             after a Z: C = M @ W     (m, k); C = U diag(S) Wh;     Vh = Wh @ W.T
 
-    ``passes = 2 + 2q`` is Halko's scheme with ``q`` power iterations; an odd count ends on the row space. Either
-    way ``U_k diag(S_k) Vh_k`` is an orthogonal projection of ``M`` (``U_k U_k.T M``, resp. ``M V Wk Wk.T V.T``),
-    so its error is ``||M||_F^2 - sum(S_k^2)`` with no further pass.
+    So ``U diag(S) Vh`` is an orthogonal projection of ``M`` of rank ``k`` (``W W.T M``, resp. ``M W W.T``) and its
+    error is ``||M||_F^2 - sum(S^2)`` with no further pass. ``passes = 4`` is subspace iteration with one power
+    iteration, finished on the Ritz vectors (the last pass costs ``k`` columns instead of ``l``).
 
     Args:
-        matmul: ``X: (n, l) -> M @ X: (m, l)``; rmatmul: ``Y: (m, l) -> M.T @ Y: (n, l)``.
-        shape: ``(m, n)``; rank: the triplets wanted (``k = min(rank, m, n)``).
+        matmul: ``X: (n, c) -> M @ X: (m, c)``; rmatmul: ``Y: (m, c) -> M.T @ Y: (n, c)``.
+        shape: ``(m, n)``; rank: the triplets wanted.
         oversample: extra columns; passes: products with ``M``, at least 2.
         generator, device: draw ``Omega`` with :func:`sketch_matrix`.
         sketch: ``M @ Omega`` when the caller computed it already (e.g. in the pass that first read ``M``), with
@@ -396,28 +398,25 @@ def operator_svd(
     """
     if passes < 2:
         raise ValueError(f"operator_svd needs at least 2 passes, got {passes}")
-    if sketch is None:
-        sketch = matmul(sketch_matrix(shape, rank, oversample, generator, device))  # (m, l)
-    basis, column_space = _orth(sketch), True  # Q: (m, l)
-    del sketch
+    product = matmul(sketch_matrix(shape, rank, oversample, generator, device)) if sketch is None else sketch
+    left = True  # product = M @ (something): its columns are in M's column space
     for _ in range(passes - 2):
-        if column_space:
-            basis = _orth(rmatmul(basis))  # V = qr((n, m) @ (m, l)): (n, l)
-        else:
-            basis = _orth(matmul(basis))  # Q = qr((m, n) @ (n, l)): (m, l)
-        column_space = not column_space
+        basis = _orth(product)  # (m, l) or (n, l)
+        product = rmatmul(basis) if left else matmul(basis)  # (n, m) @ (m, l) or (m, n) @ (n, l)
+        left = not left
     k = min(rank, *shape)
-    if column_space:
-        Bt = rmatmul(basis)  # (n, m) @ (m, l) -> (n, l) = (Q.T @ M).T
-        Qb, Ua, S, Wa = _thin_svd(Bt)  # Bt = Qb Ua diag(S) Wa.T, so Q.T M = Wa diag(S) (Qb Ua).T
-        U = basis @ Wa[:, :k]  # (m, l) @ (l, k) -> (m, k)
-        Vh = (Qb @ Ua[:, :k]).mT  # ((n, l) @ (l, k)).T -> (k, n)
+    Qp, Ua, _, _ = _thin_svd(product)
+    ritz = Qp @ Ua[:, :k]  # (m or n, l) @ (l, k): the k leading left singular vectors of the last product
+    del product, Qp
+    if left:
+        Qb, Ub, S, Wb = _thin_svd(rmatmul(ritz))  # M.T W: (n, k) = Qb Ub diag(S) Wb.T
+        U = ritz @ Wb  # W W.T M = (W Wb) diag(S) (Qb Ub).T: (m, k) @ (k, k)
+        Vh = (Qb @ Ub).mT  # ((n, k) @ (k, k)).T -> (k, n)
     else:
-        C = matmul(basis)  # (m, n) @ (n, l) -> (m, l) = M @ V
-        Qc, Ua, S, Wa = _thin_svd(C)  # C = Qc Ua diag(S) Wa.T, so M V V.T = (Qc Ua) diag(S) (V Wa).T
-        U = Qc @ Ua[:, :k]  # (m, l) @ (l, k) -> (m, k)
-        Vh = (basis @ Wa[:, :k]).mT  # ((n, l) @ (l, k)).T -> (k, n)
-    return TruncatedSvd(U.contiguous(), S[:k].contiguous(), Vh.contiguous())
+        Qc, Uc, S, Wc = _thin_svd(matmul(ritz))  # M W: (m, k) = Qc Uc diag(S) Wc.T
+        U = Qc @ Uc  # (m, k) @ (k, k)
+        Vh = (ritz @ Wc).mT  # M W W.T = (Qc Uc) diag(S) (W Wc).T: ((n, k) @ (k, k)).T -> (k, n)
+    return TruncatedSvd(U.contiguous(), S.contiguous(), Vh.contiguous())
 
 
 def _thin_svd(X: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:

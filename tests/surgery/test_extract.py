@@ -400,3 +400,70 @@ def test_rank_zero_modules_are_left_out_and_listed(tmp_path, gen):
 
     infos = Checkpoint.open(tmp_path / "b").module_infos()
     assert select_modules(adapter.config, infos) == ["layers.0.proj"]
+
+
+# ------------------------------------------------------------------------------------------------ memory budget
+def _big_and_small(tmp_path, gen) -> tuple[Path, Path]:
+    """bf16 checkpoints with a 512 x 256 and a 16 x 16 linear weight, both changed."""
+    from safetensors.torch import save_file
+
+    base = {"layers.0.big.weight": torch.randn(512, 256, generator=gen), "layers.0.small.weight": torch.randn(16, 16, generator=gen)}
+    tuned = {k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in base.items()}
+    for name, state in (("b", base), ("t", tuned)):
+        (tmp_path / name).mkdir()
+        save_file({k: v.bfloat16() for k, v in state.items()}, str(tmp_path / name / "model.safetensors"))
+    return tmp_path / "b", tmp_path / "t"
+
+
+def test_budget_decides_per_tensor_which_deltas_are_streamed(tmp_path, gen):
+    """1.5 MB: the 512 x 256 delta (2.2 MB to hold with the SVD's arrays) is streamed in blocks, the 16 x 16 held."""
+    b, t = _big_and_small(tmp_path, gen)
+    held_adapter, held = extract(b, t, r=8, dtype="float32")
+    assert held.streamed == [] and "every LoRA target's delta held in memory" in held.render()
+    adapter, report = extract(b, t, r=8, max_memory="1.5MB", dtype="float32")
+    assert [s.name for s in report.streamed] == ["layers.0.big.weight"]
+    streamed = report.streamed[0]
+    assert streamed.hold_bytes > 1_500_000 and 1 < streamed.block_rows < 512  # several blocks, as the budget allows
+    assert report.to_dict()["memory"] == {
+        "max_memory": 1_500_000, "in_use_at_start": 0, "for_tensors": 1_500_000, "budget": "--max-memory 1.5MB",
+        "streamed": [{"name": "layers.0.big.weight", "shape": [512, 256], "hold_bytes": streamed.hold_bytes,
+                      "block_rows": streamed.block_rows, "reason": streamed.reason}],
+    }
+    text = report.render()
+    assert "memory budget 1.5 MB (--max-memory 1.5MB): 1 LoRA target(s) streamed from disk" in text
+    assert "layers.0.big.weight" in text.split("memory budget")[1]
+    for module in ("layers.0.big", "layers.0.small"):  # the same sums in another order: the same fit
+        streamed_delta, held_delta = (module_delta(a, module, "linear") for a in (adapter, held_adapter))
+        assert float(torch.linalg.vector_norm(streamed_delta - held_delta)) <= 1e-4 * float(
+            torch.linalg.vector_norm(held_delta)), module
+    assert [f.rel_error for f in report.fits] == pytest.approx([f.rel_error for f in held.fits], rel=1e-4)
+
+
+def test_budget_below_the_smallest_workable_one_says_what_that_is(tmp_path, gen):
+    import re
+
+    from lorasurg.errors import ConfigError
+    from lorasurg.surgery.budget import parse_size
+
+    b, t = _big_and_small(tmp_path, gen)
+    with pytest.raises(ConfigError) as info:
+        extract(b, t, r=8, max_memory="100KB")
+    message = str(info.value)
+    assert "the memory budget (--max-memory 100KB) is below the smallest workable budget for this input" in message
+    assert "layers.0.big.weight needs one row of 3.1 KB and " in message and "to stream its 512 rows" in message
+    smallest = re.search(r"Use --max-memory (\S+) or more", message).group(1)
+    adapter, report = extract(b, t, r=8, max_memory=smallest)  # the minimum it names works: one-row blocks
+    assert [s.name for s in report.streamed] == ["layers.0.big.weight"] and report.streamed[0].block_rows >= 1
+    with pytest.raises(ConfigError):
+        extract(b, t, r=8, max_memory=int(0.9 * parse_size(smallest)))
+    with pytest.raises(ConfigError) as info:  # an exact SVD cannot stream: it needs the whole delta
+        extract(b, t, r=8, svd="exact", max_memory=smallest)
+    assert "to hold its delta for an exact SVD" in str(info.value) and "--svd randomized streams" in str(info.value)
+
+
+def test_unparseable_budget_is_refused_before_any_work(monkeypatch):
+    from lorasurg.errors import ConfigError
+
+    monkeypatch.setattr(Checkpoint, "open", lambda *a, **k: pytest.fail("opened a checkpoint"))
+    with pytest.raises(ConfigError, match=r"--max-memory '2 bananas' is not a size; accepted forms: .*500MB"):
+        extract(*pair("llama"), max_memory="2 bananas")

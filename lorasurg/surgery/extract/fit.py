@@ -11,10 +11,11 @@ the best rank-r approximation in Frobenius norm when the SVD is exact; the rando
 
 The randomized SVD (:func:`lorasurg.engine.svd.operator_svd`) is the same for a delta held in memory and one
 streamed from disk: :data:`PASSES` passes over the delta, :func:`oversample` extra columns, and the first
-product ``M @ Omega`` taken in the pass that read the delta (:meth:`.stream.DeltaOperator.stats`). The error ``||dW - s B A||_F`` comes from that pass's
-``||dW||_F^2`` without another pass: ``U_r diag(S_r) Vh_r = P dW`` with ``P`` the orthogonal projection onto
-``U_r``, so ``||dW - P dW||_F^2 = ||dW||_F^2 - sum(S_r^2)``; only when that is below :data:`_MEASURE_BELOW` of
-``||dW||_F^2`` (where the subtraction loses digits) is the residual measured.
+product ``M @ Omega`` taken in the pass that read the delta (:meth:`.stream.DeltaOperator.stats`). The error
+``||dW - s B A||_F`` comes from that pass's ``||dW||_F^2`` without another pass: ``U_r diag(S_r) Vh_r = P dW``
+with ``P`` the orthogonal projection onto ``U_r``, so ``||dW - P dW||_F^2 = ||dW||_F^2 - sum(S_r^2)``; only
+when that is below :data:`_MEASURE_BELOW` of ``||dW||_F^2`` (where the subtraction loses digits) is the residual
+measured.
 
 Entry points: :func:`fit_operator` for a delta read by a :class:`.stream.DeltaOperator` (held or streamed),
 :func:`fit_delta` for a float32 matrix in memory (and for ``--svd exact`` or a policy needing the whole spectrum).
@@ -36,30 +37,34 @@ from .stream import DeltaOperator
 __all__ = ["PASSES", "oversample", "sketch_size", "Fit", "fit_delta", "fit_operator"]
 
 #: Passes of the randomized SVD over the delta (:func:`lorasurg.engine.svd.operator_svd`; the first is the read
-#: itself). Error / optimal (Eckart-Young), worst of 3 seeds, on power-law spectra ``i**-a`` with a = 0.5 and 1
-#: (a = 0.5 is the hard case; a flat spectrum is fitted exactly by any subspace) at 160x96, 512x256, 2048x2048
-#: and 5632x2048, by passes and columns ``l``:
+#: itself, the last one has ``k`` columns instead of ``l``). Error / optimal (Eckart-Young), worst of 3 seeds, on
+#: power-law spectra ``i**-a`` with a = 0.5 and 1 (a = 0.5 is the hard case; a flat spectrum is fitted exactly
+#: by any subspace) at 160x96, 512x256, 2048x2048 and 5632x2048, by passes and columns ``l``:
 #:
 #: ====================================  ========  ========  ========
 #: passes, columns                       r = 4     r = 16    r = 64
 #: ====================================  ========  ========  ========
 #: 2 (no power iteration), l = 4r + 64   1.016     1.036     1.049
 #: 3 (half an iteration), l = 2r + 32    1.0015    1.009     1.019
-#: 3 (half an iteration), l = 4r + 64    1.0003    1.0019    1.0052
-#: 4 (one iteration), l = 2r + 32        1.0001    1.0014    1.0058
+#: 4, l = r + 16                         1.0018    1.015     1.041
+#: 4, l = r + max(16, r / 2) (chosen)    1.0011    1.0043    1.0063
 #: ====================================  ========  ========  ========
+#:
+#: Fewer passes need several times the columns (a pass costs about its column count in flops), so 4 passes with
+#: :func:`oversample`; at r = 16 that is ``3 * 48 + 16 = 160`` columns-passes, against 6+ passes of 26 columns
+#: for the adaptive in-memory method this replaces.
 PASSES = 4
 #: Below this share of ``||dW||_F^2`` left, the error is measured by a pass instead of subtracted.
 _MEASURE_BELOW = 1e-2
 
 
 def oversample(rank: int) -> int:
-    """Columns beyond ``rank`` in the randomized SVD's test matrix: ``rank + 32``."""
-    return rank + 32
+    """Columns beyond ``rank`` in the randomized SVD's test matrix: ``rank + max(16, rank // 2)``."""
+    return rank + max(16, rank // 2)
 
 
 def sketch_size(rank: int, shape: tuple[int, int]) -> int:
-    """The randomized SVD's column count ``l = min(2 k + 32, out, in)`` for ``k = min(rank, out, in)``."""
+    """The randomized SVD's column count ``l = min(k + oversample(k), out, in)`` for ``k = min(rank, out, in)``."""
     k = min(rank, *shape)
     return min(k + oversample(k), *shape)
 
