@@ -250,7 +250,8 @@ def _loadavg() -> float:
 def bench_pair(pair: str, r: int, threads: int, work: Path, repeats: int = 5, mergekit_repeats: int = 3,
                device: str | None = None, errors: str = "all") -> dict:
     base, tuned = generate(pair)
-    extract = [sys.executable, "-m", "lorasurg.cli", "extract", str(base), str(tuned), "--r", str(r), "--json", "--force"]
+    extract = [sys.executable, "-m", "lorasurg.cli", "extract", str(base), str(tuned), "--r", str(r), "--json",
+               "--force"]
     outs = {"lorasurg": work / f"{pair}-lorasurg", "lorasurg-400MB": work / f"{pair}-lorasurg-400MB",
             "mergekit": work / f"{pair}-mergekit"}
     cmds = {

@@ -268,7 +268,8 @@ class MemoryBudget:
                              f"{cannot_stream_reason}", over_budget=True)
         block = int(min(best, max(1, (free - fixed_bytes) // max(row_bytes, 1))))
         return Placement(name, False, block, hold_bytes, fixed_bytes + block * row_bytes,
-                         f"holding it needs {format_size(hold_bytes)}, above {left}; streamed in blocks of {block} rows")
+                         f"holding it needs {format_size(hold_bytes)}, above {left}; streamed in blocks of "
+                         f"{block} rows")
 
     def __repr__(self) -> str:
         return f"MemoryBudget({format_size(self.total)}, {self.description!r})"

@@ -407,7 +407,8 @@ def _big_and_small(tmp_path, gen) -> tuple[Path, Path]:
     """bf16 checkpoints with a 512 x 256 and a 16 x 16 linear weight, both changed."""
     from safetensors.torch import save_file
 
-    base = {"layers.0.big.weight": torch.randn(512, 256, generator=gen), "layers.0.small.weight": torch.randn(16, 16, generator=gen)}
+    base = {"layers.0.big.weight": torch.randn(512, 256, generator=gen),
+            "layers.0.small.weight": torch.randn(16, 16, generator=gen)}
     tuned = {k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in base.items()}
     for name, state in (("b", base), ("t", tuned)):
         (tmp_path / name).mkdir()

@@ -9,7 +9,7 @@ For a delta ``dW: (out, in)`` with truncated SVD ``U_r diag(S_r) Vh_r`` and the 
 (the singular values are split evenly between the two factors, as PEFT's PiSSA does). By Eckart-Young this is
 the best rank-r approximation in Frobenius norm when the SVD is exact; the randomized SVD is within 1% of it.
 
-The randomized SVD (:func:`lorasurg.engine.svd.operator_svd`) is the same for a delta held in memory and one
+The randomized SVD (:func:`lorasurg.engine.sketch.operator_svd`) is the same for a delta held in memory and one
 streamed from disk: :data:`PASSES` passes over the delta, :func:`oversample` extra columns, and the first
 product ``M @ Omega`` taken in the pass that read the delta (:meth:`.stream.DeltaOperator.stats`). The error
 ``||dW - s B A||_F`` comes from that pass's ``||dW||_F^2`` without another pass: ``U_r diag(S_r) Vh_r = P dW``
@@ -31,12 +31,13 @@ import torch
 from torch import Tensor
 
 from ...engine.ranks import RankPolicy
-from ...engine.svd import decompose, frobenius_sq, operator_svd, split_factors
+from ...engine.sketch import operator_svd
+from ...engine.svd import decompose, frobenius_sq, split_factors
 from .stream import DeltaOperator
 
 __all__ = ["PASSES", "oversample", "sketch_size", "Fit", "fit_delta", "fit_operator"]
 
-#: Passes of the randomized SVD over the delta (:func:`lorasurg.engine.svd.operator_svd`; the first is the read
+#: Passes of the randomized SVD over the delta (:func:`lorasurg.engine.sketch.operator_svd`; the first is the read
 #: itself, the last one has ``k`` columns instead of ``l``). Error / optimal (Eckart-Young), worst of 3 seeds, on
 #: power-law spectra ``i**-a`` with a = 0.5 and 1 (a = 0.5 is the hard case; a flat spectrum is fitted exactly
 #: by any subspace) at 160x96, 512x256, 2048x2048 and 5632x2048, by passes and columns ``l``:

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ...engine.factors import factors_from_matrices, weight_to_matrix
 from ...engine.ranks import RankPolicy
-from ...engine.svd import sketch_matrix
+from ...engine.sketch import sketch_matrix
 from ...errors import InputError
 from ...io.adapter import AdapterModule
 from ...io.checkpoint import Checkpoint
@@ -72,7 +72,8 @@ def placements(base: Checkpoint, tuned: Checkpoint, roles: Mapping[str, TensorRo
                           + _plus(reserved)))
         elif streamable:
             needs.append((name, reserved + fixed + row, f"one row of {format_size(row)} and "
-                          f"{format_size(fixed)} of SVD working memory to stream its {shape[0]} rows" + _plus(reserved)))
+                          f"{format_size(fixed)} of SVD working memory to stream its {shape[0]} rows"
+                          + _plus(reserved)))
         result[name] = budget.place(
             name, hold_bytes=hold, row_bytes=row, fixed_bytes=fixed, rows=rows, reserved=reserved,
             max_block_rows=block_rows(cols), can_stream=streamable,
@@ -90,9 +91,9 @@ def _reserved_bytes(base: Checkpoint, roles: Mapping[str, TensorRole], modules, 
                     out_dtype: Optional[torch.dtype]) -> int:
     """An upper bound of the adapter held in memory: every LoRA target's factors and every tensor saved whole."""
     total = 0
+    size = 4 if out_dtype is None else out_dtype.itemsize  # factors are cast to the output dtype (<= float32)
     for name, role in roles.items():
         shape = tuple(base.shape(name))
-        size = 4 if out_dtype is None else torch.empty((), dtype=out_dtype).element_size()
         if role.role == "lora":
             rows, cols = (shape[0] if shape else 1), math.prod(shape[1:])
             total += min(r, rows, cols) * (rows + cols) * size
