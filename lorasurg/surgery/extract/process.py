@@ -184,13 +184,13 @@ def _from_blocks(op: DeltaOperator, tuned: Checkpoint, role: TensorRole, modules
     generator = _generator(role, seed, op.device) if lora else None
     k = min(r, *op.shape)
     omega = sketch_matrix(op.shape, k, oversample(k), generator, op.device) if lora and not whole else None
-    peak, energy, sketch = op.stats(omega)  # one pass: changed? finite? norm, and M @ omega
+    changed, finite, energy, sketch = op.stats(omega)  # one pass: changed? finite? norm, and M @ omega
     del omega
-    if peak == 0.0:
-        run.unchanged += 1
-        return
-    if not math.isfinite(peak):
+    if not finite:
         run.non_finite.append(f"{role.name} (shape {op.tuned.shape})")
+        return
+    if not changed:
+        run.unchanged += 1
         return
     keep = tuned.get(role.name) if role.role == "save" else None
     run.record_change(role, op.tuned.shape, energy, tuned=keep)

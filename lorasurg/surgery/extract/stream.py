@@ -53,11 +53,12 @@ def memory_needs(shape: tuple[int, ...], tuned_dtype: torch.dtype, base_dtype: t
     ``U`` and ``O(min(out, in)^2)`` work arrays besides it.
     """
     rows, cols = int(shape[0]) if shape else 1, math.prod(shape[1:])
-    raw = cols * (_itemsize(tuned_dtype) + _itemsize(base_dtype))
-    row_bytes = raw + cols * 4 * (1 if base_dtype == torch.float32 else 2)  # raw rows, float32 delta (+ base)
+    raw = cols * (_itemsize(tuned_dtype) + _itemsize(base_dtype))  # one row of both inputs, as stored
+    convert = cols * 8  # both inputs' rows as float32
+    row_bytes = raw + convert + cols * 4  # and the float32 delta row of a streamed block
     fixed = (rows + cols) * sketch * 4 * _SVD_ARRAYS
     matrix = rows * cols * 4
-    reading = min(rows, block_rows(cols)) * (raw + cols * 4)  # raw rows and a float32 block while reading
+    reading = min(rows, block_rows(cols)) * (raw + convert)  # the block buffers while reading a held delta
     if exact:
         p = min(rows, cols)
         return matrix + reading + 4 * (2 * rows * cols + 6 * p * p), row_bytes, fixed
@@ -108,10 +109,11 @@ class Workspace:
 
 
 class Stats(NamedTuple):
-    """What the first pass over a delta finds: ``max |delta|`` (NaN/inf when not finite; the pass then stops
-    early and ``product`` is None), ``||delta||_F^2`` and ``M @ X`` (None without ``X``)."""
+    """What the first pass over a delta finds. ``finite`` False: NaN/inf (the pass stopped there; ``energy`` and
+    ``product`` are incomplete). ``energy``: ``||delta||_F^2``. ``product``: ``M @ X`` (None without ``X``)."""
 
-    peak: float
+    changed: bool
+    finite: bool
     energy: float
     product: Optional[Tensor]
 
@@ -138,22 +140,33 @@ class DeltaOperator:
 
     def _read(self) -> Iterator[tuple[int, int, Tensor]]:
         """``(start, stop, float32 delta rows [start, stop))`` formed from the files; with ``hold`` the rows are
-        views of the held matrix, otherwise of one block buffer reused for every block."""
+        views of the held matrix, otherwise of one block buffer reused for every block.
+
+        Both inputs' rows are read into one buffer, converted to float32 by one copy and subtracted by one
+        ``sub`` into the destination: three operations per block (a mixed-dtype ``sub_`` is several times
+        slower on CPU, and ``torch.sub`` of two bfloat16 tensors rounds its result to bfloat16).
+        """
         rows, cols = self.stored_shape
         target = self.work.matrix(rows * cols).view(rows, cols) if self.hold else None
+        same = self.tuned.dtype == self.base.dtype
         for start in range(0, rows, self.block):
             stop = min(start + self.block, rows)
             n = stop - start
-            t = self.tuned.rows_into(start, stop, self.work.raw(0, self.block * self.tuned.row_bytes))
-            b = self.base.rows_into(start, stop, self.work.raw(1, self.block * self.base.row_bytes))
             d = target[start:stop] if target is not None else self.work.block(0, n * cols).view(n, cols)
-            d.copy_(t)  # float32(tuned rows), on the device
-            if b.dtype == torch.float32 and self.device.type == "cpu":
-                d.sub_(b)
-            else:  # a float32 copy of the base rows first: a mixed-dtype sub_ is several times slower on CPU
-                scratch = self.work.block(1, n * cols).view(n, cols)
-                scratch.copy_(b)
-                d.sub_(scratch)
+            if same:
+                nbytes = n * self.tuned.row_bytes
+                raw = self.work.raw(0, 2 * self.block * self.tuned.row_bytes)
+                self.tuned.rows_into(start, stop, raw)
+                self.base.rows_into(start, stop, raw[nbytes:])
+                pair = raw[:2 * nbytes].view(self.tuned.dtype).view(2 * n, cols)  # tuned rows, then base rows
+                if pair.dtype != torch.float32 or self.device.type != "cpu":
+                    pair = self.work.block(1, 2 * n * cols).view(2 * n, cols).copy_(pair)  # float32, on the device
+                torch.sub(pair[:n], pair[n:], out=d)
+            else:
+                t = self.tuned.rows_into(start, stop, self.work.raw(0, self.block * self.tuned.row_bytes))
+                b = self.base.rows_into(start, stop, self.work.raw(1, self.block * self.base.row_bytes))
+                d.copy_(t)
+                d.sub_(self.work.block(1, n * cols).view(n, cols).copy_(b))
             yield start, stop, d
         if target is not None:
             self.matrix = target
@@ -168,19 +181,26 @@ class DeltaOperator:
             yield start, stop, self.matrix[start:stop]
 
     def stats(self, X: Optional[Tensor] = None) -> Stats:
-        """The first pass: ``max |delta|``, ``||delta||_F^2`` and ``M @ X`` (see :class:`Stats`)."""
-        peak, energy = 0.0, 0.0
+        """The first pass: whether the delta changed and is finite, ``||delta||_F^2`` and ``M @ X`` (see
+        :class:`Stats`). One norm per block; ``max |delta|`` only for a block whose norm is 0 (all zero, or
+        too small to square in float32) or not finite (NaN/inf, or too large to square)."""
+        changed, energy = False, 0.0
         product = torch.zeros(self.shape[0], X.shape[1], device=self.device) if X is not None else None
         for a, b, d in self._read():
-            block_peak = max_abs(d)
-            if not math.isfinite(block_peak):
-                self.matrix = None
-                return Stats(block_peak, energy, None)
-            peak = max(peak, block_peak)
-            energy += float(torch.linalg.vector_norm(d)) ** 2
+            norm = float(torch.linalg.vector_norm(d))
+            if norm == 0.0 or not math.isfinite(norm):
+                peak = max_abs(d)
+                if not math.isfinite(peak):
+                    self.matrix = None
+                    return Stats(True, False, energy, None)
+                changed = changed or peak > 0.0
+                norm = float(torch.linalg.vector_norm(d, dtype=torch.float64))
+            else:
+                changed = True
+            energy += norm**2
             if product is not None:
                 self._accumulate(product, a, b, d, X)
-        return Stats(peak, energy, product)
+        return Stats(changed, True, energy, product)
 
     def _accumulate(self, out: Tensor, a: int, b: int, d: Tensor, X: Tensor) -> None:
         """Add one block's share of ``M @ X`` to ``out``."""
