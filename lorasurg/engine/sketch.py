@@ -7,14 +7,15 @@ pass over: every product is one pass over ``M``, so the algorithm is counted in 
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+import contextlib
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import Tensor
 
 from .svd import TruncatedSvd
 
-__all__ = ["sketch_matrix", "operator_svd"]
+__all__ = ["sketch_matrix", "operator_svd", "one_thread"]
 
 
 def sketch_matrix(shape: tuple[int, int], rank: int, oversample: int, generator: Optional[torch.Generator],
@@ -97,11 +98,33 @@ def operator_svd(
 def _thin_svd(X: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """SVD of a tall ``X: (p, l)`` as ``X = Q @ Ua @ diag(S) @ Wa.T`` through its QR: ``X = Q R`` and
     ``R = Ua diag(S) Wa.T`` (``(l, l)``); several times faster than LAPACK's SVD of the tall matrix itself."""
-    Q, R = torch.linalg.qr(X)  # (p, l), (l, l)
-    Ua, S, Wh = torch.linalg.svd(R)  # (l, l), (l,), (l, l)
+    with one_thread():
+        Q, R = torch.linalg.qr(X)  # (p, l), (l, l)
+        Ua, S, Wh = torch.linalg.svd(R)  # (l, l), (l,), (l, l)
     return Q, Ua, S, Wh.mT
 
 
 def _orth(X: Tensor) -> Tensor:
     """An orthonormal basis of the columns of ``X``: the Q of its reduced QR."""
-    return torch.linalg.qr(X).Q
+    with one_thread():
+        return torch.linalg.qr(X).Q
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch's CPU operations inside on one thread.
+
+    For many small operations (the QR of a tall ``(p, l)`` panel, row-block conversions): Householder QR makes a
+    parallel region per column, and when other processes share the cores every region waits for a descheduled
+    thread (a QR of 5632 x 48 took 52 ms on two threads of a busy 2-core machine, 7 ms on one); alone, a second
+    thread gains them little.
+    """
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -26,6 +26,7 @@ from typing import Iterator, NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from ...engine.sketch import one_thread
 from ...io.checkpoint import Checkpoint, RowReader
 
 __all__ = ["Workspace", "DeltaOperator", "Stats", "max_abs", "open_delta", "memory_needs", "block_rows"]
@@ -143,8 +144,8 @@ class DeltaOperator:
         views of the held matrix, otherwise of one block buffer reused for every block.
 
         Both inputs' rows are read into one buffer, converted to float32 by one copy and subtracted by one
-        ``sub`` into the destination: three operations per block (a mixed-dtype ``sub_`` is several times
-        slower on CPU, and ``torch.sub`` of two bfloat16 tensors rounds its result to bfloat16).
+        ``sub`` into the destination, on one thread (a mixed-dtype ``sub_`` is several times slower on CPU, and
+        ``torch.sub`` of two bfloat16 tensors rounds its result to bfloat16).
         """
         rows, cols = self.stored_shape
         target = self.work.matrix(rows * cols).view(rows, cols) if self.hold else None
@@ -153,23 +154,29 @@ class DeltaOperator:
             stop = min(start + self.block, rows)
             n = stop - start
             d = target[start:stop] if target is not None else self.work.block(0, n * cols).view(n, cols)
-            if same:
-                nbytes = n * self.tuned.row_bytes
-                raw = self.work.raw(0, 2 * self.block * self.tuned.row_bytes)
-                self.tuned.rows_into(start, stop, raw)
-                self.base.rows_into(start, stop, raw[nbytes:])
-                pair = raw[:2 * nbytes].view(self.tuned.dtype).view(2 * n, cols)  # tuned rows, then base rows
-                if pair.dtype != torch.float32 or self.device.type != "cpu":
-                    pair = self.work.block(1, 2 * n * cols).view(2 * n, cols).copy_(pair)  # float32, on the device
-                torch.sub(pair[:n], pair[n:], out=d)
-            else:
-                t = self.tuned.rows_into(start, stop, self.work.raw(0, self.block * self.tuned.row_bytes))
-                b = self.base.rows_into(start, stop, self.work.raw(1, self.block * self.base.row_bytes))
-                d.copy_(t)
-                d.sub_(self.work.block(1, n * cols).view(n, cols).copy_(b))
+            with one_thread():
+                self._form(start, stop, d, same)
             yield start, stop, d
         if target is not None:
             self.matrix = target
+
+    def _form(self, start: int, stop: int, d: Tensor, same: bool) -> None:
+        """Rows ``[start, stop)`` of the float32 delta into ``d`` (see :meth:`_read`)."""
+        n, cols = stop - start, self.stored_shape[1]
+        if same:
+            nbytes = n * self.tuned.row_bytes
+            raw = self.work.raw(0, 2 * self.block * self.tuned.row_bytes)
+            self.tuned.rows_into(start, stop, raw)
+            self.base.rows_into(start, stop, raw[nbytes:])
+            pair = raw[:2 * nbytes].view(self.tuned.dtype).view(2 * n, cols)  # tuned rows, then base rows
+            if pair.dtype != torch.float32 or self.device.type != "cpu":
+                pair = self.work.block(1, 2 * n * cols).view(2 * n, cols).copy_(pair)  # float32, on the device
+            torch.sub(pair[:n], pair[n:], out=d)
+        else:
+            t = self.tuned.rows_into(start, stop, self.work.raw(0, self.block * self.tuned.row_bytes))
+            b = self.base.rows_into(start, stop, self.work.raw(1, self.block * self.base.row_bytes))
+            d.copy_(t)
+            d.sub_(self.work.block(1, n * cols).view(n, cols).copy_(b))
 
     def blocks(self) -> Iterator[tuple[int, int, Tensor]]:
         """Row blocks of the float32 delta in the stored layout: from the held matrix, or read again."""
@@ -182,22 +189,31 @@ class DeltaOperator:
 
     def stats(self, X: Optional[Tensor] = None) -> Stats:
         """The first pass: whether the delta changed and is finite, ``||delta||_F^2`` and ``M @ X`` (see
-        :class:`Stats`). One norm per block; ``max |delta|`` only for a block whose norm is 0 (all zero, or
-        too small to square in float32) or not finite (NaN/inf, or too large to square)."""
+        :class:`Stats`).
+
+        A held delta is formed block by block on one thread (:func:`~lorasurg.engine.sketch.one_thread`: a few
+        element-wise operations per block, memory-bound), then its norm and ``M @ X`` are one operation each on
+        the whole matrix. A streamed delta gets them block by block, while the block is in memory. ``max |delta|``
+        is only taken where a norm is 0 (all zero, or too small to square in float32) or not finite (NaN/inf, or
+        too large to square).
+        """
+        if self.hold:
+            with one_thread():
+                for _ in self._read():
+                    pass
+            changed, finite, energy = _check(self.matrix)
+            if not finite:
+                self.matrix = None
+                return Stats(True, False, energy, None)
+            return Stats(changed, True, energy, self.matmul(X) if X is not None else None)
         changed, energy = False, 0.0
         product = torch.zeros(self.shape[0], X.shape[1], device=self.device) if X is not None else None
         for a, b, d in self._read():
-            norm = float(torch.linalg.vector_norm(d))
-            if norm == 0.0 or not math.isfinite(norm):
-                peak = max_abs(d)
-                if not math.isfinite(peak):
-                    self.matrix = None
-                    return Stats(True, False, energy, None)
-                changed = changed or peak > 0.0
-                norm = float(torch.linalg.vector_norm(d, dtype=torch.float64))
-            else:
-                changed = True
-            energy += norm**2
+            with one_thread():
+                block_changed, finite, block_energy = _check(d)
+            if not finite:
+                return Stats(True, False, energy, None)
+            changed, energy = changed or block_changed, energy + block_energy
             if product is not None:
                 self._accumulate(product, a, b, d, X)
         return Stats(changed, True, energy, product)
@@ -256,6 +272,17 @@ class DeltaOperator:
         self.matrix = None
         self.base.close()
         self.tuned.close()
+
+
+def _check(d: Tensor) -> tuple[bool, bool, float]:
+    """``(changed, finite, ||d||_F^2)`` from one norm; ``max |d|`` only when the norm is 0 or not finite."""
+    norm = float(torch.linalg.vector_norm(d))
+    if norm != 0.0 and math.isfinite(norm):
+        return True, True, norm**2
+    peak = max_abs(d)
+    if not math.isfinite(peak):
+        return True, False, 0.0
+    return peak > 0.0, True, float(torch.linalg.vector_norm(d, dtype=torch.float64)) ** 2
 
 
 def max_abs(t: Tensor) -> float:
