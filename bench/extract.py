@@ -361,6 +361,9 @@ def render(results: list[dict], threads: int) -> str:
         loads = [x for tool in res if isinstance(res[tool], dict) and "loads" in res[tool] for x in res[tool]["loads"]]
         lines.append(f"{res['pair']}: wall times in run order: {runs}. 1-minute load average before the runs: "
                      f"{min(loads):.2f} to {max(loads):.2f} (median {sorted(loads)[len(loads) // 2]:.2f}).")
+        rounds = [f"{ls / fl:.2f} (load {load:.1f})" for ls, fl, load in
+                  zip(res["lorasurg"]["walls"], res["floor"]["walls"], res["lorasurg"]["loads"])]
+        lines.append(f"{res['pair']}: lorasurg / floor round by round: {', '.join(rounds)}.")
         for tool in (t for t in res if t.startswith("lorasurg")):
             streamed = res[tool].get("streamed")
             if streamed is not None:

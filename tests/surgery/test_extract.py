@@ -468,3 +468,20 @@ def test_unparseable_budget_is_refused_before_any_work(monkeypatch):
     monkeypatch.setattr(Checkpoint, "open", lambda *a, **k: pytest.fail("opened a checkpoint"))
     with pytest.raises(ConfigError, match=r"--max-memory '2 bananas' is not a size; accepted forms: .*500MB"):
         extract(*pair("llama"), max_memory="2 bananas")
+
+
+def test_bin_checkpoints_are_held_above_the_budget_and_said_so(tmp_path):
+    """.bin tensors cannot be read in row blocks: held whatever the budget, in one note (no error)."""
+    import shutil
+
+    for side in ("base", "tuned"):
+        (tmp_path / side).mkdir()
+        shutil.copy(FIXTURES / "tiny-llama" / side / "config.json", tmp_path / side / "config.json")
+        torch.save(load_file(str(FIXTURES / "tiny-llama" / side / "model.safetensors")),
+                   tmp_path / side / "pytorch_model.bin")
+    adapter, report = extract(tmp_path / "base", tmp_path / "tuned", r=8, max_memory="100KB")
+    reference, _ = extract(*pair("llama"), r=8)
+    assert report.streamed == [] and adapter.modules.keys() == reference.modules.keys()
+    notes = [n for n in report.notes if "above the memory budget" in n]
+    assert len(notes) == 1 and notes[0].startswith(f"{len(report.fits)} LoRA target(s) held in memory")
+    assert ".bin checkpoints cannot be read in row blocks (convert them to safetensors to stream)" in notes[0]

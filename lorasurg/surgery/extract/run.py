@@ -133,7 +133,9 @@ def extract(
         max_memory: the memory budget for the tensors being processed (bytes, or text such as ``"2GB"``,
             ``"500MB"``, ``"50%"``: :func:`lorasurg.surgery.budget.parse_size`); None: half the available memory.
             A LoRA target whose delta fits is fitted in memory from one read, a larger one is streamed from disk
-            in row blocks (4 passes); the report says which and why. Python and torch themselves are not counted.
+            in row blocks (4 passes); the report says which and why. Python and torch themselves are not counted,
+            except with :class:`~lorasurg.surgery.budget.WholeProcess` (what ``--max-memory`` passes): then the
+            memory the process holds at the start counts against the size too.
 
     Returns:
         ``(adapter, report)``; save the adapter with :meth:`Adapter.save` (or use :func:`extract_to_dir`).
@@ -222,13 +224,19 @@ def _run(base: Checkpoint, tuned: Checkpoint, report: ExtractReport, device: tor
 
 
 def _report_placements(report: ExtractReport, base: Checkpoint, places) -> None:
-    """The streamed LoRA targets (and those held above the budget) into the report."""
+    """The streamed LoRA targets into the report, and a note on those held above the budget (they cannot be
+    streamed: .bin files)."""
+    over = []
     for name, place in places.items():
         if not place.hold:
             report.streamed.append(StreamedTensor(name, list(base.shape(name)), place.hold_bytes, place.block_rows,
                                                   place.reason))
         elif place.over_budget:
-            report.notes.append(f"{name}: {place.reason}")
+            over.append(place)
+    if over:
+        largest = max(over, key=lambda place: place.hold_bytes)
+        report.notes.append(f"{len(over)} LoRA target(s) held in memory above the memory budget; the largest, "
+                            f"{largest.name}: {largest.reason}")
 
 
 def _check_options(r: int, alpha, rank_policy, svd: str, dtype: str, embeddings: str):
