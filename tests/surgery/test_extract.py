@@ -451,7 +451,7 @@ def test_budget_below_the_smallest_workable_one_says_what_that_is(tmp_path, gen)
         extract(b, t, r=8, max_memory="100KB")
     message = str(info.value)
     assert "the memory budget (--max-memory 100KB) is below the smallest workable budget for this input" in message
-    assert "layers.0.big.weight needs one row of 5.1 KB and " in message and "to stream its 512 rows" in message
+    assert "layers.0.big.weight needs one row of 4.1 KB and " in message and "to stream its 512 rows" in message
     smallest = re.search(r"Use --max-memory (\S+) or more", message).group(1)
     adapter, report = extract(b, t, r=8, max_memory=smallest)  # the minimum it names works: one-row blocks
     assert [s.name for s in report.streamed] == ["layers.0.big.weight"] and report.streamed[0].block_rows >= 1

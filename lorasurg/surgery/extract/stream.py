@@ -21,7 +21,6 @@ Either way the products are the same sums, so a held and a streamed fit agree to
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, NamedTuple, Optional
 
 import torch
@@ -55,7 +54,7 @@ def memory_needs(shape: tuple[int, ...], tuned_dtype: torch.dtype, base_dtype: t
     ``U`` and ``O(min(out, in)^2)`` work arrays besides it.
     """
     rows, cols = int(shape[0]) if shape else 1, math.prod(shape[1:])
-    raw = 2 * cols * (_itemsize(tuned_dtype) + _itemsize(base_dtype))  # one row of both inputs, two buffers
+    raw = cols * (_itemsize(tuned_dtype) + _itemsize(base_dtype))  # one row of both inputs, as stored
     convert = cols * 8  # both inputs' rows as float32
     row_bytes = raw + convert + cols * 4  # and the float32 delta row of a streamed block
     fixed = (rows + cols) * sketch * 4 * _SVD_ARRAYS
@@ -75,9 +74,8 @@ class Workspace:
     """Buffers reused from block to block and tensor to tensor, so reading allocates (and page-faults) each once.
 
     ``raw(i, nbytes)``: CPU byte buffers the row readers read into; ``block(i, n)``: float32 blocks on the device;
-    ``matrix(n)``: the float32 matrix a held delta lives in (grown when a larger one is needed); ``reader``: one
-    background thread that reads the next block while the current one is converted. :meth:`release` frees them
-    (the matrix also before a streamed tensor, whose budget does not include it).
+    ``matrix(n)``: the float32 matrix a held delta lives in (grown when a larger one is needed). :meth:`release`
+    frees them (before a streamed tensor, whose budget does not include a held matrix, and at the end).
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -85,13 +83,6 @@ class Workspace:
         self._raw: list[Optional[Tensor]] = [None, None]
         self._block: list[Optional[Tensor]] = [None, None]
         self._matrix: Optional[Tensor] = None
-        self._reader: Optional[ThreadPoolExecutor] = None
-
-    @property
-    def reader(self) -> ThreadPoolExecutor:
-        if self._reader is None:
-            self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorasurg-read")
-        return self._reader
 
     def raw(self, i: int, nbytes: int) -> Tensor:
         if self._raw[i] is None or self._raw[i].numel() < nbytes:
@@ -116,9 +107,6 @@ class Workspace:
 
     def release(self) -> None:
         self._raw, self._block, self._matrix = [None, None], [None, None], None
-        if self._reader is not None:
-            self._reader.shutdown(wait=True)
-            self._reader = None
 
 
 class Stats(NamedTuple):
@@ -155,60 +143,40 @@ class DeltaOperator:
         """``(start, stop, float32 delta rows [start, stop))`` formed from the files; with ``hold`` the rows are
         views of the held matrix, otherwise of one block buffer reused for every block.
 
-        Both inputs' rows are read into one buffer by the workspace's reader thread (``preadv`` releases the GIL),
-        which reads the next block into a second buffer while this one is converted to float32 by one copy and
-        subtracted by one ``sub`` into the destination, on one thread (a mixed-dtype ``sub_`` is several times
-        slower on CPU, and ``torch.sub`` of two bfloat16 tensors rounds its result to bfloat16).
+        Both inputs' rows are read into one buffer, converted to float32 by one copy and subtracted by one
+        ``sub`` into the destination, on one thread (a mixed-dtype ``sub_`` is several times slower on CPU, and
+        ``torch.sub`` of two bfloat16 tensors rounds its result to bfloat16).
         """
         rows, cols = self.stored_shape
         target = self.work.matrix(rows * cols).view(rows, cols) if self.hold else None
-        spans = [(start, min(start + self.block, rows)) for start in range(0, rows, self.block)]
-        if self.tuned.dtype != self.base.dtype:
-            for start, stop in spans:
-                d = target[start:stop] if target is not None else self.work.block(0, (stop - start) * cols)
-                with one_thread():
-                    self._form_mixed(start, stop, d.view(stop - start, cols))
-                yield start, stop, d.view(stop - start, cols)
-        else:
-            size = 2 * self.block * self.tuned.row_bytes
-            buffers = [self.work.raw(0, size), self.work.raw(1, size)]
-            pending = self.work.reader.submit(self._fetch, *spans[0], buffers[0])
-            try:
-                for i, (start, stop) in enumerate(spans):
-                    pair = pending.result()
-                    pending = self.work.reader.submit(self._fetch, *spans[i + 1], buffers[(i + 1) % 2]) \
-                        if i + 1 < len(spans) else None
-                    d = target[start:stop] if target is not None else self.work.block(0, (stop - start) * cols)
-                    d = d.view(stop - start, cols)
-                    with one_thread():
-                        self._form(pair, d)
-                    yield start, stop, d
-            finally:
-                if pending is not None:
-                    pending.result()  # never leave a read into a workspace buffer running
+        same = self.tuned.dtype == self.base.dtype
+        for start in range(0, rows, self.block):
+            stop = min(start + self.block, rows)
+            n = stop - start
+            d = target[start:stop] if target is not None else self.work.block(0, n * cols).view(n, cols)
+            with one_thread():
+                self._form(start, stop, d, same)
+            yield start, stop, d
         if target is not None:
             self.matrix = target
 
-    def _fetch(self, start: int, stop: int, buffer: Tensor) -> Tensor:
-        """Rows ``[start, stop)`` of both inputs into ``buffer``: ``(2 n, cols)``, tuned rows then base rows."""
-        nbytes = (stop - start) * self.tuned.row_bytes
-        self.tuned.rows_into(start, stop, buffer)
-        self.base.rows_into(start, stop, buffer[nbytes:])
-        return buffer[:2 * nbytes].view(self.tuned.dtype).view(2 * (stop - start), -1)
-
-    def _form(self, pair: Tensor, d: Tensor) -> None:
-        """``d = float32(tuned rows) - float32(base rows)`` from :meth:`_fetch`'s ``pair``."""
-        n = d.shape[0]
-        if pair.dtype != torch.float32 or self.device.type != "cpu":
-            pair = self.work.block(1, pair.numel()).view(pair.shape).copy_(pair)  # float32, on the device
-        torch.sub(pair[:n], pair[n:], out=d)
-
-    def _form_mixed(self, start: int, stop: int, d: Tensor) -> None:
-        """The delta of inputs stored in different dtypes: ``d = tuned; d -= float32(base)``."""
-        t = self.tuned.rows_into(start, stop, self.work.raw(0, self.block * self.tuned.row_bytes))
-        b = self.base.rows_into(start, stop, self.work.raw(1, self.block * self.base.row_bytes))
-        d.copy_(t)
-        d.sub_(self.work.block(1, d.numel()).view(d.shape).copy_(b))
+    def _form(self, start: int, stop: int, d: Tensor, same: bool) -> None:
+        """Rows ``[start, stop)`` of the float32 delta into ``d`` (see :meth:`_read`)."""
+        n, cols = stop - start, self.stored_shape[1]
+        if same:
+            nbytes = n * self.tuned.row_bytes
+            raw = self.work.raw(0, 2 * self.block * self.tuned.row_bytes)
+            self.tuned.rows_into(start, stop, raw)
+            self.base.rows_into(start, stop, raw[nbytes:])
+            pair = raw[:2 * nbytes].view(self.tuned.dtype).view(2 * n, cols)  # tuned rows, then base rows
+            if pair.dtype != torch.float32 or self.device.type != "cpu":
+                pair = self.work.block(1, 2 * n * cols).view(2 * n, cols).copy_(pair)  # float32, on the device
+            torch.sub(pair[:n], pair[n:], out=d)
+        else:
+            t = self.tuned.rows_into(start, stop, self.work.raw(0, self.block * self.tuned.row_bytes))
+            b = self.base.rows_into(start, stop, self.work.raw(1, self.block * self.base.row_bytes))
+            d.copy_(t)
+            d.sub_(self.work.block(1, n * cols).view(n, cols).copy_(b))
 
     def blocks(self) -> Iterator[tuple[int, int, Tensor]]:
         """Row blocks of the float32 delta in the stored layout: from the held matrix, or read again."""
