@@ -392,12 +392,12 @@ def _peft_cell(res: dict) -> str:
     return f"no ({len(p['missing'])} missing, {len(p['unexpected'])} unexpected keys)"
 
 
-def write_results(text: str) -> None:
-    """Replace this section of bench/RESULTS.md (or append it)."""
+def write_results(text: str, section: str = SECTION) -> None:
+    """Replace ``section`` of bench/RESULTS.md (or append it)."""
     old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if SECTION in old:
-        start = old.index(SECTION)
-        nxt = old.find("\n## ", start + len(SECTION))
+    if section in old:
+        start = old.index(section)
+        nxt = old.find("\n## ", start + len(section))
         old = old[:start].rstrip("\n") + "\n" + (old[nxt:] if nxt != -1 else "")
     RESULTS.write_text(old.rstrip("\n") + "\n\n" + text)
 

@@ -38,8 +38,16 @@ from .engine.ranks import RankPolicy, parse_rank_policy
 from .engine.svd import decompose, truncated_svd
 from .surgery.budget import MemoryBudget, parse_size
 from .modules import ModuleInfo, describe_model
+from .consumers import ConsumerFinding, ForReport, consumer_delta, consumer_findings, prepare_for
+from .surgery.convert import ConvertReport, convert, convert_to_dir
 from .surgery.extract import ExtractReport, extract, extract_to_dir
+from .surgery.fuse import FuseReport, fuse
+from .surgery.residualize import ResidualizeReport, residualize
 from .surgery.inspect import inspect_adapter
+from .surgery.validate import ValidationReport, validate, validate_adapter
+from .findings import Finding
+from .surgery.merge import MergeReport, merge_adapters, merge_to_dir
+from .surgery.rerank import RerankReport, rerank, rerank_to_dir
 from .targeting import (
     anchored_pattern_key,
     exact_target_modules,
@@ -60,11 +68,33 @@ __all__ = [
     "Checkpoint",
     "write_checkpoint",
     "inspect_adapter",
+    "validate",
+    "validate_adapter",
+    "ValidationReport",
+    "Finding",
     "extract",
     "extract_to_dir",
     "ExtractReport",
     "MemoryBudget",
     "parse_size",
+    "prepare_for",
+    "ForReport",
+    "consumer_delta",
+    "consumer_findings",
+    "ConsumerFinding",
+    "rerank",
+    "rerank_to_dir",
+    "RerankReport",
+    "merge_adapters",
+    "merge_to_dir",
+    "MergeReport",
+    "residualize",
+    "ResidualizeReport",
+    "convert",
+    "convert_to_dir",
+    "ConvertReport",
+    "fuse",
+    "FuseReport",
     "LoraFactors",
     "lora_scale",
     "truncated_svd",

@@ -11,7 +11,7 @@ from typing import Any, Collection
 
 from ._subconfigs import Problem
 
-__all__ = ["field_problems", "valid_init_lora_weights"]
+__all__ = ["field_problems", "valid_init_lora_weights", "reinitialised_on_load"]
 
 _BIASES = ("none", "all", "lora_only")
 _INIT_ANY_CASE = ("gaussian", "olora", "mica")  # PEFT's layers compare these lower-cased
@@ -38,6 +38,18 @@ def valid_init_lora_weights(value: Any) -> bool:
     except ValueError:
         return False
     return True
+
+
+def reinitialised_on_load(value: Any) -> bool:
+    """Whether PEFT, loading a saved adapter with ``init_lora_weights=value``, runs that init again before it
+    copies the saved tensors in: "pissa"/"pissa_niter_<n>", "olora", "corda...", "loftq" and "lora_ga" decompose
+    or quantise the base weight and replace it by a residual, "eva" resets ``lora_B``. A saved adapter should
+    say ``True`` (PEFT's own PiSSA workflow saves it that way).
+    """
+    if not isinstance(value, str):
+        return False
+    lowered = value.lower()
+    return lowered.startswith(("pissa", "corda")) or lowered == "olora" or value in ("loftq", "lora_ga", "eva")
 
 
 def field_problems(cfg: Any, task_types: Collection[str]) -> list[Problem]:

@@ -42,7 +42,10 @@ from ._subconfigs import Problem
 from .errors import ConfigError, ConfigTypeError, InputError
 from .io.hub import looks_like_repo_id, resolve_source
 
-__all__ = ["LoraConfig", "TaskType", "CONFIG_NAME", "WRITTEN_PEFT_VERSION"]
+__all__ = [
+    "LoraConfig", "TaskType", "CONFIG_NAME", "WRITTEN_PEFT_VERSION", "ConfigReading", "read_config_json",
+    "read_config_leniently",
+]
 
 CONFIG_NAME = "adapter_config.json"
 #: ``peft_version`` written when a config has none: the PEFT release whose format lorasurg follows.
@@ -227,8 +230,7 @@ class LoraConfig:
                 unreadable file, invalid JSON (line and column named), or JSON that is not an object.
             ConfigError: see :meth:`from_dict`.
         """
-        path = _locate(source, revision)
-        data = _read_json(path)
+        path, data = read_config_json(source, revision)
         if "runtime_config" in data:
             _warn(f"{path}: ignoring its runtime_config key (runtime settings are not stored)")
             del data["runtime_config"]
@@ -320,6 +322,72 @@ class LoraConfig:
         for name in _subconfigs.SUBCONFIGS:
             problems.extend(_subconfigs.normalise(name, getattr(self, name))[1])
         return problems
+
+
+# ---------------------------------------------------------------------------------------- lenient reading
+
+
+@dataclass
+class ConfigReading:
+    """A config read without raising or warning (:func:`read_config_leniently`).
+
+    Attributes:
+        config: the config, normalised as PEFT does; trustworthy only when ``problems`` is empty, and usable
+            for targeting and rank look-ups when :attr:`usable`.
+        problems: every refusal :class:`LoraConfig` would raise, as ``(message, is_type_error)``.
+        warnings: every warning PEFT (and :class:`LoraConfig`) would give for it, unknown keys left out.
+        unknown: keys this version does not know, with their values.
+    """
+
+    config: LoraConfig
+    problems: list[Problem]
+    warnings: list[str]
+    unknown: dict[str, Any]
+
+    @property
+    def usable(self) -> bool:
+        """No field has a value of the wrong type, so the targeting rules can read every field."""
+        return not any(is_type for _, is_type in self.problems)
+
+
+def read_config_leniently(data: Mapping[str, Any]) -> ConfigReading:
+    """Build a :class:`LoraConfig` from an ``adapter_config.json`` dict, collecting instead of raising.
+
+    The same normalisation and checks as :meth:`LoraConfig.from_dict` (and ``from_pretrained``'s handling of a
+    ``runtime_config`` key), but refusals come back in ``problems`` and warnings in ``warnings``: nothing is
+    raised or warned, so a caller can report every problem of a broken config at once.
+    """
+    data = dict(data)
+    known = {f.name for f in dataclasses.fields(LoraConfig)}
+    unknown = {k: data.pop(k) for k in list(data) if k not in known}
+    notes = []
+    if "runtime_config" in data:
+        del data["runtime_config"]
+        notes.append("runtime_config is ignored: runtime settings are not stored with an adapter")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        config = LoraConfig()
+        for key, value in data.items():
+            setattr(config, key, copy.deepcopy(value))
+        config._unknown = copy.deepcopy(unknown)
+        try:
+            config._normalise()
+            problems = config._problems()
+        except Exception as err:  # noqa: BLE001 - a value of a type the normalisation does not expect
+            problems = [(f"cannot normalise the config ({type(err).__name__}: {err})", True)]
+    notes += [str(w.message) for w in caught]
+    return ConfigReading(config, problems, notes, unknown)
+
+
+def read_config_json(source: Union[str, os.PathLike], revision: Optional[str] = None) -> tuple[Path, dict]:
+    """The path of the ``adapter_config.json`` that ``source`` names (a directory, the file, or a Hub repo id)
+    and the JSON object in it.
+
+    Raises:
+        InputError: see :meth:`LoraConfig.from_pretrained`.
+    """
+    path = _locate(source, revision)
+    return path, _read_json(path)
 
 
 # ------------------------------------------------------------------------------------------------ helpers

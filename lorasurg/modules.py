@@ -50,6 +50,20 @@ class ModuleInfo:
         """True for ``nn.Linear`` and GPT-2 ``Conv1D``: what ``target_modules="all-linear"`` selects."""
         return self.kind == "linear"
 
+    def lora_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+        """``(A shape, B shape, out)`` that a rank-``r`` LoRA on this layer stores, in PEFT's file layout.
+
+        (:func:`lorasurg.engine.factors.factor_shapes` of this layer's kind, weight shape and layout.)
+
+        Raises:
+            ValueError: the layer has no LoRA kind or no weight shape.
+        """
+        if self.kind is None or self.weight_shape is None:
+            raise ValueError(f"a {self.type_name} layer has no LoRA layout (kind {self.kind}, weight {self.weight_shape})")
+        from .engine.factors import factor_shapes
+
+        return factor_shapes(self.kind, tuple(self.weight_shape), r, self.fan_in_fan_out)
+
 
 def _gpt2_conv1d_class() -> Optional[type]:
     try:

@@ -33,7 +33,9 @@ targets. Not modelled silently: PEFT's default ``target_modules`` per model type
 from __future__ import annotations
 
 import difflib
+import math
 import re
+from collections import Counter
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Optional, Union
@@ -46,6 +48,8 @@ if TYPE_CHECKING:  # only for annotations: keeps this module free of torch
 __all__ = [
     "ALL_LINEAR",
     "select_modules",
+    "match_modules",
+    "matches_entry",
     "select_modules_to_save",
     "modules_to_save",
     "is_module_to_save",
@@ -55,6 +59,8 @@ __all__ = [
     "unused_pattern_keys",
     "exact_target_modules",
     "anchored_pattern_key",
+    "rank_alpha_fields",
+    "alpha_value",
     "nearest_names",
 ]
 
@@ -89,6 +95,20 @@ def _compile(pattern: str, field: str, value: Optional[str] = None) -> re.Patter
 def _matches_entry(entry: str, name: str) -> bool:
     """A list entry of target_modules/exclude_modules selects ``name`` when equal to it or to a ``.``-suffix."""
     return name == entry or name.endswith("." + entry)
+
+
+def matches_entry(entry: str, name: str, *, regex: bool = False) -> bool:
+    """Whether one ``target_modules``/``exclude_modules`` value selects ``name``, before any other rule.
+
+    A list entry (``regex=False``) selects a name equal to it or ending in ``"." + entry``; a string value
+    (``regex=True``) is a regex that must match the whole name.
+
+    Raises:
+        ConfigError: ``regex`` and ``entry`` is not a valid regex.
+    """
+    if regex:
+        return _compile(entry, "target_modules/exclude_modules").fullmatch(name) is not None
+    return _matches_entry(entry, name)
 
 
 # ------------------------------------------------------------------------------------------------ small rules
@@ -212,6 +232,46 @@ def anchored_pattern_key(module_name: str) -> str:
     return "^" + re.escape(module_name)
 
 
+def rank_alpha_fields(per_module: Mapping[str, tuple[int, float]]) -> dict[str, Any]:
+    """Config fields ``r``, ``lora_alpha``, ``rank_pattern``, ``alpha_pattern`` that give each module exactly its
+    ``(rank, alpha)`` under PEFT's rules (:func:`rank_alpha`).
+
+    ``r`` is the largest rank and ``lora_alpha`` the alpha that the most modules of that rank have (the first such
+    on a tie), so tools that ignore the patterns still see the typical module; every module whose rank or alpha
+    differs gets an anchored key (:func:`anchored_pattern_key`, one module each) in ``rank_pattern`` /
+    ``alpha_pattern``, separately (PEFT looks the two up separately). Alphas equal to 1e-12 relative count as
+    equal; integral alphas are written as ints (:func:`alpha_value`).
+
+    Raises:
+        ConfigError: ``per_module`` is empty, or a rank is below 1.
+    """
+    if not per_module:
+        raise ConfigError("rank_alpha_fields needs at least one module")
+    bad = {m: rank for m, (rank, _) in per_module.items() if rank < 1}
+    if bad:
+        raise ConfigError(f"ranks must be >= 1, got {bad}")
+    alphas = {m: alpha_value(a) for m, (_, a) in per_module.items()}
+    r = max(rank for rank, _ in per_module.values())
+    alpha = Counter(alphas[m] for m, (rank, _) in per_module.items() if rank == r).most_common(1)[0][0]
+    return {
+        "r": int(r),
+        "lora_alpha": alpha,
+        "rank_pattern": {anchored_pattern_key(m): int(k) for m, (k, _) in per_module.items() if k != r},
+        "alpha_pattern": {
+            anchored_pattern_key(m): a for m, a in alphas.items() if not math.isclose(a, alpha, rel_tol=1e-12)
+        },
+    }
+
+
+def alpha_value(x: float) -> Union[int, float]:
+    """``x`` as a config writes it: an int when integral to 1e-9 relative (PEFT writes lora_alpha as an int by
+    default; ``scale * r`` computed in floats may land a rounding error off an integer), else a float."""
+    nearest = round(x)
+    if math.isclose(x, nearest, rel_tol=1e-9, abs_tol=1e-12):
+        return int(nearest)
+    return float(x)
+
+
 # ------------------------------------------------------------------------------------------------ selection
 
 
@@ -306,6 +366,33 @@ def select_modules(
     """
     _refuse_unsupported(config)
     targets = _resolve_targets(config, modules, output_layers)
+    selected, excluded = _match(config, targets, modules)
+    if not selected:
+        raise _nothing_selected(config, targets, modules, excluded)
+    _check_wrappable(config, selected, modules)
+    return selected
+
+
+def match_modules(
+    config: Any, modules: Mapping[str, ModuleInfo], output_layers: Collection[str] = ()
+) -> tuple[list[str], list[str]]:
+    """``(selected, excluded)``: what :func:`select_modules` selects, without its refusals.
+
+    ``selected`` may be empty and may hold modules LoRA cannot wrap; ``excluded`` are the modules that
+    ``exclude_modules`` or ``modules_to_save`` take out of targeting (rule 1), in model order. For callers that
+    report problems themselves (``lorasurg validate``).
+
+    Raises:
+        ConfigError: target_modules is None; a regex in the config is invalid.
+        UnsupportedError: target_parameters or layer_replication is set.
+    """
+    _refuse_unsupported(config)
+    return _match(config, _resolve_targets(config, modules, output_layers), modules)
+
+
+def _match(
+    config: Any, targets: Union[str, set[str]], modules: Mapping[str, ModuleInfo]
+) -> tuple[list[str], list[str]]:
     exclude = getattr(config, "exclude_modules", None)
     save_entries = modules_to_save(config)
     selected: list[str] = []
@@ -315,10 +402,7 @@ def select_modules(
             excluded.append(name)
         elif _target_match(config, targets, name):
             selected.append(name)
-    if not selected:
-        raise _nothing_selected(config, targets, modules, excluded)
-    _check_wrappable(config, selected, modules)
-    return selected
+    return selected, excluded
 
 
 def _nothing_selected(

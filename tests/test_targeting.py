@@ -364,3 +364,18 @@ def test_invalid_pattern_key_names_the_field():
         rank_alpha(cfg(rank_pattern={"q(": 2}), "a.q")
     with pytest.raises(ConfigError, match=r"alpha_pattern key: '\[' is not a valid"):
         rank_alpha(cfg(alpha_pattern={"[": 2}), "a.q")
+
+
+def test_rank_alpha_fields_round_trip_through_peft_rules():
+    from types import SimpleNamespace
+
+    from lorasurg.targeting import rank_alpha_fields
+
+    wanted = {"model.layers.0.q_proj": (16, 32.0), "model.layers.0.v_proj": (8, 16.0),
+              "model.layers.1.q_proj": (16, 8.5), "layers.1.q_proj": (4, 4.0)}
+    fields = rank_alpha_fields(wanted)
+    assert fields["r"] == 16 and fields["lora_alpha"] == 32 and isinstance(fields["lora_alpha"], int)
+    config = SimpleNamespace(**fields)
+    for module, (r, alpha) in wanted.items():
+        assert rank_alpha(config, module) == (r, alpha), module
+    assert len(fields["rank_pattern"]) == 2 and len(fields["alpha_pattern"]) == 3

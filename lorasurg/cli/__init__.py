@@ -9,7 +9,9 @@ with ``--json``). :mod:`._app` holds the group, the shared options and the error
 
 from __future__ import annotations
 
-from . import extract, inspect  # noqa: F401  (each module registers its command on ``main``)
+from . import (  # noqa: F401  (each module registers its command on ``main``)
+    convert, extract, fuse, inspect, merge, rerank, residualize, validate,
+)
 from ._app import main
 
 __all__ = ["main"]

@@ -19,8 +19,8 @@ from ..errors import LorasurgError
 from ..surgery.report import Report
 
 __all__ = [
-    "main", "emit", "json_option", "force_option", "device_option", "dtype_option", "max_memory_option", "selection",
-    "progress_bar",
+    "main", "emit", "json_option", "force_option", "device_option", "dtype_option", "max_memory_option",
+    "for_option", "selection", "progress_bar", "parse_for",
 ]
 
 F = Callable[..., Any]
@@ -108,12 +108,33 @@ def max_memory_option(f: F) -> F:
     )(f)
 
 
+def parse_for(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:
+    from ..consumers import parse_consumers
+    from ..errors import ConfigError
+
+    try:
+        return parse_consumers(value)
+    except ConfigError as err:
+        raise click.BadParameter(str(err), ctx=ctx, param=param) from err
+
+
+def for_option(f: F) -> F:
+    """``--for peft|vllm|llama.cpp|all`` (comma lists allowed) -> parameter ``consumers``: a tuple of names.
+
+    A command that writes an adapter passes it to :func:`lorasurg.consumers.prepare_for` (or to a surgery
+    function that does) and puts the returned report's ``render()``/``to_dict()`` into its own.
+    """
+    return click.option(
+        "--for", "consumers", default="peft", show_default=True, metavar="CONSUMERS", callback=parse_for,
+        help="Who will load the adapter: peft, vllm, llama.cpp or all (comma-separated for several). The output is "
+             "written so that each computes PEFT's per-module delta; what one cannot carry is left out and listed.",
+    )(f)
+
+
 def emit(report: Report, as_json: bool) -> None:
-    """Print a report as text or JSON on stdout."""
-    if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=2, sort_keys=False))
-    else:
-        click.echo(report.render())
+    """Print a report as text or JSON on stdout, ending with exactly one newline (a prompt starts on a new line)."""
+    text = json.dumps(report.to_dict(), indent=2, sort_keys=False) if as_json else report.render()
+    click.echo(text.rstrip("\n"))
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

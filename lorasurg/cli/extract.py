@@ -5,7 +5,8 @@ from __future__ import annotations
 import click
 
 from ._app import (
-    device_option, dtype_option, emit, force_option, json_option, main, max_memory_option, progress_bar, selection,
+    device_option, dtype_option, emit, for_option, force_option, json_option, main, max_memory_option,
+    progress_bar, selection,
 )
 
 
@@ -35,23 +36,26 @@ from ._app import (
 @dtype_option
 @max_memory_option
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized SVD.")
-@click.option("--serving", is_flag=True,
-              help="Write only LoRA factors on linear layers (what vLLM-style servers accept); list the rest.")
+@for_option
+@click.option("--serving", is_flag=True, help="An alias of --for vllm (added to --for when both are given).")
 @click.option("--allow-empty", is_flag=True, help="For identical checkpoints, write a no-op adapter instead of failing.")
 @force_option
 @json_option
 def extract_command(base: str, tuned: str, output, r, alpha, rank_policy, target_modules, exclude_modules,
-                    embeddings, lora_bias, svd, device, dtype, max_memory, seed, serving, allow_empty, force,
-                    as_json) -> None:
+                    embeddings, lora_bias, svd, device, dtype, max_memory, seed, consumers, serving, allow_empty,
+                    force, as_json) -> None:
     """Extract a LoRA adapter from a full fine-tune: TUNED ~ BASE + adapter, by truncated SVD of each delta.
 
     BASE and TUNED are checkpoints (a directory, a sharded checkpoint, a .safetensors or .bin file, or a
     hub repo id) of the same architecture. Every tensor that differs is accounted for in the report:
-    LoRA factors, lora_B.bias, modules_to_save, or dropped with its share of the delta.
+    LoRA factors, lora_B.bias, modules_to_save, or dropped with its share of the delta. With --for, the
+    adapter is written so that vLLM and/or llama.cpp compute the same per-module delta as PEFT, and the
+    report lists what each of them leaves out.
 
     \b
-    Example:
+    Examples:
       lorasurg extract fixtures/tiny-llama/base fixtures/tiny-llama/tuned -o out/extracted --r 8
+      lorasurg extract fixtures/tiny-llama/base fixtures/tiny-llama/tuned -o out/gguf-ready --for llama.cpp
     """
     from ..surgery.extract import extract_to_dir
 
@@ -59,7 +63,7 @@ def extract_command(base: str, tuned: str, output, r, alpha, rank_policy, target
         base, tuned, output, force=force, r=r, alpha=alpha, rank_policy=rank_policy,
         target_modules=selection(target_modules), exclude_modules=selection(exclude_modules),
         embeddings=embeddings, lora_bias=lora_bias, svd=svd, device=device, dtype=dtype, seed=seed,
-        serving=serving, allow_empty=allow_empty, progress=None if as_json else progress_bar("extract"),
-        max_memory=max_memory,
+        consumers=consumers, serving=serving, allow_empty=allow_empty,
+        progress=None if as_json else progress_bar("extract"), max_memory=max_memory,
     )
     emit(report, as_json)

@@ -47,16 +47,20 @@ __all__ = [
     "LAYER_KINDS",
     "LoraFactors",
     "lora_scale",
+    "lora_alpha_for",
     "compute_dtype",
     "weight_to_matrix",
     "matrix_to_weight",
     "factors_from_matrices",
+    "factor_shapes",
     "delta_matrix",
+    "delta_frobenius_sq",
     "delta_weight",
     "delta_bias",
     "dora_weight_norm",
     "merged_weight",
     "unmerged_weight",
+    "pad_factors",
 ]
 
 LayerKind = Literal["linear", "embedding", "conv1d", "conv2d", "conv3d"]
@@ -73,6 +77,12 @@ def lora_scale(r: int, alpha: float, use_rslora: bool = False) -> float:
     if r <= 0:
         raise ValueError(f"LoRA rank must be positive, got r={r}")
     return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def lora_alpha_for(scale: float, r: int, use_rslora: bool = False) -> float:
+    """The ``lora_alpha`` that gives ``scale`` at rank ``r``: ``scale * r`` (``scale * sqrt(r)`` with rsLoRA);
+    the inverse of :func:`lora_scale`."""
+    return scale * (math.sqrt(r) if use_rslora else r)
 
 
 def compute_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
@@ -178,6 +188,28 @@ def matrix_to_weight(matrix: Tensor, kind: str, weight_shape: tuple[int, ...], f
     return out
 
 
+def factor_shapes(
+    kind: str, weight_shape: tuple[int, ...], r: int, fan_in_fan_out: bool = False
+) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+    """``(A shape, B shape, out)`` that a rank-``r`` LoRA stores for a base weight of ``weight_shape`` (PEFT's
+    file layout, see the module docstring): linear ``(r, in), (out, r)``; embedding ``(r, num), (dim, r)``;
+    conv ``(r, in, *k), (out, r, 1, ...)``.
+
+    Raises:
+        ValueError: unknown ``kind``.
+    """
+    shape = tuple(int(d) for d in weight_shape)
+    if kind == "linear":
+        inp, out = (shape[0], shape[1]) if fan_in_fan_out else (shape[1], shape[0])
+        return (r, inp), (out, r), out
+    if kind == "embedding":
+        return (r, shape[0]), (shape[1], r), shape[1]
+    if kind in _CONV_KERNEL_DIMS:
+        ones = (1,) * (len(shape) - 2)
+        return (r, *shape[1:]), (shape[0], r, *ones), shape[0]  # (r, in, *k), (out, r, 1, ...)
+    raise ValueError(f"unknown layer kind {kind!r}")
+
+
 def factors_from_matrices(
     A_mat: Tensor,
     B_mat: Tensor,
@@ -217,6 +249,15 @@ def delta_matrix(factors: LoraFactors, dtype: Optional[torch.dtype] = None) -> T
     B = factors.B.reshape(factors.B.shape[0], r).to(work)  # (out, r)
     out = (B @ A) * factors.scale  # (out, r) @ (r, in) -> (out, in)
     return out if dtype is None else out.to(dtype)
+
+
+def delta_frobenius_sq(factors: LoraFactors) -> float:
+    """``||scale * B @ A||_F**2`` without forming the product: ``scale**2 * sum((B.T @ B) * (A @ A.T))``
+    (the trace of ``(B.T B)(A A.T)``; both Gram matrices are ``(r, r)``), reduced in float64."""
+    r = factors.rank
+    A = factors.A.reshape(r, -1).double()  # (r, in)
+    B = factors.B.reshape(factors.B.shape[0], r).double()  # (out, r)
+    return float(((B.T @ B) * (A @ A.T)).sum()) * factors.scale**2  # (r, out) @ (out, r) * (r, in) @ (in, r)
 
 
 def delta_weight(
@@ -295,3 +336,17 @@ def unmerged_weight(factors: LoraFactors, merged: Tensor, weight_norm: Optional[
         matrix = matrix / factor[:, None]  # (out, in) / (out, 1)
     restored = matrix - delta_matrix(factors, work)  # (out, in)
     return matrix_to_weight(restored, factors.kind, tuple(merged.shape), factors.fan_in_fan_out).to(merged.dtype)
+
+
+def pad_factors(A: Tensor, B: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """Zero-pad stored factors to a higher rank: ``B @ A`` is unchanged, bit for bit.
+
+    ``A: (r, in[, *k])`` gains ``rank - r`` zero rows (dim 0), ``B: (out, r[, 1, ...])`` as many zero columns (dim 1),
+    in their own dtypes. ``rank <= r`` returns them unchanged.
+    """
+    extra = rank - A.shape[0]
+    if extra <= 0:
+        return A, B
+    A = torch.cat([A, A.new_zeros(extra, *A.shape[1:])], dim=0)  # (rank, in, *k)
+    B = torch.cat([B, B.new_zeros(B.shape[0], extra, *B.shape[2:])], dim=1)  # (out, rank, 1, ...)
+    return A, B

@@ -38,7 +38,14 @@ Unsupported methods (``eva``, ``corda``, ``loftq``, ``lora_ga``, ``mica``) raise
 
 Randomness: every draw comes from ``generator`` (torch's global RNG when None) in PEFT's order, including the
 draws PEFT makes when it builds the ``lora_A``/``lora_B`` modules and then overwrites, so that from the same RNG
-state the tensors equal PEFT's bit for bit (one layer at a time). Draws are made on the CPU in float32 (as PEFT
+state the tensors equal PEFT's bit for bit (one layer at a time).
+
+Floating point: PiSSA, OLoRA and orthogonal compute what PEFT computes, op for op and on the same memory layouts
+(the QR or SVD of the same float32 matrix; ``(scale * B) @ A`` of contiguous factors, then one subtraction; PiSSA's
+``sqrt(S) * Vh`` elementwise where PEFT multiplies by ``diag(sqrt(S))``, which has one nonzero term per entry and so
+rounds identically). On any one machine their results therefore equal PEFT's bit for bit too. Across machines the
+BLAS/LAPACK kernels round differently, so a matmul, QR or SVD result may differ by a few ulps from one CPU to the
+next, for PEFT as for lorasurg. Draws are made on the CPU in float32 (as PEFT
 builds its modules there) and then moved to ``device`` and cast to ``dtype``; ``pissa_niter_N`` draws on the
 weight's device, as ``torch.svd_lowrank`` does.
 """
@@ -61,10 +68,11 @@ from .factors import (
     matrix_to_weight,
     weight_to_matrix,
 )
-from .svd import split_factors, truncated_svd
+from .svd import gram_svd, split_factors, truncated_svd
 
-__all__ = ["InitMethod", "InitResult", "INIT_METHODS", "parse_init_method", "init_factors"]
+__all__ = ["InitMethod", "InitResult", "INIT_METHODS", "EXACT_SVDS", "parse_init_method", "init_factors"]
 
+EXACT_SVDS = ("lapack", "gram")
 _NAMES = ("kaiming", "random", "gaussian", "orthogonal", "pissa", "olora")
 _UNSUPPORTED = ("eva", "corda", "loftq", "lora_ga", "mica")
 _VALID = "True, False, 'gaussian', 'orthogonal', 'pissa', 'pissa_niter_N' (N >= 0) or 'olora'"
@@ -163,6 +171,7 @@ class _Request:
     generator: Optional[torch.Generator]
     dtype: torch.dtype
     device: torch.device
+    exact_svd: str = "lapack"
 
     @property
     def out_features(self) -> int:
@@ -286,6 +295,12 @@ def _base_matrix(req: _Request) -> tuple[Tensor, torch.dtype]:
 
 
 def _residual(req: _Request, M: Tensor, A: Tensor, B: Tensor, dtype: torch.dtype) -> Tensor:
+    """``M - scale * B @ A`` as PEFT computes it: ``(scale * B) @ A`` (Python's left-to-right ``*``/``@``), with A
+    and B contiguous (PEFT stores them in ``nn.Linear`` weights before it forms the product), then one subtraction.
+
+    Same ops on the same memory layouts dispatch to the same BLAS kernel, so on any one machine the residual equals
+    PEFT's bit for bit; a strided view of Q or R (a different GEMM transpose mode) rounds differently on some CPUs.
+    """
     residual = M - (req.scale * B) @ A  # (out, in) - (out, r) @ (r, in); PEFT's order of operations
     return matrix_to_weight(residual, req.kind, req.weight_shape, req.fan_in_fan_out).to(dtype)
 
@@ -295,6 +310,11 @@ def _init_pissa(req: _Request) -> InitResult:
         return _embedding_default(req, _embedding_note(req))
     _peft_modules(req)
     M, dtype = _base_matrix(req)
+    if req.method.niter is None and req.exact_svd == "gram":
+        precise = dtype in (torch.float32, torch.float64)  # the residual is stored in dtype: hold its precision
+        U, S, Vh = gram_svd(M, req.r, dtype=torch.float64 if precise else None)
+        A, B = split_factors(U, S, Vh, req.scale)  # (r, in), (out, r)
+        return req.finish(A, B, None, _residual(req, M, A, B, dtype), _conv_note(req))
     if req.method.niter is None:
         method, kwargs = "exact", {}
     else:  # torch.svd_lowrank(M, q=r, niter=N) on the global RNG of M's device, or on the given generator
@@ -311,7 +331,7 @@ def _init_olora(req: _Request) -> InitResult:
     _peft_modules(req)
     M, dtype = _base_matrix(req)
     Q, R = torch.linalg.qr(M)  # (out, p), (p, in) with p = min(out, in)
-    B, A = Q[:, :req.r], R[:req.r]  # (out, r), (r, in)
+    B, A = Q[:, :req.r].contiguous(), R[:req.r].contiguous()  # (out, r), (r, in); row-major like PEFT's copies
     return req.finish(A, B, None, _residual(req, M, A, B, dtype), _conv_note(req))
 
 
@@ -339,6 +359,7 @@ def init_factors(
     generator: Optional[torch.Generator] = None,
     dtype: Optional[torch.dtype] = None,
     device: Optional[Union[str, torch.device]] = None,
+    exact_svd: str = "lapack",
 ) -> InitResult:
     """Initialise the LoRA of one layer as PEFT's ``init_lora_weights=method`` does (see the module docstring).
 
@@ -354,6 +375,9 @@ def init_factors(
         generator: a CPU generator for every draw; None uses torch's global RNG, in PEFT's order.
         dtype: dtype of A, B and the bias; default the compute dtype (float32, float64 for a float64 weight).
         device: device of A, B and the bias; default the weight's device, else the CPU.
+        exact_svd: the SVD of exact PiSSA: ``"lapack"`` (``torch.linalg.svd``, PEFT's, bit for bit) or ``"gram"``
+            (:func:`lorasurg.engine.svd.gram_svd`: the same triplets from the smaller Gram matrix, several times
+            faster on the CPU; float64 when the weight is float32/float64, so the residual keeps its precision).
 
     Returns:
         :class:`InitResult`: factors, the residual base weight for PiSSA/OLoRA (same shape and dtype as
@@ -374,8 +398,10 @@ def init_factors(
         device = weight.device if weight is not None else torch.device("cpu")
     if dtype is None:
         dtype = compute_dtype(weight)
+    if exact_svd not in EXACT_SVDS:
+        raise ValueError(f"exact_svd must be one of {EXACT_SVDS}, got {exact_svd!r}")
     req = _Request(parsed, kind, shape, r, float(scale), weight, fan_in_fan_out, lora_bias, generator, dtype,
-                   torch.device(device))
+                   torch.device(device), exact_svd)
     return INIT_METHODS[parsed.name](req)
 
 

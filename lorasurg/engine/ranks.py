@@ -38,7 +38,7 @@ from torch import Tensor
 
 from ..errors import ConfigError
 
-__all__ = ["RankPolicy", "RANK_POLICIES", "parse_rank_policy"]
+__all__ = ["RankPolicy", "RANK_POLICIES", "parse_rank_policy", "effective_rank"]
 
 
 def _fixed(S: Tensor, cap: int, value: Optional[float], total_sq: float) -> int:
@@ -184,3 +184,18 @@ def parse_rank_policy(text: str) -> RankPolicy:
     if not spec.check(value):
         raise ConfigError(f"rank policy {raw!r}: the value must be {spec.requirement}, got {value}")
     return RankPolicy(name, float(value))
+
+
+def effective_rank(S: Tensor) -> float:
+    """The entropy effective rank of a spectrum (Roy & Vetterli 2007): ``exp(H(p))`` with ``p_i = S_i / sum_j S_j``
+    and ``H(p) = -sum_i p_i log p_i``.
+
+    Between 1 (one nonzero singular value) and the number of nonzero values (all equal); 0.0 for a zero or empty
+    spectrum. Computed in float64.
+    """
+    values = S.detach().to("cpu", torch.float64).reshape(-1)
+    total = float(values.sum()) if values.numel() else 0.0
+    if total <= 0:
+        return 0.0
+    p = values[values > 0] / total
+    return float(torch.exp(-(p * p.log()).sum()))

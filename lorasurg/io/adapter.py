@@ -24,15 +24,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Collection, Mapping, Optional, Union
 
 from safetensors.torch import save_file
 from torch import Tensor
 
 from ..config import CONFIG_NAME, LoraConfig
 from ..errors import InputError, LorasurgError
+from ..findings import Finding
 from ..modules import ModuleInfo
-from ..targeting import ALL_LINEAR, rank_alpha, select_modules
+from ..targeting import ALL_LINEAR, anchored_pattern_key, rank_alpha, select_modules
 from ._shards import open_shard
 from .hub import resolve_source
 from .writer import atomic_output_dir
@@ -46,6 +47,8 @@ __all__ = [
     "Adapter",
     "peft_key",
     "parse_peft_key",
+    "weights_file",
+    "read_weights",
 ]
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -194,30 +197,28 @@ class Adapter:
             InputError: a key is not under ``base_model.model.``, or a module has only one of A and B, or a
                 bias/magnitude without factors (all offending modules listed).
         """
-        parts: dict[str, dict[str, Tensor]] = {}
-        embedding: dict[str, bool] = {}
-        extra: dict[str, Tensor] = {}
-        for key, tensor in state.items():
-            try:
-                module, part = parse_peft_key(key)
-            except InputError as err:
-                raise InputError(f"{source}: {err}") from err
-            if part is None:
-                extra[module] = tensor
-                continue
-            slot, is_embedding = _LORA_PARTS[part]
-            parts.setdefault(module, {})[slot] = tensor
-            embedding[module] = embedding.get(module, False) or is_embedding
-        incomplete = [f"{m} (has {sorted(p)})" for m, p in parts.items() if "A" not in p or "B" not in p]
-        if incomplete:
-            raise InputError(
-                f"{source}: these modules lack lora_A or lora_B: {', '.join(incomplete)}; "
-                "the adapter file is incomplete"
-            )
-        modules = {
-            m: AdapterModule(m, p["A"], p["B"], p.get("bias"), p.get("magnitude"), embedding[m]) for m, p in parts.items()
-        }
-        return cls(config, modules, extra)
+        parsed = _parse_state(state)
+        if parsed.foreign:
+            raise InputError(f"{source}: {next(iter(parsed.foreign.values()))}")
+        if parsed.incomplete:
+            listing = ", ".join(f"{m} (has {p})" for m, p in parsed.incomplete.items())
+            raise InputError(f"{source}: these modules lack lora_A or lora_B: {listing}; the adapter file is incomplete")
+        return cls(config, parsed.modules, parsed.extra)
+
+    @classmethod
+    def parse_state_dict(cls, config: LoraConfig, state: dict[str, Tensor]) -> tuple["Adapter", list[Finding]]:
+        """Like :meth:`from_state_dict`, but a key that is not PEFT's (``key-foreign``) or a module without
+        both factors (``module-incomplete``) becomes a finding instead of an error; those tensors are left out.
+        """
+        parsed = _parse_state(state)
+        found = [Finding("key-foreign", key, message, "save the adapter with PEFT or lorasurg")
+                 for key, message in parsed.foreign.items()]
+        found += [
+            Finding("module-incomplete", module, f"lacks lora_A or lora_B (has {parts})",
+                    "the adapter file is incomplete: save it again, or drop this module's tensors")
+            for module, parts in parsed.incomplete.items()
+        ]
+        return cls(config, parsed.modules, parsed.extra), found
 
     # ----------------------------------------------------------------------------------------- checking
     def rank_alpha(self, module: str) -> tuple[int, float]:
@@ -225,55 +226,101 @@ class Adapter:
         return rank_alpha(self.config, module)
 
     def problems(self) -> list[str]:
-        """Every way the stored tensors contradict the config (empty when consistent).
+        """Every way the stored tensors contradict the config, one line each (empty when consistent).
 
-        Checks, per module: A's rows equal B's columns; the rank equals the config's (rank_pattern applied);
-        ``lora_B.bias`` present exactly when ``lora_bias`` is set; DoRA magnitude present exactly when
-        ``use_dora`` is set, with one entry per output.
+        The lines of :meth:`findings` (``"<module>: <what is wrong>"``).
         """
-        found: list[str] = self._untargeted_modules()
-        cfg = self.config
+        return [str(f) for f in self.findings()]
+
+    def findings(self, selected: Optional[Collection[str]] = None) -> list[Finding]:
+        """Every way the stored tensors contradict the config, as :class:`~lorasurg.findings.Finding` s.
+
+        Checks, per module: the config targets it (``tensor-untargeted``); A's rows equal B's columns
+        (``rank-inconsistent``); the rank equals the config's, rank_pattern applied (``rank-mismatch``);
+        ``lora_B.bias`` present exactly when ``lora_bias`` is set, never on an embedding, shaped ``(out,)``
+        (``bias-*``); DoRA magnitude present exactly when ``use_dora`` is set, one entry per output
+        (``magnitude-*``).
+
+        Args:
+            selected: the modules the config selects in the model, when the caller knows the model; by default
+                judged among the adapter's own module names (so ``"all-linear"`` is not checked).
+        """
+        found: list[Finding] = self._untargeted_modules(selected)
         for name, mod in self.modules.items():
             if mod.A.shape[0] != mod.B.shape[1]:
-                found.append(f"{name}: A has {mod.A.shape[0]} rows but B has {mod.B.shape[1]} columns")
+                found.append(Finding(
+                    "rank-inconsistent", name, f"A has {mod.A.shape[0]} rows but B has {mod.B.shape[1]} columns",
+                    "the factors do not belong together: save the adapter again",
+                ))
                 continue
             expected_r, _ = self.rank_alpha(name)
             if mod.rank != expected_r:
-                found.append(f"{name}: stored rank {mod.rank}, config gives r={expected_r} (r / rank_pattern)")
-            out = mod.B.shape[0]
-            if cfg.lora_bias and mod.embedding:
-                found.append(f"{name}: lora_bias is true but PEFT cannot give an embedding a lora_B bias")
-            elif cfg.lora_bias and mod.bias is None:
-                found.append(f"{name}: lora_bias is true but lora_B.bias is missing (PEFT warns of a missing key)")
-            if not cfg.lora_bias and mod.bias is not None:
-                found.append(f"{name}: has lora_B.bias but lora_bias is false (PEFT would drop it silently)")
-            if mod.bias is not None and tuple(mod.bias.shape) != (out,):
-                found.append(f"{name}: lora_B.bias has shape {tuple(mod.bias.shape)}, expected ({out},)")
-            if cfg.use_dora and mod.magnitude is None:
-                found.append(f"{name}: use_dora is true but lora_magnitude_vector is missing")
-            if not cfg.use_dora and mod.magnitude is not None:
-                found.append(f"{name}: has lora_magnitude_vector but use_dora is false")
-            if mod.magnitude is not None and mod.magnitude.numel() != out:
-                found.append(f"{name}: lora_magnitude_vector has {mod.magnitude.numel()} entries, expected {out}")
+                found.append(Finding(
+                    "rank-mismatch", name, f"stored rank {mod.rank}, config gives r={expected_r} (r / rank_pattern)",
+                    f"set rank_pattern {{{anchored_pattern_key(name)!r}: {mod.rank}}} (and alpha_pattern to keep "
+                    "the scale), or fix r",
+                ))
+            found.extend(self._bias_findings(name, mod))
+            found.extend(self._magnitude_findings(name, mod))
         return found
 
-    def _untargeted_modules(self) -> list[str]:
+    def _bias_findings(self, name: str, mod: AdapterModule) -> list[Finding]:
+        lora_bias, out, found = self.config.lora_bias, mod.B.shape[0], []
+        if lora_bias and mod.embedding:
+            found.append(Finding("bias-on-embedding", name,
+                                 "lora_bias is true but PEFT cannot give an embedding a lora_B bias",
+                                 "set lora_bias to false, or do not target the embedding"))
+        elif lora_bias and mod.bias is None:
+            found.append(Finding("bias-missing", name,
+                                 "lora_bias is true but lora_B.bias is missing (PEFT warns of a missing key)",
+                                 "PEFT starts it at zero; save a zero lora_B.bias to silence the warning"))
+        if not lora_bias and mod.bias is not None:
+            found.append(Finding("bias-unflagged", name,
+                                 "has lora_B.bias but lora_bias is false (PEFT would drop it silently)",
+                                 "set lora_bias to true (lorasurg validate --fix does)"))
+        if mod.bias is not None and tuple(mod.bias.shape) != (out,):
+            found.append(Finding("bias-shape", name, f"lora_B.bias has shape {tuple(mod.bias.shape)}, expected ({out},)",
+                                 "save the adapter again: the bias belongs to another layer"))
+        return found
+
+    def _magnitude_findings(self, name: str, mod: AdapterModule) -> list[Finding]:
+        use_dora, out, found = self.config.use_dora, mod.B.shape[0], []
+        if use_dora and mod.magnitude is None:
+            found.append(Finding("magnitude-missing", name, "use_dora is true but lora_magnitude_vector is missing",
+                                 "PEFT would compute a fresh magnitude from the base weight: save the trained one"))
+        if not use_dora and mod.magnitude is not None:
+            found.append(Finding("magnitude-unflagged", name, "has lora_magnitude_vector but use_dora is false",
+                                 "set use_dora to true if this is a DoRA adapter"))
+        if mod.magnitude is not None and mod.magnitude.numel() != out:
+            found.append(Finding("magnitude-shape", name,
+                                 f"lora_magnitude_vector has {mod.magnitude.numel()} entries, expected {out}",
+                                 "save the adapter again: the magnitude belongs to another layer"))
+        return found
+
+    def _untargeted_modules(self, selected: Optional[Collection[str]]) -> list[Finding]:
         """Modules with tensors that the config's target_modules would not select (PEFT drops their tensors).
 
-        Judged among the adapter's own module names, so ``"all-linear"`` (which needs the model) is not checked.
+        Without ``selected``, judged among the adapter's own module names, so ``"all-linear"`` (which needs the
+        model) is not checked; nor is ``target_modules`` None (PEFT's default targets per model type).
         """
         target = self.config.target_modules
-        if not self.modules or (isinstance(target, str) and target.lower() == ALL_LINEAR):
-            return []
-        infos = {name: ModuleInfo(mod.kind, mod.kind) for name, mod in self.modules.items()}
-        try:
-            selected = set(select_modules(self.config, infos))
-        except LorasurgError:
-            selected = set()
+        if selected is None:
+            if not self.modules or target is None or (isinstance(target, str) and target.lower() == ALL_LINEAR):
+                return []
+            infos = {name: ModuleInfo(mod.kind, mod.kind) for name, mod in self.modules.items()}
+            try:
+                selected = select_modules(self.config, infos)
+            except LorasurgError:
+                selected = ()
+        chosen = set(selected)
         return [
-            f"{name}: has LoRA tensors but target_modules={_shown(target)} does not select it (PEFT would ignore them)"
+            Finding(
+                "tensor-untargeted", name,
+                f"has LoRA tensors but target_modules={_shown(target)} does not select it (PEFT would ignore them)",
+                "add it to target_modules, or drop its tensors (lorasurg validate --fix does)",
+            )
             for name in self.modules
-            if name not in selected
+            if name not in chosen
         ]
 
     # ----------------------------------------------------------------------------------------- writing
@@ -287,8 +334,12 @@ class Adapter:
             state[KEY_PREFIX + name] = tensor
         return state
 
-    def save(self, directory: PathLike, force: bool = False) -> Path:
+    def save(self, directory: PathLike, force: bool = False, metadata: Optional[Mapping[str, str]] = None) -> Path:
         """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``directory``, atomically.
+
+        Args:
+            metadata: extra string entries for the safetensors header (``{"format": "pt"}`` is always there),
+                e.g. where the adapter came from.
 
         Raises:
             OutputExistsError: ``directory`` exists, is not empty, and ``force`` is false.
@@ -296,31 +347,94 @@ class Adapter:
         state = {k: v.detach().contiguous() for k, v in self.to_state_dict().items()}
         with atomic_output_dir(directory, force) as tmp:
             self.config.save_pretrained(tmp)
-            save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            save_file(state, str(tmp / WEIGHTS_NAME), metadata={**(metadata or {}), "format": "pt"})
         return Path(directory)
+
+    @staticmethod
+    def read_metadata(path_or_repo: PathLike) -> dict[str, str]:
+        """The safetensors header metadata of a saved adapter (``{}`` for a ``.bin`` adapter or none stored)."""
+        path = Path(path_or_repo) / WEIGHTS_NAME
+        if not path.is_file():
+            return {}
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
 
     # ----------------------------------------------------------------------------------------- summary
     def num_parameters(self) -> int:
         """Total number of elements in every stored tensor."""
         return sum(t.numel() for t in self.to_state_dict().values())
 
+    def num_bytes(self) -> int:
+        """Total bytes of tensor data in every stored tensor."""
+        return sum(t.numel() * t.element_size() for t in self.to_state_dict().values())
 
-def _read_weights(directory: Path) -> dict[str, Tensor]:
-    """Tensors of ``adapter_model.safetensors`` (preferred) or ``adapter_model.bin`` in ``directory``.
+
+@dataclass
+class _Parsed:
+    """A state dict sorted into LoRA modules, extra tensors, foreign keys (with why) and incomplete modules."""
+
+    modules: dict[str, AdapterModule]
+    extra: dict[str, Tensor]
+    foreign: dict[str, str]
+    incomplete: dict[str, list[str]]
+
+
+def _parse_state(state: dict[str, Tensor]) -> _Parsed:
+    parts: dict[str, dict[str, Tensor]] = {}
+    embedding: dict[str, bool] = {}
+    parsed = _Parsed({}, {}, {}, {})
+    for key, tensor in state.items():
+        try:
+            module, part = parse_peft_key(key)
+        except InputError as err:
+            parsed.foreign[key] = str(err)
+            continue
+        if part is None:
+            parsed.extra[module] = tensor
+            continue
+        slot, is_embedding = _LORA_PARTS[part]
+        parts.setdefault(module, {})[slot] = tensor
+        embedding[module] = embedding.get(module, False) or is_embedding
+    for m, p in parts.items():
+        if "A" in p and "B" in p:
+            parsed.modules[m] = AdapterModule(m, p["A"], p["B"], p.get("bias"), p.get("magnitude"), embedding[m])
+        else:
+            parsed.incomplete[m] = sorted(p)
+    return parsed
+
+
+def weights_file(directory: Path) -> Optional[Path]:
+    """The weights file of the adapter in ``directory``: ``adapter_model.safetensors`` (preferred, as PEFT
+    does) or ``adapter_model.bin``; None when there is neither."""
+    return next((directory / n for n in (WEIGHTS_NAME, BIN_WEIGHTS_NAME) if (directory / n).is_file()), None)
+
+
+def read_weights(path: Path) -> dict[str, Tensor]:
+    """Every tensor of one adapter weights file, keys as stored.
 
     Read through the checkpoint reader's shard readers: owned copies, ``.bin`` only with
     ``torch.load(weights_only=True)``, corrupt files named with what is wrong.
+
+    Raises:
+        InputError: the file is missing, truncated, corrupt, or (``.bin``) needs code to unpickle.
     """
-    for filename in (WEIGHTS_NAME, BIN_WEIGHTS_NAME):
-        path = directory / filename
-        if path.is_file():
-            shard = open_shard(path)
-            try:
-                return {entry.name: shard.read(entry.name) for entry in shard.entries()}
-            finally:
-                shard.close()
-    present = sorted(p.name for p in directory.iterdir())
-    raise InputError(f"{directory} has neither {WEIGHTS_NAME} nor {BIN_WEIGHTS_NAME} (found: {present})")
+    shard = open_shard(path)
+    try:
+        return {entry.name: shard.read(entry.name) for entry in shard.entries()}
+    finally:
+        shard.close()
+
+
+def _read_weights(directory: Path) -> dict[str, Tensor]:
+    """Tensors of the adapter's weights file in ``directory`` (:func:`weights_file`, :func:`read_weights`)."""
+    path = weights_file(directory)
+    if path is None:
+        present = sorted(p.name for p in directory.iterdir())
+        raise InputError(f"{directory} has neither {WEIGHTS_NAME} nor {BIN_WEIGHTS_NAME} (found: {present})")
+    return read_weights(path)
+
 
 def _shown(target: object) -> str:
     """target_modules as a user wrote it: a regex string, or a sorted list."""

@@ -22,6 +22,16 @@ Two sources:
    in a config (or, when a causal LM's config leaves it out, from ``lm_head.weight`` missing from the
    checkpoint): ``lm_head`` is then tied to the input embedding.
 
+Buffers. Besides parameters, checkpoints hold tensors that a module registers as a *buffer* (``register_buffer``:
+``embeddings.position_ids`` in BERT, ``rotary_emb.inv_freq`` in the Llama family, GPT-2's ``attn.bias`` and
+``attn.masked_bias``), written by some transformers versions and not by others. They are not weights, and
+:attr:`ModelDescription.buffers` says which names are buffers (:class:`BufferNames`): from the meta-device model,
+its ``named_buffers()`` (persistent and non-persistent), the same buffers on another module (the last two name parts:
+older Llama versions kept ``rotary_emb`` in every layer), and :data:`LEGACY_BUFFERS`, the buffers earlier
+transformers versions registered and the current classes dropped; from the names-and-shapes fast path,
+:data:`FAST_PATH_BUFFERS` (what the meta model gives, checked per type by the tests) and the same legacy table.
+Without a config (or for an architecture transformers lacks) no name is known to be a buffer.
+
 Module names are checkpoint key prefixes (``<name>.weight`` is a key). A checkpoint saved from the base model
 (keys without the ``base_model_prefix``, e.g. ``h.0.attn`` for GPT-2 rather than ``transformer.h.0.attn``) is
 matched by stripping or adding that prefix, whichever matches more keys. Other renamings (transformers'
@@ -42,6 +52,7 @@ from torch import nn
 from ..modules import ModuleInfo, describe_model, output_layer_names
 
 __all__ = [
+    "BufferNames",
     "ModelDescription",
     "describe_checkpoint",
     "is_shape_describable",
@@ -49,6 +60,8 @@ __all__ = [
     "EMBEDDING_NAMES",
     "OUTPUT_NAMES",
     "SHAPE_DESCRIBABLE_MODEL_TYPES",
+    "FAST_PATH_BUFFERS",
+    "LEGACY_BUFFERS",
 ]
 
 EMBEDDING_NAMES: frozenset[str] = frozenset(
@@ -68,6 +81,57 @@ SHAPE_DESCRIBABLE_MODEL_TYPES: frozenset[str] = frozenset(
 OUTPUT_NAMES: frozenset[str] = frozenset({"lm_head", "embed_out", "output", "score", "classifier", "cls", "decoder"})
 _OUTPUT_HEADS: tuple[str, ...] = ("lm_head", "embed_out")
 
+_ROTARY = ("rotary_emb.inv_freq", "rotary_emb.original_inv_freq")
+# The buffers of the fast path's model types, as dotted suffixes: the last two name parts of each name in the
+# meta-device causal LM's named_buffers() (checked per type by tests/io/test_architecture_fast_path.py).
+FAST_PATH_BUFFERS: dict[str, frozenset[str]] = {
+    model_type: frozenset(_ROTARY + (("embed_tokens.embed_scale",) if model_type in ("gemma", "gemma2") else ()))
+    for model_type in SHAPE_DESCRIBABLE_MODEL_TYPES
+}
+# Buffers that earlier transformers versions registered, and so wrote into checkpoints, and that the current classes
+# no longer have, by model_type, as dotted suffixes. Sources: those versions' modeling files (GPT2Attention's
+# ``bias``/``masked_bias``, GPTNeoSelfAttention's ``masked_bias``, GPTJAttention's and GPTNeoXAttention's
+# ``bias``/``masked_bias``, GPT-NeoX's per-layer ``rotary_emb.inv_freq``), and today's
+# ``_keys_to_ignore_on_load_unexpected`` of GPT-2, GPT-J and GPT-NeoX.
+LEGACY_BUFFERS: dict[str, frozenset[str]] = {
+    "gpt2": frozenset({"attn.bias", "attn.masked_bias", "crossattention.bias", "crossattention.masked_bias"}),
+    "gpt_neo": frozenset({"attention.masked_bias"}),
+    "gptj": frozenset({"attn.bias", "attn.masked_bias"}),
+    "gpt_neox": frozenset({"attention.bias", "attention.masked_bias", "rotary_emb.inv_freq"}),
+}
+
+
+@dataclass(frozen=True)
+class BufferNames:
+    """Which tensor names an architecture registers as buffers (``register_buffer``), not parameters.
+
+    ``name in buffer_names`` is True for a name in ``exact``, else False for a name in ``parameters``, else True when
+    the name is one of ``suffixes`` or ends with ``"." + suffix``. A name can be asked about whether or not a given
+    checkpoint holds it (a buffer only one side of a pair has).
+
+    Attributes:
+        exact: checkpoint keys of the model's buffers, persistent and non-persistent.
+        suffixes: dotted suffixes that name a buffer on any module (a buffer whose module moved between versions,
+            and :data:`LEGACY_BUFFERS`).
+        parameters: checkpoint keys of the model's parameters, never buffers.
+    """
+
+    exact: frozenset[str] = frozenset()
+    suffixes: frozenset[str] = frozenset()
+    parameters: frozenset[str] = frozenset()
+
+    def __contains__(self, name: object) -> bool:
+        if not isinstance(name, str):
+            return False
+        if name in self.exact:
+            return True
+        if name in self.parameters:
+            return False
+        return any(name == s or name.endswith("." + s) for s in self.suffixes)
+
+    def __bool__(self) -> bool:
+        return bool(self.exact or self.suffixes)
+
 
 @dataclass(frozen=True)
 class ModelDescription:
@@ -80,12 +144,14 @@ class ModelDescription:
             one the checkpoint holds where possible (e.g. ``{"lm_head.weight": "model.embed_tokens.weight"}``).
             An alias may be absent from the checkpoint (save_pretrained drops tied copies) or present.
         source: ``"architecture:<class name>"`` or ``"names and shapes"``.
+        buffers: which names are buffers of the architecture (see the module docstring); ``name in buffers``.
     """
 
     modules: dict[str, ModuleInfo]
     output_layers: set[str] = field(default_factory=set)
     tied: dict[str, str] = field(default_factory=dict)
     source: str = "names and shapes"
+    buffers: BufferNames = field(default_factory=BufferNames)
 
 
 @contextlib.contextmanager
@@ -203,7 +269,18 @@ def _from_model(model: nn.Module, shapes: Mapping[str, Sequence[int]], task_type
         if len(keys) > 1:
             canonical = min(keys, key=lambda k: order.get(k, len(order)))
             tied.update({k: canonical for k in keys if k != canonical})
-    return ModelDescription(modules, outputs, tied, f"architecture:{type(model).__name__}")
+    return ModelDescription(modules, outputs, tied, f"architecture:{type(model).__name__}",
+                            _model_buffers(model, to_key))
+
+
+def _model_buffers(model: nn.Module, to_key: Callable[[str], Optional[str]]) -> BufferNames:
+    """The model's buffers under checkpoint names, with their two-part suffixes and its type's legacy buffers."""
+    names = [key for key in (to_key(n) for n, _ in model.named_buffers(remove_duplicate=False)) if key is not None]
+    parameters = {to_key(n) for n, _ in model.named_parameters(remove_duplicate=False)} - {None}
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    model_type = model_type if isinstance(model_type, str) else None
+    suffixes = {".".join(name.split(".")[-2:]) for name in names} | LEGACY_BUFFERS.get(model_type, frozenset())
+    return BufferNames(frozenset(names), frozenset(suffixes), frozenset(parameters))
 
 
 def _guess_kind(module: str, shape: Sequence[int], has_bias: bool, vocab: Optional[int]) -> tuple[str, Optional[str]]:
@@ -241,7 +318,12 @@ def _from_shapes(
             modules["lm_head"] = ModuleInfo("Linear", "linear", False, modules[embedding].weight_shape, False)
     outputs = {m for m in modules if m.rsplit(".", 1)[-1] in _OUTPUT_HEADS}
     source = "names and shapes (known architecture)" if known_architecture else "names and shapes"
-    return ModelDescription(modules, outputs, tied, source)
+    model_type = config.get("model_type") if config else None
+    model_type = model_type if isinstance(model_type, str) else None
+    suffixes = LEGACY_BUFFERS.get(model_type, frozenset())
+    if known_architecture:
+        suffixes = suffixes | FAST_PATH_BUFFERS.get(model_type, frozenset())
+    return ModelDescription(modules, outputs, tied, source, BufferNames(suffixes=suffixes))
 
 
 def _ties_embeddings(config: Mapping, shapes: Mapping[str, Sequence[int]]) -> bool:

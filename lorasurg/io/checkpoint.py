@@ -217,6 +217,19 @@ class Checkpoint:
         """
         return dict(self.describe().tied)
 
+    def is_buffer(self, name: str) -> bool:
+        """Whether the architecture registers ``name`` as a buffer (``position_ids``, ``rotary_emb.inv_freq``, GPT-2's
+        ``attn.bias``, ...), not a parameter; asked of names this checkpoint holds or not (a buffer only the other
+        side of a pair has). Buffers are not weights: commands that read checkpoints ignore them and say so. See
+        :mod:`lorasurg.io.architecture` for how they are known; without a config.json no name is a buffer.
+        """
+        return name in self.describe().buffers
+
+    def buffer_names(self) -> list[str]:
+        """The names of this checkpoint's tensors that are buffers (:meth:`is_buffer`), in shard order."""
+        buffers = self.describe().buffers
+        return [name for name in self._entries if name in buffers] if buffers else []
+
     # --- lifetime ------------------------------------------------------------------------------------------
 
     def close(self) -> None:

@@ -244,6 +244,18 @@ class ShardedWriter:
         self._total_size += nbytes
         self._total_params += data.numel()
 
+    def end_shard(self) -> None:
+        """Close the current shard now, so the next tensor starts a new one (to keep another checkpoint's shard
+        boundaries). Does nothing when no tensor is pending.
+
+        Raises:
+            ValueError: the writer is finished.
+        """
+        if self._spool.closed:
+            raise ValueError(f"writer for {self.directory} is finished")
+        if self._pending:
+            self._write_shard()
+
     def _write_shard(self) -> None:
         """Write the pending tensors as one shard: 8-byte header length, JSON header, data.
 

@@ -207,11 +207,4 @@ def wrap_layer(module: nn.Module) -> LoraLayer:
 
 def expected_shapes(info: ModuleInfo, r: int) -> tuple[tuple[int, ...], tuple[int, ...], int]:
     """``(A shape, B shape, out)`` that a rank-``r`` LoRA on a layer described by ``info`` stores (PEFT layout)."""
-    shape = info.weight_shape
-    if info.kind == "linear":
-        inp, out = (shape[0], shape[1]) if info.fan_in_fan_out else (shape[1], shape[0])
-        return (r, inp), (out, r), out
-    if info.kind == "embedding":
-        return (r, shape[0]), (shape[1], r), shape[1]
-    ones = (1,) * (len(shape) - 2)
-    return (r, *shape[1:]), (shape[0], r, *ones), shape[0]  # conv: (r, in, *k), (out, r, 1, ...)
+    return info.lora_shapes(r)

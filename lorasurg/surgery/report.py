@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol, Sequence, runtime_checkable
 
-__all__ = ["Report", "format_table", "format_bytes", "format_count"]
+__all__ = ["Report", "format_table", "format_bytes", "format_count", "format_list", "model_summary"]
 
 
 @runtime_checkable
@@ -36,6 +36,18 @@ def format_table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
     out = [line(cells[0]), "  ".join("-" * w for w in widths)]
     out.extend(line(row) for row in cells[1:])
     return "\n".join(out)
+
+
+def format_list(title: str, items: Sequence[Any]) -> str:
+    """``title:`` then one ``  - item`` line each (empty string for no items)."""
+    return f"{title}:\n" + "\n".join(f"  - {item}" for item in items) if items else ""
+
+
+def model_summary(written: Any) -> str:
+    """One line on a checkpoint written by :func:`lorasurg.io.rewrite.rewrite_checkpoint` (its ``RewriteResult``)."""
+    return (f"model: {written.edited} tensors rewritten, {written.copied} copied unchanged, "
+            f"{len(written.weight_files)} weight file(s), {format_bytes(written.bytes)}, "
+            f"{len(written.side_files)} other file(s) copied")
 
 
 def format_bytes(n: float) -> str:

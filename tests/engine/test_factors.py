@@ -143,4 +143,27 @@ def test_low_precision_merge_keeps_dtype(gen):
     merged = merged_weight(f, W)
     assert merged.dtype == torch.bfloat16
     expected = (W.float() + delta_matrix(f)).to(torch.bfloat16)  # computed in float32, cast once
-    assert torch.equal(merged, expected)
+    assert torch.equal(merged, expected)  # the same calls in one process: deterministic, so exact on any machine
+
+
+# --- factor_shapes, delta_frobenius_sq ---------------------------------------------------------------------------
+
+
+def test_factor_shapes_per_kind():
+    from lorasurg.engine.factors import factor_shapes
+
+    assert factor_shapes("linear", (6, 10), 4) == ((4, 10), (6, 4), 6)
+    assert factor_shapes("linear", (10, 6), 4, fan_in_fan_out=True) == ((4, 10), (6, 4), 6)
+    assert factor_shapes("embedding", (30, 8), 4) == ((4, 30), (8, 4), 8)
+    assert factor_shapes("conv2d", (6, 3, 3, 3), 4) == ((4, 3, 3, 3), (6, 4, 1, 1), 6)
+    with pytest.raises(ValueError, match="unknown layer kind"):
+        factor_shapes("lstm", (3, 3), 1)
+
+
+@pytest.mark.parametrize("kind, A_shape, B_shape", [("linear", (3, 10), (6, 3)), ("conv2d", (3, 2, 3, 3), (5, 3, 1, 1))])
+def test_delta_frobenius_sq_equals_dense_norm(gen, kind, A_shape, B_shape):
+    from lorasurg.engine.factors import delta_frobenius_sq
+
+    f = LoraFactors(kind, torch.randn(A_shape, generator=gen), torch.randn(B_shape, generator=gen), 0.7)
+    dense = float(torch.linalg.vector_norm(delta_matrix(f).double())) ** 2
+    assert delta_frobenius_sq(f) == pytest.approx(dense, rel=1e-6)

@@ -205,3 +205,26 @@ def test_bad_requests_name_the_problem():
         init_factors(True, "linear", (4, 4), 0, 1.0)
     with pytest.raises(ValueError, match="fan_in_fan_out applies to linear layers only, not embedding"):
         init_factors(True, "embedding", (4, 4), 2, 1.0, fan_in_fan_out=True)
+
+
+# --- exact PiSSA through the Gram matrix ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_pissa_gram_is_at_least_as_accurate_as_lapack(gen, fan_in_fan_out):
+    """Against a float64 reference, the Gram route (float64 for a float32 weight) is no less accurate than PEFT's
+    float32 LAPACK SVD, and both give the same residual within float32 tolerance."""
+    shape = (64, 96) if fan_in_fan_out else (96, 64)
+    W = torch.randn(shape, generator=gen)
+    kw = dict(fan_in_fan_out=fan_in_fan_out, generator=torch.Generator().manual_seed(0))
+    ref = init_factors("pissa", "linear", shape, 8, 2.0, weight=W.double(), **kw).residual_weight
+    lapack = init_factors("pissa", "linear", shape, 8, 2.0, weight=W, **kw).residual_weight
+    gram = init_factors("pissa", "linear", shape, 8, 2.0, weight=W, exact_svd="gram", **kw).residual_weight
+    assert gram.dtype == torch.float32
+    assert float((gram.double() - ref).abs().max()) <= float((lapack.double() - ref).abs().max())
+    torch.testing.assert_close(gram, lapack, rtol=1e-5, atol=1e-5 * float(W.abs().max()))  # LAPACK's own error
+
+
+def test_exact_svd_must_be_known():
+    with pytest.raises(ValueError, match="exact_svd must be one of"):
+        init_factors("pissa", "linear", (4, 4), 2, 1.0, weight=torch.ones(4, 4), exact_svd="qr")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -136,3 +138,13 @@ def test_choose_rejects_bad_arguments():
         policy.choose(torch.ones(2, 2), 3)
     with pytest.raises(ConfigError, match="unknown rank policy 'magic'"):
         RankPolicy("magic", 1.0)
+
+
+def test_effective_rank():
+    from lorasurg.engine.ranks import effective_rank
+
+    assert effective_rank(torch.full((5,), 2.0)) == pytest.approx(5.0, rel=1e-12)  # flat: every value counts
+    assert effective_rank(torch.tensor([4.0, 0.0, 0.0])) == pytest.approx(1.0, rel=1e-12)
+    assert effective_rank(torch.tensor([3.0, 1.0])) == pytest.approx(
+        math.exp(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25))), rel=1e-12)
+    assert effective_rank(torch.zeros(3)) == 0.0 and effective_rank(torch.zeros(0)) == 0.0

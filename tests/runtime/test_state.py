@@ -11,6 +11,7 @@ from torch import nn
 from lorasurg.errors import ConfigError, InputError, OutputExistsError, ShapeMismatchError
 from lorasurg.runtime import inject, load_adapter, save_adapter, trainable_parameters
 from lorasurg.runtime.base import LoraLayer
+from tests.conftest import tol
 from tests.runtime.models import Net, gpt2, make_config, net, net_input, output, perturb
 
 ALL_NET = ["emb", "conv1", "conv2", "conv3", "point", "lin", "nobias"]
@@ -32,8 +33,11 @@ def test_save_then_load_reproduces_the_model(tmp_path, cfg):
     model, path = _saved(tmp_path, **cfg)
     loaded = load_adapter(net(), str(path))
     x = net_input()
-    torch.testing.assert_close(output(loaded, x), output(model, x), rtol=0, atol=0)
     assert loaded.state_dict().keys() == model.state_dict().keys()
+    for key, value in model.state_dict().items():  # lossless: every tensor bit for bit
+        assert torch.equal(loaded.state_dict()[key], value), key
+    # the same weights in the same modules; the forward's kernels may round differently by memory layout
+    torch.testing.assert_close(output(loaded, x), output(model, x), **tol(torch.float32))
     assert trainable_parameters(loaded).trainable == 0  # loaded for inference, like PEFT's from_pretrained
     trainable = load_adapter(net(), str(path), trainable=True)
     assert trainable_parameters(trainable).trainable == trainable_parameters(model).trainable

@@ -16,11 +16,14 @@ import torch
 from torch import Tensor
 
 from ...config import LoraConfig
+from ...consumers.prepare import prepare_for
+from ...consumers.rules import CONSUMERS, Consumer
 from ...errors import InputError
 from ...io.adapter import Adapter, AdapterModule
 from ...io.checkpoint import Checkpoint
 from ...modules import ModuleInfo
-from ...targeting import anchored_pattern_key, exact_target_modules
+from ...targeting import exact_target_modules, rank_alpha_fields
+from ..options import task_type_of
 from .fit import Fit
 from .plan import TensorRole, split_tensor_name
 from .report import ExtractReport, TensorOutcome
@@ -100,9 +103,10 @@ def build_adapter(
             )
         _zero_factors(run, modules, roles, r)
         report.notes.append("the checkpoints are identical: wrote a no-op adapter (every factor is zero)")
-    save_modules = _outcomes(run, report, roles, use_bias, serving=report.serving)
+    save_blocked = [c for c in (CONSUMERS[n] for n in report.consumers) if not c.carries("modules_to_save")]
+    save_modules = _outcomes(run, report, roles, use_bias, save_blocked)
     _complete_saved(run, tuned, save_modules)
-    _tie(run, save_modules)
+    tied = _tie(run, save_modules)
     if use_bias:
         _bias_factors(run, report, modules, roles)
     if not run.factors:
@@ -110,21 +114,34 @@ def build_adapter(
         raise InputError(
             f"no LoRA-able weight changed between {report.base} and {report.tuned} (or every one was excluded or "
             f"got rank 0), so there is no adapter to write. Changed tensors: {kept}. Check --target-modules, "
-            "--exclude-modules, --embeddings and --rank-policy."
+            "--exclude-modules, --embeddings and --rank-policy." + _for_hint(report)
         )
     config = _config(run, modules, save_modules, use_bias, base, base_name)
     adapter = Adapter(config, dict(run.factors), dict(run.saved))
     problems = adapter.problems()
     if problems:  # a bug in extract, not in the user's input
         raise AssertionError("extract built an inconsistent adapter: " + "; ".join(problems))
-    report.fits = [run.fits[m] for m in run.factors if m in run.fits]
+    adapter, report.for_report = prepare_for(
+        adapter, report.consumers, tied=tied, total_energy=report.total_energy,
+        delta_energy={k: run.changed[k][1] if k in run.changed else 0.0 for k in adapter.extra},
+    )
+    report.fits = [run.fits[m] for m in run.factors if m in adapter.modules and m in run.fits]
     report.notes[:0] = run.notes
     report.adapter_parameters = adapter.num_parameters()
-    report.adapter_bytes = sum(t.numel() * t.element_size() for t in adapter.to_state_dict().values())
+    report.adapter_bytes = adapter.num_bytes()
     return adapter
 
 
 # ------------------------------------------------------------------------------------------------ steps
+
+
+def _for_hint(report: ExtractReport) -> str:
+    """What ``--for`` left out, when it did: the distinct reasons, for the "nothing to write" error."""
+    reasons = sorted({o.reason for o in report.outcomes if o.reason.startswith("--for ")})
+    if not reasons:
+        return ""
+    return (f" --for {','.join(report.consumers)} left out what its consumers cannot carry: " + "; ".join(reasons)
+            + ". Name fewer consumers (--for peft keeps everything).")
 
 
 def _zero_factors(run: Collected, modules: Mapping[str, ModuleInfo], roles: Mapping[str, TensorRole], r: int) -> None:
@@ -145,7 +162,7 @@ def _zero_factors(run: Collected, modules: Mapping[str, ModuleInfo], roles: Mapp
 
 
 def _outcomes(run: Collected, report: ExtractReport, roles: Mapping[str, TensorRole], use_bias: bool,
-              serving: bool) -> list[str]:
+              save_blocked: list[Consumer]) -> list[str]:
     """Fill ``report.outcomes`` in shard order; returns the modules_to_save module names."""
     save: dict[str, None] = {}
     for name, (shape, energy) in run.changed.items():
@@ -159,8 +176,11 @@ def _outcomes(run: Collected, report: ExtractReport, roles: Mapping[str, TensorR
         elif role.role == "bias":
             if role.module in run.factors:
                 outcome, reason = "lora_bias", ""
-            elif not serving:
+            elif not save_blocked:
                 outcome, reason = "modules_to_save", "bias changed but the weight has no LoRA factors: module saved whole"
+            else:
+                reason = (f"--for {', '.join(c.name for c in save_blocked)}: {save_blocked[0].title} "
+                          + save_blocked[0].rules["modules_to_save"].says)
         elif role.role == "save":
             outcome = "modules_to_save"
         if outcome == "modules_to_save":
@@ -192,19 +212,19 @@ def _complete_saved(run: Collected, tuned: Checkpoint, save_modules: list[str]) 
             run.saved[name] = run._cast(tuned.get(name))
 
 
-def _tie(run: Collected, save_modules: list[str]) -> None:
+def _tie(run: Collected, save_modules: list[str]) -> list[str]:
     """Carry a tied output layer with the input embedding whose weight it shares.
 
     The shared delta was read and fitted once (as the embedding); the output layer gets the same change as its
     own PEFT entry: the embedding's factors transposed (``lm_head`` is linear, weight ``(vocab, dim)``:
     ``A = B_emb.T (r, dim)``, ``B = A_emb.T (vocab, r)``), or a second saved copy with ``--embeddings full``.
     Both modules are listed explicitly (PEFT's ``ensure_weight_tying`` only recognises the names
-    ``embed_tokens``/``lm_head``, so it is not relied on).
+    ``embed_tokens``/``lm_head``, so it is not relied on). Returns the output module when it got LoRA factors.
     """
     embed = run.input_embedding
     tied = [a for a, c in run.aliases.items() if embed is not None and c == f"{embed}.weight"]
     if not tied:
-        return
+        return []
     alias = tied[0]
     out_module = split_tensor_name(alias)[0]
     if embed in run.factors:
@@ -217,6 +237,7 @@ def _tie(run: Collected, save_modules: list[str]) -> None:
             "warns that a tied layer is adapted, and its merge_and_unload adds the delta to the shared weight twice; "
             "use --embeddings full if you need to merge."
         )
+        return [out_module]
     elif embed in save_modules and f"{embed}.weight" in run.saved:
         run.saved[alias] = run.saved[f"{embed}.weight"].clone()
         save_modules.append(out_module)
@@ -224,6 +245,7 @@ def _tie(run: Collected, save_modules: list[str]) -> None:
             f"{out_module} shares its weight with {embed}: read once, saved for both in modules_to_save "
             "(PEFT warns that a tied layer is saved; merging unties them, with the right values)"
         )
+    return []
 
 
 def _bias_factors(run: Collected, report: ExtractReport, modules: Mapping[str, ModuleInfo],
@@ -262,29 +284,17 @@ def _bias_factors(run: Collected, report: ExtractReport, modules: Mapping[str, M
 
 def _config(run: Collected, modules: Mapping[str, ModuleInfo], save_modules: list[str], use_bias: bool, base: Checkpoint, base_name: str) -> LoraConfig:
     """The adapter_config: exactly the modules with factors, each at its own rank with the common scale."""
-    ranks = {m: f.rank for m, f in run.factors.items()}
-    r_cfg = max(ranks.values())
-    alpha = _number(run.scale * r_cfg)
-    rank_pattern = {anchored_pattern_key(m): k for m, k in ranks.items() if k != r_cfg}
-    alpha_pattern = {anchored_pattern_key(m): _number(run.scale * k) for m, k in ranks.items() if k != r_cfg}
+    fields = rank_alpha_fields({m: (f.rank, run.scale * f.rank) for m, f in run.factors.items()})
     selected = list(run.factors)
     targets = exact_target_modules(selected, list(modules))
-    arch = ((base.config or {}).get("architectures") or [""])[0]
     return LoraConfig(
-        r=r_cfg,
-        lora_alpha=alpha,
+        **fields,
         target_modules=targets,
-        rank_pattern=rank_pattern,
-        alpha_pattern=alpha_pattern,
         lora_bias=use_bias,
         modules_to_save=sorted(save_modules) or None,
         fan_in_fan_out=any(modules[m].fan_in_fan_out for m in selected if m in modules),
         init_lora_weights=True,
-        task_type="CAUSAL_LM" if arch.endswith("ForCausalLM") else None,
+        task_type=task_type_of(base.config),
         base_model_name_or_path=base_name,
     )
 
-
-def _number(x: float):
-    """An int when ``x`` is integral (PEFT writes lora_alpha as an int by default)."""
-    return int(x) if float(x).is_integer() else float(x)

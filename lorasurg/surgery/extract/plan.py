@@ -20,12 +20,16 @@ Rules, in order:
 1. ``--exclude-modules`` wins: every tensor of an excluded module is ``drop`` ("excluded").
 2. Input embedding and output layer follow ``--embeddings``: ``skip`` -> ``drop``; ``full`` -> ``save``;
    ``lora`` -> ``lora`` when targeted, except that PEFT refuses ``lora_bias`` on an ``nn.Embedding``, so with
-   ``lora_bias`` on an embedding is ``save`` instead (said in the report). ``--serving`` -> ``drop``.
-3. Linear and conv layers selected by ``--target-modules`` (default: all of them) are ``lora`` (``--serving``:
-   linear only); their bias is ``bias`` (``drop`` with ``--no-lora-bias`` or ``--serving``). LoRA-able layers
-   not selected are ``drop`` ("not in --target-modules").
+   ``lora_bias`` on an embedding is ``save`` instead (said in the report).
+3. Linear and conv layers selected by ``--target-modules`` (default: all of them) are ``lora``; their bias is
+   ``bias`` (``drop`` with ``--no-lora-bias``). LoRA-able layers not selected are ``drop`` ("not in
+   --target-modules").
 4. Every other tensor (norms, biases of layers without LoRA, position embeddings of other types, ...) is
-   ``save`` (``drop`` with ``--serving``, which writes no modules_to_save).
+   ``save``.
+5. ``--for``: a ``lora``, ``bias`` or ``save`` role that a named consumer cannot carry (see
+   :mod:`lorasurg.consumers.rules`: vLLM and llama.cpp take no ``lora_B.bias`` and no ``modules_to_save``, vLLM no
+   conv or embedding/output-layer LoRA, llama.cpp no LoRA on ``fan_in_fan_out`` layers) is ``drop``, with the
+   consumer's rule as the reason. ``--serving`` is ``--for vllm``.
 """
 
 from __future__ import annotations
@@ -34,16 +38,19 @@ import re
 from dataclasses import dataclass
 from typing import Collection, Mapping, Optional, Sequence, Union
 
+from ...consumers.reading import is_norm_key
+from ...consumers.rules import CONSUMERS, Consumer, with_serving
 from ...errors import ConfigError
 from ...modules import ModuleInfo
 
-__all__ = ["ROLES", "EMBEDDING_MODES", "TensorRole", "split_tensor_name", "matches_any", "plan_roles"]
+__all__ = ["ROLES", "EMBEDDING_MODES", "TensorRole", "split_tensor_name", "matches_any", "plan_roles", "blocker"]
 
 ROLES = ("lora", "bias", "save", "drop", "alias")
 EMBEDDING_MODES = ("lora", "full", "skip")
 _LORA_KINDS = ("linear", "embedding", "conv1d", "conv2d", "conv3d")
 
 Patterns = Union[str, Sequence[str], None]
+_BIAS_OFF = "bias of a LoRA target and lora_bias is off"
 
 
 @dataclass(frozen=True)
@@ -102,6 +109,7 @@ def plan_roles(
     embeddings: str = "lora",
     lora_bias: bool = False,
     serving: bool = False,
+    consumers: Union[str, Sequence[str], None] = None,
 ) -> dict[str, TensorRole]:
     """The role of every tensor in ``names`` (see the module docstring for the rules).
 
@@ -114,13 +122,16 @@ def plan_roles(
         target_modules / exclude_modules: PEFT-style selection (list of names/suffixes, or a regex string).
         embeddings: ``lora``, ``full`` or ``skip``.
         lora_bias: whether bias deltas of LoRA targets become ``lora_B.bias``.
-        serving: write only what LoRA servers accept (LoRA on linear layers).
+        serving: the same as adding ``vllm`` to ``consumers``.
+        consumers: what ``--for`` names (``peft``, ``vllm``, ``llama.cpp``, ``all``, or several): roles they
+            cannot carry become ``drop`` (rule 5).
 
     Raises:
         ConfigError: an unknown ``embeddings`` mode or an invalid regex.
     """
     if embeddings not in EMBEDDING_MODES:
         raise ConfigError(f"--embeddings must be one of {', '.join(EMBEDDING_MODES)}, got {embeddings!r}")
+    chosen = [CONSUMERS[c] for c in with_serving(consumers, serving)]
     aliases = dict(aliases or {})
     embedding_layers = {m for m in (input_embedding, *output_layers) if m}
     roles: dict[str, TensorRole] = {}
@@ -134,25 +145,52 @@ def plan_roles(
         role, reason = _decide(
             module, param, kind, module in embedding_layers, info is not None,
             target_modules=target_modules, exclude_modules=exclude_modules,
-            embeddings=embeddings, lora_bias=lora_bias, serving=serving,
+            embeddings=embeddings, lora_bias=lora_bias,
         )
+        role, reason = _for_consumers(role, reason, name, kind, module in embedding_layers,
+                                      bool(info is not None and info.fan_in_fan_out), chosen)
         roles[name] = TensorRole(name, module, role, reason, kind)
     return roles
 
 
+def blocker(consumers: Sequence[Consumer], feature: str) -> Optional[Consumer]:
+    """The first of ``consumers`` that cannot carry ``feature`` (a key of ``consumers.rules.FEATURES``), or None."""
+    return next((c for c in consumers if not c.carries(feature)), None)
+
+
+def _for_consumers(role: str, reason: str, name: str, kind: Optional[str], is_embedding_layer: bool,
+                   fan_in_fan_out: bool, chosen: Sequence[Consumer]) -> tuple[str, str]:
+    """Rule 5: ``drop`` a role that a named consumer cannot carry, with that consumer's rule as the reason."""
+    if role == "save":
+        feature = "saved_norms" if is_norm_key(name) else "modules_to_save"
+    elif role == "bias" or (role == "drop" and reason == _BIAS_OFF):
+        feature = "lora_bias"
+    elif role == "lora" and kind == "embedding":
+        feature = "embedding_lora"
+    elif role == "lora" and is_embedding_layer:
+        feature = "output_layer_lora"
+    elif role == "lora" and kind is not None and kind.startswith("conv"):
+        feature = "conv_lora"
+    elif role == "lora" and fan_in_fan_out:
+        feature = "fan_in_fan_out_lora"
+    else:
+        return role, reason
+    blocked = [c for c in chosen if not c.carries(feature)]
+    if not blocked:
+        return role, reason
+    return "drop", f"--for {', '.join(c.name for c in blocked)}: {blocked[0].title} {blocked[0].rules[feature].says}"
+
+
 def _decide(
     module: str, param: str, kind: Optional[str], is_embedding_layer: bool, known: bool, *,
-    target_modules: Patterns, exclude_modules: Patterns, embeddings: str, lora_bias: bool, serving: bool,
+    target_modules: Patterns, exclude_modules: Patterns, embeddings: str, lora_bias: bool,
 ) -> tuple[str, str]:
     """(role, reason) for one tensor; see :func:`plan_roles`."""
     if matches_any(exclude_modules, module):
         return "drop", "excluded by --exclude-modules"
     if not known:
-        return ("drop", "--serving writes no modules_to_save") if serving else (
-            "drop", "not a parameter of a module of the model")
+        return "drop", "not a parameter of a module of the model"
     if is_embedding_layer:
-        if serving:
-            return "drop", "--serving: LoRA servers reject embedding / output-layer tensors"
         if embeddings == "skip":
             return "drop", "--embeddings skip"
         if embeddings == "full" or param != "weight":
@@ -163,17 +201,11 @@ def _decide(
             return "save", "lora_bias is on and PEFT refuses lora_bias on Embedding layers, so saved in full"
         return "lora", ""
     if kind in _LORA_KINDS and kind != "embedding":
-        if serving and kind != "linear":
-            return "drop", f"--serving: LoRA servers accept LoRA on linear layers only, not {kind}"
         if target_modules and not matches_any(target_modules, module):
             return "drop", "not in --target-modules"
         if param == "weight":
             return "lora", ""
         if param == "bias":
-            if serving:
-                return "drop", "--serving: LoRA servers reject lora_B bias"
-            return ("bias", "") if lora_bias else ("drop", "bias of a LoRA target and lora_bias is off")
+            return ("bias", "") if lora_bias else ("drop", _BIAS_OFF)
         return "drop", f"unexpected tensor {param!r} on a {kind} layer"
-    if serving:
-        return "drop", "--serving writes no modules_to_save"
     return "save", "not LoRA-able: saved in modules_to_save"

@@ -13,10 +13,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
+from ...consumers.prepare import ForReport
 from ..budget import format_size
 from ..report import format_bytes, format_count, format_table
 
-__all__ = ["ModuleFit", "TensorOutcome", "StreamedTensor", "ExtractReport"]
+__all__ = ["ModuleFit", "TensorOutcome", "StreamedTensor", "BufferOutcome", "ExtractReport"]
 
 
 @dataclass
@@ -73,6 +74,25 @@ class StreamedTensor:
 
 
 @dataclass
+class BufferOutcome:
+    """A buffer (registered by the architecture, not a weight) on one side only or that differs: ignored.
+
+    Attributes:
+        name: tensor key in the checkpoint.
+        shape: its shape (base's when both hold it).
+        present_in: ``base``, ``tuned`` or ``both``.
+        reason: ``only in base``, ``only in tuned``, or how the two differ.
+        outcome: always ``buffer, ignored``.
+    """
+
+    name: str
+    shape: list[int]
+    present_in: str
+    reason: str
+    outcome: str = "buffer, ignored"
+
+
+@dataclass
 class ExtractReport:
     """Everything ``extract`` did; ``render()`` for people, ``to_dict()`` for ``--json``."""
 
@@ -91,6 +111,7 @@ class ExtractReport:
     fits: list[ModuleFit] = field(default_factory=list)
     outcomes: list[TensorOutcome] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    buffers: list[BufferOutcome] = field(default_factory=list)
     adapter_parameters: int = 0
     adapter_bytes: int = 0
     output: Optional[str] = None
@@ -98,6 +119,8 @@ class ExtractReport:
     memory_budget: str = ""
     memory_in_use: int = 0
     streamed: list[StreamedTensor] = field(default_factory=list)
+    consumers: list[str] = field(default_factory=lambda: ["peft"])
+    for_report: Optional[ForReport] = None
 
     # ------------------------------------------------------------------------------------------ totals
     @property
@@ -130,6 +153,37 @@ class ExtractReport:
         """Changed tensors the adapter does not carry (dropped, rank 0)."""
         return [o for o in self.outcomes if o.outcome in ("dropped", "rank0")]
 
+    def left_out_by_consumer(self) -> dict[str, list[dict[str, Any]]]:
+        """For each consumer named with ``--for``: what was left out because it cannot carry it (tensor or
+        module, why, energy share; share None when unknown)."""
+        out: dict[str, list[dict[str, Any]]] = {}
+        for name in self.consumers:
+            items = [{"name": o.name, "why": o.reason, "share": self.share(o)}
+                     for o in self.outcomes if o.outcome == "dropped" and name in _for_names(o.reason)]
+            if self.for_report is not None:
+                items += [{"name": x.name, "why": x.reasons.get(name, x.reason), "share": x.share}
+                          for x in self.for_report.left_out_for(name)]
+            out[name] = items
+        return out
+
+    def _render_consumers(self) -> str:
+        """The ``--for`` section: how the scale was written, and what each named consumer leaves out."""
+        lines = []
+        if self.for_report is not None:
+            head = self.for_report.render().splitlines()[0]
+            lines.append(head)
+        for name, items in self.left_out_by_consumer().items():
+            if name == "peft":
+                continue
+            if not items:
+                lines.append(f"  {name}: leaves out nothing")
+                continue
+            known = sum(i["share"] or 0.0 for i in items)
+            shown = ", ".join(i["name"] for i in items[:8]) + (f" and {len(items) - 8} more" if len(items) > 8 else "")
+            lines.append(f"  {name}: leaves out {len(items)} tensor(s)/module(s), {100 * known:.3f}% of the delta "
+                         f"energy: {shown}")
+        return "\n".join(lines)
+
     # ------------------------------------------------------------------------------------------ output
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -139,14 +193,19 @@ class ExtractReport:
             "settings": {
                 "r": self.r, "alpha": self.alpha, "rank_policy": self.rank_policy, "svd": self.svd,
                 "device": self.device, "dtype": self.dtype, "lora_bias": self.lora_bias, "serving": self.serving,
+                "for": list(self.consumers),
             },
+            "for": self.for_report.to_dict() if self.for_report is not None else None,
+            "left_out_by_consumer": self.left_out_by_consumer(),
             "modules": [asdict(f) for f in self.fits],
             "tensors": [dict(asdict(o), share=self.share(o)) for o in self.outcomes],
+            "buffers": [asdict(b) for b in self.buffers],
             "notes": list(self.notes),
             "totals": {
                 "tensors_compared": self.tensors_compared,
                 "tensors_changed": len(self.outcomes),
                 "tensors_unchanged": self.tensors_unchanged,
+                "buffers_ignored": len(self.buffers),
                 "lora_modules": len(self.fits),
                 "adapter_parameters": self.adapter_parameters,
                 "adapter_bytes": self.adapter_bytes,
@@ -177,7 +236,7 @@ class ExtractReport:
         head = [
             f"extract: {self.base} -> {self.tuned}",
             f"r={self.r} alpha={self.alpha:g} rank policy={self.rank_policy} svd={self.svd} device={self.device} "
-            f"dtype={self.dtype} lora_bias={str(self.lora_bias).lower()}" + (" serving" if self.serving else ""),
+            f"dtype={self.dtype} lora_bias={str(self.lora_bias).lower()} for={','.join(self.consumers)}",
         ]
         parts = ["\n".join(head)]
         if self.fits:
@@ -194,10 +253,16 @@ class ExtractReport:
         if others:
             rows = [(o.name, o.outcome, f"{100 * self.share(o):.3f}%", o.reason) for o in others]
             parts.append("other changed tensors:\n" + format_table(rows, ["tensor", "became", "energy share", "why"]))
+        if self.buffers:
+            rows = [(b.name, "x".join(map(str, b.shape)) or "scalar", b.outcome, b.reason) for b in self.buffers]
+            parts.append("buffers (registered by the architecture, not weights):\n"
+                         + format_table(rows, ["tensor", "shape", "became", "why"]))
         if self.notes:
             parts.append("notes:\n" + "\n".join(f"  - {n}" for n in self.notes))
         if self.max_memory:
             parts.append(self._render_memory())
+        if self.consumers != ["peft"]:
+            parts.append(self._render_consumers())
         left = sum(self.share(o) for o in self.left_out())
         totals = (
             f"{self.tensors_compared} tensors compared, {len(self.outcomes)} changed, {self.tensors_unchanged} "
@@ -209,3 +274,10 @@ class ExtractReport:
         if self.output:
             parts.append(f"wrote {self.output}")
         return "\n\n".join(parts)
+
+
+def _for_names(reason: str) -> list[str]:
+    """The consumers a ``--for a, b: ...`` reason names (empty for any other reason)."""
+    if not reason.startswith("--for "):
+        return []
+    return [n.strip() for n in reason[len("--for "):].split(":", 1)[0].split(",")]

@@ -36,19 +36,23 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
+from ...consumers.rules import CONSUMERS, with_serving
 from ...engine.factors import lora_scale
 from ...engine.ranks import parse_rank_policy
-from ...errors import ConfigError, ShapeMismatchError
+from ...errors import ConfigError
 from ...io.adapter import Adapter
 from ...io.checkpoint import Checkpoint
 from ...io.writer import check_output_dir
 from ..budget import MemoryBudget, Size
+from ..options import DTYPES, Progress, Source, dtype_problem, numel as _numel, open_checkpoint as _open
+from ..options import parse_device as _device, source_name as _source_name
 from .build import Collected, build_adapter
-from .plan import plan_roles, split_tensor_name
+from .pair import buffer_names, check_pair
+from .plan import blocker, plan_roles, split_tensor_name
 from .report import ExtractReport, StreamedTensor
 from .process import compare, placements, process_tensor
 from .stream import Workspace
@@ -56,9 +60,6 @@ from .stream import Workspace
 __all__ = ["extract", "extract_to_dir", "default_output_path", "ExtractReport", "SVD_METHODS", "DTYPES"]
 
 SVD_METHODS = ("randomized", "exact")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-Source = Union[str, os.PathLike, Checkpoint]
-Progress = Callable[[int, int, str], None]
 
 
 def default_output_path(tuned: Union[str, os.PathLike], r: int, rank_policy: Optional[str] = None) -> Path:
@@ -105,6 +106,7 @@ def extract(
     device: str = "auto",
     dtype: str = "auto",
     seed: int = 0,
+    consumers: Union[str, Sequence[str], None] = "peft",
     serving: bool = False,
     allow_empty: bool = False,
     progress: Optional[Progress] = None,
@@ -126,8 +128,11 @@ def extract(
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``: where the arithmetic runs.
         dtype: dtype of the written tensors; ``auto`` follows the tuned checkpoint.
         seed: seeds the randomized SVD (per module, independent of order).
-        serving: write only LoRA factors on linear layers (what vLLM-style servers accept); list the rest
-            with its share of the delta energy.
+        consumers: who will read the adapter (``--for``): ``peft`` (default), ``vllm``, ``llama.cpp``, ``all``, or
+            several (``"vllm,llama.cpp"`` or a list). What one of them cannot carry is left out and listed with
+            its share of the delta energy, and the scale is written so that each computes PEFT's delta
+            (:func:`lorasurg.consumers.prepare_for`).
+        serving: an alias of adding ``vllm`` to ``consumers`` (``--serving``).
         allow_empty: for identical checkpoints, return a no-op adapter (all factors zero) instead of raising.
         progress: called as ``progress(done, total, tensor name)`` in elements after each tensor.
         max_memory: the memory budget for the tensors being processed (bytes, or text such as ``"2GB"``,
@@ -141,29 +146,31 @@ def extract(
         ``(adapter, report)``; save the adapter with :meth:`Adapter.save` (or use :func:`extract_to_dir`).
 
     Raises:
-        ShapeMismatchError: the checkpoints differ in architecture, tensor names or shapes (all listed).
+        ShapeMismatchError: the checkpoints differ in architecture, weight names or shapes (all listed); buffers
+            on one side only or that differ are ignored and listed in the report (:mod:`.pair`).
         InputError: a delta holds NaN/inf (tensors named); the checkpoints are identical (without
             ``allow_empty``); nothing LoRA-able changed; a checkpoint cannot be read.
         ConfigError: an invalid option value; a ``max_memory`` that is not a size, or below the smallest
             workable budget for these checkpoints (the message says what that is).
     """
     policy = _check_options(r, alpha, rank_policy, svd, dtype, embeddings)
+    for_names = with_serving(consumers, serving)
     work_device = _device(device)
     budget = MemoryBudget.resolve(max_memory, work_device)
     report = ExtractReport(
         base=_source_name(base), tuned=_source_name(tuned), r=r, alpha=float(alpha if alpha is not None else r),
         rank_policy=str(policy) if policy else f"fixed:{r}", svd=svd, device=str(work_device), dtype=dtype,
-        lora_bias=False, serving=serving, max_memory=budget.total, memory_budget=budget.description,
-        memory_in_use=budget.in_use,
+        lora_bias=False, serving="vllm" in for_names, consumers=list(for_names), max_memory=budget.total,
+        memory_budget=budget.description, memory_in_use=budget.in_use,
     )
     with contextlib.ExitStack() as opened:
         base_ckpt, tuned_ckpt = _open(base, opened), _open(tuned, opened)
-        _check_pair(base_ckpt, tuned_ckpt)
+        report.buffers = check_pair(base_ckpt, tuned_ckpt)
         adapter = _run(
             base_ckpt, tuned_ckpt, report, work_device, policy=policy, seed=seed, lora_bias=lora_bias,
             allow_empty=allow_empty, progress=progress, out_dtype=DTYPES.get(dtype), budget=budget,
             plan=dict(target_modules=target_modules, exclude_modules=exclude_modules, embeddings=embeddings,
-                      serving=serving),
+                      consumers=for_names),
         )
     return adapter, report
 
@@ -172,9 +179,11 @@ def _run(base: Checkpoint, tuned: Checkpoint, report: ExtractReport, device: tor
          lora_bias: Optional[bool], allow_empty: bool, progress: Optional[Progress], out_dtype, plan: dict,
          budget: MemoryBudget) -> Adapter:
     """The two passes over the tensors, then the adapter; fills ``report``."""
-    r, serving = report.r, report.serving
+    r = report.r
+    no_bias = blocker([CONSUMERS[c] for c in report.consumers], "lora_bias")
     scale = lora_scale(r, report.alpha)
-    names = base.names()
+    skip = buffer_names(base, tuned)  # not weights: listed by check_pair, never compared or carried
+    names = [n for n in base.names() if n not in skip]
     modules = base.module_infos()
     aliases = base.tied_weights()
     embed = _input_embedding(base, modules, aliases)
@@ -190,9 +199,9 @@ def _run(base: Checkpoint, tuned: Checkpoint, report: ExtractReport, device: tor
         compare(base, tuned, with_bias[name], run, device)
         done += _numel(base.shape(name))
     use_bias = bool(run.bias_deltas) if lora_bias is None else bool(lora_bias)
-    if serving and lora_bias:
-        run.notes.append("--lora-bias ignored: --serving writes no lora_B bias (LoRA servers reject it)")
-    use_bias = use_bias and not serving
+    if no_bias and lora_bias:
+        run.notes.append(f"--lora-bias ignored: {no_bias.title} {no_bias.rules['lora_bias'].says}")
+    use_bias = use_bias and not no_bias
     roles = with_bias if use_bias else plan_roles(names, modules, lora_bias=False, **plan)
 
     # Pass 2: everything else, in shard order, one tensor pair at a time, each LoRA target held or streamed.
@@ -247,8 +256,8 @@ def _check_options(r: int, alpha, rank_policy, svd: str, dtype: str, embeddings:
         problems.append(f"alpha must be a positive number, got {alpha!r}")
     if svd not in SVD_METHODS:
         problems.append(f"svd must be one of {', '.join(SVD_METHODS)}, got {svd!r}")
-    if dtype != "auto" and dtype not in DTYPES:
-        problems.append(f"dtype must be auto or one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dtype_problem(dtype):
+        problems.append(dtype_problem(dtype))
     if embeddings not in ("lora", "full", "skip"):
         problems.append(f"embeddings must be lora, full or skip, got {embeddings!r}")
     if problems:
@@ -256,67 +265,12 @@ def _check_options(r: int, alpha, rank_policy, svd: str, dtype: str, embeddings:
     return parse_rank_policy(rank_policy) if rank_policy else None
 
 
-def _device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(spec)
-    except (RuntimeError, ValueError) as err:
-        raise ConfigError(f"--device {spec!r} is not a device; use auto, cpu, cuda or cuda:N") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {spec} asked for CUDA but torch sees no CUDA device; use --device cpu or auto")
-    return device
 
 
-def _open(source: Source, opened: contextlib.ExitStack) -> Checkpoint:
-    """``source`` itself if it is an open checkpoint, else a checkpoint closed when ``opened`` closes."""
-    if isinstance(source, Checkpoint):
-        return source
-    return opened.enter_context(Checkpoint.open(source))
 
 
-def _source_name(source: Source) -> str:
-    return str(source.source) if isinstance(source, Checkpoint) else os.fspath(source)
 
 
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
-
-
-def _check_pair(base: Checkpoint, tuned: Checkpoint) -> None:
-    """Refuse checkpoints that are not the same architecture, listing every difference."""
-    problems: list[str] = []
-    bc, tc = base.config or {}, tuned.config or {}
-    for key in ("model_type", "architectures"):
-        if key in bc and key in tc and bc[key] != tc[key]:
-            problems.append(f"config {key}: base {bc[key]!r}, tuned {tc[key]!r}")
-    aliases = set(base.tied_weights())  # the tuned side is the same architecture, or the names differ below
-    b_names = set(base.names()) - aliases
-    t_names = set(tuned.names()) - aliases
-    only_b, only_t = sorted(b_names - t_names), sorted(t_names - b_names)
-    if only_b:
-        problems.append(f"missing from tuned ({len(only_b)}): {_short(only_b)}")
-    if only_t:
-        problems.append(f"missing from base ({len(only_t)}): {_short(only_t)}")
-    shapes = [
-        f"{n}: base {tuple(base.shape(n))}, tuned {tuple(tuned.shape(n))}"
-        for n in base.names() if n in t_names and tuple(base.shape(n)) != tuple(tuned.shape(n))
-    ]
-    if shapes:
-        problems.append(f"shape mismatch ({len(shapes)}): {_short(shapes)}")
-    if problems:
-        raise ShapeMismatchError(
-            f"{base.source} and {tuned.source} are not the same architecture:\n  - " + "\n  - ".join(problems)
-            + "\nextract needs a base checkpoint and a fine-tune of it with the same tensors and shapes."
-        )
-
-
-def _short(items: Sequence[str], limit: int = 10) -> str:
-    shown = ", ".join(items[:limit])
-    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
 def _input_embedding(ckpt: Checkpoint, modules, aliases) -> Optional[str]:

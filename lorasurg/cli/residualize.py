@@ -1,0 +1,51 @@
+"""``lorasurg residualize``: a PiSSA/OLoRA residual base and its initial adapter, offline."""
+
+from __future__ import annotations
+
+import click
+
+from ._app import device_option, dtype_option, emit, force_option, json_option, main, progress_bar, selection
+
+
+@main.command("residualize")
+@click.argument("base", metavar="BASE")
+@click.option("--init", "init", default="pissa", show_default=True, metavar="METHOD",
+              help="pissa (exact SVD), pissa_niter_N (randomized SVD, N power iterations) or olora (QR).")
+@click.option("--r", "r", type=click.IntRange(min=1), default=16, show_default=True,
+              help="LoRA rank; clamped per module to min(out, in), and said so.")
+@click.option("--alpha", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="lora_alpha; default R (scale 1).")
+@click.option("--rslora", "use_rslora", is_flag=True, help="Scale alpha/sqrt(r) instead of alpha/r.")
+@click.option("--target-modules", multiple=True, metavar="NAME",
+              help="Layers to factor (names or suffixes, repeatable or comma-separated; one value with regex "
+                   "characters is a regex). Default: every linear layer except the output head (all-linear).")
+@click.option("--exclude-modules", multiple=True, metavar="NAME", help="Leave these modules out. Same syntax.")
+@click.option("-o", "--output", type=click.Path(file_okay=False), default=None,
+              help="Directory to write (model/, adapter/, README.md). Default: ./<BASE name>-<init>-r<R>.")
+@dtype_option
+@device_option
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of pissa_niter_N's random sketches (and of embedding inits).")
+@force_option
+@json_option
+def residualize_command(base, init, r, alpha, use_rslora, target_modules, exclude_modules, output, dtype, device,
+                        seed, force, as_json) -> None:
+    """Write OUT/model (BASE with each target weight replaced by its PiSSA/OLoRA residual) and OUT/adapter (the
+    initial adapter): together they compute what BASE computes; train the adapter on the residual model.
+
+    BASE is streamed one tensor at a time; untouched tensors and every non-weight file (config, tokenizer) are
+    copied as they are. The adapter's config says init_lora_weights: true (PEFT would decompose the residual again
+    on load otherwise); OUT/README.md and the adapter's safetensors metadata record where it came from.
+
+    \b
+    Example:
+      lorasurg residualize fixtures/tiny-llama/base --init pissa_niter_4 --r 8 -o out/pissa
+    """
+    from ..surgery.residualize import residualize
+
+    report = residualize(
+        base, output, init=init, r=r, alpha=alpha, use_rslora=use_rslora,
+        target_modules=selection(target_modules), exclude_modules=selection(exclude_modules), dtype=dtype,
+        device=device, seed=seed, force=force, progress=None if as_json else progress_bar("residualize"),
+    )
+    emit(report, as_json)

@@ -1,0 +1,392 @@
+"""Rewrite an adapter so that every named consumer computes PEFT's per-module delta.
+
+For each module ``m`` with PEFT scale ``s_m`` and rank ``r_m`` the delta ``s_m * B_m @ A_m`` is kept; what
+changes is how the scale is written and, where needed, the factors:
+
+* ``peft`` (layout ``patterns``): the adapter as it is.
+* ``vllm`` (``uniform-scale``): one scale ``s`` for every module (the most common ``s_m``); ``r`` = the
+  largest rank, ``lora_alpha = s * r`` (``s * sqrt(r)`` with rsLoRA), and ``rank_pattern``/``alpha_pattern``
+  (anchored keys) give other ranks ``alpha_m = s * r_m``. vLLM >= 0.32 reads the patterns, older vLLM the
+  global ``lora_alpha / r``: both get ``s``.
+* ``llama.cpp`` (``tensor-rank``): no ``alpha_pattern`` and no rsLoRA; ``lora_alpha`` = the most common
+  ``s_m * r_m``, ``r`` the most common rank, ``rank_pattern`` for the others (PEFT needs it to load them).
+  PEFT and llama.cpp then both use ``lora_alpha / r_m``.
+* both (or ``all``): ``lora_alpha / r`` and ``lora_alpha / r_m`` agree only at one rank, so every module is
+  zero-padded to the largest rank ``R`` (``A`` gains zero rows, ``B`` zero columns: ``B @ A`` is unchanged,
+  exactly); ``lora_alpha = s * R``, no patterns, no rsLoRA. The report gives the padding's cost in bytes.
+
+A module whose written scale ``s'`` differs from ``s_m`` has its product multiplied by ``c = s_m / s'``: ``A``
+and ``B`` are each multiplied by ``sqrt(|c|)`` (``B`` also by the sign of ``c``), in float32 and cast back to
+their dtype (exact to float32 rounding in float32; a bfloat16 factor rounds again, to about 0.4%), and a kept
+``lora_B.bias`` by ``c``.
+
+What a named consumer cannot carry (it refuses, drops or misreads it, or reads it only for some models) is
+left out and listed with its share of the delta's energy (squared Frobenius norm of everything the adapter
+adds under PEFT; a tensor saved whole in ``modules_to_save`` counts only when its delta energy is given).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Collection, Iterable, Mapping, Optional, Union
+
+import torch
+
+from ..errors import InputError
+from ..io.adapter import Adapter, AdapterModule
+from ..targeting import anchored_pattern_key
+from .reading import (
+    adapter_features,
+    bias_energy,
+    consumer_findings,
+    module_energy,
+    peft_scale,
+    tied_heads,
+)
+from .rules import CONSUMERS, parse_consumers
+
+__all__ = ["LeftOut", "ForReport", "prepare_for"]
+
+_MODULE_FEATURES = ("embedding_lora", "output_layer_lora", "tied_head_lora", "conv_lora", "fan_in_fan_out_lora")
+_SCALE_FEATURES = ("rank_pattern", "alpha_pattern", "rslora")
+
+
+@dataclass
+class LeftOut:
+    """Something of the adapter that a named consumer cannot carry, left out of the rewritten adapter.
+
+    Attributes:
+        name: the module, or the tensor key for ``modules_to_save``.
+        feature: which part (a key of :data:`~lorasurg.consumers.rules.FEATURES`).
+        consumers: the named consumers that cannot carry it.
+        reason: what each of them does with it (``"vLLM: ...; llama.cpp: ..."``).
+        energy: its ``||delta||_F**2`` under PEFT; None when not known (DoRA rescaling, a whole saved module
+            without a given delta energy).
+        share: ``energy`` over the adapter's total delta energy, or None.
+        reasons: ``{consumer: its rule}`` (the parts of ``reason``).
+    """
+
+    name: str
+    feature: str
+    consumers: tuple[str, ...]
+    reason: str
+    energy: Optional[float]
+    share: Optional[float]
+    reasons: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class ForReport:
+    """What :func:`prepare_for` did; ``render()`` for people, ``to_dict()`` for JSON."""
+
+    consumers: tuple[str, ...]
+    layout: str
+    r: int
+    lora_alpha: float
+    use_rslora: bool
+    rescaled: dict[str, float] = field(default_factory=dict)
+    padded: dict[str, tuple[int, int]] = field(default_factory=dict)
+    padding_bytes: int = 0
+    left_out: list[LeftOut] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    total_energy: float = 0.0
+
+    @property
+    def left_out_share(self) -> float:
+        """Sum of the known shares of what was left out."""
+        return sum(x.share or 0.0 for x in self.left_out)
+
+    def left_out_for(self, consumer: str) -> list[LeftOut]:
+        """What ``consumer`` cannot carry."""
+        return [x for x in self.left_out if consumer in x.consumers]
+
+    def to_dict(self) -> dict:
+        return {
+            "consumers": list(self.consumers),
+            "layout": self.layout,
+            "r": self.r,
+            "lora_alpha": self.lora_alpha,
+            "use_rslora": self.use_rslora,
+            "rescaled": dict(self.rescaled),
+            "padded": {k: list(v) for k, v in self.padded.items()},
+            "padding_bytes": self.padding_bytes,
+            "left_out": [dict(asdict(x), consumers=list(x.consumers)) for x in self.left_out],
+            "left_out_share": self.left_out_share,
+            "notes": list(self.notes),
+        }
+
+    def render(self) -> str:
+        head = f"written for {', '.join(self.consumers)}: " + _LAYOUT_TEXT[self.layout].format(
+            r=self.r, alpha=f"{self.lora_alpha:g}", n=len(self.padded), bytes=f"{self.padding_bytes:,} bytes")
+        if self.rescaled:
+            head += (f"; {len(self.rescaled)} module(s) had their factors rescaled so their scale is written as "
+                     "the consumers read it")
+        parts = [head]
+        for name in self.consumers:
+            items = self.left_out_for(name)
+            if name == "peft" or not items:
+                parts.append("  peft: the reference" if name == "peft" else f"  {name}: carries everything")
+                continue
+            parts.append(f"  {name} leaves out:")
+            parts.extend(
+                f"    - {x.name} ({x.feature}, {'share unknown' if x.share is None else f'{100 * x.share:.3f}%'}): "
+                f"{x.reasons.get(name, x.reason)}" for x in items
+            )
+        parts.extend(f"  note: {n}" for n in self.notes)
+        return "\n".join(parts)
+
+
+_LAYOUT_TEXT = {
+    "patterns": "as PEFT wrote it (rank_pattern/alpha_pattern), r={r}, lora_alpha={alpha}",
+    "uniform-scale": "one scale for every module, r={r}, lora_alpha={alpha}, other ranks in rank_pattern/alpha_pattern",
+    "tensor-rank": "no alpha_pattern or rsLoRA, lora_alpha={alpha} over each module's rank (r={r})",
+    "padded": "every module zero-padded to rank {r} ({n} padded, +{bytes}), lora_alpha={alpha}, no patterns",
+}
+
+
+def prepare_for(
+    adapter: Adapter,
+    consumers: Union[str, Iterable[str], None] = "peft",
+    *,
+    tied: Optional[Collection[str]] = None,
+    delta_energy: Optional[Mapping[str, float]] = None,
+    total_energy: Optional[float] = None,
+) -> tuple[Adapter, ForReport]:
+    """A copy of ``adapter`` that every named consumer reads as PEFT reads ``adapter`` (see the module docstring).
+
+    Args:
+        adapter: a PEFT adapter (not changed; unchanged tensors are shared with the copy).
+        consumers: ``peft``, ``vllm``, ``llama.cpp``, ``all``, or several (``"vllm,llama.cpp"`` or a list).
+        tied: names of output modules tied to the input embedding; None: recognised as ``extract`` writes them.
+        delta_energy: ``{tensor key in adapter.extra: ||tuned - base||_F**2}`` for whole saved modules, so their
+            share can be given when they are left out (``extract`` knows them).
+        total_energy: the denominator of the shares; default the adapter's own delta energy under PEFT
+            (``extract`` gives the energy of every changed tensor, so shares match its report).
+
+    Returns:
+        ``(adapter, report)``.
+
+    Raises:
+        ConfigError: an unknown consumer name.
+        InputError: nothing the named consumers can carry is left.
+    """
+    names = parse_consumers(consumers)
+    chosen = [CONSUMERS[n] for n in names]
+    features = adapter_features(adapter, tied)
+    total, energies = _energies(adapter, delta_energy)
+    total = total if total_energy is None else float(total_energy)
+    new = Adapter(copy.deepcopy(adapter.config), {n: copy.copy(m) for n, m in adapter.modules.items()},
+                  dict(adapter.extra))
+    report = ForReport(names, "patterns", 0, 0.0, False, total_energy=total)
+
+    for feature, items in features.items():
+        blockers = [c for c in chosen if not c.carries(feature)]
+        if feature in _SCALE_FEATURES or not blockers:
+            continue
+        if feature == "init_weights":
+            new.config.init_lora_weights = True
+            report.notes.append(
+                f"{adapter.config.init_lora_weights!r} init: init_lora_weights is written as true, which "
+                f"{', '.join(c.title for c in blockers)} require(s); the adapter belongs on the base it was "
+                "trained on (the residual base for PiSSA/OLoRA), and PEFT then loads it without re-initialising")
+            continue
+        for item in items:
+            energy = _leave_out(new, feature, item, energies)
+            share = None if energy is None or total <= 0 else energy / total
+            reasons = {c.name: f"{c.title}: {c.rules[feature].says}" for c in blockers}
+            report.left_out.append(LeftOut(item, feature, tuple(reasons), "; ".join(reasons.values()), energy, share,
+                                           reasons))
+    _clean_config(new, adapter, chosen)
+    if not new.modules:
+        listed = ", ".join(sorted({x.feature for x in report.left_out}))
+        raise InputError(
+            f"nothing of this adapter can be written for {', '.join(names)}: every LoRA module is of a kind they "
+            f"cannot carry ({listed}). Write it for fewer consumers (--for peft keeps everything)."
+        )
+    _layout(new, adapter, {c.layout for c in chosen if c.layout != "patterns"} or {"patterns"}, report)
+    _check(new, names, tied, adapter)
+    return new, report
+
+
+# ------------------------------------------------------------------------------------------------ leaving out
+
+
+def _energies(adapter: Adapter, delta_energy: Optional[Mapping[str, float]]) -> tuple[float, dict[str, float]]:
+    """Total delta energy and the energy of each module (``m``), bias (``m.bias``) and known extra tensor."""
+    energies: dict[str, float] = {}
+    for name in adapter.modules:
+        energies[name] = module_energy(adapter, name)
+        energies[f"{name}.lora_B.bias"] = bias_energy(adapter, name)
+    for key, value in (delta_energy or {}).items():
+        if key in adapter.extra:
+            energies[f"extra:{key}"] = float(value)
+    return sum(energies.values()), energies
+
+
+def _leave_out(new: Adapter, feature: str, item: str, energies: dict[str, float]) -> Optional[float]:
+    """Remove ``item`` (a module, a bias, a magnitude or an extra tensor) from ``new``; its energy or None."""
+    if feature == "lora_bias":
+        new.modules[item].bias = None
+        return energies[f"{item}.lora_B.bias"]
+    if feature == "dora":
+        if item in new.modules:
+            new.modules[item].magnitude = None
+        return None
+    if feature in ("modules_to_save", "saved_norms"):
+        new.extra.pop(item, None)
+        return energies.get(f"extra:{item}")
+    if feature in _MODULE_FEATURES:
+        if item not in new.modules:
+            return 0.0
+        del new.modules[item]
+        new.extra.pop(f"{item}.base_layer.weight", None)
+        return energies[item] + energies[f"{item}.lora_B.bias"]
+    raise AssertionError(f"no way to leave out {feature!r}")
+
+
+def _clean_config(new: Adapter, old: Adapter, chosen) -> None:
+    """Config flags and target_modules that match what was left out."""
+    cfg = new.config
+    if cfg.lora_bias and any(not c.carries("lora_bias") for c in chosen):
+        cfg.lora_bias = False
+        for mod in new.modules.values():
+            mod.bias = None
+    if cfg.use_dora and any(not c.carries("dora") for c in chosen):
+        cfg.use_dora = False
+        for mod in new.modules.values():
+            mod.magnitude = None
+    if cfg.modules_to_save and not any(not k.endswith(".base_layer.weight") for k in new.extra):
+        cfg.modules_to_save = None
+    removed = [m for m in old.modules if m not in new.modules]
+    if removed:
+        _untarget(cfg, removed, list(new.modules))
+
+
+def _untarget(cfg, removed: list[str], kept: list[str]) -> None:
+    """Stop target_modules from selecting ``removed``: drop list entries that select only removed modules, and
+    add the rest to exclude_modules (PEFT would otherwise give them a fresh, zero LoRA and warn of missing keys)."""
+
+    def hits(entry: str, name: str) -> bool:
+        return name == entry or name.endswith("." + entry)
+
+    still = list(removed)
+    target = cfg.target_modules
+    if isinstance(target, (list, set, tuple, frozenset)):
+        entries = [e for e in target if not (any(hits(e, m) for m in removed) and not any(hits(e, k) for k in kept))]
+        cfg.target_modules = set(entries)
+        still = [m for m in removed if any(hits(e, m) for e in entries)]
+    if not still:
+        return
+    excl = cfg.exclude_modules
+    if excl is None:
+        cfg.exclude_modules = set(still)
+    elif isinstance(excl, str):
+        cfg.exclude_modules = f"(?:{excl})|" + "|".join(re.escape(m) for m in still)
+    else:
+        cfg.exclude_modules = set(excl) | set(still)
+
+
+# ------------------------------------------------------------------------------------------------ layout
+
+
+def _layout(new: Adapter, old: Adapter, layouts: set[str], report: ForReport) -> None:
+    """Write the scale as the consumers read it: set r, lora_alpha, patterns; rescale or pad the factors."""
+    cfg = new.config
+    mods = list(new.modules)
+    scales = {m: peft_scale(old, m) for m in mods}
+    ranks = {m: new.modules[m].rank for m in mods}
+    if layouts == {"patterns"}:
+        report.layout, report.r, report.lora_alpha, report.use_rslora = "patterns", cfg.r, cfg.lora_alpha, cfg.use_rslora
+        return
+    s = _most_common(scales[m] for m in mods)
+    if layouts == {"tensor-rank"}:
+        cfg.use_rslora = False
+        alpha = _most_common(scales[m] * ranks[m] for m in mods) or 1.0
+        r = _most_common(ranks[m] for m in mods)
+        written = {m: alpha / ranks[m] for m in mods}
+        cfg.r, cfg.lora_alpha = r, _number(alpha)
+        cfg.rank_pattern = {anchored_pattern_key(m): ranks[m] for m in mods if ranks[m] != r}
+        cfg.alpha_pattern = {}
+        layout = "tensor-rank"
+    elif layouts == {"uniform-scale"}:
+        r = max(ranks.values())
+        root = math.sqrt if cfg.use_rslora else float
+        written = {m: s for m in mods}
+        cfg.r, cfg.lora_alpha = r, _number(s * root(r))
+        cfg.rank_pattern = {anchored_pattern_key(m): ranks[m] for m in mods if ranks[m] != r}
+        cfg.alpha_pattern = {anchored_pattern_key(m): _number(s * root(ranks[m])) for m in mods if ranks[m] != r}
+        layout = "uniform-scale"
+    else:  # uniform scale and tensor rank together: one rank
+        r = max(ranks.values())
+        cfg.use_rslora = False
+        written = {m: s for m in mods}
+        cfg.r, cfg.lora_alpha, cfg.rank_pattern, cfg.alpha_pattern = r, _number(s * r), {}, {}
+        for m in mods:
+            if ranks[m] < r:
+                report.padding_bytes += _pad(new.modules[m], r)
+                report.padded[m] = (ranks[m], r)
+        layout = "padded"
+    for m in mods:
+        c = scales[m] / written[m]
+        if not math.isclose(c, 1.0, rel_tol=1e-12):
+            _rescale(new.modules[m], c)
+            report.rescaled[m] = c
+    cfg.validate()
+    report.layout, report.r, report.lora_alpha, report.use_rslora = layout, cfg.r, cfg.lora_alpha, cfg.use_rslora
+
+
+def _rescale(mod: AdapterModule, c: float) -> None:
+    """Multiply ``B @ A`` by ``c``: ``A`` and ``B`` each by ``sqrt(|c|)`` (``B`` by the sign too); bias by ``c``."""
+    root = math.sqrt(abs(c))
+    mod.A = (mod.A.to(_work(mod.A)) * root).to(mod.A.dtype)
+    mod.B = (mod.B.to(_work(mod.B)) * (root if c > 0 else -root)).to(mod.B.dtype)
+    if mod.bias is not None:
+        mod.bias = (mod.bias.to(_work(mod.bias)) * c).to(mod.bias.dtype)
+
+
+def _pad(mod: AdapterModule, rank: int) -> int:
+    """Zero-pad ``mod`` to ``rank``: ``A`` gains zero rows, ``B`` zero columns. Returns the bytes added."""
+    extra = rank - mod.rank
+    zA = torch.zeros((extra, *mod.A.shape[1:]), dtype=mod.A.dtype)
+    zB = torch.zeros((mod.B.shape[0], extra, *mod.B.shape[2:]), dtype=mod.B.dtype)
+    mod.A = torch.cat([mod.A, zA], dim=0)  # (r + extra, in, ...)
+    mod.B = torch.cat([mod.B, zB], dim=1)  # (out, r + extra, ...)
+    return zA.numel() * zA.element_size() + zB.numel() * zB.element_size()
+
+
+def _check(new: Adapter, names: tuple[str, ...], tied, old: Adapter) -> None:
+    """The rewritten adapter must be read by every named consumer as PEFT reads it (a bug otherwise)."""
+    kept_tied = None if tied is None else [t for t in tied if t in new.modules]
+    if kept_tied is None:
+        kept_tied = [t for t in tied_heads(old) if t in new.modules]
+    wrong = [f for f in consumer_findings(new, names, kept_tied)
+             if f.severity == "error" or f.code == "legacy-scale"]
+    problems = new.problems()
+    if wrong or problems:
+        raise AssertionError("prepare_for wrote an adapter its consumers misread: "
+                             + "; ".join([f.message for f in wrong] + problems))
+
+
+def _most_common(values: Iterable[float]) -> float:
+    """The most common value (rounded to 12 significant digits to group equal floats); the first on ties."""
+    counts: Counter = Counter()
+    first: dict[float, float] = {}
+    for v in values:
+        key = float(f"{v:.12g}")
+        counts[key] += 1
+        first.setdefault(key, v)
+    best = max(counts.values())
+    return next(first[k] for k in first if counts[k] == best)
+
+
+def _work(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _number(x: float):
+    """An int when ``x`` is integral (PEFT writes lora_alpha as an int by default)."""
+    return int(round(x)) if math.isclose(x, round(x), rel_tol=0, abs_tol=1e-9) else float(x)

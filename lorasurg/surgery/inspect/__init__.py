@@ -1,0 +1,129 @@
+"""``lorasurg inspect``: what is in an adapter, and how much of its rank it uses.
+
+For each module: layer kind, rank r, lora_alpha and the scale ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA)
+the config gives it, tensor shapes, dtype and parameter count; the norm of its delta ``||scale * B @ A||_F``
+(relative to the base weight with a base model), the delta's singular values computed exactly from the factors
+(:mod:`.spectra`), its effective rank and the ranks keeping 90% / 99% of its energy. Then totals per layer
+type, the non-LoRA tensors, totals, every way the tensors contradict the config
+(:meth:`lorasurg.io.adapter.Adapter.problems`), per consumer (PEFT, vLLM, llama.cpp) whether it reads the
+adapter as PEFT does (:func:`lorasurg.consumers.consumer_verdicts`), and optionally a PNG of the spectra and norms (:mod:`.plot`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import ExitStack
+from typing import Optional, Union
+
+from ...consumers import consumer_verdicts
+from ...engine.factors import lora_scale
+from ...io.adapter import Adapter
+from ...io.checkpoint import Checkpoint
+from .plot import check_plot_path, write_plot
+from .report import InspectReport, LayerTypeTotal, ModuleSummary
+from .spectra import base_weight_norm, module_spectrum
+
+__all__ = ["ModuleSummary", "LayerTypeTotal", "InspectReport", "inspect_adapter"]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def inspect_adapter(
+    path_or_repo: PathLike, base: Optional[PathLike] = None, *, plot: Optional[PathLike] = None, force: bool = False
+) -> InspectReport:
+    """Summarise the adapter at ``path_or_repo``; inconsistencies are reported, not raised.
+
+    Args:
+        path_or_repo: an adapter directory or hub repo id.
+        base: the base model; each delta's norm is then also given relative to its base weight's norm (one base
+            tensor read at a time).
+        plot: write a PNG of the spectra and the delta norms here (needs matplotlib: ``pip install
+            lorasurg[plot]``).
+        force: replace an existing ``plot`` file.
+
+    Raises:
+        InputError: the adapter or the base cannot be read.
+        UnsupportedError: ``plot`` is given and matplotlib is not installed (checked before any work).
+        OutputExistsError: ``plot`` exists and ``force`` is false (checked before any work).
+    """
+    if plot is not None:
+        check_plot_path(plot, force)
+    adapter = Adapter.load(path_or_repo, strict=False)
+    cfg = adapter.config
+    with ExitStack() as stack:
+        checkpoint = stack.enter_context(Checkpoint.open(base)) if base is not None else None
+        modules, missing = [], []
+        for name, mod in adapter.modules.items():
+            summary = _summary(adapter, name)
+            if checkpoint is not None:
+                weight_norm = base_weight_norm(checkpoint, name)
+                if weight_norm is None:
+                    missing.append(name)
+                elif weight_norm > 0:
+                    summary.relative_norm = summary.delta_norm / weight_norm
+            modules.append(summary)
+    state = adapter.to_state_dict()
+    report = InspectReport(
+        source=os.fspath(path_or_repo),
+        config=json.loads(cfg.to_json_string()),
+        modules=modules,
+        extra={k: list(v.shape) for k, v in adapter.extra.items()},
+        total_parameters=sum(t.numel() for t in state.values()),
+        total_bytes=sum(t.numel() * t.element_size() for t in state.values()),
+        problems=adapter.problems(),
+        base=None if base is None else os.fspath(base),
+        layer_types=_layer_types(modules),
+        consumers=[v.to_dict() for v in consumer_verdicts(adapter)],
+    )
+    if missing:
+        report.notes.append(f"{len(missing)} module(s) have no weight in the base, so no relative norm: {missing[:5]}")
+    if plot is not None:
+        write_plot(report, plot)
+        report.plot = os.fspath(plot)
+    return report
+
+
+def _summary(adapter: Adapter, name: str) -> ModuleSummary:
+    mod = adapter.modules[name]
+    r, alpha = adapter.rank_alpha(name)
+    scale = lora_scale(r, alpha, adapter.config.use_rslora)
+    spectrum = module_spectrum(mod, scale) if mod.A.shape[0] == mod.B.shape[1] else None
+    return ModuleSummary(
+        name=name,
+        layer_type=name.rsplit(".", 1)[-1],
+        kind=mod.kind,
+        rank=mod.rank,
+        alpha=alpha,
+        scale=scale,
+        A_shape=list(mod.A.shape),
+        B_shape=list(mod.B.shape),
+        dtype=str(mod.A.dtype).removeprefix("torch."),
+        parameters=sum(t.numel() for t in mod.tensors().values()),
+        bias=mod.bias is not None,
+        dora=mod.magnitude is not None,
+        **({} if spectrum is None else dict(
+            delta_norm=spectrum.norm, effective_rank=spectrum.effective_rank, rank_90=spectrum.rank_90,
+            rank_99=spectrum.rank_99, spectrum=spectrum.singular_values,
+        )),
+    )
+
+
+def _layer_types(modules: list[ModuleSummary]) -> list[LayerTypeTotal]:
+    groups: dict[str, list[ModuleSummary]] = {}
+    for m in modules:
+        groups.setdefault(m.layer_type, []).append(m)
+    totals = []
+    for layer_type, group in groups.items():
+        relative = [m.relative_norm for m in group if m.relative_norm is not None]
+        totals.append(LayerTypeTotal(
+            layer_type=layer_type,
+            modules=len(group),
+            parameters=sum(m.parameters for m in group),
+            rank=sum(m.rank for m in group),
+            rank_99=sum(m.rank_99 for m in group),
+            mean_effective_rank=sum(m.effective_rank for m in group) / len(group),
+            delta_norm=sum(m.delta_norm ** 2 for m in group) ** 0.5,
+            relative_norm=sum(relative) / len(relative) if relative else None,
+        ))
+    return totals

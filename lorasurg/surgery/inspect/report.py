@@ -1,0 +1,157 @@
+"""What ``lorasurg inspect`` reports: per module, per layer type, and for the whole adapter."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+from ..report import format_bytes, format_count, format_table
+
+__all__ = ["ModuleSummary", "LayerTypeTotal", "InspectReport"]
+
+
+@dataclass
+class ModuleSummary:
+    """One module of an adapter, as ``inspect`` reports it.
+
+    ``delta_norm`` is ``||scale * B @ A||_F``; ``relative_norm`` divides it by the base weight's ``||W||_F``
+    (None without a base, or when the base has no such weight). ``spectrum`` holds the singular values of the
+    delta (exact, from the factors); ``effective_rank`` is ``exp`` of their entropy; ``rank_90``/``rank_99`` the
+    smallest ranks keeping 90% / 99% of ``delta_norm ** 2``.
+    """
+
+    name: str
+    layer_type: str
+    kind: str
+    rank: int
+    alpha: float
+    scale: float
+    A_shape: list[int]
+    B_shape: list[int]
+    dtype: str
+    parameters: int
+    bias: bool
+    dora: bool
+    delta_norm: float = 0.0
+    relative_norm: Optional[float] = None
+    effective_rank: float = 0.0
+    rank_90: int = 0
+    rank_99: int = 0
+    spectrum: list[float] = field(default_factory=list)
+
+
+@dataclass
+class LayerTypeTotal:
+    """The modules of one layer type (the last part of their names, e.g. ``q_proj``) taken together.
+
+    ``delta_norm`` is ``sqrt(sum ||dW||_F^2)`` over them; ``relative_norm`` the mean of their relative norms;
+    ``rank``/``rank_99`` the sums of stored ranks and of the ranks keeping 99% of each module's energy.
+    """
+
+    layer_type: str
+    modules: int
+    parameters: int
+    rank: int
+    rank_99: int
+    mean_effective_rank: float
+    delta_norm: float
+    relative_norm: Optional[float] = None
+
+
+@dataclass
+class InspectReport:
+    """Everything ``inspect`` found in an adapter."""
+
+    source: str
+    config: dict[str, Any]
+    modules: list[ModuleSummary]
+    extra: dict[str, list[int]]
+    total_parameters: int
+    total_bytes: int
+    problems: list[str] = field(default_factory=list)
+    base: Optional[str] = None
+    layer_types: list[LayerTypeTotal] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    plot: Optional[str] = None
+    consumers: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "base": self.base,
+            "config": self.config,
+            "modules": [asdict(m) for m in self.modules],
+            "layer_types": [asdict(t) for t in self.layer_types],
+            "extra": self.extra,
+            "total_parameters": self.total_parameters,
+            "total_bytes": self.total_bytes,
+            "problems": self.problems,
+            "notes": self.notes,
+            "plot": self.plot,
+            "consumers": self.consumers,
+        }
+
+    def render(self) -> str:
+        cfg = self.config
+        head = [
+            f"adapter: {self.source}" + (f"  (base: {self.base})" if self.base else ""),
+            f"r={cfg['r']} lora_alpha={cfg['lora_alpha']} use_rslora={cfg['use_rslora']} "
+            f"use_dora={cfg['use_dora']} lora_bias={cfg['lora_bias']} init_lora_weights={cfg['init_lora_weights']}",
+            f"target_modules: {cfg['target_modules']}",
+        ]
+        if cfg.get("modules_to_save"):
+            head.append(f"modules_to_save: {cfg['modules_to_save']}")
+        rows = [
+            (m.name, m.kind, m.rank, f"{m.alpha:g}", f"{m.scale:.4g}", "x".join(map(str, m.A_shape)),
+             "x".join(map(str, m.B_shape)), m.dtype, format_count(m.parameters))
+            for m in self.modules
+        ]
+        parts = ["\n".join(head), format_table(rows, ["module", "kind", "r", "alpha", "scale", "A", "B", "dtype", "params"])]
+        if self.modules:
+            parts.append(self._render_spectra())
+        if self.extra:
+            parts.append("other tensors:\n" + "\n".join(f"  {k}  {'x'.join(map(str, s))}" for k, s in self.extra.items()))
+        parts.append(
+            f"{len(self.modules)} LoRA modules, {format_count(self.total_parameters)} parameters, "
+            f"{format_bytes(self.total_bytes)}"
+        )
+        if self.notes:
+            parts.append("\n".join(f"note: {n}" for n in self.notes))
+        if self.problems:
+            parts.append("problems:\n" + "\n".join(f"  - {p}" for p in self.problems))
+        else:
+            parts.append("no problems found: the tensors match the config")
+        if self.consumers:
+            parts.append("read by:\n" + "\n".join(f"  {c['line']}" for c in self.consumers))
+        if self.plot:
+            parts.append(f"plot written to {self.plot}")
+        return "\n\n".join(parts)
+
+    def _render_spectra(self) -> str:
+        rel = self.base is not None
+        headers = ["module", "r", "||dW||_F"] + (["/||W||_F"] if rel else []) + ["eff. rank", "r@90%", "r@99%"]
+        rows = [
+            (m.name, m.rank, f"{m.delta_norm:.4g}") + ((_percent(m.relative_norm),) if rel else ())
+            + (f"{m.effective_rank:.2f}", m.rank_90, m.rank_99)
+            for m in self.modules
+        ]
+        type_headers = ["layer type", "modules", "params", "sum r", "sum r@99%", "mean eff. rank", "||dW||_F"]
+        type_rows = [
+            (t.layer_type, t.modules, format_count(t.parameters), t.rank, t.rank_99, f"{t.mean_effective_rank:.2f}",
+             f"{t.delta_norm:.4g}") + ((_percent(t.relative_norm),) if rel else ())
+            for t in self.layer_types
+        ]
+        stored = sum(t.rank for t in self.layer_types)
+        used = sum(t.rank_99 for t in self.layer_types)
+        waste = (f"rank stored {stored}, rank keeping 99% of each module's delta {used}: "
+                 f"{stored - used} ({(stored - used) / stored:.0%}) of the rank adds under 1% of the energy"
+                 if stored else "")
+        return "\n\n".join([
+            "spectra of the deltas scale * B @ A (exact, from the factors):\n" + format_table(rows, headers),
+            "per layer type:\n" + format_table(type_rows, type_headers + (["mean /||W||_F"] if rel else [])),
+            waste,
+        ]).rstrip()
+
+
+def _percent(value: Optional[float]) -> str:
+    return "-" if value is None else f"{100 * value:.3g}%"

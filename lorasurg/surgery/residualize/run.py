@@ -1,0 +1,300 @@
+"""``lorasurg residualize``: a PiSSA/OLoRA starting point, offline: the residual base and the initial adapter.
+
+For each target weight ``W`` (matrix view ``(out, in)``, see :mod:`lorasurg.engine.factors`) and scale
+``s = alpha / r`` (``alpha / sqrt(r)`` with rsLoRA), :func:`lorasurg.engine.init.init_factors` gives PEFT's
+initial factors and residual:
+
+* PiSSA (Meng et al. 2024): ``W = U S Vh``; ``A0 = sqrt(S_r / s) Vh_r``, ``B0 = U_r sqrt(S_r / s)`` (exact SVD, or
+  ``torch.svd_lowrank(W, q=r, niter=N)`` for ``pissa_niter_N``);
+* OLoRA (Büyükakyüz 2024): ``W = Q R``; ``B0 = Q[:, :r]``, ``A0 = R[:r]``;
+* residual ``W_res = W - s * B0 @ A0``, stored in the weight's dtype,
+
+so ``W_res + s * B0 @ A0 == W`` up to the storage dtype's rounding: ``OUT/model`` (BASE with every target weight
+replaced by its residual) plus ``OUT/adapter`` (the factors) computes what BASE computes, and training the adapter
+starts from the weight's principal part. Embeddings keep their weight and get PEFT's default embedding init (PEFT
+does the same); conv layers use the flattened kernel (PEFT refuses them); both are said in the report.
+
+The adapter's config says ``init_lora_weights: true``: PEFT re-runs the init named in a config when it loads it, so
+``"pissa"`` there would decompose the residual a second time. Where it came from (method, r, alpha, BASE,
+lorasurg's version) is in ``OUT/README.md`` and in the adapter file's safetensors metadata.
+
+Streaming: :func:`lorasurg.io.rewrite.rewrite_checkpoint` reads BASE one tensor at a time in shard order; only a
+target weight is converted (to float32 for the factorisation); every other tensor is copied through as stored.
+Randomness (``pissa_niter_N`` and embedding inits) comes from one CPU generator seeded with ``seed`` and is drawn
+as PEFT draws it, module by module in the model's ``named_modules()`` order (not the file's order): after
+``torch.manual_seed(seed)`` PEFT's ``get_peft_model`` on the same model makes the same draws.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+
+from ...config import LoraConfig
+from ...engine.factors import compute_dtype, delta_frobenius_sq, factor_shapes, lora_alpha_for, lora_scale
+from ...engine.init import InitMethod, init_factors, parse_init_method
+from ...errors import ConfigError, InputError, LorasurgError
+from ...io.adapter import Adapter, AdapterModule
+from ...io.checkpoint import Checkpoint
+from ...io.meta_facts import module_order
+from ...io.rewrite import TensorSource, rewrite_checkpoint
+from ...io.writer import atomic_output_dir, check_output_dir
+from ...modules import ModuleInfo
+from ...targeting import ALL_LINEAR, exact_target_modules, rank_alpha_fields, select_modules
+from ..options import Progress, Source, default_output, dtype_problem, open_checkpoint, output_dtype, parse_device
+from ..options import short_list, source_name, task_type_of
+from ..provenance import lorasurg_version, provenance_lines, provenance_metadata
+from .report import ResidualizeReport, ResidualModule
+
+__all__ = ["residualize", "INIT_CHOICES", "ResidualizeReport"]
+
+INIT_CHOICES = "pissa, pissa_niter_N (N >= 0) or olora"
+#: Exact PiSSA's SVD: the Gram eigendecomposition (engine.svd.gram_svd), several times faster than LAPACK's SVD on
+#: the CPU and at least as accurate for the residual's dtype (float64 Gram for float32 residuals).
+EXACT_SVD = "gram"
+
+
+@dataclass(frozen=True)
+class _Target:
+    """One target module: its rank (``asked``, clamped to what the module allows) and the alpha keeping ``scale``."""
+
+    module: str
+    info: ModuleInfo
+    rank: int
+    alpha: float
+    scale: float
+    asked: int
+
+    @property
+    def clamped(self) -> bool:
+        return self.rank < self.asked
+
+
+def residualize(
+    base: Source,
+    output: Union[str, os.PathLike, None] = None,
+    *,
+    init: str = "pissa",
+    r: int = 16,
+    alpha: Optional[float] = None,
+    use_rslora: bool = False,
+    target_modules: Union[str, Sequence[str], None] = None,
+    exclude_modules: Union[str, Sequence[str], None] = None,
+    dtype: str = "auto",
+    device: str = "auto",
+    seed: int = 0,
+    force: bool = False,
+    progress: Optional[Progress] = None,
+) -> ResidualizeReport:
+    """Write ``output/model`` (BASE with residual target weights) and ``output/adapter`` (the initial adapter).
+
+    Args:
+        base: a checkpoint (anything :meth:`Checkpoint.open` reads, or an open checkpoint); a ``.bin`` BASE is read
+            with ``torch.load(weights_only=True)`` and written as safetensors.
+        output: the directory to write (``model/``, ``adapter/``, ``README.md``); default
+            ``./<BASE name>-<init>-r<r>``. Checked before any work; replaced only with ``force``.
+        init: ``pissa``, ``pissa_niter_N`` or ``olora``.
+        r: the rank; clamped per module to ``min(out, in)`` (the module keeps the scale), and said so.
+        alpha: ``lora_alpha``; default ``r``.
+        use_rslora: scale ``alpha / sqrt(r)`` instead of ``alpha / r``.
+        target_modules / exclude_modules: PEFT's selection (names or ``.``-suffixes, or one regex); default every
+            linear layer except the output head (``all-linear``).
+        dtype: dtype of the written model's floating tensors; ``auto`` keeps each tensor's. The adapter is float32
+            (float64 for a float64 BASE), as PEFT's ``get_peft_model`` keeps adapter weights.
+        device: where the factorisations run (``auto``, ``cpu``, ``cuda``, ``cuda:N``).
+        seed: seeds ``pissa_niter_N``'s random sketches and embedding inits.
+        force: replace an existing non-empty ``output``.
+        progress: called as ``progress(done, total, tensor name)`` in elements.
+
+    Returns:
+        :class:`ResidualizeReport`.
+
+    Raises:
+        OutputExistsError: ``output`` exists and is not empty, without ``force``.
+        ConfigError: an invalid option, or a target selection that matches nothing.
+        InputError: a target is an output layer tied to the input embedding; BASE cannot be read.
+    """
+    method = _check_options(init, r, alpha, dtype)
+    work_device = parse_device(device)
+    alpha = float(alpha if alpha is not None else r)
+    if output is None:
+        output = default_output(base, f"-{method.config_value}-r{r}")
+    check_output_dir(output, force)
+    report = ResidualizeReport(base=source_name(base), init=str(method.config_value), r=r, alpha=alpha,
+                               use_rslora=use_rslora, device=str(work_device), dtype=dtype, output=str(output))
+    with contextlib.ExitStack() as opened:
+        ckpt = open_checkpoint(base, opened)
+        targets = _plan(ckpt, method, r, alpha, use_rslora, target_modules, exclude_modules, report)
+        generator = torch.Generator().manual_seed(seed)
+        states = _draw_states(ckpt, method, targets, generator) if _uses_rng(method, targets) else {}
+        factors: dict[str, AdapterModule] = {}
+
+        def edit(name: str, source: TensorSource):
+            module = name[: -len(".weight")] if name.endswith(".weight") else None
+            target = targets.get(module) if module is not None else None
+            if target is None:
+                return None
+            if module in states:
+                generator.set_state(states[module])
+            residual = _residualize_one(target, method, source.read(name, work_device), generator, factors, report)
+            return None if residual is None else [(name, residual)]
+
+        with atomic_output_dir(output, force) as tmp:
+            written = rewrite_checkpoint(ckpt, tmp / "model", edit, dtype=output_dtype(dtype), progress=progress)
+            adapter = _adapter(ckpt, targets, factors, use_rslora, Path(output) / "model")
+            meta = dict(method=method.config_value, r=r, alpha=f"{alpha:g}", use_rslora=use_rslora or None,
+                        base=report.base, seed=seed if _uses_rng(method, targets) else None)
+            adapter.save(tmp / "adapter", metadata=provenance_metadata(**meta))
+            (tmp / "README.md").write_text(_readme(meta, report), encoding="utf-8")
+    report.model = written
+    report.adapter_parameters = adapter.num_parameters()
+    report.adapter_bytes = adapter.num_bytes()
+    return report
+
+
+# ------------------------------------------------------------------------------------------------ steps
+
+
+def _check_options(init: str, r: int, alpha: Optional[float], dtype: str) -> InitMethod:
+    problems = []
+    method = None
+    try:
+        method = parse_init_method(init)
+        if not method.modifies_base:
+            problems.append(f"init must be {INIT_CHOICES} (methods that leave a residual base), got {init!r}")
+    except LorasurgError as err:
+        problems.append(f"init must be {INIT_CHOICES}, got {init!r} ({err})")
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        problems.append(f"r must be a positive integer, got {r!r}")
+    if alpha is not None and not (isinstance(alpha, (int, float)) and alpha > 0):
+        problems.append(f"alpha must be a positive number, got {alpha!r}")
+    if dtype_problem(dtype):
+        problems.append(dtype_problem(dtype))
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return method
+
+
+def _plan(ckpt: Checkpoint, method: InitMethod, r: int, alpha: float, use_rslora: bool, target_modules,
+          exclude_modules, report: ResidualizeReport) -> dict[str, _Target]:
+    """The target modules, each with its (clamped) rank and the alpha that keeps the common scale."""
+    modules = ckpt.module_infos()
+    selection = LoraConfig(r=r, lora_alpha=alpha, target_modules=target_modules or ALL_LINEAR,
+                           exclude_modules=exclude_modules)
+    selected = select_modules(selection, modules, ckpt.output_layer_names())
+    tied = {alias.rsplit(".", 1)[0]: canonical for alias, canonical in ckpt.tied_weights().items()}
+    shared = [f"{m} (its weight is {tied[m]})" for m in selected if m in tied]
+    if shared:
+        raise InputError(
+            f"target(s) {', '.join(shared)} share their weight with another module: replacing it by a residual "
+            "would change both layers. Leave them out with --exclude-modules (or untie the weights first)"
+        )
+    scale = lora_scale(r, alpha, use_rslora)
+    targets: dict[str, _Target] = {}
+    for name in selected:
+        info = modules[name]
+        _, _, out = factor_shapes(info.kind, info.weight_shape, 1, info.fan_in_fan_out)
+        limit = min(out, math.prod(info.weight_shape) // out)
+        rank = r if info.kind == "embedding" else min(r, limit)
+        module_alpha = lora_alpha_for(scale, rank, use_rslora)
+        targets[name] = _Target(name, info, rank, module_alpha, scale, r)
+    clamped = [f"{t.module} (r={t.rank})" for t in targets.values() if t.clamped]
+    if clamped:
+        report.notes.append(f"r={r} exceeds min(out, in) of {len(clamped)} module(s); their rank was clamped to it "
+                            f"(same scale): {short_list(clamped)}")
+    return targets
+
+
+def _draw_states(ckpt: Checkpoint, method: InitMethod, targets: dict[str, _Target],
+                 generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """The generator's state at the start of each target, were the targets initialised in PEFT's order.
+
+    PEFT initialises modules in ``named_modules()`` order (:func:`lorasurg.io.meta_facts.module_order`); BASE is
+    streamed in file order. Running each init on a meta-device weight makes exactly its random draws (on the CPU)
+    and no arithmetic, so the states come at no cost; each target then restarts from its own state.
+    """
+    shapes = {n: ckpt.shape(n) for n in ckpt.names()}
+    states = {}
+    for name in module_order(ckpt.config, shapes, targets):
+        t = targets[name]
+        states[name] = generator.get_state()
+        weight = torch.empty(t.info.weight_shape, device="meta")
+        init_factors(method, t.info.kind, tuple(t.info.weight_shape), t.rank, t.scale, weight=weight,
+                     fan_in_fan_out=t.info.fan_in_fan_out, generator=generator)
+    return states
+
+
+def _residualize_one(target: _Target, method: InitMethod, weight: torch.Tensor, generator: torch.Generator,
+                     factors: dict[str, AdapterModule], report: ResidualizeReport) -> Optional[torch.Tensor]:
+    """Factor one weight; record its adapter tensors and report row; return the residual (None: unchanged)."""
+    info = target.info
+    adapter_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    result = init_factors(method, info.kind, tuple(weight.shape), target.rank, target.scale, weight=weight,
+                          fan_in_fan_out=info.fan_in_fan_out, generator=generator, dtype=adapter_dtype,
+                          exact_svd=EXACT_SVD)
+    f = result.factors
+    factors[target.module] = AdapterModule(target.module, f.A.cpu(), f.B.cpu(), embedding=info.kind == "embedding")
+    if result.note:
+        report.notes.append(f"{target.module}: {result.note}")
+    work = compute_dtype(weight)  # norms reduced in float32 (float64 stays), without a converted copy
+    total = float(torch.linalg.vector_norm(weight, dtype=work)) ** 2
+    residual = result.residual_weight
+    res_norm = float(torch.linalg.vector_norm(residual if residual is not None else weight, dtype=work))
+    report.modules.append(ResidualModule(
+        target.module, info.kind, list(weight.shape), target.rank, target.clamped,
+        energy_taken=delta_frobenius_sq(f) / total if total > 0 else 0.0,
+        residual_norm=res_norm, relative_residual=res_norm / math.sqrt(total) if total > 0 else 0.0,
+    ))
+    return None if residual is None else residual.cpu()
+
+
+def _adapter(ckpt: Checkpoint, targets: dict[str, _Target], factors: dict[str, AdapterModule], use_rslora: bool,
+             model_path: Path) -> Adapter:
+    """The initial adapter: exactly the targets, each at its rank with the common scale; ``init_lora_weights: true``."""
+    modules = ckpt.module_infos()
+    fields = rank_alpha_fields({m: (t.rank, t.alpha) for m, t in targets.items()})
+    config = LoraConfig(
+        **fields,
+        target_modules=exact_target_modules(list(targets), list(modules)),
+        use_rslora=use_rslora,
+        fan_in_fan_out=any(t.info.fan_in_fan_out for t in targets.values()),
+        init_lora_weights=True,
+        task_type=task_type_of(ckpt.config),
+        base_model_name_or_path=os.fspath(model_path),
+    )
+    adapter = Adapter(config, {m: factors[m] for m in targets if m in factors})
+    problems = adapter.problems()
+    if problems:  # a bug here, not in the user's input
+        raise AssertionError("residualize built an inconsistent adapter: " + "; ".join(problems))
+    return adapter
+
+
+def _uses_rng(method: InitMethod, targets: dict[str, _Target]) -> bool:
+    return method.niter is not None or any(t.info.kind == "embedding" for t in targets.values())
+
+
+def _readme(meta: dict, report: ResidualizeReport) -> str:
+    lines = [
+        "# PiSSA/OLoRA starting point written by lorasurg residualize",
+        "",
+        "- `model/`: the base model with each target weight replaced by its residual `W - scale * B0 @ A0`.",
+        "- `adapter/`: the initial PEFT adapter (`B0`, `A0`); `model/` + `adapter/` compute what the base computes.",
+        "",
+        "Train `adapter/` on `model/`. Its config says `init_lora_weights: true` on purpose: PEFT re-runs the init",
+        "a config names when it loads an adapter, and would decompose the residual a second time.",
+        "To use the trained adapter on the original base, convert it:",
+        "",
+        "    lorasurg convert TRAINED_ADAPTER --initial adapter -o plain-lora",
+        "",
+        "Provenance (also in the safetensors metadata of `adapter/adapter_model.safetensors`, keys `lorasurg.*`):",
+        "",
+        *provenance_lines({**meta, "version": lorasurg_version(), "modules": len(report.modules)}),
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,172 @@
+"""``validate --fix -o OUT``: a corrected copy of an adapter, for the fixes that cannot change what it does.
+
+The fixes, one per finding code (:data:`FIXERS`, applied in this order):
+
+=====================  ======================================================================================
+code                   fix
+=====================  ======================================================================================
+``init-reinit``        ``init_lora_weights: true`` (and the loftq/eva/corda/lora_ga sub-config its init used
+                       reset to PEFT's default), so PEFT does not run the init again on load
+``bias-unflagged``     ``lora_bias: true``, when PEFT allows it (no LoRA on an embedding, no DoRA, init
+                       true/false): PEFT then loads the ``lora_B.bias`` tensors it used to drop
+``tensor-untargeted``  drop the tensors of modules the config does not target (PEFT ignored them anyway)
+``pattern-unmatched``  rewrite a rank_pattern/alpha_pattern key that matches nothing as the anchored name of
+                       the one module it was meant for (``"^" + re.escape(name)``, in the same dict position),
+                       when no other key takes that module first (in file order or PEFT's sorted order)
+``file-bin``           write the tensors as ``adapter_model.safetensors`` instead of the pickle file
+=====================  ======================================================================================
+
+Tensor values are never changed: every tensor written is a tensor read, same key, dtype and values. The
+config is the file's own JSON with only the fixed keys changed, in the file's own key order (the order of
+pattern keys decides which one applies). Other files in the adapter directory (README, tokenizer files) are
+copied as they are.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from safetensors.torch import save_file
+from torch import Tensor
+
+from ...config import CONFIG_NAME
+from ...errors import InputError
+from ...findings import Finding
+from ...io.adapter import BIN_WEIGHTS_NAME, WEIGHTS_NAME, parse_peft_key
+from ...io.writer import atomic_output_dir
+from .report import Change, FixResult
+from .subject import Subject
+from ...targeting import pattern_key
+from .target_checks import pattern_targets, unmatched_pattern_keys
+
+__all__ = ["FIXERS", "write_fixed_copy"]
+
+# init sub-configs and the value PEFT gives them when their init is not used
+_INIT_SUBCONFIGS = {"loftq_config": {}, "eva_config": None, "corda_config": None, "lora_ga_config": None}
+
+
+@dataclass
+class _Plan:
+    """The copy being prepared: the config's JSON object, the tensors (None for a bare config), the changes."""
+
+    config: dict
+    state: Optional[dict[str, Tensor]]
+    changes: list[Change]
+
+    def change(self, code: str, where: str, description: str) -> None:
+        self.changes.append(Change(code, where, description))
+
+
+def _fix_init(subject: Subject, findings: list[Finding], plan: _Plan) -> None:
+    old = plan.config.get("init_lora_weights")
+    plan.config["init_lora_weights"] = True
+    plan.change("init-reinit", "init_lora_weights", f"{old!r} -> true: PEFT no longer runs the init again on load")
+    for key, default in _INIT_SUBCONFIGS.items():
+        if plan.config.get(key) not in (None, {}):
+            plan.change("init-reinit", key, f"reset to {json.dumps(default)}: only its init used it")
+            plan.config[key] = copy.deepcopy(default)
+
+
+def _fix_bias(subject: Subject, findings: list[Finding], plan: _Plan) -> None:
+    modules = subject.adapter.modules.values()
+    if plan.config.get("use_dora") or any(m.embedding for m in modules):
+        return  # PEFT refuses lora_bias with DoRA or on an embedding: not a safe fix
+    if plan.config.get("init_lora_weights", True) not in (True, False):
+        return
+    plan.config["lora_bias"] = True
+    plan.change("bias-unflagged", "lora_bias",
+                f"false -> true: {len(findings)} module(s) have lora_B.bias tensors, which PEFT dropped")
+
+
+def _fix_untargeted(subject: Subject, findings: list[Finding], plan: _Plan) -> None:
+    doomed = {f.where for f in findings}
+    dropped: dict[str, list[str]] = {}
+    for key in list(plan.state):
+        try:
+            module, part = parse_peft_key(key)
+        except InputError:
+            continue
+        if part is not None and module in doomed:
+            del plan.state[key]
+            dropped.setdefault(module, []).append(part)
+    for module, parts in dropped.items():
+        plan.change("tensor-untargeted", module,
+                    f"dropped {', '.join(parts)}: target_modules does not select the module, so PEFT ignored them")
+
+
+def _fix_patterns(subject: Subject, findings: list[Finding], plan: _Plan) -> None:
+    judged = pattern_targets(subject)
+    if judged is None:
+        return
+    for item in unmatched_pattern_keys(subject.config, judged[0]):
+        patterns = plan.config.get(item.field)
+        if len(item.meant) != 1 or not isinstance(patterns, dict) or item.rewrite in patterns:
+            continue
+        rewritten = {(item.rewrite if k == item.key else k): v for k, v in patterns.items()}
+        if not _wins(rewritten, item.meant[0], item.rewrite):
+            continue  # an earlier key matches the module too: which one was meant is not clear
+        plan.config[item.field] = rewritten
+        plan.change("pattern-unmatched", f"{item.field}[{item.key!r}]",
+                    f"key rewritten as {item.rewrite!r}: it now applies to {item.meant[0]} only, as meant")
+
+
+def _wins(patterns: dict, module: str, key: str) -> bool:
+    """``key`` is the pattern that applies to ``module`` in this order and in sorted order (PEFT writes
+    ``adapter_config.json`` with sorted keys, nested dicts included, so a re-saved file has sorted patterns)."""
+    return pattern_key(patterns, module) == key and pattern_key(dict(sorted(patterns.items())), module) == key
+
+
+def _fix_bin(subject: Subject, findings: list[Finding], plan: _Plan) -> None:
+    plan.change("file-bin", BIN_WEIGHTS_NAME, f"written as {WEIGHTS_NAME}: the same keys, dtypes and values")
+
+
+FIXERS: dict[str, Callable[[Subject, list[Finding], _Plan], None]] = {
+    "init-reinit": _fix_init,
+    "bias-unflagged": _fix_bias,
+    "tensor-untargeted": _fix_untargeted,
+    "pattern-unmatched": _fix_patterns,
+    "file-bin": _fix_bin,
+}
+"""The safe fixes by the finding code they answer, in the order they are applied."""
+
+
+def write_fixed_copy(subject: Subject, findings: list[Finding], output: os.PathLike, force: bool = False) -> FixResult:
+    """Write ``subject`` with the :data:`FIXERS` for ``findings`` applied into ``output`` (atomically).
+
+    Returns:
+        The changes made (``remaining`` is left for the caller, who validates the copy); ``output`` None and
+        a ``note`` when the config or the weights could not be read, so there is nothing safe to copy.
+
+    Raises:
+        OutputExistsError: ``output`` is not empty and ``force`` is false.
+    """
+    if subject.raw_config is None:
+        return FixResult(None, note="the config is missing or unreadable, so there is no config to correct")
+    if subject.directory is not None and subject.state is None:
+        return FixResult(None, note="the weights are missing or unreadable, so there are no tensors to copy")
+    plan = _Plan(copy.deepcopy(subject.raw_config), None if subject.state is None else dict(subject.state), [])
+    for code, fixer in FIXERS.items():
+        mine = [f for f in findings if f.code == code]
+        if mine:
+            fixer(subject, mine, plan)
+    with atomic_output_dir(output, force) as tmp:
+        (tmp / CONFIG_NAME).write_text(json.dumps(plan.config, indent=2), encoding="utf-8")
+        if plan.state is not None:
+            save_file({k: v.contiguous() for k, v in plan.state.items()}, str(tmp / WEIGHTS_NAME),
+                      metadata={"format": "pt"})
+        _copy_other_files(subject.directory, tmp)
+    return FixResult(os.fspath(output), plan.changes)
+
+
+def _copy_other_files(directory: Optional[Path], destination: Path) -> None:
+    if directory is None:
+        return
+    for path in sorted(directory.iterdir()):
+        if path.is_file() and path.name not in (CONFIG_NAME, WEIGHTS_NAME, BIN_WEIGHTS_NAME):
+            shutil.copyfile(path, destination / path.name)
