@@ -7,15 +7,15 @@ pass over: every product is one pass over ``M``, so the algorithm is counted in 
 
 from __future__ import annotations
 
-import contextlib
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
 from .svd import TruncatedSvd
+from .threads import one_thread
 
-__all__ = ["sketch_matrix", "operator_svd", "one_thread"]
+__all__ = ["sketch_matrix", "operator_svd"]
 
 
 def sketch_matrix(shape: tuple[int, int], rank: int, oversample: int, generator: Optional[torch.Generator],
@@ -108,23 +108,3 @@ def _orth(X: Tensor) -> Tensor:
     """An orthonormal basis of the columns of ``X``: the Q of its reduced QR."""
     with one_thread():
         return torch.linalg.qr(X).Q
-
-
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """Run torch's CPU operations inside on one thread.
-
-    For many small operations (the QR of a tall ``(p, l)`` panel, row-block conversions): Householder QR makes a
-    parallel region per column, and when other processes share the cores every region waits for a descheduled
-    thread (a QR of 5632 x 48 took 52 ms on two threads of a busy 2-core machine, 7 ms on one); alone, a second
-    thread gains them little.
-    """
-    threads = torch.get_num_threads()
-    if threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)

@@ -26,7 +26,7 @@ from typing import Iterator, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from ...engine.sketch import one_thread
+from ...engine.threads import one_thread
 from ...io.checkpoint import Checkpoint, RowReader
 
 __all__ = ["Workspace", "DeltaOperator", "Stats", "max_abs", "open_delta", "memory_needs", "block_rows"]
@@ -191,7 +191,7 @@ class DeltaOperator:
         """The first pass: whether the delta changed and is finite, ``||delta||_F^2`` and ``M @ X`` (see
         :class:`Stats`).
 
-        A held delta is formed block by block on one thread (:func:`~lorasurg.engine.sketch.one_thread`: a few
+        A held delta is formed block by block on one thread (:func:`~lorasurg.engine.threads.one_thread`: a few
         element-wise operations per block, memory-bound), then its norm and ``M @ X`` are one operation each on
         the whole matrix. A streamed delta gets them block by block, while the block is in memory. ``max |delta|``
         is only taken where a norm is 0 (all zero, or too small to square in float32) or not finite (NaN/inf, or
