@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 from ...io.rewrite import RewriteResult
 from ..report import format_bytes, format_count, format_list, format_table, model_summary
+from ..rewrite_memory import MemoryUse
 
 __all__ = ["ResidualModule", "ResidualizeReport"]
 
@@ -50,6 +51,7 @@ class ResidualizeReport:
     model: Optional[RewriteResult] = None  # what was written to OUT/model
     adapter_parameters: int = 0
     adapter_bytes: int = 0
+    memory: Optional[MemoryUse] = None  # the memory budget, and the tensors copied in row blocks under it
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -61,6 +63,7 @@ class ResidualizeReport:
             "notes": list(self.notes),
             "model": asdict(self.model) if self.model is not None else None,
             "adapter": {"parameters": self.adapter_parameters, "bytes": self.adapter_bytes},
+            "memory": self.memory.to_dict() if self.memory is not None else None,
         }
 
     def render(self) -> str:
@@ -76,6 +79,8 @@ class ResidualizeReport:
                 table += "\n* rank clamped to the module's largest possible rank min(out, in)"
             parts.append(table)
         parts.append(format_list("notes", self.notes))
+        if self.memory is not None:
+            parts.append(self.memory.render())
         if self.model is not None:
             parts.append(format_list("not copied from BASE's directory", self.model.left_out))
             parts.append(f"{len(self.modules)} weights residualized; {model_summary(self.model)}; adapter: "
