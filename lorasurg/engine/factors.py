@@ -335,10 +335,10 @@ def _adapted_rows(factors: LoraFactors, rows: Tensor, start: int) -> tuple[Tenso
     A = factors.A.reshape(r, -1).to(work)  # (r, in)
     B = factors.B.reshape(factors.B.shape[0], r).to(work)  # (out, r)
     block = rows.reshape(n, -1).to(work, copy=True)  # (n, cols): stored rows, a copy the caller does not see
-    if stored_rows_are_columns(factors):
-        block += ((B @ A[:, start:start + n]) * factors.scale).T  # ((out, r) @ (r, n)).T -> (n, out)
+    if stored_rows_are_columns(factors):  # in place, no temporary of the block's size
+        block.addmm_(A[:, start:start + n].T, B.T, alpha=factors.scale)  # (n, r) @ (r, out) -> (n, out)
     else:
-        block += (B[start:start + n] @ A) * factors.scale  # (n, r) @ (r, in) -> (n, in)
+        block.addmm_(B[start:start + n], A, alpha=factors.scale)  # (n, r) @ (r, in) -> (n, in)
     return block, work
 
 

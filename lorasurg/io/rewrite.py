@@ -45,10 +45,13 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequenc
 import torch
 from torch import Tensor
 
+from ._memory import return_freed_memory
 from .checkpoint import Checkpoint
 from .writer import SIDE_FILES, ShardedWriter, copy_side_files
 
-__all__ = ["TensorSource", "RowBlocks", "Edit", "RewriteResult", "rewrite_checkpoint", "WEIGHT_FILE_PATTERNS", "DTYPE_NAMES"]
+__all__ = [
+    "TensorSource", "RowBlocks", "Edit", "RewriteResult", "rewrite_checkpoint", "WEIGHT_FILE_PATTERNS", "DTYPE_NAMES",
+]
 
 #: Files of a model directory that hold weights (in any format): never copied next to rewritten weights.
 WEIGHT_FILE_PATTERNS: tuple[str, ...] = (
@@ -107,8 +110,8 @@ class TensorSource:
         try:
             for start in range(0, shape[0], max(1, block_rows)):
                 stop = min(shape[0], start + max(1, block_rows))
-                block = reader.rows(start, stop).view(stop - start, *shape[1:])  # (rows, *shape[1:])
-                yield start, block.to(device=device, dtype=dtype)
+                # no local keeps a block while the next one is read: one block in memory at a time
+                yield start, reader.rows(start, stop).view(stop - start, *shape[1:]).to(device=device, dtype=dtype)
         finally:
             reader.close()
 
@@ -213,8 +216,7 @@ def rewrite_checkpoint(
             if replacement is None:
                 rows = (copy_blocks or {}).get(name)
                 copy = source.read(name) if rows is None else RowBlocks(
-                    tuple(base.shape(name)), source.output_dtype(name),
-                    (block for _, block in source.row_blocks(name, rows)))
+                    tuple(base.shape(name)), source.output_dtype(name), _blocks_only(source.row_blocks(name, rows)))
                 replacement = [(name, copy)]
                 result.copied += 1
             else:
@@ -227,7 +229,7 @@ def rewrite_checkpoint(
                     writer.add(key, tensor)
                     result.bytes += tensor.numel() * tensor.element_size()
                 result.written += 1
-            del replacement
+            replacement = copy = tensor = None  # nothing of this tensor stays alive while the next is read
             done += math.prod(base.shape(name))
             if progress is not None:
                 progress(done, total, name)
@@ -238,6 +240,17 @@ def rewrite_checkpoint(
     result.config_updates = {k: v for k, v in updates.items() if (base.config or {}).get(k, object()) != v}
     result.side_files, result.left_out = _copy_side_files(base, out, result.config_updates)
     return result
+
+
+def _blocks_only(pairs: Iterator[tuple[int, Tensor]]) -> Iterator[Tensor]:
+    """The blocks of ``(start, block)`` pairs, none kept while the next is read."""
+    try:
+        for _, block in pairs:
+            yield block
+            del block
+            return_freed_memory()
+    finally:
+        pairs.close()
 
 
 def _output_prefix(files: Sequence[Path]) -> str:

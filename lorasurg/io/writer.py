@@ -7,7 +7,8 @@ read (e.g. ``fuse`` writing over its own input with ``--force``) is only replace
 :class:`ShardedWriter` writes the Hugging Face layout: ``model.safetensors`` (one shard), or
 ``model-00001-of-0000N.safetensors`` shards plus ``model.safetensors.index.json`` (written last), each shard
 with ``{"format": "pt"}`` metadata. It holds about one tensor in memory (one row block of a tensor added with
-:meth:`ShardedWriter.add_rows`): each tensor's bytes go to a spool file as they arrive, and a shard's file (header, then data) is assembled from the spool when it is full.
+:meth:`ShardedWriter.add_rows`): each tensor's bytes go to a spool file as they arrive, and a shard's file
+(header, then data) is assembled from the spool when it is full.
 """
 
 from __future__ import annotations
@@ -260,21 +261,24 @@ class ShardedWriter:
         iterator = iter(blocks)
         try:
             for block in iterator:
-                if block.dtype != dtype or (shape and block.numel() != (block.shape[0] if block.dim() else 1) * per_row):
+                rows = block.shape[0] if block.dim() else 1
+                if block.dtype != dtype or (shape and block.numel() != rows * per_row):
                     raise ValueError(f"row block of {name!r} has dtype {block.dtype} and shape {tuple(block.shape)}; "
                                      f"the tensor is {dtype} {shape}")
                 data = block.detach().to("cpu").contiguous()
                 self._spool.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))  # flat bytes: (block bytes,)
                 written += data.numel()
                 del data, block
+            if written != numel:
+                raise ValueError(f"the row blocks of {name!r} hold {written} elements; its shape {shape} needs {numel}")
+        except BaseException:
+            self._spool.seek(offset)  # nothing of a refused tensor stays in the spool
+            self._spool.truncate()
+            raise
         finally:
             close = getattr(iterator, "close", None)
             if close is not None:
                 close()
-        if written != numel:
-            self._spool.seek(offset)
-            self._spool.truncate()
-            raise ValueError(f"the row blocks of {name!r} hold {written} elements; its shape {shape} needs {numel}")
         self._pending.append(_Spooled(name, code, shape, itemsize, offset, nbytes))
         self._pending_bytes += nbytes
         self._shard_of[name] = len(self._parts)

@@ -133,10 +133,10 @@ class MemoryUse:
             rows = [(t.name, t.what, "x".join(map(str, t.shape)) or "scalar", format_size(t.hold_bytes), t.block_rows)
                     for t in self.blocked]
             left = format_size(self.max_memory - self.in_use - self.reserved)
+            besides = f" besides the {format_size(self.reserved)} of {self.reserved_for}" if self.reserved else ""
             text = (head + f": {len(self.blocked)} tensor(s) processed in row blocks, because processing them whole "
-                    f"needs more than the {left} the budget leaves" + (f" besides the {format_size(self.reserved)} "
-                                                                        f"of {self.reserved_for}" if self.reserved else "")
-                    + ":\n" + format_table(rows, ["tensor", "what", "shape", "whole needs", "block rows"]))
+                    f"needs more than the {left} the budget leaves{besides}:\n"
+                    + format_table(rows, ["tensor", "what", "shape", "whole needs", "block rows"]))
         if self.over_budget:
             text += "\nheld whole above the budget: " + "; ".join(self.over_budget)
         return text

@@ -11,8 +11,6 @@ goes into the run's :class:`~lorasurg.surgery.extract.build.Collected`.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import math
 import zlib
 from typing import Mapping, Optional, Sequence
@@ -25,6 +23,7 @@ from ...engine.ranks import RankPolicy
 from ...engine.sketch import sketch_matrix
 from ...errors import InputError
 from ...io.adapter import AdapterModule
+from ...io._memory import return_freed_memory as _return_freed_memory
 from ...io.checkpoint import Checkpoint
 from ...modules import ModuleInfo
 from ..budget import MemoryBudget, Placement, format_size
@@ -204,28 +203,6 @@ def _from_blocks(op: DeltaOperator, tuned: Checkpoint, role: TensorRole, modules
     else:
         fit = fit_operator(op, r=r, scale=run.scale, energy=energy, sketch=sketch, policy=policy, generator=generator)
     _store_fit(fit, role, modules, run, op.tuned.shape)
-
-
-def _return_freed_memory() -> None:
-    """Give freed heap memory back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
-
-    Tensors of a few tens of MB are allocated and freed once per module; glibc keeps such freed chunks in the
-    heap, so without this the resident size creeps up by a few hundred MB over a model.
-    """
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _load_libc():
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim  # noqa: B018 - glibc only
-        return libc
-    except (OSError, AttributeError):
-        return None
-
-
-_LIBC = _load_libc()
 
 
 def _transposed(role: TensorRole, modules) -> bool:

@@ -149,13 +149,17 @@ def _editor(modules, plan: FusePlan, device: torch.device, blocks: dict[str, int
             out.append((plan.untie[name], final(plan.untie[name], stored, dtype)))
         return [(key, tensor.to("cpu")) for key, tensor in out]
 
+    def on_device(f: LoraFactors) -> LoraFactors:
+        return _on(f, device)
+
     def _blocked(name: str, source: TensorSource):
+        """Tensor ``name`` (and its untied alias) merged or copied in row blocks, then its biases."""
         dtype = source.output_dtype(name)
-        out = [(name, merged_blocks(name, name, plan, source, blocks[name], device, lambda f: _on(f, device)))]
+        out = [(name, merged_blocks(name, name, plan, source, blocks[name], device, on_device))]
         out += [(key, tensor.to("cpu")) for key, tensor in _extras(name, dtype)]
         if name in plan.untie:
             alias = plan.untie[name]
-            out.append((alias, merged_blocks(alias, name, plan, source, blocks[name], device, lambda f: _on(f, device))))
+            out.append((alias, merged_blocks(alias, name, plan, source, blocks[name], device, on_device)))
         return out
 
     def _extras(name: str, dtype: torch.dtype):
