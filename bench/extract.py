@@ -1,4 +1,4 @@
-"""Benchmark: ``lorasurg extract`` against ``mergekit-extract-lora`` on the same realistic pairs.
+"""Benchmark: ``lorasurg extract`` against the I/O floor and ``mergekit-extract-lora`` on the same realistic pairs.
 
 Pairs (generated once under bench/.data/, git-ignored, reused when present):
 
@@ -11,15 +11,23 @@ Pairs (generated once under bench/.data/, git-ignored, reused when present):
 ``G1, G2`` and a power-law spectrum ``s_i ~ (i + 1) ** -0.5`` over the full rank (slow decay: the hard case for
 randomized SVD), scaled to 5% of the weight's norm; norms change by 1% noise; Qwen2's q/k/v biases change.
 
-Both tools run in their own subprocess, one after the other (``--repeats`` times each, alternating which goes first;
-the median wall time is reported), with the same thread count (``--threads``, default
-2: ``OMP_NUM_THREADS``/``MKL_NUM_THREADS``), at the same rank, with their defaults otherwise. Measured: wall time,
-peak RSS of the subprocess (``resource.getrusage(RUSAGE_CHILDREN)`` in a wrapper process), per-module Frobenius
-error relative to the optimal (Eckart-Young, exact SVD in float64) on a sample of modules, and whether PEFT
-loads each adapter cleanly (the keys in the file vs the keys PEFT expects for its config).
+Tools, each in its own subprocess with the same thread count (``--threads``, default 2: ``OMP_NUM_THREADS``/
+``MKL_NUM_THREADS``), in rounds that rotate which goes first (so load from other processes hits all alike):
 
-    python bench/extract.py                  # generate if needed, run, print, append to bench/RESULTS.md
-    python bench/extract.py --pairs llama --r 16 --no-write
+* ``floor``: a read-only ``python -c`` that imports torch and reads every tensor of both checkpoints once with
+  safetensors (what any tool must at least do); ``--repeats`` runs;
+* ``lorasurg``: ``lorasurg extract`` with the default memory budget; ``--repeats`` runs;
+* ``lorasurg-400MB``: the same with ``--max-memory 400MB``; ``--repeats`` runs;
+* ``mergekit``: ``mergekit-extract-lora`` with its defaults; ``--mergekit-repeats`` runs (it takes about a minute).
+
+Measured: wall time (median of the runs) and peak RSS (largest of the runs; ``ru_maxrss`` of the subprocess via a
+wrapper process), the 1-minute load average before each run, per-module Frobenius error relative to the optimal
+(Eckart-Young, exact SVD in float64) on every module of lorasurg's adapters and a sample of mergekit's, and
+whether PEFT loads each adapter cleanly (the keys in the file vs the keys PEFT expects for its config).
+
+    python bench/extract.py                  # generate if needed, run, print, update bench/RESULTS.md
+    python bench/extract.py --pairs llama --repeats 5 --mergekit-repeats 3 --no-write
+    python bench/extract.py --device cuda    # also time lorasurg with --device cuda (skipped without CUDA)
 """
 
 from __future__ import annotations
@@ -45,7 +53,19 @@ from lorasurg.io.writer import ShardedWriter  # noqa: E402
 DATA = HERE / ".data"
 MERGEKIT = HERE / ".venv-mergekit" / "bin" / "mergekit-extract-lora"
 RESULTS = HERE / "RESULTS.md"
-SECTION = "## Extract vs mergekit-extract-lora (issue 4)"
+SECTION = "## Extract vs the I/O floor and mergekit-extract-lora (issues 4, 12)"
+#: The floor: import torch and read every tensor of both checkpoints once, as any tool must.
+FLOOR = (
+    "import sys, pathlib, torch\n"
+    "from safetensors import safe_open\n"
+    "n = 0\n"
+    "for d in sys.argv[1:]:\n"
+    "    for f in sorted(pathlib.Path(d).glob('*.safetensors')):\n"
+    "        with safe_open(str(f), 'pt') as h:\n"
+    "            for k in h.keys():\n"
+    "                n += h.get_tensor(k).numel()\n"
+    "print(n)\n"
+)
 
 PAIRS = {
     "llama": dict(arch="LlamaForCausalLM", layers=4, tied=False, biases=False),
@@ -141,8 +161,12 @@ def _adapter_tensors(directory: Path) -> dict[str, torch.Tensor]:
         return {k: f.get_tensor(k) for k in f.keys()}
 
 
-def module_errors(base: Path, tuned: Path, adapter: Path, modules: list[str]) -> dict[str, dict]:
-    """Per sampled module: rank, ``||dW - s B A||_F`` and the optimal rank-r error (exact SVD, float64)."""
+def module_errors(base: Path, tuned: Path, adapter: Path, modules: list[str], optimal_cache: dict) -> dict[str, dict]:
+    """Per module: rank, ``||dW - s B A||_F`` and the optimal rank-r error (exact SVD in float64, cached).
+
+    Embeddings (``lora_embedding_A: (r, num)``, ``lora_embedding_B: (dim, r)``) are compared in their matrix view
+    ``dW.T: (dim, num)``.
+    """
     from lorasurg.io.checkpoint import Checkpoint
 
     cfg = json.loads((adapter / "adapter_config.json").read_text())
@@ -151,20 +175,27 @@ def module_errors(base: Path, tuned: Path, adapter: Path, modules: list[str]) ->
     out = {}
     for m in modules:
         key = f"base_model.model.{m}"
-        if f"{key}.lora_A.weight" not in tensors:
+        if f"{key}.lora_A.weight" in tensors:
+            A, B, embedding = tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"], False
+        elif f"{key}.lora_embedding_A" in tensors:
+            A, B, embedding = tensors[f"{key}.lora_embedding_A"], tensors[f"{key}.lora_embedding_B"], True
+        else:
             out[m] = None
             continue
-        A = tensors[f"{key}.lora_A.weight"].to(torch.float64)  # (r, in)
-        B = tensors[f"{key}.lora_B.weight"].to(torch.float64)  # (out, r)
+        A, B = A.to(torch.float64), B.to(torch.float64)  # (r, in), (out, r)
         r = A.shape[0]
         alpha = next((v for k, v in cfg.get("alpha_pattern", {}).items() if k.lstrip("^").replace("\\", "") == m),
                      cfg["lora_alpha"])
         scale = alpha / (r**0.5 if cfg.get("use_rslora") else r)
-        dW = t.get(f"{m}.weight", dtype=torch.float64) - b.get(f"{m}.weight", dtype=torch.float64)  # (out, in)
-        S = torch.linalg.svdvals(dW)
-        optimal = float(S[r:].pow(2).sum().sqrt())
+        dW = t.get(f"{m}.weight", dtype=torch.float64) - b.get(f"{m}.weight", dtype=torch.float64)
+        if embedding:
+            dW = dW.T  # (num, dim) -> the matrix view (dim, num)
+        if (m, r) not in optimal_cache:
+            optimal_cache[(m, r)] = float(torch.linalg.svdvals(dW)[r:].pow(2).sum().sqrt())
+        optimal = optimal_cache[(m, r)]
         error = float(torch.linalg.vector_norm(dW - scale * (B @ A)))  # (out, r) @ (r, in)
         out[m] = {"rank": r, "error": error, "optimal": optimal, "ratio": error / optimal if optimal else float("nan")}
+        del dW
     return out
 
 
@@ -201,36 +232,79 @@ def _sample_modules(pair: str) -> list[str]:
     return names
 
 
-def bench_pair(pair: str, r: int, threads: int, work: Path, repeats: int = 1) -> dict:
+def _all_modules(pair: str) -> list[str]:
+    names = ["model.embed_tokens"] + ([] if PAIRS[pair]["tied"] else ["lm_head"])
+    for i in range(PAIRS[pair]["layers"]):
+        names += [f"model.layers.{i}.self_attn.{p}_proj" for p in "qkvo"]
+        names += [f"model.layers.{i}.mlp.{p}_proj" for p in ("gate", "up", "down")]
+    return names
+
+
+def _loadavg() -> float:
+    try:
+        return float(Path("/proc/loadavg").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
+def bench_pair(pair: str, r: int, threads: int, work: Path, repeats: int = 5, mergekit_repeats: int = 3,
+               device: str | None = None, errors: str = "all") -> dict:
     base, tuned = generate(pair)
-    outs = {"lorasurg": work / f"{pair}-lorasurg", "mergekit": work / f"{pair}-mergekit"}
+    extract = [sys.executable, "-m", "lorasurg.cli", "extract", str(base), str(tuned), "--r", str(r), "--json",
+               "--force"]
+    outs = {"lorasurg": work / f"{pair}-lorasurg", "lorasurg-400MB": work / f"{pair}-lorasurg-400MB",
+            "mergekit": work / f"{pair}-mergekit"}
     cmds = {
-        "lorasurg": [sys.executable, "-m", "lorasurg.cli", "extract", str(base), str(tuned), "-o",
-                     str(outs["lorasurg"]), "--r", str(r), "--device", "cpu", "--json", "--force"],
+        "floor": [sys.executable, "-c", FLOOR, str(base), str(tuned)],
+        "lorasurg": extract + ["-o", str(outs["lorasurg"]), "--device", "cpu"],
+        "lorasurg-400MB": extract + ["-o", str(outs["lorasurg-400MB"]), "--device", "cpu", "--max-memory", "400MB"],
         "mergekit": [str(MERGEKIT), "--model", str(tuned), "--base-model", str(base), "--out-path",
                      str(outs["mergekit"]), "--max-rank", str(r)],
     }
+    if device:
+        outs[f"lorasurg-{device}"] = work / f"{pair}-lorasurg-{device}"
+        cmds[f"lorasurg-{device}"] = extract + ["-o", str(outs[f"lorasurg-{device}"]), "--device", device]
+    counts = {tool: (mergekit_repeats if tool == "mergekit" else repeats) for tool in cmds}
+    cmds = {tool: cmd for tool, cmd in cmds.items() if counts[tool] > 0}  # --mergekit-repeats 0: without mergekit
+    outs = {tool: out for tool, out in outs.items() if tool in cmds}
     result: dict = {"pair": pair, "r": r, "threads": threads, "checkpoint_bytes": _dir_bytes(base)}
     runs: dict[str, list[dict]] = {tool: [] for tool in cmds}
-    for i in range(repeats):
-        order = list(cmds) if i % 2 == 0 else list(reversed(cmds))  # alternate who goes first
+    tools = list(cmds)
+    for i in range(max(counts.values())):
+        order = tools[i % len(tools):] + tools[:i % len(tools)]  # rotate who goes first
         for tool in order:
-            shutil.rmtree(outs[tool], ignore_errors=True)
-            print(f"[{pair}] running {tool} ({i + 1}/{repeats}) ...", file=sys.stderr)
-            runs[tool].append(run_measured(cmds[tool], threads, work / f"{pair}-{tool}.log"))
+            if len(runs[tool]) >= counts[tool]:
+                continue
+            if tool in outs:
+                shutil.rmtree(outs[tool], ignore_errors=True)
+            load = _loadavg()
+            print(f"[{pair}] {tool} ({len(runs[tool]) + 1}/{counts[tool]}), load {load:.2f} ...", file=sys.stderr)
+            run = run_measured(cmds[tool], threads, work / f"{pair}-{tool}.log")
+            run["load"] = load
+            print(f"[{pair}] {tool}: {run['wall_s']:.2f} s, {run['peak_rss'] / 2**20:.0f} MiB", file=sys.stderr)
+            runs[tool].append(run)
     for tool in cmds:
         walls = sorted(run["wall_s"] for run in runs[tool])
         result[tool] = {
             "rc": max(run["rc"] for run in runs[tool]),
             "wall_s": walls[len(walls) // 2],  # median (upper for an even count)
-            "walls": walls,
+            "walls": [run["wall_s"] for run in runs[tool]],
+            "loads": [run["load"] for run in runs[tool]],
             "peak_rss": max(run["peak_rss"] for run in runs[tool]),
-            "adapter_bytes": _dir_bytes(outs[tool]) if outs[tool].exists() else 0,
+            "adapter_bytes": _dir_bytes(outs[tool]) if tool in outs and outs[tool].exists() else 0,
         }
+    optimal: dict = {}
     for tool, out in outs.items():
         if result[tool]["rc"] == 0:
-            result[tool]["errors"] = module_errors(base, tuned, out, _sample_modules(pair))
-            result[tool]["peft"] = peft_load_check(base, out)
+            sample = _all_modules(pair) if tool.startswith("lorasurg") and errors == "all" else _sample_modules(pair)
+            result[tool]["errors"] = module_errors(base, tuned, out, sample, optimal)
+            if tool in ("lorasurg", "mergekit"):
+                result[tool]["peft"] = peft_load_check(base, out)
+            if tool.startswith("lorasurg"):
+                log = (work / f"{pair}-{tool}.log").read_text()
+                report, _ = json.JSONDecoder().raw_decode(log[log.index("{"):])
+                result[tool]["streamed"] = [t["name"] for t in report["memory"]["streamed"]]
+                result[tool]["budget"] = report["memory"]["budget"]
     return result
 
 
@@ -244,37 +318,62 @@ def _max_ratio(res: dict) -> float:
     return max(ratios) if ratios else float("nan")
 
 
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.0f} MiB"
+
+
 def render(results: list[dict], threads: int) -> str:
     cpu = platform.processor() or platform.machine()
     lines = [
         SECTION, "",
-        f"Machine: {os.cpu_count()} CPU cores ({cpu}), no GPU; torch {torch.__version__}; both tools limited to "
+        f"Machine: {os.cpu_count()} CPU cores ({cpu}), no GPU; torch {torch.__version__}; every tool limited to "
         f"{threads} threads; run {time.strftime('%Y-%m-%d')} with `python bench/extract.py`. mergekit 0.1.5 in "
-        "bench/.venv-mergekit (see bench/README.md). Each tool with its defaults at the same rank. Wall time: median "
-        "of the runs (the tools alternate which goes first); peak RSS: the largest of the runs.", "",
-        "| pair | r | speed (mergekit wall / lorasurg wall) | peak RSS (lorasurg / mergekit) | error / optimal, "
-        "lorasurg (max over sample) | error / optimal, mergekit | PEFT loads lorasurg cleanly | PEFT loads mergekit "
-        "cleanly |",
-        "|---|---|---|---|---|---|---|---|",
+        "bench/.venv-mergekit (see bench/README.md), with its defaults at the same rank. Each tool in its own process, "
+        "in rounds that rotate which goes first. Wall: median of the runs; peak RSS: the largest of the runs. "
+        "The floor is a `python -c` that imports torch and reads every tensor of both checkpoints once with "
+        "safetensors. lorasurg's error is over every LoRA module, mergekit's over a sample (it uses an exact SVD).",
+        "",
+        "| pair | r | floor | lorasurg (default budget) | lorasurg / floor | lorasurg --max-memory 400MB | mergekit "
+        "| mergekit / lorasurg (speed) | peak RSS lorasurg / mergekit (default; 400MB) | error / optimal, lorasurg "
+        "(max over modules; 400MB) | PEFT loads lorasurg / mergekit cleanly |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    missing = {"wall_s": float("nan"), "peak_rss": float("nan"), "adapter_bytes": 0}
     for res in results:
-        ls, mk = res["lorasurg"], res["mergekit"]
-        speed = mk["wall_s"] / ls["wall_s"]
-        mem = ls["peak_rss"] / mk["peak_rss"]
+        fl, ls, l4, mk = res["floor"], res["lorasurg"], res["lorasurg-400MB"], res.get("mergekit", missing)
         lines.append(
-            f"| {res['pair']} ({res['checkpoint_bytes'] / 1e6:.0f} MB/ckpt) | {res['r']} | {speed:.1f}x "
-            f"({ls['wall_s']:.1f} s vs {mk['wall_s']:.1f} s) | {mem:.2f} ({ls['peak_rss'] / 2**20:.0f} MiB vs "
-            f"{mk['peak_rss'] / 2**20:.0f} MiB) | {_max_ratio(ls):.4f} | {_max_ratio(mk):.4f} | "
-            f"{_peft_cell(ls)} | {_peft_cell(mk)} |"
+            f"| {res['pair']} ({res['checkpoint_bytes'] / 1e6:.0f} MB/ckpt) | {res['r']} "
+            f"| {fl['wall_s']:.2f} s, {_mib(fl['peak_rss'])} | {ls['wall_s']:.2f} s, {_mib(ls['peak_rss'])} "
+            f"| **{ls['wall_s'] / fl['wall_s']:.2f}x** | {l4['wall_s']:.2f} s, {_mib(l4['peak_rss'])} "
+            f"| {mk['wall_s']:.1f} s, {_mib(mk['peak_rss'])} | {mk['wall_s'] / ls['wall_s']:.1f}x "
+            f"| {ls['peak_rss'] / mk['peak_rss']:.2f}; **{l4['peak_rss'] / mk['peak_rss']:.2f}** "
+            f"| {_max_ratio(ls):.4f}; {_max_ratio(l4):.4f} | {_peft_cell(ls)} / {_peft_cell(mk)} |"
         )
-    lines += ["", "Wall times of every run: " + "; ".join(
-        f"{r['pair']}: lorasurg {', '.join(f'{w:.1f}' for w in r['lorasurg']['walls'])} s, mergekit "
-        f"{', '.join(f'{w:.1f}' for w in r['mergekit']['walls'])} s" for r in results) + "."]
+        for tool in (t for t in res if t.startswith("lorasurg-") and t != "lorasurg-400MB"):
+            lines.append(f"| {res['pair']}, `--device {tool.split('-', 1)[1]}` | {res['r']} | | "
+                         f"{res[tool]['wall_s']:.2f} s | {res[tool]['wall_s'] / fl['wall_s']:.2f}x | | | | | "
+                         f"{_max_ratio(res[tool]):.4f} | |")
+    lines.append("")
+    for res in results:
+        runs = "; ".join(
+            f"{tool} " + ", ".join(f"{w:.2f}" for w in res[tool]["walls"]) + " s"
+            for tool in res if isinstance(res[tool], dict) and "walls" in res[tool])
+        loads = [x for tool in res if isinstance(res[tool], dict) and "loads" in res[tool] for x in res[tool]["loads"]]
+        lines.append(f"{res['pair']}: wall times in run order: {runs}. 1-minute load average before the runs: "
+                     f"{min(loads):.2f} to {max(loads):.2f} (median {sorted(loads)[len(loads) // 2]:.2f}).")
+        rounds = [f"{ls / fl:.2f} (load {load:.1f})" for ls, fl, load in
+                  zip(res["lorasurg"]["walls"], res["floor"]["walls"], res["lorasurg"]["loads"])]
+        lines.append(f"{res['pair']}: lorasurg / floor round by round: {', '.join(rounds)}.")
+        for tool in (t for t in res if t.startswith("lorasurg")):
+            streamed = res[tool].get("streamed")
+            if streamed is not None:
+                lines.append(f"{res['pair']}, {tool}: budget {res[tool]['budget']}; streamed: "
+                             + (", ".join(streamed) if streamed else "none") + ".")
     lines += ["", "Adapter sizes: " + "; ".join(
         f"{r['pair']}: lorasurg {r['lorasurg']['adapter_bytes'] / 1e6:.0f} MB, mergekit "
-        f"{r['mergekit']['adapter_bytes'] / 1e6:.0f} MB" for r in results) + ".", ""]
+        f"{r.get('mergekit', missing)['adapter_bytes'] / 1e6:.0f} MB" for r in results) + ".", ""]
     for res in results:
-        mk = res["mergekit"].get("peft") or {}
+        mk = res.get("mergekit", {}).get("peft") or {}
         if mk.get("lora_B_bias_tensors") and not mk.get("lora_bias_in_config"):
             lines.append(
                 f"{res['pair']}: mergekit wrote {mk['lora_B_bias_tensors']} `lora_B.bias` tensors without "
@@ -305,10 +404,14 @@ def write_results(text: str, section: str = SECTION) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
+    parser.add_argument("--pairs", nargs="+", default=["llama"], choices=list(PAIRS))
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3, help="runs of each tool, alternating; median wall time")
+    parser.add_argument("--repeats", type=int, default=5, help="runs of the floor and lorasurg; median wall time")
+    parser.add_argument("--mergekit-repeats", type=int, default=3, help="runs of mergekit (about a minute each)")
+    parser.add_argument("--device", default=None, help="also time lorasurg with this --device (e.g. cuda)")
+    parser.add_argument("--errors", choices=["all", "sample"], default="all",
+                        help="check lorasurg's error on every module (default) or on a sample")
     parser.add_argument("--generate-only", action="store_true")
     parser.add_argument("--no-write", action="store_true", help="print, do not touch bench/RESULTS.md")
     args = parser.parse_args(argv)
@@ -317,15 +420,20 @@ def main(argv=None) -> int:
         for pair in args.pairs:
             print(generate(pair))
         return 0
-    if not MERGEKIT.exists():
+    if args.mergekit_repeats and not MERGEKIT.exists():
         print(f"{MERGEKIT} is missing; install mergekit as bench/README.md says", file=sys.stderr)
         return 2
+    device = args.device
+    if device and device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"--device {device}: no CUDA device here, skipped", file=sys.stderr)
+        device = None
     results = []
     work = DATA / "runs"  # adapters and logs of the last run, kept for inspection
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     for pair in args.pairs:
-        results.append(bench_pair(pair, args.r, args.threads, work, args.repeats))
+        results.append(bench_pair(pair, args.r, args.threads, work, args.repeats, args.mergekit_repeats, device,
+                                  args.errors))
         (work / f"result-{pair}.json").write_text(json.dumps(results[-1], indent=2))
     text = render(results, args.threads)
     print(text)

@@ -36,6 +36,7 @@ from .engine.factors import LoraFactors, lora_scale
 from .engine.init import init_factors
 from .engine.ranks import RankPolicy, parse_rank_policy
 from .engine.svd import decompose, truncated_svd
+from .surgery.budget import MemoryBudget, parse_size
 from .modules import ModuleInfo, describe_model
 from .consumers import ConsumerFinding, ForReport, consumer_delta, consumer_findings, prepare_for
 from .surgery.convert import ConvertReport, convert, convert_to_dir
@@ -74,6 +75,8 @@ __all__ = [
     "extract",
     "extract_to_dir",
     "ExtractReport",
+    "MemoryBudget",
+    "parse_size",
     "prepare_for",
     "ForReport",
     "consumer_delta",

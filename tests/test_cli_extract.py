@@ -148,7 +148,7 @@ def test_force_replaces_existing_output(tmp_path):
 def test_interrupted_run_leaves_no_partial_output(tmp_path, monkeypatch, error):
     import lorasurg.surgery.extract.process as pass_module
 
-    real_fit = pass_module.fit_delta
+    real_fit = pass_module.fit_operator
     calls = []
 
     def failing_fit(*args, **kwargs):
@@ -157,7 +157,7 @@ def test_interrupted_run_leaves_no_partial_output(tmp_path, monkeypatch, error):
             raise error("interrupted in the middle")
         return real_fit(*args, **kwargs)
 
-    monkeypatch.setattr(pass_module, "fit_delta", failing_fit)
+    monkeypatch.setattr(pass_module, "fit_operator", failing_fit)
     out = tmp_path / "ad"
     result = run(*LLAMA, "-o", str(out))
     assert len(calls) == 3
@@ -190,3 +190,45 @@ def test_target_modules_regex_and_comma_list(tmp_path):
     assert fitted == {"q_proj", "v_proj"}
     result = run(*LLAMA, "-o", str(tmp_path / "b"), "--r", "2", "--target-modules", "q_proj,v_proj", "--json")
     assert {m["module"].rsplit(".", 1)[-1] for m in json.loads(result.output)["modules"]} == {"q_proj", "v_proj"}
+
+
+@pytest.mark.parametrize("value, message", [
+    ("lots", "Invalid value for '--max-memory': 'lots' is not a size; accepted forms: a number of bytes (123456), "
+             "a number with a unit (500MB, 2GB, 1.5GiB"),
+    ("12XB", "'12XB' is not a size; accepted forms:"),
+    ("0", "'0' must be a positive size"),
+    ("150%", "'150%': a percentage must be above 0 and at most 100"),
+])
+def test_unparseable_max_memory_says_the_accepted_forms(tmp_path, value, message):
+    result = run(*LLAMA, "-o", str(tmp_path / "ad"), "--max-memory", value)
+    assert result.exit_code == 2
+    assert message in " ".join(result.output.split())
+    assert not (tmp_path / "ad").exists()
+
+
+def test_max_memory_below_the_smallest_workable_budget_says_the_minimum(tmp_path):
+    result = run(*LLAMA, "-o", str(tmp_path / "ad"), "--max-memory", "1KB")
+    assert result.exit_code == 2
+    text = " ".join(result.output.split())
+    assert "error: the memory budget (--max-memory 1KB for the whole process, " in text
+    assert "is below the smallest workable budget for this input" in text
+    assert "needs one row of" in text and "the process already holds (Python, torch). Use --max-memory" in text
+    assert "Traceback" not in result.output and not (tmp_path / "ad").exists()
+
+
+def test_max_memory_is_for_the_whole_process_and_reported(tmp_path):
+    result = run(*LLAMA, "-o", str(tmp_path / "ad"), "--max-memory", "64GB", "--json")
+    assert result.exit_code == 0, result.output
+    memory = json.loads(result.output)["memory"]
+    assert memory["max_memory"] == 64 * 10**9 and memory["streamed"] == []
+    assert 10**7 < memory["in_use_at_start"] == memory["max_memory"] - memory["for_tensors"]
+    assert memory["budget"].startswith("--max-memory 64GB for the whole process, ")
+    result = run(*LLAMA, "-o", str(tmp_path / "ad2"), "--max-memory", "10%", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["memory"]["in_use_at_start"] == 0  # a share of the available memory: tensors
+
+
+def test_help_states_the_default_budget():
+    result = CliRunner().invoke(main, ["extract", "--help"])
+    assert "--max-memory SIZE" in result.output
+    assert "Default: 50% of the memory available at start." in " ".join(result.output.split())

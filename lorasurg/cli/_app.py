@@ -19,8 +19,8 @@ from ..errors import LorasurgError
 from ..surgery.report import Report
 
 __all__ = [
-    "main", "emit", "json_option", "force_option", "device_option", "dtype_option", "for_option", "selection",
-    "progress_bar", "parse_for",
+    "main", "emit", "json_option", "force_option", "device_option", "dtype_option", "max_memory_option",
+    "for_option", "selection", "progress_bar", "parse_for",
 ]
 
 F = Callable[..., Any]
@@ -64,6 +64,47 @@ def dtype_option(f: F) -> F:
         default="auto",
         show_default=True,
         help="Dtype of the written tensors; auto keeps the input's dtype.",
+    )(f)
+
+
+class _SizeType(click.ParamType):
+    """A memory size for the whole process (:class:`lorasurg.surgery.budget.WholeProcess`); a percentage is
+    resolved against the memory available when the operation starts."""
+
+    name = "SIZE"
+
+    def convert(self, value: Any, param, ctx) -> Any:
+        from ..errors import ConfigError
+        from ..surgery.budget import WholeProcess, parse_size
+
+        if isinstance(value, WholeProcess):
+            return value
+        try:
+            parse_size(value, available=1 << 40)  # syntax only; the operation resolves the size itself
+        except ConfigError as err:
+            self.fail(str(err).replace("--max-memory ", "", 1), param, ctx)
+        return WholeProcess(str(value))
+
+
+def max_memory_option(f: F) -> F:
+    """``--max-memory SIZE``: the memory budget (see :mod:`lorasurg.surgery.budget`).
+
+    The value is a :class:`~lorasurg.surgery.budget.WholeProcess` (or None for the default); a command passes it
+    on unchanged as its surgery function's ``max_memory=``, which resolves it with
+    :meth:`lorasurg.surgery.budget.MemoryBudget.resolve`.
+    """
+    from ..surgery.budget import DEFAULT_MAX_MEMORY
+
+    return click.option(
+        "--max-memory",
+        "max_memory",
+        type=_SizeType(),
+        default=None,
+        metavar="SIZE",
+        help="Peak memory of the whole process, Python and torch included (they take about 0.25 GB of it): a "
+             "tensor whose work fits in the rest is processed in memory from one read, a larger one is streamed "
+             "from disk in row blocks. SIZE: 500MB, 2GB, 1.5GiB, a number of bytes, or N% (a share of the memory "
+             f"available at start, for the tensors). Default: {DEFAULT_MAX_MEMORY} of the memory available at start.",
     )(f)
 
 

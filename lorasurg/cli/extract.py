@@ -5,7 +5,8 @@ from __future__ import annotations
 import click
 
 from ._app import (
-    device_option, dtype_option, emit, for_option, force_option, json_option, main, progress_bar, selection,
+    device_option, dtype_option, emit, for_option, force_option, json_option, main, max_memory_option,
+    progress_bar, selection,
 )
 
 
@@ -33,6 +34,7 @@ from ._app import (
               help="Randomized SVD (seeded, within 1% of optimal) or exact SVD.")
 @device_option
 @dtype_option
+@max_memory_option
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized SVD.")
 @for_option
 @click.option("--serving", is_flag=True, help="An alias of --for vllm (added to --for when both are given).")
@@ -40,8 +42,8 @@ from ._app import (
 @force_option
 @json_option
 def extract_command(base: str, tuned: str, output, r, alpha, rank_policy, target_modules, exclude_modules,
-                    embeddings, lora_bias, svd, device, dtype, seed, consumers, serving, allow_empty, force,
-                    as_json) -> None:
+                    embeddings, lora_bias, svd, device, dtype, max_memory, seed, consumers, serving, allow_empty,
+                    force, as_json) -> None:
     """Extract a LoRA adapter from a full fine-tune: TUNED ~ BASE + adapter, by truncated SVD of each delta.
 
     BASE and TUNED are checkpoints (a directory, a sharded checkpoint, a .safetensors or .bin file, or a
@@ -61,6 +63,7 @@ def extract_command(base: str, tuned: str, output, r, alpha, rank_policy, target
         base, tuned, output, force=force, r=r, alpha=alpha, rank_policy=rank_policy,
         target_modules=selection(target_modules), exclude_modules=selection(exclude_modules),
         embeddings=embeddings, lora_bias=lora_bias, svd=svd, device=device, dtype=dtype, seed=seed,
-        consumers=consumers, serving=serving, allow_empty=allow_empty, progress=None if as_json else progress_bar("extract"),
+        consumers=consumers, serving=serving, allow_empty=allow_empty,
+        progress=None if as_json else progress_bar("extract"), max_memory=max_memory,
     )
     emit(report, as_json)

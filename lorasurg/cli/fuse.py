@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ._app import device_option, dtype_option, emit, force_option, json_option, main, progress_bar
+from ._app import device_option, dtype_option, emit, force_option, json_option, main, max_memory_option, progress_bar
 
 
 @main.command("fuse")
@@ -14,12 +14,13 @@ from ._app import device_option, dtype_option, emit, force_option, json_option, 
               help="Model directory to write. Default: ./<BASE name>-fused.")
 @dtype_option
 @device_option
+@max_memory_option
 @click.option("--drop-unfusable-bias", is_flag=True,
               help="Leave out lora_B biases on layers the architecture cannot give a bias (listed with their norms) "
                    "instead of refusing.")
 @force_option
 @json_option
-def fuse_command(base, adapter, output, dtype, device, drop_unfusable_bias, force, as_json) -> None:
+def fuse_command(base, adapter, output, dtype, device, max_memory, drop_unfusable_bias, force, as_json) -> None:
     """Write BASE with ADAPTER merged in, laid out like BASE (tensor names, dtypes, shards, non-weight files):
     plain LoRA, rsLoRA, rank/alpha patterns, DoRA, lora_bias, embedding and conv LoRA, modules_to_save, tied
     embeddings. Transformers loads the result with from_pretrained.
@@ -31,5 +32,5 @@ def fuse_command(base, adapter, output, dtype, device, drop_unfusable_bias, forc
     from ..surgery.fuse import fuse
 
     report = fuse(base, adapter, output, dtype=dtype, device=device, drop_unfusable_bias=drop_unfusable_bias,
-                  force=force, progress=None if as_json else progress_bar("fuse"))
+                  force=force, progress=None if as_json else progress_bar("fuse"), max_memory=max_memory)
     emit(report, as_json)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import click
 
 from ._app import (
-    device_option, dtype_option, emit, for_option, force_option, json_option, main, progress_bar, selection,
+    device_option, dtype_option, emit, for_option, force_option, json_option, main, max_memory_option, progress_bar,
+    selection,
 )
 
 
@@ -26,13 +27,14 @@ from ._app import (
               help="Directory to write (model/, adapter/, README.md). Default: ./<BASE name>-<init>-r<R>.")
 @dtype_option
 @device_option
+@max_memory_option
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of pissa_niter_N's random sketches (and of embedding inits).")
 @for_option
 @force_option
 @json_option
 def residualize_command(base, init, r, alpha, use_rslora, target_modules, exclude_modules, output, dtype, device,
-                        seed, consumers, force, as_json) -> None:
+                        max_memory, seed, consumers, force, as_json) -> None:
     """Write OUT/model (BASE with each target weight replaced by its PiSSA/OLoRA residual) and OUT/adapter (the
     initial adapter): together they compute what BASE computes; train the adapter on the residual model.
 
@@ -57,5 +59,6 @@ def residualize_command(base, init, r, alpha, use_rslora, target_modules, exclud
         target_modules=selection(target_modules), exclude_modules=selection(exclude_modules), dtype=dtype,
         device=device, seed=seed, force=force, progress=None if as_json else progress_bar("residualize"),
         consumers=consumers,
+        max_memory=max_memory,
     )
     emit(report, as_json)

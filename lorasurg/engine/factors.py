@@ -59,6 +59,9 @@ __all__ = [
     "delta_bias",
     "dora_weight_norm",
     "merged_weight",
+    "merged_rows",
+    "merged_row_norms_sq",
+    "stored_rows_are_columns",
     "unmerged_weight",
     "pad_factors",
 ]
@@ -315,6 +318,65 @@ def merged_weight(factors: LoraFactors, weight: Tensor, weight_norm: Optional[Te
         factor = factors.magnitude.reshape(-1).to(work) / norm  # (out,)
         adapted = adapted * factor[:, None]  # (out, in) * (out, 1)
     return matrix_to_weight(adapted, factors.kind, tuple(weight.shape), factors.fan_in_fan_out).to(weight.dtype)
+
+
+def stored_rows_are_columns(factors: LoraFactors) -> bool:
+    """Whether a row of the stored weight is a *column* of the matrix view (embedding, fan_in_fan_out), rather
+    than a row (linear, conv: a stored row ``W[i]`` is the matrix row ``M[i]``, flattened for conv)."""
+    return factors.kind == "embedding" or factors.fan_in_fan_out
+
+
+def _adapted_rows(factors: LoraFactors, rows: Tensor, start: int) -> tuple[Tensor, torch.dtype]:
+    """Rows ``[start, start + n)`` of ``W + delta`` in the stored layout, 2-D ``(n, prod(shape[1:]))``, in the
+    compute dtype, from those rows of ``W`` (``rows: (n, *shape[1:])``)."""
+    work = compute_dtype(rows, factors.A)
+    n = rows.shape[0]
+    r = factors.rank
+    A = factors.A.reshape(r, -1).to(work)  # (r, in)
+    B = factors.B.reshape(factors.B.shape[0], r).to(work)  # (out, r)
+    block = rows.reshape(n, -1).to(work, copy=True)  # (n, cols): stored rows, a copy the caller does not see
+    if stored_rows_are_columns(factors):  # in place, no temporary of the block's size
+        block.addmm_(A[:, start:start + n].T, B.T, alpha=factors.scale)  # (n, r) @ (r, out) -> (n, out)
+    else:
+        block.addmm_(B[start:start + n], A, alpha=factors.scale)  # (n, r) @ (r, in) -> (n, in)
+    return block, work
+
+
+def merged_row_norms_sq(factors: LoraFactors, rows: Tensor, start: int) -> Tensor:
+    """What stored rows ``[start, start + n)`` add to ``||W + delta||_row**2`` (DoRA's norms, one per matrix row,
+    ``(out,)``), when stored rows are matrix columns (:func:`stored_rows_are_columns`): summed over every block of
+    a weight, the squared norms :func:`merged_weight` divides by. For a layout whose stored rows are matrix rows
+    the norms are the block's own and :func:`merged_rows` computes them itself."""
+    block, _ = _adapted_rows(factors, rows, start)  # (n, out)
+    return (block * block).sum(dim=0)  # (out,)
+
+
+def merged_rows(factors: LoraFactors, rows: Tensor, start: int, weight_norm: Optional[Tensor] = None) -> Tensor:
+    """Rows ``[start, start + n)`` (dim 0 of the stored layout) of :func:`merged_weight`, from those rows of ``W``:
+    ``merged_weight(factors, W)[start:start + n]`` up to rounding, holding only the block (for weights too large to
+    merge whole). Same dtype and shape as ``rows: (n, *shape[1:])``.
+
+    Plain LoRA: the block of ``W + scale * B @ A`` (rows of ``B`` for linear/conv, columns of ``A`` for embedding and
+    fan_in_fan_out). DoRA: each matrix row rescaled by ``m / ||W + delta||_row``; for linear/conv the norms are the
+    block's own rows; where stored rows are matrix columns (:func:`stored_rows_are_columns`) they span every block,
+    so pass ``weight_norm = sqrt(sum of merged_row_norms_sq over all blocks)``.
+
+    Raises:
+        ValueError: DoRA on a layout whose stored rows are matrix columns, without ``weight_norm``.
+    """
+    block, work = _adapted_rows(factors, rows, start)  # (n, cols)
+    if factors.magnitude is not None:
+        magnitude = factors.magnitude.reshape(-1).to(work)  # (out,)
+        if stored_rows_are_columns(factors):
+            if weight_norm is None:
+                raise ValueError("merged_rows: DoRA on a transposed layout needs weight_norm (the norms span every "
+                                 "block: sum merged_row_norms_sq over them)")
+            block *= (magnitude / weight_norm.reshape(-1).to(work))[None, :]  # (n, out) * (1, out)
+        else:
+            norm = weight_norm.reshape(-1)[start:start + rows.shape[0]].to(work) if weight_norm is not None else \
+                torch.linalg.vector_norm(block, dim=1)  # (n,)
+            block *= (magnitude[start:start + rows.shape[0]] / norm)[:, None]  # (n, cols) * (n, 1)
+    return block.reshape(rows.shape).to(rows.dtype)
 
 
 def unmerged_weight(factors: LoraFactors, merged: Tensor, weight_norm: Optional[Tensor] = None) -> Tensor:

@@ -360,6 +360,7 @@ def decompose(
     method: str = "randomized",
     generator: Optional[torch.Generator] = None,
     seed: Optional[int] = 0,
+    total_sq: Optional[float] = None,
 ) -> Decomposition:
     """Truncated SVD of ``matrix`` at the rank ``policy`` chooses, capped by ``max_rank``.
 
@@ -371,13 +372,14 @@ def decompose(
         max_rank: the cap (``--r``), >= 1.
         policy: a :class:`~lorasurg.engine.ranks.RankPolicy` or its text (``"fixed"``, ``"energy:0.9"``, ...).
         method, generator, seed: as for :func:`truncated_svd`.
+        total_sq: ``||M||_F^2`` when the caller already has it (saves a pass over the matrix).
 
     Raises:
         ConfigError: policy text that does not parse.
         ValueError: as :func:`truncated_svd`.
     """
     chosen = parse_rank_policy(policy) if isinstance(policy, str) else policy
-    total = frobenius_sq(matrix)
+    total = frobenius_sq(matrix) if total_sq is None else float(total_sq)
     if chosen.needs_full_spectrum:
         U, S, Vh = truncated_svd(matrix, min(matrix.shape), method="exact")
     else:

@@ -14,7 +14,7 @@ from typing import Iterator
 
 import torch
 
-__all__ = ["SMALL_WORK", "threads_for"]
+__all__ = ["SMALL_WORK", "threads_for", "one_thread"]
 
 #: Multiply-adds below which a computation runs on one thread (a QR of 32000 x 90 is about this size).
 SMALL_WORK = 2**28
@@ -35,3 +35,9 @@ def threads_for(work: float) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def one_thread() -> "contextlib.AbstractContextManager[None]":
+    """Run the block on one thread whatever its size: for many small operations in a row (the QR of a tall
+    ``(p, l)`` panel, row-block conversions), where each would stay below :data:`SMALL_WORK` anyway."""
+    return threads_for(0)

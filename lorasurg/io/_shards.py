@@ -141,6 +141,28 @@ class RowReader:
             raise InputError(f"short read of {self.name!r} rows {start}:{stop} from {self.path}: the file is truncated")
         return torch.frombuffer(buf, dtype=self.dtype).view(stop - start, -1)  # (rows, prod(shape[1:]))
 
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one stored row."""
+        return self._row_bytes
+
+    def rows_into(self, start: int, stop: int, buffer: torch.Tensor) -> torch.Tensor:
+        """Rows ``[start, stop)`` read into ``buffer`` (a contiguous ``uint8`` CPU tensor of at least
+        ``(stop - start) * row_bytes`` bytes, reused between calls so no memory is allocated per block).
+
+        Returns a ``(stop - start, prod(shape[1:]))`` view of ``buffer`` in the tensor's dtype; it is overwritten by
+        the next call with the same buffer.
+
+        Raises:
+            InputError: the file is shorter than its header says.
+        """
+        n = (stop - start) * self._row_bytes
+        view = buffer[:n]
+        got = os.preadv(self._fd, [memoryview(view.numpy())], self._offset + start * self._row_bytes)
+        if got != n:
+            raise InputError(f"short read of {self.name!r} rows {start}:{stop} from {self.path}: the file is truncated")
+        return view.view(self.dtype).view(stop - start, -1)  # (rows, prod(shape[1:]))
+
     def close(self) -> None:
         os.close(self._fd)
 

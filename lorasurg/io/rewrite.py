@@ -24,8 +24,12 @@ Files in BASE's directory that hold weights in other formats (``*.bin``, ``*.pt`
 ``*.gguf``, ``*.onnx``, ...) would be stale next to the rewritten weights: they are not copied, and neither are
 subdirectories or hidden files; :class:`RewriteResult` lists what was left out.
 
-Memory: one tensor at a time (what the editor reads, plus what it returns). Every tensor is read through
-:meth:`TensorSource.read`, the one place that decides how a tensor is brought into memory.
+Memory: one tensor at a time (what the editor reads, plus what it returns), or less: a tensor named in
+``copy_blocks`` is copied through in row blocks, and an editor may return a :class:`RowBlocks` (a tensor computed
+block by block from :meth:`TensorSource.row_blocks`), which the writer spools block by block
+(:meth:`~lorasurg.io.writer.ShardedWriter.add_rows`), so such a tensor is never whole in memory. Every tensor is
+read through :meth:`TensorSource.read` or :meth:`TensorSource.row_blocks`, the places that decide how a tensor is
+brought into memory.
 
 Atomicity is the caller's: write into a directory from :func:`~lorasurg.io.writer.atomic_output_dir`.
 """
@@ -39,15 +43,18 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
+from ._memory import return_freed_memory
 from .checkpoint import Checkpoint
 from .writer import SIDE_FILES, ShardedWriter, copy_side_files
 
-__all__ = ["TensorSource", "Edit", "RewriteResult", "rewrite_checkpoint", "WEIGHT_FILE_PATTERNS", "DTYPE_NAMES"]
+__all__ = [
+    "TensorSource", "RowBlocks", "Edit", "RewriteResult", "rewrite_checkpoint", "WEIGHT_FILE_PATTERNS", "DTYPE_NAMES",
+]
 
 #: Files of a model directory that hold weights (in any format): never copied next to rewritten weights.
 WEIGHT_FILE_PATTERNS: tuple[str, ...] = (
@@ -87,10 +94,57 @@ class TensorSource:
         """
         return self.checkpoint.get(name, dtype=self.output_dtype(name), device=device)
 
+    def row_blocks(self, name: str, block_rows: int, device: Union[str, torch.device, None] = None
+                   ) -> Iterator[tuple[int, Tensor]]:
+        """Tensor ``name`` in its output dtype as ``(start row, block)`` pairs of at most ``block_rows`` rows (dim 0),
+        each block ``(rows, *shape[1:])`` in new memory on ``device``, read straight from the safetensors file
+        (:meth:`Checkpoint.row_reader`). A tensor of a ``.bin`` file (no row reader) or a scalar is read whole and
+        given as slices of it. Close the generator (or run it to the end) to close the file.
+        """
+        shape = tuple(self.checkpoint.shape(name))
+        reader = self.checkpoint.row_reader(name) if shape else None
+        if reader is None:
+            whole = self.read(name, device)
+            if not shape:
+                yield 0, whole
+                return
+            for start in range(0, shape[0], max(1, block_rows)):
+                yield start, whole[start:start + block_rows]
+            return
+        dtype = self.output_dtype(name)
+        try:
+            for start in range(0, shape[0], max(1, block_rows)):
+                stop = min(shape[0], start + max(1, block_rows))
+                # no local keeps a block while the next one is read: one block in memory at a time
+                yield start, reader.rows(start, stop).view(stop - start, *shape[1:]).to(device=device, dtype=dtype)
+        finally:
+            reader.close()
+
+
+@dataclass
+class RowBlocks:
+    """A tensor an editor returns as consecutive row blocks (split along dim 0), computed as the writer asks for
+    them: it is never whole in memory.
+
+    Attributes:
+        shape: the whole tensor's shape.
+        dtype: its dtype (every block's).
+        blocks: the blocks in order, each ``(rows, *shape[1:])`` (or flattened past dim 0); usually a generator.
+    """
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    blocks: Iterable[Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
 
 #: ``edit(name, source)``: None to copy tensor ``name`` through as stored (cast only for a ``dtype``), or the
-#: ``(name, tensor)`` pairs to write in its place, in order (an empty list drops it).
-Edit = Callable[[str, TensorSource], Optional[Sequence[tuple[str, Tensor]]]]
+#: ``(name, tensor)`` pairs to write in its place, in order (an empty list drops it); a tensor may be a
+#: :class:`RowBlocks`.
+Edit = Callable[[str, TensorSource], Optional[Sequence[tuple[str, Union[Tensor, RowBlocks]]]]]
 
 
 @dataclass
@@ -126,6 +180,7 @@ def rewrite_checkpoint(
     dtype: Optional[torch.dtype] = None,
     config_updates: Optional[Mapping[str, Any]] = None,
     progress: Optional[Progress] = None,
+    copy_blocks: Optional[Mapping[str, int]] = None,
 ) -> RewriteResult:
     """Write BASE, edited by ``edit``, into ``directory`` (created if missing; must hold no weights yet).
 
@@ -137,6 +192,8 @@ def rewrite_checkpoint(
             tensor's.
         config_updates: keys to set in the copied config.json.
         progress: called as ``progress(done, total, name)`` in elements after each BASE tensor.
+        copy_blocks: ``{tensor: rows}``: a tensor copied through (``edit`` returned None) is read and written in
+            blocks of that many rows (:meth:`TensorSource.row_blocks`), never whole in memory.
 
     Returns:
         :class:`RewriteResult`.
@@ -163,15 +220,22 @@ def rewrite_checkpoint(
             current = shard
             replacement = edit(name, source)
             if replacement is None:
-                replacement = [(name, source.read(name))]
+                rows = (copy_blocks or {}).get(name)
+                copy = source.read(name) if rows is None else RowBlocks(
+                    tuple(base.shape(name)), source.output_dtype(name), _blocks_only(source.row_blocks(name, rows)))
+                replacement = [(name, copy)]
                 result.copied += 1
             else:
                 result.edited += 1
             for key, tensor in replacement:
-                writer.add(key, tensor)
+                if isinstance(tensor, RowBlocks):
+                    writer.add_rows(key, tensor.shape, tensor.dtype, tensor.blocks)
+                    result.bytes += tensor.nbytes
+                else:
+                    writer.add(key, tensor)
+                    result.bytes += tensor.numel() * tensor.element_size()
                 result.written += 1
-                result.bytes += tensor.numel() * tensor.element_size()
-            del replacement
+            replacement = copy = tensor = None  # nothing of this tensor stays alive while the next is read
             done += math.prod(base.shape(name))
             if progress is not None:
                 progress(done, total, name)
@@ -182,6 +246,17 @@ def rewrite_checkpoint(
     result.config_updates = {k: v for k, v in updates.items() if (base.config or {}).get(k, object()) != v}
     result.side_files, result.left_out = _copy_side_files(base, out, result.config_updates)
     return result
+
+
+def _blocks_only(pairs: Iterator[tuple[int, Tensor]]) -> Iterator[Tensor]:
+    """The blocks of ``(start, block)`` pairs, none kept while the next is read."""
+    try:
+        for _, block in pairs:
+            yield block
+            del block
+            return_freed_memory()
+    finally:
+        pairs.close()
 
 
 def _output_prefix(files: Sequence[Path]) -> str:

@@ -6,14 +6,16 @@ read (e.g. ``fuse`` writing over its own input with ``--force``) is only replace
 
 :class:`ShardedWriter` writes the Hugging Face layout: ``model.safetensors`` (one shard), or
 ``model-00001-of-0000N.safetensors`` shards plus ``model.safetensors.index.json`` (written last), each shard
-with ``{"format": "pt"}`` metadata. It holds about one tensor in memory: each tensor's bytes go to a spool
-file as they arrive, and a shard's file (header, then data) is assembled from the spool when it is full.
+with ``{"format": "pt"}`` metadata. It holds about one tensor in memory (one row block of a tensor added with
+:meth:`ShardedWriter.add_rows`): each tensor's bytes go to a spool file as they arrive, and a shard's file
+(header, then data) is assembled from the spool when it is full.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import secrets
@@ -174,7 +176,8 @@ class ShardedWriter:
     take the current one past ``max_shard_size`` (a larger tensor gets a shard of its own). On :meth:`finish`
     the shards are named ``{prefix}-00001-of-0000N.safetensors`` and ``{prefix}.safetensors.index.json``
     (``{"metadata": {"total_size", "total_parameters"}, "weight_map": {name: file}}``) is written last; a single
-    shard is ``{prefix}.safetensors`` with no index. Used as a context manager, it finishes on success and
+    shard is ``{prefix}.safetensors`` with no index. A tensor too large to hold can be added as a sequence of row
+    blocks (:meth:`add_rows`). Used as a context manager, it finishes on success and
     removes its files on error.
 
     Args:
@@ -227,22 +230,60 @@ class ShardedWriter:
             ValueError: ``name`` was already added, or the writer is finished.
             UnsupportedError: a dtype safetensors cannot store.
         """
+        self.add_rows(name, tuple(tensor.shape), tensor.dtype, [tensor])
+
+    def add_rows(self, name: str, shape: Sequence[int], dtype: torch.dtype, blocks: Iterable[torch.Tensor]) -> None:
+        """Append one tensor of ``shape`` and ``dtype`` given as consecutive row blocks (split along dim 0), each
+        spooled to disk as it comes: the tensor is never whole in memory. A block may be flattened past dim 0
+        (``(rows, prod(shape[1:]))``); the bytes written are the blocks' in order.
+
+        ``blocks`` may be a generator that reads and computes each block: it is closed when this returns or raises.
+
+        Raises:
+            ValueError: ``name`` was already added, the writer is finished, a block has another dtype or a row width
+                other than ``shape``'s, or the blocks do not add up to ``shape``.
+            UnsupportedError: a dtype safetensors cannot store.
+        """
         if self._spool.closed:
             raise ValueError(f"writer for {self.directory} is finished")
         if name in self._shard_of or name == "__metadata__":
             raise ValueError(f"tensor name {name!r} is reserved or was already written to {self.directory}")
-        code = code_of_dtype(tensor.dtype, where=f"tensor {name!r}")
-        data = tensor.detach().to("cpu").contiguous()
-        nbytes = data.numel() * data.element_size()
+        code = code_of_dtype(dtype, where=f"tensor {name!r}")
+        shape = tuple(int(d) for d in shape)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        numel = math.prod(shape)
+        nbytes = numel * itemsize
+        per_row = math.prod(shape[1:]) if shape else 1
         if self._pending and self._pending_bytes + nbytes > self.max_shard_size:
             self._write_shard()
         offset = self._spool.tell()
-        self._spool.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))  # flat bytes: (nbytes,)
-        self._pending.append(_Spooled(name, code, tuple(data.shape), data.element_size(), offset, nbytes))
+        written = 0
+        iterator = iter(blocks)
+        try:
+            for block in iterator:
+                rows = block.shape[0] if block.dim() else 1
+                if block.dtype != dtype or (shape and block.numel() != rows * per_row):
+                    raise ValueError(f"row block of {name!r} has dtype {block.dtype} and shape {tuple(block.shape)}; "
+                                     f"the tensor is {dtype} {shape}")
+                data = block.detach().to("cpu").contiguous()
+                self._spool.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))  # flat bytes: (block bytes,)
+                written += data.numel()
+                del data, block
+            if written != numel:
+                raise ValueError(f"the row blocks of {name!r} hold {written} elements; its shape {shape} needs {numel}")
+        except BaseException:
+            self._spool.seek(offset)  # nothing of a refused tensor stays in the spool
+            self._spool.truncate()
+            raise
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()
+        self._pending.append(_Spooled(name, code, shape, itemsize, offset, nbytes))
         self._pending_bytes += nbytes
         self._shard_of[name] = len(self._parts)
         self._total_size += nbytes
-        self._total_params += data.numel()
+        self._total_params += numel
 
     def end_shard(self) -> None:
         """Close the current shard now, so the next tensor starts a new one (to keep another checkpoint's shard

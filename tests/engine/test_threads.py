@@ -29,3 +29,11 @@ def test_setting_restored_after_an_error(two_threads):
         with threads_for(10):
             raise RuntimeError("boom")
     assert torch.get_num_threads() == 2
+
+
+def test_one_thread_whatever_the_size(two_threads):
+    from lorasurg.engine.threads import one_thread
+
+    with one_thread():
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == 2

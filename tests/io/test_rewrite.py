@@ -135,3 +135,45 @@ def test_progress_reports_every_tensor(tmp_path, gen):
     with Checkpoint.open(base) as ckpt:
         rewrite_checkpoint(ckpt, tmp_path / "out", lambda n, s: None, progress=lambda d, t, n: seen.append((d, t)))
     assert len(seen) == len(tensors) and seen[-1][0] == seen[-1][1] == sum(t.numel() for t in tensors.values())
+
+
+def test_copy_blocks_and_row_block_edits_write_the_same_bytes(tmp_path, gen):
+    from lorasurg.io.rewrite import RowBlocks
+
+    base, tensors = _sharded(tmp_path, gen)
+    proj = "model.layers.0.proj.weight"
+
+    def edit(name, source):
+        if name != proj:
+            return None
+        return [(name, RowBlocks(tuple(source.checkpoint.shape(name)), source.output_dtype(name),
+                                 (2 * block for _, block in source.row_blocks(name, 3))))]
+
+    with Checkpoint.open(base) as ckpt:
+        blocks = {"model.embed.weight": 5, "model.layers.0.position_ids": 1, "model.norm.weight": 100}
+        result = rewrite_checkpoint(ckpt, tmp_path / "out", edit, copy_blocks=blocks)
+    assert result.copied == len(tensors) - 1 and result.edited == 1
+    assert result.bytes == sum(t.numel() * t.element_size() for t in tensors.values())
+    with Checkpoint.open(tmp_path / "out") as out:
+        for name, t in tensors.items():
+            want = 2 * t if name == proj else t
+            assert out.get(name).dtype == t.dtype and torch.equal(out.get(name), want), name
+    assert _layout(tmp_path / "out") == _layout(base)
+
+
+def test_row_blocks_cast_and_fall_back_to_a_whole_read_for_bin(tmp_path, gen):
+    from lorasurg.io.rewrite import TensorSource
+
+    base, tensors = _sharded(tmp_path, gen)
+    with Checkpoint.open(base) as ckpt:
+        source = TensorSource(ckpt, torch.float32)
+        got = list(source.row_blocks("model.embed.weight", 6))
+    assert [start for start, _ in got] == [0, 6, 12] and [b.shape[0] for _, b in got] == [6, 6, 4]
+    assert torch.equal(torch.cat([b for _, b in got]), tensors["model.embed.weight"].float())
+    binary = tmp_path / "bin"
+    binary.mkdir()
+    torch.save(tensors, binary / "pytorch_model.bin")
+    with Checkpoint.open(binary) as ckpt:
+        got = list(TensorSource(ckpt, None).row_blocks("model.layers.1.proj.weight", 3))
+    assert [b.shape for _, b in got] == [(3, 8), (3, 8), (2, 8)]
+    assert torch.equal(torch.cat([b for _, b in got]), tensors["model.layers.1.proj.weight"])

@@ -247,3 +247,41 @@ def test_copy_side_files(tmp_path):
     assert sorted(p.name for p in dst.iterdir()) == ["config.json", "tokenizer.json"]
     assert copy_side_files(src, dst, ["model.safetensors", "missing"]) == ["model.safetensors"]
     assert copy_side_files(src, src) == []
+
+
+def test_add_rows_writes_the_same_bytes_as_add(tmp_path, gen):
+    conv = torch.randn(5, 3, 2, 2, generator=gen).to(torch.bfloat16)
+    vector = torch.arange(7, dtype=torch.int64)
+    (tmp_path / "whole").mkdir()
+    (tmp_path / "rows").mkdir()
+    with ShardedWriter(tmp_path / "whole") as writer:
+        writer.add("conv", conv)
+        writer.add("vector", vector)
+    with ShardedWriter(tmp_path / "rows") as writer:
+        writer.add_rows("conv", conv.shape, conv.dtype, [conv[:2], conv[2:3].reshape(1, -1), conv[3:]])  # flat or not
+        writer.add_rows("vector", vector.shape, vector.dtype, (vector[i:i + 3] for i in range(0, 7, 3)))
+    written = (tmp_path / "rows" / "model.safetensors").read_bytes()
+    assert written == (tmp_path / "whole" / "model.safetensors").read_bytes()
+
+
+def test_add_rows_refuses_blocks_that_do_not_make_the_tensor(tmp_path, gen):
+    closed = []
+
+    def blocks():
+        try:
+            yield torch.zeros(2, 4)
+            yield torch.zeros(1, 4)
+        finally:
+            closed.append(True)
+
+    with ShardedWriter(tmp_path) as writer:
+        with pytest.raises(ValueError, match=r"row blocks of 'short' hold 12 elements; its shape \(4, 4\) needs 16"):
+            writer.add_rows("short", (4, 4), torch.float32, blocks())
+        assert closed == [True]
+        with pytest.raises(ValueError, match=r"block of 'mixed' has dtype torch.float16 .* the tensor is torch.float32"):
+            writer.add_rows("mixed", (2, 4), torch.float32, [torch.zeros(1, 4), torch.zeros(1, 4, dtype=torch.float16)])
+        with pytest.raises(ValueError, match="row block of 'wide'"):
+            writer.add_rows("wide", (2, 4), torch.float32, [torch.zeros(2, 5)])
+        writer.add("ok", torch.ones(3))
+    assert list(load_file(tmp_path / "model.safetensors")) == ["ok"]  # the refused tensors left nothing behind
+    assert torch.equal(load_file(tmp_path / "model.safetensors")["ok"], torch.ones(3))

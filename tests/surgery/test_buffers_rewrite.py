@@ -93,3 +93,11 @@ def test_gpt2_attn_is_not_a_target(tmp_path):
         "transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj", "transformer.h.0.mlp.c_fc",
         "transformer.h.0.mlp.c_proj"]
     assert report.model is not None
+
+
+def test_module_absent_from_base_is_not_a_target(tmp_path):
+    """BERT's architecture has ``pooler.dense``; this BASE was saved without a pooler: residualize says so and
+    leaves it out of the targets instead of failing on the missing weight."""
+    report = residualize(BUFFERS / "bert" / "base", tmp_path / "b", init="pissa", r=4, device="cpu")
+    assert "pooler.dense" not in Adapter.load(tmp_path / "b" / "adapter").modules
+    assert [n for n in report.notes if "no weight in BASE" in n and "pooler.dense" in n]

@@ -14,7 +14,6 @@ from lorasurg.engine.factors import delta_matrix, lora_scale, weight_to_matrix
 from lorasurg.engine.ranks import parse_rank_policy
 from lorasurg.io.checkpoint import Checkpoint
 from lorasurg.modules import ModuleInfo
-from lorasurg.surgery.extract import process as _extract_pass
 from lorasurg.surgery.extract import run as extract_mod
 from lorasurg.surgery.extract.fit import fit_delta
 from lorasurg.surgery.extract.plan import plan_roles
@@ -173,21 +172,31 @@ def test_embeddings_modes(mode):
 
 
 def test_tied_embedding_is_read_once_and_written_for_both(monkeypatch):
+    from lorasurg.io._shards import RowReader
+
     reads: list[str] = []
-    real_get = Checkpoint.get
+    real_get, real_rows = Checkpoint.get, RowReader.rows_into
 
     def counting_get(self, name, *args, **kwargs):
         reads.append(name)
         return real_get(self, name, *args, **kwargs)
 
+    def counting_rows(self, start, stop, buffer):
+        reads.append(f"{self.name}[{start}:{stop}]")
+        return real_rows(self, start, stop, buffer)
+
     monkeypatch.setattr(Checkpoint, "get", counting_get)
+    monkeypatch.setattr(RowReader, "rows_into", counting_rows)
     adapter, report = extract(*pair("qwen2"), r=8, lora_bias=False)
     emb, head = adapter.modules["model.embed_tokens"], adapter.modules["lm_head"]
     assert emb.embedding and not head.embedding
     torch.testing.assert_close(head.A, emb.B.T, rtol=0, atol=0)
     torch.testing.assert_close(head.B, emb.A.T, rtol=0, atol=0)
-    assert reads.count("model.embed_tokens.weight") == 2  # once per checkpoint
-    assert "lm_head.weight" not in reads
+    rows = Checkpoint.open(pair("qwen2")[0]).shape("model.embed_tokens.weight")[0]
+    spans = [r.partition("[")[2].rstrip("]") for r in reads if r.startswith("model.embed_tokens.weight")]
+    assert sum(int(b) - int(a) for a, b in (span.split(":") for span in spans)) == 2 * rows  # once per checkpoint
+    assert len(spans) == 2 * len(set(spans))
+    assert not any(r.startswith("lm_head") for r in reads)
     assert any("lm_head shares its weight" in n for n in report.notes)
 
 
@@ -311,15 +320,27 @@ def test_saved_adapter_round_trips(tmp_path):
     assert math.isclose(report.to_dict()["totals"]["adapter_parameters"], sum(t.numel() for t in state.values()))
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_streamed_fit_matches_the_in_memory_fit(monkeypatch, arch):
-    """Tensors above STREAM_ABOVE elements are fitted from row blocks read from disk; force it on every tensor."""
+def force_streaming(monkeypatch, block_elements: int) -> None:
+    """Make every LoRA target too large to hold under any budget, and blocks of about ``block_elements``."""
+    from lorasurg.surgery.budget import MemoryBudget
     from lorasurg.surgery.extract import stream as _extract_stream
 
+    real_place = MemoryBudget.place
+    monkeypatch.setattr(MemoryBudget, "place",
+                        lambda self, name, **kw: real_place(self, name, **dict(kw, hold_bytes=self.limit + 1)))
+    monkeypatch.setattr(_extract_stream, "_BLOCK_ELEMENTS", block_elements)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_streamed_fit_matches_the_in_memory_fit(monkeypatch, arch):
+    """LoRA targets over the memory budget are fitted from row blocks read from disk; force it on every one."""
     dense_adapter, dense = extract(*pair(arch), r=8)
-    monkeypatch.setattr(_extract_pass, "STREAM_ABOVE", 0)
-    monkeypatch.setattr(_extract_stream, "_BLOCK_ELEMENTS", 1000)  # several blocks per tensor
+    assert dense.streamed == []
+    force_streaming(monkeypatch, block_elements=1000)  # several blocks per tensor
     adapter, report = extract(*pair(arch), r=8)
+    lora = [o.name for o in report.outcomes if o.outcome == "lora"]
+    assert lora and {t.name for t in report.streamed} == set(lora)
+    assert all(t.block_rows < t.shape[0] for t in report.streamed if t.shape[0] * math.prod(t.shape[1:]) > 2000)
     assert [(o.name, o.outcome) for o in report.outcomes] == [(o.name, o.outcome) for o in dense.outcomes]
     assert [o.energy for o in report.outcomes] == pytest.approx([o.energy for o in dense.outcomes], rel=1e-5)
     assert report.tensors_unchanged == dense.tensors_unchanged
@@ -341,8 +362,6 @@ def test_streamed_fit_within_one_percent_on_hard_spectra(tmp_path, monkeypatch, 
     """The streamed randomized SVD (one power iteration, wide oversampling) on flat and slowly decaying spectra."""
     from safetensors.torch import save_file
 
-    from lorasurg.surgery.extract import stream as _extract_stream
-
     k = 256
     s = torch.arange(1, k + 1, dtype=torch.float64) ** -decay
     W = torch.randn(512, k, generator=gen, dtype=torch.float64) * 0.02
@@ -351,10 +370,10 @@ def test_streamed_fit_within_one_percent_on_hard_spectra(tmp_path, monkeypatch, 
     (tmp_path / "t").mkdir()
     save_file({"layer.proj.weight": W.float()}, str(tmp_path / "b" / "model.safetensors"))
     save_file({"layer.proj.weight": (W + dW).float()}, str(tmp_path / "t" / "model.safetensors"))
-    monkeypatch.setattr(_extract_pass, "STREAM_ABOVE", 0)
-    monkeypatch.setattr(_extract_stream, "_BLOCK_ELEMENTS", 20_000)
+    force_streaming(monkeypatch, block_elements=20_000)
     for r in (4, 16, 64):
         adapter, report = extract(tmp_path / "b", tmp_path / "t", r=r)
+        assert [t.name for t in report.streamed] == ["layer.proj.weight"]
         actual = (Checkpoint.open(tmp_path / "t").get("layer.proj.weight", dtype=torch.float64)
                   - Checkpoint.open(tmp_path / "b").get("layer.proj.weight", dtype=torch.float64))
         optimal = float(torch.linalg.svdvals(actual)[r:].pow(2).sum().sqrt())
@@ -381,3 +400,88 @@ def test_rank_zero_modules_are_left_out_and_listed(tmp_path, gen):
 
     infos = Checkpoint.open(tmp_path / "b").module_infos()
     assert select_modules(adapter.config, infos) == ["layers.0.proj"]
+
+
+# ------------------------------------------------------------------------------------------------ memory budget
+def _big_and_small(tmp_path, gen) -> tuple[Path, Path]:
+    """bf16 checkpoints with a 512 x 256 and a 16 x 16 linear weight, both changed."""
+    from safetensors.torch import save_file
+
+    base = {"layers.0.big.weight": torch.randn(512, 256, generator=gen),
+            "layers.0.small.weight": torch.randn(16, 16, generator=gen)}
+    tuned = {k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in base.items()}
+    for name, state in (("b", base), ("t", tuned)):
+        (tmp_path / name).mkdir()
+        save_file({k: v.bfloat16() for k, v in state.items()}, str(tmp_path / name / "model.safetensors"))
+    return tmp_path / "b", tmp_path / "t"
+
+
+def test_budget_decides_per_tensor_which_deltas_are_streamed(tmp_path, gen):
+    """1.5 MB: the 512 x 256 delta (2.2 MB to hold with the SVD's arrays) is streamed in blocks, the 16 x 16 held."""
+    b, t = _big_and_small(tmp_path, gen)
+    held_adapter, held = extract(b, t, r=8, dtype="float32")
+    assert held.streamed == [] and "every LoRA target's delta held in memory" in held.render()
+    adapter, report = extract(b, t, r=8, max_memory="1.5MB", dtype="float32")
+    assert [s.name for s in report.streamed] == ["layers.0.big.weight"]
+    streamed = report.streamed[0]
+    assert streamed.hold_bytes > 1_500_000 and 1 < streamed.block_rows < 512  # several blocks, as the budget allows
+    assert report.to_dict()["memory"] == {
+        "max_memory": 1_500_000, "in_use_at_start": 0, "for_tensors": 1_500_000, "budget": "--max-memory 1.5MB",
+        "streamed": [{"name": "layers.0.big.weight", "shape": [512, 256], "hold_bytes": streamed.hold_bytes,
+                      "block_rows": streamed.block_rows, "reason": streamed.reason}],
+    }
+    text = report.render()
+    assert "memory budget 1.5 MB (--max-memory 1.5MB): 1 LoRA target(s) streamed from disk" in text
+    assert "layers.0.big.weight" in text.split("memory budget")[1]
+    for module in ("layers.0.big", "layers.0.small"):  # the same sums in another order: the same fit
+        streamed_delta, held_delta = (module_delta(a, module, "linear") for a in (adapter, held_adapter))
+        assert float(torch.linalg.vector_norm(streamed_delta - held_delta)) <= 1e-4 * float(
+            torch.linalg.vector_norm(held_delta)), module
+    assert [f.rel_error for f in report.fits] == pytest.approx([f.rel_error for f in held.fits], rel=1e-4)
+
+
+def test_budget_below_the_smallest_workable_one_says_what_that_is(tmp_path, gen):
+    import re
+
+    from lorasurg.errors import ConfigError
+    from lorasurg.surgery.budget import parse_size
+
+    b, t = _big_and_small(tmp_path, gen)
+    with pytest.raises(ConfigError) as info:
+        extract(b, t, r=8, max_memory="100KB")
+    message = str(info.value)
+    assert "the memory budget (--max-memory 100KB) is below the smallest workable budget for this input" in message
+    assert "layers.0.big.weight needs one row of 4.1 KB and " in message and "to stream its 512 rows" in message
+    smallest = re.search(r"Use --max-memory (\S+) or more", message).group(1)
+    adapter, report = extract(b, t, r=8, max_memory=smallest)  # the minimum it names works: one-row blocks
+    assert [s.name for s in report.streamed] == ["layers.0.big.weight"] and report.streamed[0].block_rows >= 1
+    with pytest.raises(ConfigError):
+        extract(b, t, r=8, max_memory=int(0.9 * parse_size(smallest)))
+    with pytest.raises(ConfigError) as info:  # an exact SVD cannot stream: it needs the whole delta
+        extract(b, t, r=8, svd="exact", max_memory=smallest)
+    assert "to hold its delta for an exact SVD" in str(info.value) and "--svd randomized streams" in str(info.value)
+
+
+def test_unparseable_budget_is_refused_before_any_work(monkeypatch):
+    from lorasurg.errors import ConfigError
+
+    monkeypatch.setattr(Checkpoint, "open", lambda *a, **k: pytest.fail("opened a checkpoint"))
+    with pytest.raises(ConfigError, match=r"--max-memory '2 bananas' is not a size; accepted forms: .*500MB"):
+        extract(*pair("llama"), max_memory="2 bananas")
+
+
+def test_bin_checkpoints_are_held_above_the_budget_and_said_so(tmp_path):
+    """.bin tensors cannot be read in row blocks: held whatever the budget, in one note (no error)."""
+    import shutil
+
+    for side in ("base", "tuned"):
+        (tmp_path / side).mkdir()
+        shutil.copy(FIXTURES / "tiny-llama" / side / "config.json", tmp_path / side / "config.json")
+        torch.save(load_file(str(FIXTURES / "tiny-llama" / side / "model.safetensors")),
+                   tmp_path / side / "pytorch_model.bin")
+    adapter, report = extract(tmp_path / "base", tmp_path / "tuned", r=8, max_memory="100KB")
+    reference, _ = extract(*pair("llama"), r=8)
+    assert report.streamed == [] and adapter.modules.keys() == reference.modules.keys()
+    notes = [n for n in report.notes if "above the memory budget" in n]
+    assert len(notes) == 1 and notes[0].startswith(f"{len(report.fits)} LoRA target(s) held in memory")
+    assert ".bin checkpoints cannot be read in row blocks (convert them to safetensors to stream)" in notes[0]

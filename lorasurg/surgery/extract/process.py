@@ -1,16 +1,16 @@
 """One tensor pair of ``extract``: compare, and fit LoRA factors when its role says so.
 
-Small tensors are read whole (:func:`compare`: the float32 delta is built in place, so about one input plus the
-delta are held); tensors above :data:`~lorasurg.surgery.extract.stream.STREAM_ABOVE` elements are streamed from
-disk in row blocks (:mod:`lorasurg.surgery.extract.stream`) and never held whole. Either way the result goes into
-the run's :class:`~lorasurg.surgery.extract.build.Collected`.
+Tensors are read in row blocks from their safetensors files (:mod:`lorasurg.surgery.extract.stream`): the float32
+delta is formed once per block, and the pass that forms it also finds whether the tensor changed, its norm and
+the randomized SVD's first product. A LoRA target's delta is then held in memory or streamed from disk, as its
+:class:`~lorasurg.surgery.budget.Placement` says (:func:`placements`). Small tensors that are not LoRA targets
+(norms, biases), and tensors of ``.bin`` checkpoints, are read whole (:func:`compare`). Either way the result
+goes into the run's :class:`~lorasurg.surgery.extract.build.Collected`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import math
 import zlib
 from typing import Mapping, Optional, Sequence
@@ -20,58 +20,137 @@ from torch import Tensor
 
 from ...engine.factors import factors_from_matrices, weight_to_matrix
 from ...engine.ranks import RankPolicy
+from ...engine.sketch import sketch_matrix
 from ...errors import InputError
 from ...io.adapter import AdapterModule
+from ...io._memory import return_freed_memory as _return_freed_memory
 from ...io.checkpoint import Checkpoint
 from ...modules import ModuleInfo
+from ..budget import MemoryBudget, Placement, format_size
 from .build import Collected
-from .fit import Fit, fit_delta, fit_operator, oversample
+from .fit import Fit, fit_delta, fit_operator, oversample, sketch_size
 from .plan import TensorRole
 from .report import ModuleFit
-from .stream import STREAM_ABOVE, DeltaOperator, max_abs, open_delta, sketch_matrix
+from .stream import DeltaOperator, Workspace, block_rows, max_abs, memory_needs, open_delta
 
-__all__ = ["compare", "process_tensor"]
+__all__ = ["compare", "process_tensor", "placements"]
+
+#: Tensors that are not LoRA targets and have at most this many elements are read whole (norms, biases).
+_READ_WHOLE = 2**16
+
+
+def placements(base: Checkpoint, tuned: Checkpoint, roles: Mapping[str, TensorRole], modules, budget: MemoryBudget,
+               *, r: int, svd: str, policy: Optional[RankPolicy], out_dtype: Optional[torch.dtype]
+               ) -> dict[str, Placement]:
+    """Where each LoRA target's delta lives while it is fitted: held in memory or streamed (see
+    :meth:`MemoryBudget.place`), decided from the shapes before any tensor is read.
+
+    The output being built (every LoRA factor, and every tensor a changed module would copy whole) is reserved
+    from the budget first. Deltas that need the whole matrix (``--svd exact``, a policy needing the whole
+    spectrum) are never streamed; tensors of ``.bin`` files cannot be.
+
+    Raises:
+        ConfigError: the budget is below the smallest workable one (one row block of the most demanding tensor,
+            with the SVD's working memory and the reserved output), or below what an exact SVD needs.
+    """
+    reserved = _reserved_bytes(base, roles, modules, r, out_dtype)
+    whole = svd == "exact" or (policy is not None and policy.needs_full_spectrum)
+    needs, result = [], {}
+    for name, role in roles.items():
+        if role.role != "lora":
+            continue
+        shape = tuple(base.shape(name))
+        rows, cols = (shape[0] if shape else 1), math.prod(shape[1:])
+        matrix = (cols, rows) if _transposed(role, modules) else (rows, cols)
+        hold, row, fixed = memory_needs(shape, tuned.dtype(name), base.dtype(name), sketch=sketch_size(r, matrix),
+                                        exact=whole)
+        streamable = not whole and _safetensors(base, tuned, name)
+        if whole:
+            needs.append((name, reserved + hold, f"{format_size(hold)} to hold its delta for an exact SVD "
+                          f"(--svd exact or a rank policy that needs the whole spectrum; --svd randomized streams)"
+                          + _plus(reserved)))
+        elif streamable:
+            needs.append((name, reserved + fixed + row, f"one row of {format_size(row)} and "
+                          f"{format_size(fixed)} of SVD working memory to stream its {shape[0]} rows"
+                          + _plus(reserved)))
+        result[name] = budget.place(
+            name, hold_bytes=hold, row_bytes=row, fixed_bytes=fixed, rows=rows, reserved=reserved,
+            max_block_rows=block_rows(cols), can_stream=streamable,
+            cannot_stream_reason="the exact SVD needs the whole delta" if whole else
+            ".bin checkpoints cannot be read in row blocks (convert them to safetensors to stream)")
+    budget.require(needs)
+    return result
+
+
+def _plus(reserved: int) -> str:
+    return f", plus {format_size(reserved)} reserved for the adapter being built" if reserved else ""
+
+
+def _reserved_bytes(base: Checkpoint, roles: Mapping[str, TensorRole], modules, r: int,
+                    out_dtype: Optional[torch.dtype]) -> int:
+    """An upper bound of the adapter held in memory: every LoRA target's factors and every tensor saved whole."""
+    total = 0
+    size = 4 if out_dtype is None else out_dtype.itemsize  # factors are cast to the output dtype (<= float32)
+    for name, role in roles.items():
+        shape = tuple(base.shape(name))
+        if role.role == "lora":
+            rows, cols = (shape[0] if shape else 1), math.prod(shape[1:])
+            total += min(r, rows, cols) * (rows + cols) * size
+        elif role.role in ("save", "bias"):
+            total += math.prod(shape) * base.dtype(name).itemsize
+    return total
+
+
+def _safetensors(base: Checkpoint, tuned: Checkpoint, name: str) -> bool:
+    return base.shard_of(name).suffix == ".safetensors" and tuned.shard_of(name).suffix == ".safetensors"
 
 
 def process_tensor(
     base: Checkpoint, tuned: Checkpoint, role: TensorRole, modules: Mapping[str, ModuleInfo], run: Collected,
-    device: torch.device, *, r: int, policy: Optional[RankPolicy], svd: str, seed: int,
+    device: torch.device, *, r: int, policy: Optional[RankPolicy], svd: str, seed: int, work: Workspace,
+    placement: Optional[Placement] = None,
 ) -> None:
-    """Compare one tensor pair and, for a ``lora`` role, fit and store its factors in ``run``."""
+    """Compare one tensor pair and, for a ``lora`` role, fit and store its factors in ``run``.
+
+    ``placement``: for a LoRA target, whether its delta is held or streamed and in what blocks (default: held).
+    """
     fit_args = dict(r=r, policy=policy, svd=svd, seed=seed)
-    whole_spectrum = policy is not None and policy.needs_full_spectrum
-    streamed = math.prod(base.shape(role.name)) > STREAM_ABOVE and (
-        role.role != "lora" or (svd == "randomized" and not whole_spectrum))
-    op = open_delta(base, tuned, role.name, _transposed(role, modules), device) if streamed else None
+    lora = role.role == "lora"
+    op = None
+    if lora or (role.role != "bias" and math.prod(base.shape(role.name)) > _READ_WHOLE):
+        hold = lora and (placement is None or placement.hold)
+        if lora and not hold:
+            work.release_matrix()  # the streaming budget does not include a held matrix
+        op = open_delta(base, tuned, role.name, _transposed(role, modules), device, work, hold=hold,
+                        rows_per_block=placement.block_rows if placement is not None else None)
     if op is not None:
         with contextlib.closing(op):
-            _stream(op, tuned, role, modules, run, **fit_args)
+            _from_blocks(op, tuned, role, modules, run, **fit_args)
     else:
         delta = compare(base, tuned, role, run, device)
-        if delta is not None and role.role == "lora":
+        if delta is not None and lora:
             matrix = weight_to_matrix(delta, role.kind, bool(modules[role.module].fan_in_fan_out))  # (out, in) view
-            _store_fit(_fit(matrix, role, run, **fit_args), role, modules, run, tuple(delta.shape))
+            energy = run.changed[role.name][1]
+            _store_fit(_fit(matrix, role, run, energy=energy, **fit_args), role, modules, run, tuple(delta.shape))
         del delta
-    _return_freed_memory()
+        _return_freed_memory()
 
 
 def compare(base: Checkpoint, tuned: Checkpoint, role: TensorRole, run: Collected,
             device: torch.device) -> Optional[Tensor]:
-    """Read one tensor pair; record what changed; return the float32 delta (on ``device``) or None.
+    """Read one tensor pair whole; record what changed; return the float32 delta (on ``device``) or None.
 
-    Memory: the float32 delta is built in place from the tuned tensor, then the base tensor is subtracted
-    from it, so at most one input and the delta are held at once (the tuned tensor is kept only when its
-    module is saved whole). ``x - y == 0`` exactly iff ``x == y`` in floating point, so a zero delta means
-    an unchanged tensor.
+    Memory: the float32 delta is built in place from the tuned tensor, then the base tensor is subtracted from it
+    in chunks (:func:`_subtract`), so at most the delta and one input are held at once (the tuned tensor is kept
+    only when its module is saved whole). ``x - y == 0`` exactly iff
+    ``x == y`` in floating point, so a zero delta means an unchanged tensor.
     """
     w1 = tuned.get(role.name, device=device)
     run.tuned_dtype[role.name] = w1.dtype
     delta = w1.to(torch.float32, copy=True)
     keep = w1 if role.role == "save" else None
     del w1
-    w0 = base.get(role.name, device=device)
-    delta.sub_(w0)  # promotes w0 element by element; no float32 copy of it
-    del w0
+    _subtract(delta, base.get(role.name, device=device))
     peak = max_abs(delta)
     if peak == 0.0:
         run.unchanged += 1
@@ -84,47 +163,46 @@ def compare(base: Checkpoint, tuned: Checkpoint, role: TensorRole, run: Collecte
     return delta
 
 
-def _stream(op: DeltaOperator, tuned: Checkpoint, role: TensorRole, modules, run: Collected, *, r: int, policy,
-            svd: str, seed: int) -> None:
-    """:func:`compare` and the fit for a tensor streamed from disk in row blocks (never held whole)."""
-    run.tuned_dtype[role.name] = op.tuned.dtype
-    generator = _generator(role, seed, op.device)
-    k = min(r, *op.shape)
-    omega = sketch_matrix(op.shape, k, oversample(k), generator, op.device) if role.role == "lora" else None
-    peak, energy, sketch = op.stats(omega)  # one pass: changed? finite? norm, and M @ omega
-    if peak == 0.0:
-        run.unchanged += 1
+def _subtract(delta: Tensor, w0: Tensor, chunk: int = 2**18) -> None:
+    """``delta -= w0`` in place, converting ``w0`` to float32 a chunk at a time (a mixed-dtype ``sub_`` is
+    several times slower on CPU, and a whole float32 copy of ``w0`` would double the memory)."""
+    if w0.dtype == delta.dtype or w0.numel() <= chunk:
+        delta.sub_(w0)
         return
-    if not math.isfinite(peak):
+    flat, other = delta.view(-1), w0.reshape(-1)
+    for start in range(0, flat.numel(), chunk):
+        flat[start:start + chunk].sub_(other[start:start + chunk].to(delta.dtype))
+
+
+def _from_blocks(op: DeltaOperator, tuned: Checkpoint, role: TensorRole, modules, run: Collected, *, r: int,
+                 policy, svd: str, seed: int) -> None:
+    """:func:`compare` and the fit for a tensor read in row blocks (held after the read, or streamed)."""
+    run.tuned_dtype[role.name] = op.tuned.dtype
+    lora = role.role == "lora"
+    whole = svd == "exact" or (policy is not None and policy.needs_full_spectrum)
+    generator = _generator(role, seed, op.device) if lora else None
+    k = min(r, *op.shape)
+    omega = sketch_matrix(op.shape, k, oversample(k), generator, op.device) if lora and not whole else None
+    changed, finite, energy, sketch = op.stats(omega)  # one pass: changed? finite? norm, and M @ omega
+    del omega
+    if not finite:
         run.non_finite.append(f"{role.name} (shape {op.tuned.shape})")
+        return
+    if not changed:
+        run.unchanged += 1
         return
     keep = tuned.get(role.name) if role.role == "save" else None
     run.record_change(role, op.tuned.shape, energy, tuned=keep)
-    if role.role == "lora":
+    if not lora:
+        return
+    if whole:
+        matrix = op.view()
+        if matrix.dim() != 2 or 0 in matrix.shape:
+            raise InputError(f"{role.name}: cannot fit LoRA to a weight whose matrix view is {tuple(matrix.shape)}")
+        fit = fit_delta(matrix, r=r, scale=run.scale, policy=policy, method=svd, generator=generator, energy=energy)
+    else:
         fit = fit_operator(op, r=r, scale=run.scale, energy=energy, sketch=sketch, policy=policy, generator=generator)
-        _store_fit(fit, role, modules, run, op.tuned.shape)
-
-
-def _return_freed_memory() -> None:
-    """Give freed heap memory back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
-
-    Tensors of a few tens of MB are allocated and freed once per module; glibc keeps such freed chunks in the
-    heap, so without this the resident size creeps up by a few hundred MB over a model.
-    """
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _load_libc():
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim  # noqa: B018 - glibc only
-        return libc
-    except (OSError, AttributeError):
-        return None
-
-
-_LIBC = _load_libc()
+    _store_fit(fit, role, modules, run, op.tuned.shape)
 
 
 def _transposed(role: TensorRole, modules) -> bool:
@@ -138,11 +216,11 @@ def _generator(role: TensorRole, seed: int, device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed + zlib.crc32(role.module.encode()))
 
 
-def _fit(matrix, role: TensorRole, run: Collected, *, r: int, policy, svd: str, seed: int) -> Fit:
+def _fit(matrix, role: TensorRole, run: Collected, *, r: int, policy, svd: str, seed: int, energy: float) -> Fit:
     if matrix.dim() != 2 or 0 in matrix.shape:
         raise InputError(f"{role.name}: cannot fit LoRA to a weight whose matrix view is {tuple(matrix.shape)}")
     return fit_delta(matrix, r=r, scale=run.scale, policy=policy, method=svd,
-                     generator=_generator(role, seed, matrix.device))
+                     generator=_generator(role, seed, matrix.device), energy=energy)
 
 
 def _store_fit(fit: Fit, role: TensorRole, modules, run: Collected, shape: Sequence[int]) -> None:

@@ -14,9 +14,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 from ...consumers.prepare import ForReport
+from ..budget import format_size
 from ..report import format_bytes, format_count, format_for, format_table
 
-__all__ = ["ModuleFit", "TensorOutcome", "BufferOutcome", "ExtractReport"]
+__all__ = ["ModuleFit", "TensorOutcome", "StreamedTensor", "BufferOutcome", "ExtractReport"]
 
 
 @dataclass
@@ -52,6 +53,24 @@ class TensorOutcome:
     outcome: str
     reason: str
     energy: float
+
+
+@dataclass
+class StreamedTensor:
+    """A LoRA target whose delta was streamed from disk in row blocks (4 passes) instead of held in memory.
+
+    Attributes:
+        name: tensor key; shape: its shape.
+        hold_bytes: what holding its delta would have needed.
+        block_rows: rows per block read.
+        reason: why (the budget it exceeded).
+    """
+
+    name: str
+    shape: list[int]
+    hold_bytes: int
+    block_rows: int
+    reason: str
 
 
 @dataclass
@@ -96,6 +115,10 @@ class ExtractReport:
     adapter_parameters: int = 0
     adapter_bytes: int = 0
     output: Optional[str] = None
+    max_memory: int = 0
+    memory_budget: str = ""
+    memory_in_use: int = 0
+    streamed: list[StreamedTensor] = field(default_factory=list)
     consumers: list[str] = field(default_factory=lambda: ["peft"])
     for_report: Optional[ForReport] = None
 
@@ -172,7 +195,24 @@ class ExtractReport:
                 "captured_energy": self.captured_energy,
                 "left_out_energy": sum(self.share(o) for o in self.left_out()),
             },
+            "memory": self._memory_dict(),
         }
+
+    def _memory_dict(self) -> dict[str, Any]:
+        return {"max_memory": self.max_memory, "in_use_at_start": self.memory_in_use,
+                "for_tensors": self.max_memory - self.memory_in_use, "budget": self.memory_budget,
+                "streamed": [asdict(t) for t in self.streamed]}
+
+    def _render_memory(self) -> str:
+        """The memory budget and the LoRA targets streamed under it."""
+        head = f"memory budget {format_size(self.max_memory)} ({self.memory_budget})"
+        if not self.streamed:
+            return head + ": every LoRA target's delta held in memory (one read each)"
+        rows = [(t.name, "x".join(map(str, t.shape)), format_size(t.hold_bytes), t.block_rows) for t in self.streamed]
+        left = format_size(self.max_memory - self.memory_in_use)
+        return (head + f": {len(self.streamed)} LoRA target(s) streamed from disk in row blocks (4 passes each), "
+                f"because holding their delta needs more than the {left} the budget leaves for tensors:\n"
+                + format_table(rows, ["tensor", "shape", "to hold", "block rows"]))
 
     def render(self) -> str:
         head = [
@@ -201,6 +241,8 @@ class ExtractReport:
                          + format_table(rows, ["tensor", "shape", "became", "why"]))
         if self.notes:
             parts.append("notes:\n" + "\n".join(f"  - {n}" for n in self.notes))
+        if self.max_memory:
+            parts.append(self._render_memory())
         if self.consumers != ["peft"]:
             parts.append(format_for(self.for_report, self.left_out_by_consumer()))
         left = sum(self.share(o) for o in self.left_out())

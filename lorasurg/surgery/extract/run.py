@@ -24,8 +24,11 @@ once; the adapter then carries the change for both modules, since PEFT adapts th
 ``lora_embedding_A/B`` on the embedding and the same factors, transposed, as ``lm_head``'s ``lora_A/B`` (with
 ``--embeddings full``, a saved copy for each).
 
-Streaming: tensors are read one base/tuned pair at a time in shard order, so memory is about one module's
-tensors plus the adapter being built, whatever the model's size.
+Memory: tensors are read one base/tuned pair at a time in shard order, in row blocks. ``max_memory`` (a
+:class:`~lorasurg.surgery.budget.MemoryBudget`; default half the available memory) decides per LoRA target whether
+its float32 delta is held in memory after one read or streamed from disk in row blocks over several passes
+(:func:`lorasurg.surgery.extract.process.placements`), so memory is about the budget plus the interpreter and
+torch, whatever the model's size; the report lists the streamed tensors and why.
 """
 
 from __future__ import annotations
@@ -44,13 +47,15 @@ from ...errors import ConfigError
 from ...io.adapter import Adapter
 from ...io.checkpoint import Checkpoint
 from ...io.writer import check_output_dir
+from ..budget import MemoryBudget, Size
 from ..options import DTYPES, Progress, Source, dtype_problem, numel as _numel, open_checkpoint as _open
 from ..options import parse_device as _device, source_name as _source_name
 from .build import Collected, build_adapter
 from .pair import buffer_names, check_pair
 from .plan import blocker, plan_roles, split_tensor_name
-from .report import ExtractReport
-from .process import compare, process_tensor
+from .report import ExtractReport, StreamedTensor
+from .process import compare, placements, process_tensor
+from .stream import Workspace
 
 __all__ = ["extract", "extract_to_dir", "default_output_path", "ExtractReport", "SVD_METHODS", "DTYPES"]
 
@@ -105,6 +110,7 @@ def extract(
     serving: bool = False,
     allow_empty: bool = False,
     progress: Optional[Progress] = None,
+    max_memory: Optional[Size] = None,
 ) -> tuple[Adapter, ExtractReport]:
     """Extract a LoRA adapter approximating ``tuned`` as ``base + adapter`` (see the module docstring).
 
@@ -129,6 +135,12 @@ def extract(
         serving: an alias of adding ``vllm`` to ``consumers`` (``--serving``).
         allow_empty: for identical checkpoints, return a no-op adapter (all factors zero) instead of raising.
         progress: called as ``progress(done, total, tensor name)`` in elements after each tensor.
+        max_memory: the memory budget for the tensors being processed (bytes, or text such as ``"2GB"``,
+            ``"500MB"``, ``"50%"``: :func:`lorasurg.surgery.budget.parse_size`); None: half the available memory.
+            A LoRA target whose delta fits is fitted in memory from one read, a larger one is streamed from disk
+            in row blocks (4 passes); the report says which and why. Python and torch themselves are not counted,
+            except with :class:`~lorasurg.surgery.budget.WholeProcess` (what ``--max-memory`` passes): then the
+            memory the process holds at the start counts against the size too.
 
     Returns:
         ``(adapter, report)``; save the adapter with :meth:`Adapter.save` (or use :func:`extract_to_dir`).
@@ -138,22 +150,25 @@ def extract(
             on one side only or that differ are ignored and listed in the report (:mod:`.pair`).
         InputError: a delta holds NaN/inf (tensors named); the checkpoints are identical (without
             ``allow_empty``); nothing LoRA-able changed; a checkpoint cannot be read.
-        ConfigError: an invalid option value.
+        ConfigError: an invalid option value; a ``max_memory`` that is not a size, or below the smallest
+            workable budget for these checkpoints (the message says what that is).
     """
     policy = _check_options(r, alpha, rank_policy, svd, dtype, embeddings)
     for_names = with_serving(consumers, serving)
     work_device = _device(device)
+    budget = MemoryBudget.resolve(max_memory, work_device)
     report = ExtractReport(
         base=_source_name(base), tuned=_source_name(tuned), r=r, alpha=float(alpha if alpha is not None else r),
         rank_policy=str(policy) if policy else f"fixed:{r}", svd=svd, device=str(work_device), dtype=dtype,
-        lora_bias=False, serving="vllm" in for_names, consumers=list(for_names),
+        lora_bias=False, serving="vllm" in for_names, consumers=list(for_names), max_memory=budget.total,
+        memory_budget=budget.description, memory_in_use=budget.in_use,
     )
     with contextlib.ExitStack() as opened:
         base_ckpt, tuned_ckpt = _open(base, opened), _open(tuned, opened)
         report.buffers = check_pair(base_ckpt, tuned_ckpt)
         adapter = _run(
             base_ckpt, tuned_ckpt, report, work_device, policy=policy, seed=seed, lora_bias=lora_bias,
-            allow_empty=allow_empty, progress=progress, out_dtype=DTYPES.get(dtype),
+            allow_empty=allow_empty, progress=progress, out_dtype=DTYPES.get(dtype), budget=budget,
             plan=dict(target_modules=target_modules, exclude_modules=exclude_modules, embeddings=embeddings,
                       consumers=for_names),
         )
@@ -161,7 +176,8 @@ def extract(
 
 
 def _run(base: Checkpoint, tuned: Checkpoint, report: ExtractReport, device: torch.device, *, policy, seed: int,
-         lora_bias: Optional[bool], allow_empty: bool, progress: Optional[Progress], out_dtype, plan: dict) -> Adapter:
+         lora_bias: Optional[bool], allow_empty: bool, progress: Optional[Progress], out_dtype, plan: dict,
+         budget: MemoryBudget) -> Adapter:
     """The two passes over the tensors, then the adapter; fills ``report``."""
     r = report.r
     no_bias = blocker([CONSUMERS[c] for c in report.consumers], "lora_bias")
@@ -188,14 +204,21 @@ def _run(base: Checkpoint, tuned: Checkpoint, report: ExtractReport, device: tor
     use_bias = use_bias and not no_bias
     roles = with_bias if use_bias else plan_roles(names, modules, lora_bias=False, **plan)
 
-    # Pass 2: everything else, in shard order, one tensor pair at a time.
-    for name, role in roles.items():
-        if role.role == "alias" or name in compared:
-            continue
-        process_tensor(base, tuned, role, modules, run, device, r=r, policy=policy, svd=report.svd, seed=seed)
-        done += _numel(base.shape(name))
-        if progress is not None:
-            progress(done, total, name)
+    # Pass 2: everything else, in shard order, one tensor pair at a time, each LoRA target held or streamed.
+    places = placements(base, tuned, roles, modules, budget, r=r, svd=report.svd, policy=policy, out_dtype=out_dtype)
+    _report_placements(report, base, places)
+    work = Workspace(device)
+    try:
+        for name, role in roles.items():
+            if role.role == "alias" or name in compared:
+                continue
+            process_tensor(base, tuned, role, modules, run, device, r=r, policy=policy, svd=report.svd, seed=seed,
+                           work=work, placement=places.get(name))
+            done += _numel(base.shape(name))
+            if progress is not None:
+                progress(done, total, name)
+    finally:
+        work.release()
     run.raise_non_finite()
 
     report.lora_bias = use_bias
@@ -207,6 +230,22 @@ def _run(base: Checkpoint, tuned: Checkpoint, report: ExtractReport, device: tor
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+
+
+def _report_placements(report: ExtractReport, base: Checkpoint, places) -> None:
+    """The streamed LoRA targets into the report, and a note on those held above the budget (they cannot be
+    streamed: .bin files)."""
+    over = []
+    for name, place in places.items():
+        if not place.hold:
+            report.streamed.append(StreamedTensor(name, list(base.shape(name)), place.hold_bytes, place.block_rows,
+                                                  place.reason))
+        elif place.over_budget:
+            over.append(place)
+    if over:
+        largest = max(over, key=lambda place: place.hold_bytes)
+        report.notes.append(f"{len(over)} LoRA target(s) held in memory above the memory budget; the largest, "
+                            f"{largest.name}: {largest.reason}")
 
 
 def _check_options(r: int, alpha, rank_policy, svd: str, dtype: str, embeddings: str):

@@ -7,6 +7,7 @@ from typing import Any, Optional
 
 from ...io.rewrite import RewriteResult
 from ..report import format_list, format_table, model_summary
+from ..rewrite_memory import MemoryUse
 
 __all__ = ["FusedModule", "FuseReport"]
 
@@ -38,6 +39,7 @@ class FuseReport:
     config_updates: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     model: Optional[RewriteResult] = None  # what was written to the output
+    memory: Optional[MemoryUse] = None  # the memory budget, and the tensors processed in row blocks under it
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -51,6 +53,7 @@ class FuseReport:
             "config_updates": dict(self.config_updates),
             "notes": list(self.notes),
             "model": asdict(self.model) if self.model is not None else None,
+            "memory": self.memory.to_dict() if self.memory is not None else None,
         }
 
     def render(self) -> str:
@@ -61,6 +64,8 @@ class FuseReport:
         if self.config_updates:
             parts.append("config.json: " + ", ".join(f"{k} = {v!r}" for k, v in self.config_updates.items()))
         parts.append(format_list("notes", self.notes))
+        if self.memory is not None:
+            parts.append(self.memory.render())
         if self.model is not None:
             parts.append(format_list("not copied from BASE's directory", self.model.left_out))
             parts.append(f"{len(self.modules)} LoRA modules merged, {len(self.replaced)} tensors replaced by saved "

@@ -17,6 +17,12 @@ are handled once (see :mod:`.plan`).
 Everything is checked before anything is written (:func:`.plan.plan_fuse`); then BASE is streamed through the shared
 checkpoint rewriter (:func:`lorasurg.io.rewrite.rewrite_checkpoint`): one module in memory, every untouched tensor
 copied as stored, non-weight files copied, config.json updated only where the plan says.
+
+Memory: ``max_memory`` (a :class:`~lorasurg.surgery.budget.MemoryBudget`; default half the available memory) bounds
+the tensors held at once, besides the adapter (held throughout). A tensor whose work does not fit is read, merged
+and written in row blocks sized from the budget (:mod:`.blocks`), copied tensors included; a budget below one row of
+the widest tensor is refused before any work, naming the smallest workable one. The report lists the tensors
+processed in row blocks and why.
 """
 
 from __future__ import annotations
@@ -35,7 +41,10 @@ from ...io.adapter import Adapter
 from ...io.rewrite import TensorSource, rewrite_checkpoint
 from ...io.writer import atomic_output_dir, check_output_dir
 from ..options import Progress, Source, default_output, dtype_problem, open_checkpoint, output_dtype, parse_device
+from ..budget import MemoryBudget, Size
 from ..options import source_name
+from ..rewrite_memory import MemoryUse, place_rewrite
+from .blocks import fuse_works, merged_blocks, touched
 from .plan import FusePlan, plan_fuse
 from .report import FusedModule, FuseReport
 
@@ -54,6 +63,7 @@ def fuse(
     drop_unfusable_bias: bool = False,
     force: bool = False,
     progress: Optional[Progress] = None,
+    max_memory: Optional[Size] = None,
 ) -> FuseReport:
     """Write BASE with ``adapter`` merged in to ``output`` (see the module docstring).
 
@@ -69,6 +79,9 @@ def fuse(
             their norms) instead of refusing.
         force: replace an existing non-empty ``output``.
         progress: called as ``progress(done, total, tensor name)`` in elements.
+        max_memory: the memory budget for the tensors processed at once, besides the adapter (bytes, or text such
+            as ``"2GB"``, ``"500MB"``, ``"50%"``: :func:`lorasurg.surgery.budget.parse_size`); None: half the
+            available memory. A tensor whose work does not fit is processed in row blocks.
 
     Returns:
         :class:`FuseReport`.
@@ -79,11 +92,14 @@ def fuse(
         InputError: unfusable lora_B biases (without ``drop_unfusable_bias``); adapter tensors BASE has no place
             for; unreadable inputs.
         UnsupportedError: trainable-token deltas.
+        ConfigError: a ``max_memory`` that is not a size, or below the smallest workable budget (one row of the
+            widest tensor besides the adapter; the message says what that is).
     """
     problem = dtype_problem(dtype)
     if problem:
         raise ConfigError(problem)
     work_device = parse_device(device)
+    budget = MemoryBudget.resolve(max_memory, work_device)
     if output is None:
         output = default_output(base, "-fused")
     check_output_dir(output, force)
@@ -93,16 +109,22 @@ def fuse(
     with contextlib.ExitStack() as opened:
         ckpt = open_checkpoint(base, opened)
         plan = plan_fuse(ckpt, loaded, drop_unfusable_bias=drop_unfusable_bias)
-        edit = _editor(ckpt.module_infos(), plan, work_device)
+        works = fuse_works(ckpt, plan, output_dtype(dtype))
+        reserved = loaded.num_bytes()
+        places = place_rewrite(budget, ckpt, works, reserved=reserved, reserved_for="the adapter")
+        blocks = {name: p.block_rows for name, p in places.items() if not p.hold}
+        edit = _editor(ckpt.module_infos(), plan, work_device, blocks)
         with atomic_output_dir(output, force) as tmp:
-            written = rewrite_checkpoint(ckpt, tmp, edit, dtype=output_dtype(dtype),
-                                         config_updates=plan.config_updates, progress=progress)
+            written = rewrite_checkpoint(ckpt, tmp, edit, dtype=output_dtype(dtype), config_updates=plan.config_updates,
+                                         progress=progress, copy_blocks=blocks)
     _fill(report, plan, written)
+    report.memory = MemoryUse.of(budget, reserved, "the adapter", places, works, ckpt)
     return report
 
 
-def _editor(modules, plan: FusePlan, device: torch.device):
-    """The rewrite callback: the merged/replaced tensors for a BASE tensor the plan touches (None: copy it)."""
+def _editor(modules, plan: FusePlan, device: torch.device, blocks: dict[str, int]):
+    """The rewrite callback: the merged/replaced tensors for a BASE tensor the plan touches (None: copy it); a tensor
+    in ``blocks`` is computed in row blocks of that many rows."""
 
     def final(name: str, stored: Optional[Tensor], dtype: torch.dtype) -> Tensor:
         value = plan.replace[name].to(device, dtype) if name in plan.replace else stored
@@ -115,13 +137,34 @@ def _editor(modules, plan: FusePlan, device: torch.device):
         return value
 
     def edit(name: str, source: TensorSource):
-        touched = (name in plan.module_of or name in plan.replace or name in plan.zero_bias or name in plan.untie)
-        if not touched:
+        if not touched(plan, name):
             return None
+        if name in blocks:
+            return _blocked(name, source)
         dtype = source.output_dtype(name)
         needs_base = name not in plan.replace or name in plan.untie
         stored = source.read(name, device) if needs_base else None
-        out = [(name, final(name, stored, dtype))]
+        out = [(name, final(name, stored, dtype))] + _extras(name, dtype)
+        if name in plan.untie:
+            out.append((plan.untie[name], final(plan.untie[name], stored, dtype)))
+        return [(key, tensor.to("cpu")) for key, tensor in out]
+
+    def on_device(f: LoraFactors) -> LoraFactors:
+        return _on(f, device)
+
+    def _blocked(name: str, source: TensorSource):
+        """Tensor ``name`` (and its untied alias) merged or copied in row blocks, then its biases."""
+        dtype = source.output_dtype(name)
+        out = [(name, merged_blocks(name, name, plan, source, blocks[name], device, on_device))]
+        out += [(key, tensor.to("cpu")) for key, tensor in _extras(name, dtype)]
+        if name in plan.untie:
+            alias = plan.untie[name]
+            out.append((alias, merged_blocks(alias, name, plan, source, blocks[name], device, on_device)))
+        return out
+
+    def _extras(name: str, dtype: torch.dtype):
+        """The biases written after weight ``name``: a lora_B bias as a new bias, or a zero bias a flag needs."""
+        out = []
         if name in plan.new_bias:
             f = plan.factors[plan.new_bias[name]]
             out.append((f"{plan.new_bias[name]}.bias", delta_bias(_on(f, device), dtype)))
@@ -129,9 +172,7 @@ def _editor(modules, plan: FusePlan, device: torch.device):
             info = modules[plan.zero_bias[name]]
             _, _, features = factor_shapes(info.kind, tuple(info.weight_shape), 1, info.fan_in_fan_out)
             out.append((f"{plan.zero_bias[name]}.bias", torch.zeros(features, dtype=dtype)))
-        if name in plan.untie:
-            out.append((plan.untie[name], final(plan.untie[name], stored, dtype)))
-        return [(key, tensor.to("cpu")) for key, tensor in out]
+        return out
 
     return edit
 

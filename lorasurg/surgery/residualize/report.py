@@ -16,6 +16,7 @@ from typing import Any, Optional
 from ...consumers.prepare import ForReport
 from ...io.rewrite import RewriteResult
 from ..report import for_dict, format_bytes, format_count, format_for, format_list, format_table, model_summary
+from ..rewrite_memory import MemoryUse
 
 __all__ = ["ResidualModule", "ResidualizeReport"]
 
@@ -53,6 +54,7 @@ class ResidualizeReport:
     adapter_bytes: int = 0
     consumers: list[str] = field(default_factory=lambda: ["peft"])
     for_report: Optional[ForReport] = None  # how OUT/adapter was written for the consumers
+    memory: Optional[MemoryUse] = None  # the memory budget, and the tensors copied in row blocks under it
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -65,6 +67,7 @@ class ResidualizeReport:
             "notes": list(self.notes),
             "model": asdict(self.model) if self.model is not None else None,
             "adapter": {"parameters": self.adapter_parameters, "bytes": self.adapter_bytes},
+            "memory": self.memory.to_dict() if self.memory is not None else None,
         }
 
     def render(self) -> str:
@@ -83,6 +86,8 @@ class ResidualizeReport:
         parts.append(format_list("notes", self.notes))
         if self.consumers != ["peft"]:
             parts.append("initial adapter " + format_for(self.for_report))
+        if self.memory is not None:
+            parts.append(self.memory.render())
         if self.model is not None:
             parts.append(format_list("not copied from BASE's directory", self.model.left_out))
             parts.append(f"{len(self.modules)} weights residualized; {model_summary(self.model)}; adapter: "

@@ -30,7 +30,10 @@ module's ``scale * B0 @ A0``, and so ``OUT/model``, is the same for every ``--fo
 
 Streaming: :func:`lorasurg.io.rewrite.rewrite_checkpoint` reads BASE one tensor at a time in shard order; only a
 target weight is converted (to float32 for the factorisation); every other tensor is copied through as stored.
-Randomness (``pissa_niter_N`` and embedding inits) comes from one CPU generator seeded with ``seed`` and is drawn
+Memory: ``max_memory`` (:class:`~lorasurg.surgery.budget.MemoryBudget`, default half the available memory) bounds
+the tensors held at once, besides the adapter being built: a target is factored whole, and one whose working set does
+not fit is refused before anything is written; other tensors larger than the budget are copied in row blocks
+(:mod:`.memory`). Randomness (``pissa_niter_N`` and embedding inits) comes from one CPU generator seeded with ``seed`` and is drawn
 as PEFT draws it, module by module in the model's ``named_modules()`` order (not the file's order): after
 ``torch.manual_seed(seed)`` PEFT's ``get_peft_model`` on the same model makes the same draws.
 """
@@ -61,7 +64,10 @@ from ...modules import ModuleInfo
 from ...targeting import ALL_LINEAR, exact_target_modules, rank_alpha_fields, select_modules
 from ..options import Progress, Source, default_output, dtype_problem, open_checkpoint, output_dtype, parse_device
 from ..options import short_list, source_name, task_type_of
+from ..budget import MemoryBudget, Size
 from ..provenance import lorasurg_version, provenance_lines, provenance_metadata
+from ..rewrite_memory import MemoryUse, place_rewrite
+from .memory import adapter_bytes, residualize_works
 from .report import ResidualizeReport, ResidualModule
 
 __all__ = ["residualize", "INIT_CHOICES", "ResidualizeReport"]
@@ -104,6 +110,7 @@ def residualize(
     force: bool = False,
     progress: Optional[Progress] = None,
     consumers: Consumers = "peft",
+    max_memory: Optional[Size] = None,
 ) -> ResidualizeReport:
     """Write ``output/model`` (BASE with residual target weights) and ``output/adapter`` (the initial adapter).
 
@@ -127,19 +134,24 @@ def residualize(
         progress: called as ``progress(done, total, tensor name)`` in elements.
         consumers: who will load the initial adapter (``--for``): ``peft`` (default), ``vllm``, ``llama.cpp``, ``all``
             or several; the adapter is rewritten losslessly for them, or refused (see the module docstring).
+        max_memory: the memory budget for the tensors processed at once, besides the adapter being built (bytes, or
+            text such as ``"2GB"``, ``"500MB"``, ``"50%"``); None: half the available memory.
 
     Returns:
         :class:`ResidualizeReport`.
 
     Raises:
         OutputExistsError: ``output`` exists and is not empty, without ``force``.
-        ConfigError: an invalid option, a target selection that matches nothing, or a named consumer that cannot
-            carry the whole initial adapter (checked before any work).
+        ConfigError: an invalid option; a target selection that matches nothing; a named consumer that cannot
+            carry the whole initial adapter; a ``max_memory`` that is not a size, or too small to hold a target whole
+            or one row of another tensor (the message names the tensor, its working set and the smallest workable
+            budget). All checked before any work; nothing is written then.
         InputError: a target is an output layer tied to the input embedding; BASE cannot be read.
     """
     method = _check_options(init, r, alpha, dtype)
     names = parse_consumers(consumers)
     work_device = parse_device(device)
+    budget = MemoryBudget.resolve(max_memory, work_device)
     alpha = float(alpha if alpha is not None else r)
     if output is None:
         output = default_output(base, f"-{method.config_value}-r{r}")
@@ -151,6 +163,9 @@ def residualize(
         ckpt = open_checkpoint(base, opened)
         targets = _plan(ckpt, method, r, alpha, use_rslora, target_modules, exclude_modules, report)
         _check_consumers(ckpt, targets, use_rslora, names)
+        works, reserved = residualize_works(ckpt, targets, method, output_dtype(dtype)), adapter_bytes(targets, ckpt)
+        places = place_rewrite(budget, ckpt, works, reserved=reserved, reserved_for="the adapter being built")
+        report.memory = MemoryUse.of(budget, reserved, "the adapter being built", places, works, ckpt)
         generator = torch.Generator().manual_seed(seed)
         states = _draw_states(ckpt, method, targets, generator) if _uses_rng(method, targets) else {}
         factors: dict[str, AdapterModule] = {}
@@ -166,7 +181,8 @@ def residualize(
             return None if residual is None else [(name, residual)]
 
         with atomic_output_dir(output, force) as tmp:
-            written = rewrite_checkpoint(ckpt, tmp / "model", edit, dtype=output_dtype(dtype), progress=progress)
+            written = rewrite_checkpoint(ckpt, tmp / "model", edit, dtype=output_dtype(dtype), progress=progress,
+                                         copy_blocks={n: p.block_rows for n, p in places.items() if not p.hold})
             adapter = _adapter(ckpt, targets, factors, use_rslora, Path(output) / "model")
             adapter, report.for_report = _for_consumers(adapter, names)
             meta = dict(method=method.config_value, r=r, alpha=f"{alpha:g}", use_rslora=use_rslora or None,
@@ -216,9 +232,13 @@ def _plan(ckpt: Checkpoint, method: InitMethod, r: int, alpha: float, use_rslora
             f"target(s) {', '.join(shared)} share their weight with another module: replacing it by a residual "
             "would change both layers. Leave them out with --exclude-modules (or untie the weights first)"
         )
+    absent = [m for m in selected if f"{m}.weight" not in ckpt]
+    if absent:  # the architecture has them (e.g. BERT's pooler) but this checkpoint was saved without them
+        report.notes.append(f"{len(absent)} selected module(s) of the architecture have no weight in BASE and are not "
+                            f"targets: {short_list(absent)}")
     scale = lora_scale(r, alpha, use_rslora)
     targets: dict[str, _Target] = {}
-    for name in selected:
+    for name in (m for m in selected if m not in absent):
         info = modules[name]
         _, _, out = factor_shapes(info.kind, info.weight_shape, 1, info.fan_in_fan_out)
         limit = min(out, math.prod(info.weight_shape) // out)
