@@ -393,13 +393,15 @@ def _peft_cell(res: dict) -> str:
 
 
 def write_results(text: str, section: str = SECTION) -> None:
-    """Replace ``section`` of bench/RESULTS.md (or append it)."""
+    """Replace ``section`` of bench/RESULTS.md where it stands (or append it at the end)."""
     old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if section in old:
-        start = old.index(section)
-        nxt = old.find("\n## ", start + len(section))
-        old = old[:start].rstrip("\n") + "\n" + (old[nxt:] if nxt != -1 else "")
-    RESULTS.write_text(old.rstrip("\n") + "\n\n" + text)
+    if section not in old:
+        RESULTS.write_text(old.rstrip("\n") + "\n\n" + text)
+        return
+    start = old.index(section)
+    nxt = old.find("\n## ", start + len(section))
+    rest = old[nxt + 1:] if nxt != -1 else ""
+    RESULTS.write_text(old[:start] + text.rstrip("\n") + "\n" + ("\n" + rest if rest else ""))
 
 
 def main(argv=None) -> int:

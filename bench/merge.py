@@ -44,7 +44,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
-from extract import DATA, RESULTS, generate  # noqa: E402  (bench/extract.py's generator)
+from extract import DATA, RESULTS, generate, write_results  # noqa: E402  (bench/extract.py's generator and writer)
 
 from lorasurg.config import LoraConfig  # noqa: E402
 from lorasurg.engine.factors import lora_scale  # noqa: E402
@@ -355,16 +355,6 @@ def render(merges: list[dict], rerank_result: dict, threads: int, loads: tuple[s
         f"{_pairs(rr['runs']['kohya'])}.",
     ]
     return "\n".join(lines) + "\n"
-
-
-def write_results(text: str) -> None:
-    """Replace this section of bench/RESULTS.md (or append it)."""
-    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if SECTION in old:
-        start = old.index(SECTION)
-        nxt = old.find("\n## ", start + len(SECTION))
-        old = old[:start].rstrip("\n") + "\n" + (old[nxt:] if nxt != -1 else "")
-    RESULTS.write_text(old.rstrip("\n") + "\n\n" + text)
 
 
 def _loadavg() -> str:

@@ -14,4 +14,19 @@ from . import (  # noqa: F401  (each module registers its command on ``main``)
 )
 from ._app import main
 
-__all__ = ["main"]
+__all__ = ["main", "run"]
+
+
+def run() -> None:
+    """The ``lorasurg`` console script: :func:`main` after freezing the garbage collector's view of the start-up.
+
+    What torch and lorasurg created on import lives until the process exits; ``gc.freeze()`` moves it out of the
+    collector's generations, so the full collections a command triggers (extract allocates tensors by the
+    thousand) no longer traverse the ~180,000 start-up objects (0.1 s) each time: 0.3-0.7 s of a 4 s extract of a 600 MB pair.
+    Only the console script does this; :func:`main` called from Python (tests, ``CliRunner``) leaves the collector
+    alone.
+    """
+    import gc
+
+    gc.freeze()
+    main()
