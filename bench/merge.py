@@ -44,7 +44,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
-from extract import DATA, RESULTS, generate, write_results  # noqa: E402  (bench/extract.py's generator and writer)
+from extract import DATA, generate, write_results  # noqa: E402  (bench/extract.py's generator and writer)
 
 from lorasurg.config import LoraConfig  # noqa: E402
 from lorasurg.engine.factors import lora_scale  # noqa: E402

@@ -17,7 +17,6 @@ import contextlib
 import json
 import math
 import os
-import re
 import secrets
 import shutil
 import struct
@@ -30,6 +29,7 @@ import torch
 
 from ..errors import InputError, OutputExistsError
 from ._dtypes import code_of_dtype
+from .sizes import UNITS, split_size
 
 __all__ = [
     "atomic_output_dir",
@@ -131,14 +131,10 @@ SIDE_FILES: tuple[str, ...] = (
     "chat_template.jinja",
     "chat_template.json",
 )
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
-_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?)\s*([A-Za-z]*)\s*")
-
-
 def parse_size(size: Union[int, str]) -> int:
-    """Bytes in ``size``: an int, or a string as transformers' ``max_shard_size`` takes (``"5GB"`` = 5e9,
-    ``"500MB"``, ``"2GiB"`` = 2 * 2**30; a decimal unit ending in a lower-case ``b``, like ``"5Gb"``, means bits).
+    """Bytes in ``size``: an int, or a string in :mod:`lorasurg.io.sizes`' grammar, read as transformers reads
+    ``max_shard_size`` (``"5GB"`` = 5e9, ``"500MB"``, ``"2GiB"`` = 2 * 2**30; a decimal unit ending in a lower-case
+    ``b``, like ``"5Gb"``, means bits).
 
     Raises:
         InputError: not a positive size.
@@ -146,12 +142,12 @@ def parse_size(size: Union[int, str]) -> int:
     if isinstance(size, int) and not isinstance(size, bool):
         value = size
     else:
-        found = _SIZE.fullmatch(str(size))
-        unit = found.group(2).upper() if found else None
-        if found is None or unit not in _UNITS:
+        found = split_size(str(size))
+        if found is None or found[1] == "%":
             raise InputError(f"shard size {size!r} is not a size; write e.g. 5GB, 500MB, 2GiB or a number of bytes")
-        value = int(float(found.group(1)) * _UNITS[unit])
-        if found.group(2).endswith("b") and unit in {"KB", "MB", "GB", "TB"}:
+        number, unit = found
+        value = int(number * UNITS[unit.lower()])
+        if unit.endswith("b") and unit.upper() in {"KB", "MB", "GB", "TB"}:
             value //= 8
     if value <= 0:
         raise InputError(f"shard size {size!r} must be positive")

@@ -30,11 +30,11 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 from ..errors import ConfigError
+from ..io.sizes import UNITS, split_size
 
 if TYPE_CHECKING:
     import torch
@@ -53,13 +53,6 @@ SIZE_FORMS = (
 )
 #: Assumed available memory when the system does not say (no /proc/meminfo, no sysconf).
 _FALLBACK_AVAILABLE = 4 * 10**9
-
-_UNITS = {
-    "": 1, "b": 1,
-    "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-}
-_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*|%)\s*")
 
 Size = Union[int, float, str]
 
@@ -81,16 +74,16 @@ def parse_size(value: Size, *, available: Optional[int] = None, what: str = "--m
     if isinstance(value, (int, float)):
         number, unit = float(value), ""
     else:
-        match = _SIZE.fullmatch(str(value))
-        if match is None or match.group(2).lower() not in (*_UNITS, "%"):
+        found = split_size(str(value))
+        if found is None:
             raise ConfigError(f"{what} {value!r} is not a size; accepted forms: {SIZE_FORMS}")
-        number, unit = float(match.group(1)), match.group(2).lower()
+        number, unit = found[0], found[1].lower()
     if unit == "%":
         if not 0 < number <= 100:
             raise ConfigError(f"{what} {value!r}: a percentage must be above 0 and at most 100")
         size = int(number / 100 * (available_memory() if available is None else available))
     else:
-        size = int(number * _UNITS[unit])
+        size = int(number * UNITS[unit])
     if size <= 0:
         raise ConfigError(f"{what} {value!r} must be a positive size; accepted forms: {SIZE_FORMS}")
     return size

@@ -4,7 +4,6 @@ hand-made net with Embedding, Conv1d, Conv2d, Conv3d (one 1x1x1) and Linear laye
 
 from __future__ import annotations
 
-import copy
 import warnings
 
 import pytest
