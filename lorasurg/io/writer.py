@@ -131,6 +131,8 @@ SIDE_FILES: tuple[str, ...] = (
     "chat_template.jinja",
     "chat_template.json",
 )
+
+
 def parse_size(size: Union[int, str]) -> int:
     """Bytes in ``size``: an int, or a string in :mod:`lorasurg.io.sizes`' grammar, read as transformers reads
     ``max_shard_size`` (``"5GB"`` = 5e9, ``"500MB"``, ``"2GiB"`` = 2 * 2**30; a decimal unit ending in a lower-case

@@ -1,7 +1,7 @@
 """A memory budget for operations that read checkpoints: hold a tensor's work in memory, or stream it in row blocks.
 
-An operation that processes one checkpoint tensor at a time (``extract``; ``residualize`` and ``fuse`` once they
-exist) has two ways to do it:
+An operation that processes one checkpoint tensor at a time (``extract``, ``residualize``, ``fuse``) has two ways
+to do it:
 
 * **hold**: read the tensor once and keep its working set in memory (e.g. ``extract``: the float32 delta of a
   ``(out, in)`` weight, ``4 * out * in`` bytes, plus the SVD's work arrays);
