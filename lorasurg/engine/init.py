@@ -68,9 +68,11 @@ from .factors import (
     matrix_to_weight,
     weight_to_matrix,
 )
-from .svd import gram_svd, split_factors, truncated_svd
+from .svd import draw_test_matrix, gram_svd, split_factors, truncated_svd
 
-__all__ = ["InitMethod", "InitResult", "INIT_METHODS", "EXACT_SVDS", "parse_init_method", "init_factors"]
+__all__ = [
+    "InitMethod", "InitResult", "INIT_METHODS", "EXACT_SVDS", "parse_init_method", "init_factors", "make_init_draws",
+]
 
 EXACT_SVDS = ("lapack", "gram")
 _NAMES = ("kaiming", "random", "gaussian", "orthogonal", "pissa", "olora")
@@ -223,11 +225,15 @@ def _peft_modules(req: _Request) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     return A.reshape(r, -1), B.reshape(out, r), bias  # (r, in*prod(k)), (out, r)
 
 
+def _embedding_b(req: _Request) -> Tensor:
+    """The draws of an embedding LoRA's default init: PEFT's module weights, then ``B ~ N(0, 1)``: ``(dim, r)``."""
+    _, B, _ = _peft_modules(req)
+    return torch.nn.init.normal_(torch.empty_like(B), generator=req.generator)  # (dim, r)
+
+
 def _embedding_default(req: _Request, note: Optional[str] = None) -> InitResult:
     """PEFT's init of an embedding LoRA for every truthy method: A = 0, B ~ N(0, 1)."""
-    _, B, _ = _peft_modules(req)
-    B = torch.nn.init.normal_(torch.empty_like(B), generator=req.generator)  # (dim, r)
-    return req.finish(torch.zeros(req.r, req.in_features), B, None, note=note)
+    return req.finish(torch.zeros(req.r, req.in_features), _embedding_b(req), None, note=note)
 
 
 def _zero_b(req: _Request, A: Tensor) -> InitResult:
@@ -403,6 +409,47 @@ def init_factors(
     req = _Request(parsed, kind, shape, r, float(scale), weight, fan_in_fan_out, lora_bias, generator, dtype,
                    torch.device(device), exact_svd)
     return INIT_METHODS[parsed.name](req)
+
+
+def make_init_draws(
+    method: Union[bool, str, InitMethod],
+    kind: str,
+    weight_shape: tuple[int, ...],
+    r: int,
+    *,
+    weight_dtype: torch.dtype = torch.float32,
+    fan_in_fan_out: bool = False,
+    lora_bias: bool = False,
+    generator: Optional[torch.Generator] = None,
+) -> None:
+    """Make exactly the random draws :func:`init_factors` makes for a CPU weight of ``weight_shape`` and
+    ``weight_dtype``, and none of its arithmetic: ``generator`` (torch's global CPU RNG when None) ends where
+    :func:`init_factors` would leave it.
+
+    For a caller that initialises modules in another order than PEFT draws for them (``residualize`` streams BASE in
+    file order, PEFT draws in module order): it records each module's generator state cheaply. The draws of PiSSA
+    and OLoRA are PEFT's module weights (kaiming-uniform ``A``, ``B``), then, for ``pissa_niter_N``, the Gaussian
+    test matrix ``(min(out, in), min(r, out, in))`` in the compute dtype (float64 for a float64 weight), or for an
+    embedding ``B ~ N(0, 1)``; the other methods need no weight and run as they are.
+
+    Raises:
+        what :func:`init_factors` raises for these arguments (a weight is never needed).
+    """
+    parsed = method if isinstance(method, InitMethod) else parse_init_method(method)
+    shape = tuple(int(d) for d in weight_shape)
+    _check_request(parsed, kind, shape, r, fan_in_fan_out, lora_bias, None)
+    req = _Request(parsed, kind, shape, r, 1.0, None, fan_in_fan_out, lora_bias, generator, torch.float32,
+                   torch.device("cpu"))
+    if parsed.name not in ("pissa", "olora"):
+        INIT_METHODS[parsed.name](req)  # factors of shape (r, in) and (out, r): the draws are the work
+    elif kind == "embedding":
+        _embedding_b(req)
+    else:
+        _peft_modules(req)
+        if parsed.niter is not None:  # truncated_svd's test matrix, with torch.svd_lowrank's q = r and no oversampling
+            m, n = req.out_features, req.in_features
+            work = torch.float64 if weight_dtype == torch.float64 else torch.float32
+            draw_test_matrix(min(m, n), min(r, m, n), work, torch.device("cpu"), generator, None)
 
 
 def _check_request(method: InitMethod, kind: str, shape: tuple[int, ...], r: int, fan_in_fan_out: bool,

@@ -54,6 +54,7 @@ __all__ = [
     "TruncatedSvd",
     "default_oversample",
     "truncated_svd",
+    "draw_test_matrix",
     "gram_svd",
     "frobenius_sq",
     "split_factors",
@@ -136,7 +137,7 @@ def truncated_svd(
         U, S, Vh = torch.linalg.svd(M, full_matrices=False)  # (m, p), (p,), (p, n) with p = min(m, n)
         U, S, Vh = U[:, :k], S[:k], Vh[:k]
     else:
-        omega = _test_matrix(min(m, n), sketch, work, M.device, generator, seed)
+        omega = draw_test_matrix(min(m, n), sketch, work, M.device, generator, seed)
         if m < n:  # work on the tall orientation, as torch.svd_lowrank does
             Ut, S, Vht = _randomized_tall(M.mT, k, omega, power_iters)
             U, Vh = Vht.mT, Ut.mT  # M.T = Ut S Vht  =>  M = Vht.T S Ut.T
@@ -188,7 +189,7 @@ def gram_svd(matrix: Tensor, rank: int, *, dtype: Optional[torch.dtype] = None) 
     return TruncatedSvd(V.contiguous(), S.contiguous(), U.mT.contiguous())  # M = (M.T).T = V S U.T
 
 
-def _test_matrix(
+def draw_test_matrix(
     n: int, sketch: int, dtype: torch.dtype, device: torch.device, generator: Optional[torch.Generator], seed: Optional[int]
 ) -> Tensor:
     """The Gaussian test matrix ``(n, sketch)``, drawn as :func:`truncated_svd` documents."""

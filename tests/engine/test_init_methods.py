@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lorasurg.engine.factors import delta_weight, weight_to_matrix
-from lorasurg.engine.init import INIT_METHODS, InitMethod, init_factors, parse_init_method
+from lorasurg.engine.init import INIT_METHODS, InitMethod, init_factors, make_init_draws, parse_init_method
 from lorasurg.errors import ConfigError, ShapeMismatchError, UnsupportedError
 from tests.conftest import tol
 
@@ -228,3 +228,45 @@ def test_pissa_gram_is_at_least_as_accurate_as_lapack(gen, fan_in_fan_out):
 def test_exact_svd_must_be_known():
     with pytest.raises(ValueError, match="exact_svd must be one of"):
         init_factors("pissa", "linear", (4, 4), 2, 1.0, weight=torch.ones(4, 4), exact_svd="qr")
+
+
+# ------------------------------------------------------------------------------------------------ draws only
+
+_DRAW_CASES = [
+    # (method, kind, weight_shape, r, fan_in_fan_out, lora_bias)
+    ("pissa_niter_2", "linear", (24, 40), 4, False, False),  # wide: the test matrix is (24, 4)
+    ("pissa_niter_0", "linear", (40, 24), 6, False, False),  # tall
+    ("pissa_niter_3", "linear", (16, 48), 16, True, False),  # GPT-2 Conv1D layout, r = min(out, in)
+    ("pissa_niter_1", "conv2d", (8, 3, 3, 3), 4, False, False),
+    ("pissa", "linear", (24, 40), 4, False, False),
+    ("olora", "linear", (40, 24), 4, False, False),
+    ("pissa_niter_4", "embedding", (50, 12), 4, False, False),
+    ("olora", "embedding", (50, 12), 4, False, False),
+    (True, "linear", (24, 40), 4, False, True),
+    ("gaussian", "conv1d", (8, 3, 5), 2, False, False),
+    ("orthogonal", "linear", (24, 40), 4, False, False),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("method, kind, shape, r, fan_in_fan_out, lora_bias", _DRAW_CASES)
+def test_make_init_draws_leaves_the_generator_where_init_factors_does(method, kind, shape, r, fan_in_fan_out,
+                                                                      lora_bias, dtype):
+    """residualize records each module's generator state with make_init_draws (no SVD, no QR): the state after it
+    must equal the state after the real init, for every method, layout and weight dtype (a float64 weight draws
+    its test matrix in float64). Exact: the same draws in the same order."""
+    weight = torch.randn(shape, generator=torch.Generator().manual_seed(7)).to(dtype)
+    real, dry = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    init_factors(method, kind, shape, r, 2.0, weight=weight, fan_in_fan_out=fan_in_fan_out, lora_bias=lora_bias,
+                 generator=real)
+    make_init_draws(method, kind, shape, r, weight_dtype=dtype, fan_in_fan_out=fan_in_fan_out, lora_bias=lora_bias,
+                    generator=dry)
+    assert torch.equal(dry.get_state(), real.get_state())
+    assert torch.equal(torch.rand(4, generator=dry), torch.rand(4, generator=real))
+
+
+def test_make_init_draws_refuses_what_init_factors_refuses():
+    with pytest.raises(UnsupportedError):
+        make_init_draws("eva", "linear", (8, 8), 2)
+    with pytest.raises(ValueError, match="kind"):
+        make_init_draws("pissa", "lstm", (8, 8), 2)

@@ -53,7 +53,7 @@ from ...config import LoraConfig
 from ...consumers import ForReport, blocked_parts, parse_consumers, prepare_for
 from ...consumers.reading import Consumers
 from ...engine.factors import compute_dtype, delta_frobenius_sq, factor_shapes, lora_alpha_for, lora_scale
-from ...engine.init import InitMethod, init_factors, parse_init_method
+from ...engine.init import InitMethod, init_factors, make_init_draws, parse_init_method
 from ...errors import ConfigError, InputError, LorasurgError
 from ...io.adapter import Adapter, AdapterModule
 from ...io.checkpoint import Checkpoint
@@ -167,7 +167,12 @@ def residualize(
         places = place_rewrite(budget, ckpt, works, reserved=reserved, reserved_for="the adapter being built")
         report.memory = MemoryUse.of(budget, reserved, "the adapter being built", places, works, ckpt)
         generator = torch.Generator().manual_seed(seed)
-        states = _draw_states(ckpt, method, targets, generator) if _uses_rng(method, targets) else {}
+        if _uses_rng(method, targets):
+            reading = TensorSource(ckpt, output_dtype(dtype))  # the dtype each target weight is read in
+            states = _draw_states(ckpt, method, targets, generator,
+                                  {m: reading.output_dtype(f"{m}.weight") for m in targets})
+        else:
+            states = {}
         factors: dict[str, AdapterModule] = {}
 
         def edit(name: str, source: TensorSource):
@@ -292,22 +297,22 @@ def _for_consumers(adapter: Adapter, names: tuple[str, ...]) -> tuple[Adapter, F
     return written, for_report
 
 
-def _draw_states(ckpt: Checkpoint, method: InitMethod, targets: dict[str, _Target],
-                 generator: torch.Generator) -> dict[str, torch.Tensor]:
+def _draw_states(ckpt: Checkpoint, method: InitMethod, targets: dict[str, _Target], generator: torch.Generator,
+                 weight_dtypes: dict[str, torch.dtype]) -> dict[str, torch.Tensor]:
     """The generator's state at the start of each target, were the targets initialised in PEFT's order.
 
     PEFT initialises modules in ``named_modules()`` order (:func:`lorasurg.io.meta_facts.module_order`); BASE is
-    streamed in file order. Running each init on a meta-device weight makes exactly its random draws (on the CPU)
-    and no arithmetic, so the states come at no cost; each target then restarts from its own state.
+    streamed in file order. :func:`~lorasurg.engine.init.make_init_draws` makes exactly each init's random draws
+    and no arithmetic (for a weight in the dtype it will be read in), so the states come at almost no cost; each
+    target then restarts from its own state.
     """
     shapes = {n: ckpt.shape(n) for n in ckpt.names()}
     states = {}
     for name in module_order(ckpt.config, shapes, targets):
         t = targets[name]
         states[name] = generator.get_state()
-        weight = torch.empty(t.info.weight_shape, device="meta")
-        init_factors(method, t.info.kind, tuple(t.info.weight_shape), t.rank, t.scale, weight=weight,
-                     fan_in_fan_out=t.info.fan_in_fan_out, generator=generator)
+        make_init_draws(method, t.info.kind, tuple(t.info.weight_shape), t.rank, weight_dtype=weight_dtypes[name],
+                        fan_in_fan_out=t.info.fan_in_fan_out, generator=generator)
     return states
 
 
