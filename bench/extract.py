@@ -139,21 +139,27 @@ def generate(name: str, *, shard_bytes: int = 320 * 2**20) -> tuple[Path, Path]:
 _WRAPPER = (
     "import resource, subprocess, sys, time\n"
     "t = time.perf_counter(); rc = subprocess.call(sys.argv[1:]); wall = time.perf_counter() - t\n"
-    "print('BENCH', rc, wall, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr)\n"
+    "u = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+    "print('BENCH', rc, wall, u.ru_utime + u.ru_stime, u.ru_maxrss, file=sys.stderr)\n"
 )
 
 
+def bench_env(threads: int) -> dict:
+    """The environment every measured process runs in: ``threads`` OpenMP/MKL threads, no progress bars, this
+    checkout's lorasurg."""
+    return dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TQDM_DISABLE="1",
+                PYTHONPATH=str(ROOT))
+
+
 def run_measured(cmd: list[str], threads: int, log: Path) -> dict:
-    """Run ``cmd`` in a wrapper process; returns wall seconds, peak RSS bytes, exit code."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TQDM_DISABLE="1",
-               PYTHONPATH=str(ROOT))
+    """Run ``cmd`` in a wrapper process: exit code, wall seconds, CPU seconds (user + system), peak RSS bytes."""
     with open(log, "w") as fh:
-        proc = subprocess.run([sys.executable, "-c", _WRAPPER, *cmd], env=env, stdout=fh, stderr=subprocess.PIPE,
-                              text=True, cwd=ROOT)
+        proc = subprocess.run([sys.executable, "-c", _WRAPPER, *cmd], env=bench_env(threads), stdout=fh,
+                              stderr=subprocess.PIPE, text=True, cwd=ROOT)
     line = [ln for ln in proc.stderr.splitlines() if ln.startswith("BENCH ")][-1].split()
     with open(log, "a") as fh:
         fh.write(proc.stderr)
-    return {"rc": int(line[1]), "wall_s": float(line[2]), "peak_rss": int(line[3]) * 1024}
+    return {"rc": int(line[1]), "wall_s": float(line[2]), "cpu_s": float(line[3]), "peak_rss": int(line[4]) * 1024}
 
 
 def _adapter_tensors(directory: Path) -> dict[str, torch.Tensor]:

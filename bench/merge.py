@@ -44,7 +44,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
-from extract import DATA, generate, write_results  # noqa: E402  (bench/extract.py's generator and writer)
+from extract import DATA, bench_env, generate, run_measured, write_results  # noqa: E402  (bench/extract.py's)
 
 from lorasurg.config import LoraConfig  # noqa: E402
 from lorasurg.engine.factors import lora_scale  # noqa: E402
@@ -123,33 +123,9 @@ def lorasurg_worker(a: str, b: str, method: str) -> None:
     print("RESULT " + json.dumps({"load_s": loaded, "call_s": call, "call_cpu_s": cpu}))
 
 
-_WRAPPER = (
-    "import resource, subprocess, sys, time\n"
-    "t = time.perf_counter(); rc = subprocess.call(sys.argv[1:]); wall = time.perf_counter() - t\n"
-    "u = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
-    "print('BENCH', rc, wall, u.ru_utime + u.ru_stime, u.ru_maxrss, file=sys.stderr)\n"
-)
-
-
-def _env(threads: int) -> dict:
-    return dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TQDM_DISABLE="1",
-                PYTHONPATH=str(ROOT))
-
-
-def run_process(cmd: list[str], threads: int, log: Path) -> dict:
-    """Run ``cmd`` in a wrapper process: wall seconds, CPU seconds (user + system), peak RSS bytes, exit code."""
-    with open(log, "w") as fh:
-        proc = subprocess.run([sys.executable, "-c", _WRAPPER, *cmd], env=_env(threads), stdout=fh,
-                              stderr=subprocess.PIPE, text=True, cwd=ROOT)
-        fh.write(proc.stderr)
-    fields = [ln for ln in proc.stderr.splitlines() if ln.startswith("BENCH ")][-1].split()
-    return {"rc": int(fields[1]), "wall_s": float(fields[2]), "cpu_s": float(fields[3]),
-            "peak_rss": int(fields[4]) * 1024}
-
-
 def _worker(args: list[str], threads: int, log: Path) -> dict:
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(Path(__file__)), *args], env=_env(threads), capture_output=True,
+    proc = subprocess.run([sys.executable, str(Path(__file__)), *args], env=bench_env(threads), capture_output=True,
                           text=True, cwd=ROOT)
     wall = time.perf_counter() - t0
     log.write_text(proc.stdout + proc.stderr)
@@ -226,7 +202,7 @@ def bench_merge(paths: dict[str, Path], base: Path, method: str, repeats: int, t
                 runs[tool].append(_worker(["--peft-worker", str(base), str(paths["a"]), str(paths["b"]), method,
                                            str(outs["peft"])], threads, logs / f"peft-{method}-{i}.log"))
             elif tool == "cli":
-                run = run_process(cli, threads, logs / f"cli-{method}-{i}.log")
+                run = run_measured(cli, threads, logs / f"cli-{method}-{i}.log")
                 assert run["rc"] == 0, f"lorasurg merge failed, see {logs}"
                 runs[tool].append(run)
             else:
@@ -290,7 +266,7 @@ def bench_rerank(paths: dict[str, Path], repeats: int, threads: int) -> dict:
         kohya = kB.double() @ kA.double()
         ratios.append((float(torch.linalg.norm(dense - ours)) / optimal, float(torch.linalg.norm(dense - kohya)) / optimal))
     med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
-    cli = run_process([sys.executable, "-m", "lorasurg.cli", "rerank", str(paths["r64"]), "--r", "16", "-o",
+    cli = run_measured([sys.executable, "-m", "lorasurg.cli", "rerank", str(paths["r64"]), "--r", "16", "-o",
                         str(WORK / "out-rerank"), "--force", "--json"], threads, WORK / "logs" / "rerank-cli.log")
     return {
         "lorasurg_cpu_s": med([c for c, _ in times["lorasurg"]]), "kohya_cpu_s": med([c for c, _ in times["kohya"]]),

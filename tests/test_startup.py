@@ -41,6 +41,7 @@ def test_both_entry_points_run_the_console_script():
     root = Path(__file__).resolve().parents[1]
     scripts = tomllib.loads((root / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts == {"lorasurg": "lorasurg.cli:run"}
-    code = "import runpy, lorasurg.cli as c; c.main = lambda: print('ran'); runpy.run_module('lorasurg.cli', run_name='__main__')"
+    code = ("import runpy, lorasurg.cli as c; c.main = lambda: print('ran'); "
+            "runpy.run_module('lorasurg.cli', run_name='__main__')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "ran"

@@ -33,8 +33,10 @@ target weight is converted (to float32 for the factorisation); every other tenso
 Memory: ``max_memory`` (:class:`~lorasurg.surgery.budget.MemoryBudget`, default half the available memory) bounds
 the tensors held at once, besides the adapter being built: a target is factored whole, and one whose working set does
 not fit is refused before anything is written; other tensors larger than the budget are copied in row blocks
-(:mod:`.memory`). Randomness (``pissa_niter_N`` and embedding inits) comes from one CPU generator seeded with ``seed`` and is drawn
-as PEFT draws it, module by module in the model's ``named_modules()`` order (not the file's order): after
+(:mod:`.memory`).
+
+Randomness (``pissa_niter_N`` and embedding inits) comes from one CPU generator seeded with ``seed`` and is drawn as
+PEFT draws it, module by module in the model's ``named_modules()`` order (not the file's order): after
 ``torch.manual_seed(seed)`` PEFT's ``get_peft_model`` on the same model makes the same draws.
 """
 
