@@ -47,7 +47,7 @@ from ..io.writer import check_output_dir
 from ..targeting import alpha_value, rank_alpha_fields
 from .options import default_output, short_list
 from .provenance import provenance_metadata, read_provenance
-from .report import for_dict, format_bytes, format_count, format_for, format_table
+from .report import for_dict, format_bytes, format_count, format_for, format_list, format_table
 
 __all__ = ["convert", "convert_to_dir", "ConvertReport", "ConvertedModule"]
 
@@ -113,7 +113,7 @@ class ConvertReport:
             table += "\n* rank clamped to min(2r, out, in), the rank of the module's dW"
         parts.append(table)
         if self.notes:
-            parts.append("notes:\n" + "\n".join(f"  - {n}" for n in self.notes))
+            parts.append(format_list("notes", self.notes))
         if self.consumers != ["peft"]:
             parts.append(format_for(self.for_report))
         parts.append(f"{len(self.modules)} modules; adapter: {format_count(self.adapter_parameters)} parameters, "

@@ -12,7 +12,8 @@ if TYPE_CHECKING:
     from ..consumers.prepare import ForReport
 
 __all__ = [
-    "Report", "format_table", "format_bytes", "format_count", "format_list", "model_summary", "format_for", "for_dict",
+    "Report", "CLAMPED_FOOTNOTE", "format_table", "format_bytes", "format_count", "format_list", "model_summary",
+    "format_for", "for_dict",
 ]
 
 
@@ -41,6 +42,10 @@ def format_table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
     out = [line(cells[0]), "  ".join("-" * w for w in widths)]
     out.extend(line(row) for row in cells[1:])
     return "\n".join(out)
+
+
+#: The footnote under a module table whose ``r`` column marks clamped ranks with ``*``.
+CLAMPED_FOOTNOTE = "* rank clamped to the module's largest possible rank min(out, in)"
 
 
 def format_list(title: str, items: Sequence[Any]) -> str:

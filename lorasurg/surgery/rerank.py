@@ -45,7 +45,7 @@ from ..errors import ConfigError, InputError
 from ..io.adapter import Adapter, AdapterModule
 from ..io.writer import check_output_dir
 from .patterns import derive_config, rank_scale_fields
-from .report import for_dict, format_bytes, format_count, format_for, format_table
+from .report import CLAMPED_FOOTNOTE, for_dict, format_bytes, format_count, format_for, format_list, format_table
 from .sources import AdapterSource, open_adapter, source_name
 
 __all__ = ["ModuleRerank", "RerankReport", "rerank", "rerank_to_dir", "default_rerank_path"]
@@ -135,10 +135,10 @@ class RerankReport:
         ]
         table = format_table(rows, ["module", "kind", "shape", "old r", "new r", "scale", "energy kept", "rel. error"])
         if any(m.clamped for m in self.modules):
-            table += "\n* rank clamped to the module's largest possible rank min(out, in)"
+            table += "\n" + CLAMPED_FOOTNOTE
         parts.append(table)
         if self.notes:
-            parts.append("notes:\n" + "\n".join(f"  - {n}" for n in self.notes))
+            parts.append(format_list("notes", self.notes))
         if self.consumers != ["peft"]:
             parts.append(format_for(self.for_report))
         parts.append(

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 from ...consumers.prepare import ForReport
 from ..budget import format_size
-from ..report import format_bytes, format_count, format_for, format_table
+from ..report import CLAMPED_FOOTNOTE, format_bytes, format_count, format_for, format_list, format_table
 
 __all__ = ["ModuleFit", "TensorOutcome", "StreamedTensor", "BufferOutcome", "ExtractReport"]
 
@@ -229,7 +229,7 @@ class ExtractReport:
             ]
             table = format_table(rows, ["module", "kind", "shape", "r", "alpha", "rel. error", "energy kept"])
             if any(f.clamped for f in self.fits):
-                table += "\n* rank clamped to the module's largest possible rank min(out, in)"
+                table += "\n" + CLAMPED_FOOTNOTE
             parts.append(table)
         others = [o for o in self.outcomes if o.outcome != "lora"]
         if others:
@@ -240,7 +240,7 @@ class ExtractReport:
             parts.append("buffers (registered by the architecture, not weights):\n"
                          + format_table(rows, ["tensor", "shape", "became", "why"]))
         if self.notes:
-            parts.append("notes:\n" + "\n".join(f"  - {n}" for n in self.notes))
+            parts.append(format_list("notes", self.notes))
         if self.max_memory:
             parts.append(self._render_memory())
         if self.consumers != ["peft"]:

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 from ...consumers.prepare import ForReport
-from ..report import for_dict, format_bytes, format_count, format_for, format_table
+from ..report import CLAMPED_FOOTNOTE, for_dict, format_bytes, format_count, format_for, format_list, format_table
 
 __all__ = ["InputSummary", "ModuleMerge", "MergeReport"]
 
@@ -120,10 +120,10 @@ class MergeReport:
         ]
         table = format_table(rows, ["module", "kind", "shape", "input r", "new r", "energy kept", "vs exact sum"])
         if any(m.clamped for m in self.modules):
-            table += "\n* rank clamped to the module's largest possible rank min(out, in)"
+            table += "\n" + CLAMPED_FOOTNOTE
         parts = ["\n".join(head), inputs, table]
         if self.notes:
-            parts.append("notes:\n" + "\n".join(f"  - {n}" for n in self.notes))
+            parts.append(format_list("notes", self.notes))
         if self.consumers != ["peft"]:
             parts.append(format_for(self.for_report))
         parts.append(

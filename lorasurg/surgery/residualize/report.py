@@ -15,7 +15,9 @@ from typing import Any, Optional
 
 from ...consumers.prepare import ForReport
 from ...io.rewrite import RewriteResult
-from ..report import for_dict, format_bytes, format_count, format_for, format_list, format_table, model_summary
+from ..report import (
+    CLAMPED_FOOTNOTE, for_dict, format_bytes, format_count, format_for, format_list, format_table, model_summary,
+)
 from ..rewrite_memory import MemoryUse
 
 __all__ = ["ResidualModule", "ResidualizeReport"]
@@ -81,7 +83,7 @@ class ResidualizeReport:
                     for m in self.modules]
             table = format_table(rows, ["module", "kind", "shape", "r", "energy taken", "||W_res||", "of ||W||"])
             if any(m.clamped for m in self.modules):
-                table += "\n* rank clamped to the module's largest possible rank min(out, in)"
+                table += "\n" + CLAMPED_FOOTNOTE
             parts.append(table)
         parts.append(format_list("notes", self.notes))
         if self.consumers != ["peft"]:
