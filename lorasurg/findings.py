@@ -88,6 +88,29 @@ CODES: dict[str, Code] = {
     # values
     "value-nonfinite": Code("error", "values", "a tensor holds NaN or inf"),
     "untrained": Code("warning", "values", "lora_B (and lora_B.bias) is zero on every module: the adapter is a no-op"),
+    # mixture-of-experts and multimodal layouts: what PEFT 0.21.2 on transformers 5 refuses, drops or misapplies
+    "moe-incomplete": Code(
+        "error", "layouts",
+        "per-expert LoRA with an expert or a projection missing in an MoE layer (PEFT on transformers 5, vLLM and "
+        "llama.cpp refuse it)",
+    ),
+    "moe-rank": Code("error", "layouts", "per-expert LoRA not all at the config's r (PEFT on transformers 5 refuses it)"),
+    "moe-scale": Code(
+        "error", "layouts", "per-expert alpha_pattern or use_rslora: PEFT on transformers 5 scales the experts otherwise"
+    ),
+    "moe-options": Code(
+        "error", "layouts",
+        "lora_dropout, use_dora, lora_bias or fan_in_fan_out with MoE expert LoRA (PEFT's ParamWrapper refuses them)",
+    ),
+    "moe-dropped": Code(
+        "error", "layouts", "gate/up/down LoRA outside the routed experts, which PEFT on transformers 5 drops silently"
+    ),
+    "moe-layer-missing": Code(
+        "warning", "layouts", "an MoE layer of the base without expert LoRA while others have it (PEFT warns, uses 0)"
+    ),
+    "tower-checkpoint-names": Code(
+        "error", "layouts", "vision-tower LoRA under checkpoint names (visual.*), which PEFT on transformers 5 ignores"
+    ),
     # the consumers named with --for (vLLM, llama.cpp): how each reads the adapter, compared with PEFT
     "consumer-refuses": Code(
         "error", "consumers", "a --for consumer refuses to load (or convert) part of the adapter"

@@ -31,7 +31,6 @@ import copy
 import math
 import re
 from collections import Counter
-from dataclasses import asdict, dataclass, field
 from typing import Collection, Iterable, Mapping, Optional, Union
 
 import torch
@@ -39,6 +38,10 @@ import torch
 from ..errors import InputError
 from ..io.adapter import Adapter, AdapterModule
 from ..targeting import anchored_pattern_key
+from .experts import ExpertFix, complete_experts
+from .experts import pad_rank as _pad
+from .for_report import ForReport, LeftOut
+from .layouts import PEFT_OPTIONS, expert_name, fused_expert_modules, layout_features, layout_violations, non_expert_mlp
 from .reading import (
     adapter_features,
     bias_energy,
@@ -51,106 +54,12 @@ from .rules import CONSUMERS, FEATURES, Consumer, parse_consumers
 
 __all__ = ["LeftOut", "ForReport", "prepare_for", "blocked_parts"]
 
-_MODULE_FEATURES = ("embedding_lora", "output_layer_lora", "tied_head_lora", "conv_lora", "fan_in_fan_out_lora")
+_MODULE_FEATURES = ("embedding_lora", "output_layer_lora", "tied_head_lora", "conv_lora", "fan_in_fan_out_lora",
+                    "moe_target_parameters", "vision_tower", "checkpoint_tower_names")
+#: Features that PEFT's ParamWrapper refuses (PEFT 0.21.2 turns per-expert LoRA into one): left out for PEFT when
+#: the adapter has MoE expert LoRA (see :data:`~lorasurg.consumers.layouts.PEFT_OPTIONS`).
+_PARAM_WRAPPER_REFUSES = ("lora_bias", "dora")
 _SCALE_FEATURES = ("rank_pattern", "alpha_pattern", "rslora")
-
-
-@dataclass
-class LeftOut:
-    """Something of the adapter that a named consumer cannot carry, left out of the rewritten adapter.
-
-    Attributes:
-        name: the module, or the tensor key for ``modules_to_save``.
-        feature: which part (a key of :data:`~lorasurg.consumers.rules.FEATURES`).
-        consumers: the named consumers that cannot carry it.
-        reason: what each of them does with it (``"vLLM: ...; llama.cpp: ..."``).
-        energy: its ``||delta||_F**2`` under PEFT; None when not known (DoRA rescaling, a whole saved module
-            without a given delta energy).
-        share: ``energy`` over the adapter's total delta energy, or None.
-        reasons: ``{consumer: its rule}`` (the parts of ``reason``).
-    """
-
-    name: str
-    feature: str
-    consumers: tuple[str, ...]
-    reason: str
-    energy: Optional[float]
-    share: Optional[float]
-    reasons: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass
-class ForReport:
-    """What :func:`prepare_for` did; ``render()`` for people, ``to_dict()`` for JSON."""
-
-    consumers: tuple[str, ...]
-    layout: str
-    r: int
-    lora_alpha: float
-    use_rslora: bool
-    rescaled: dict[str, float] = field(default_factory=dict)
-    padded: dict[str, tuple[int, int]] = field(default_factory=dict)
-    padding_bytes: int = 0
-    left_out: list[LeftOut] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    total_energy: float = 0.0
-
-    @property
-    def left_out_share(self) -> float:
-        """Sum of the known shares of what was left out."""
-        return sum(x.share or 0.0 for x in self.left_out)
-
-    def left_out_for(self, consumer: str) -> list[LeftOut]:
-        """What ``consumer`` cannot carry."""
-        return [x for x in self.left_out if consumer in x.consumers]
-
-    def left_out_by_consumer(self) -> dict[str, list[dict]]:
-        """``{consumer: [{"name", "feature", "why", "share"}, ...]}`` for every named consumer (``peft``: empty)."""
-        return {name: [{"name": x.name, "feature": x.feature, "why": x.reasons.get(name, x.reason), "share": x.share}
-                       for x in self.left_out_for(name)] for name in self.consumers}
-
-    def to_dict(self) -> dict:
-        return {
-            "consumers": list(self.consumers),
-            "layout": self.layout,
-            "r": self.r,
-            "lora_alpha": self.lora_alpha,
-            "use_rslora": self.use_rslora,
-            "rescaled": dict(self.rescaled),
-            "padded": {k: list(v) for k, v in self.padded.items()},
-            "padding_bytes": self.padding_bytes,
-            "left_out": [dict(asdict(x), consumers=list(x.consumers)) for x in self.left_out],
-            "left_out_share": self.left_out_share,
-            "notes": list(self.notes),
-        }
-
-    def render(self) -> str:
-        head = f"written for {', '.join(self.consumers)}: " + _LAYOUT_TEXT[self.layout].format(
-            r=self.r, alpha=f"{self.lora_alpha:g}", n=len(self.padded), bytes=f"{self.padding_bytes:,} bytes")
-        if self.rescaled:
-            head += (f"; {len(self.rescaled)} module(s) had their factors rescaled so their scale is written as "
-                     "the consumers read it")
-        parts = [head]
-        for name in self.consumers:
-            items = self.left_out_for(name)
-            if name == "peft" or not items:
-                parts.append("  peft: the reference" if name == "peft" else f"  {name}: carries everything")
-                continue
-            parts.append(f"  {name} leaves out:")
-            parts.extend(
-                f"    - {x.name} ({x.feature}, {'share unknown' if x.share is None else f'{100 * x.share:.3f}%'}): "
-                f"{x.reasons.get(name, x.reason)}" for x in items
-            )
-        parts.extend(f"  note: {n}" for n in self.notes)
-        return "\n".join(parts)
-
-
-_LAYOUT_TEXT = {
-    "patterns": "as PEFT wrote it (rank_pattern/alpha_pattern), r={r}, lora_alpha={alpha}",
-    "uniform-scale": "one scale for every module, r={r}, lora_alpha={alpha}, other ranks in rank_pattern/alpha_pattern",
-    "tensor-rank": "no alpha_pattern or rsLoRA, lora_alpha={alpha} over each module's rank (r={r})",
-    "padded": "every module zero-padded to rank {r} ({n} padded, +{bytes}), lora_alpha={alpha}, no patterns",
-}
 
 
 def prepare_for(
@@ -198,10 +107,12 @@ def prepare_for(
         for item in items:
             energy = _leave_out(new, feature, item, energies)
             share = None if energy is None or total <= 0 else energy / total
-            reasons = {c.name: f"{c.title}: {c.rules[feature].says}" for c in blockers}
+            reasons = {c.name: f"{c.title}: {_says(c, feature)}" for c in blockers}
             report.left_out.append(LeftOut(item, feature, tuple(reasons), "; ".join(reasons.values()), energy, share,
                                            reasons))
     _clean_config(new, adapter, chosen)
+    report.experts = complete_experts(new)
+    _expert_notes(new, report, energies, total)
     if not new.modules:
         listed = "; ".join(FEATURES[f] for f in sorted({x.feature for x in report.left_out}))
         raise InputError(
@@ -209,7 +120,7 @@ def prepare_for(
             f"cannot carry ({listed}). Write it for fewer consumers (--for peft keeps everything)."
         )
     _layout(new, adapter, {c.layout for c in chosen if c.layout != "patterns"} or {"patterns"}, report)
-    _check(new, names, tied, adapter)
+    _check(new, names, tied, adapter, report.experts)
     return new, report
 
 
@@ -223,11 +134,44 @@ def blocked_parts(adapter: Adapter, consumers: Union[str, Iterable[str], None],
     """
     chosen = [CONSUMERS[n] for n in parse_consumers(consumers)]
     found = {}
-    for feature, items in adapter_features(adapter, tied).items():
-        blockers = [c for c in chosen if not c.carries(feature)]
+    features = adapter_features(adapter, tied)
+    experts = "moe_per_expert" in features or "moe_target_parameters" in features
+    for feature, items in features.items():
+        blockers = [c for c in chosen if not c.carries(feature)
+                    or (experts and c.name == "peft" and feature in _PARAM_WRAPPER_REFUSES)]
         if feature not in _SCALE_FEATURES and blockers:
             found[feature] = (items, blockers)
     return found
+
+
+def _says(c: Consumer, feature: str) -> str:
+    """What ``c`` does with ``feature``: its rule, or (PEFT with MoE expert LoRA) its ParamWrapper's condition."""
+    rule = c.rules.get(feature)
+    return rule.says if rule is not None else PEFT_OPTIONS.says
+
+
+def _expert_notes(new: Adapter, report: ForReport, energies: Mapping[str, float], total: float) -> None:
+    """Notes on MoE expert LoRA: lora_dropout written as 0 (PEFT's ParamWrapper refuses dropout), missing experts
+    that could not be shaped, and PEFT 0.21.2 dropping LoRA outside the routed experts (read by vLLM, llama.cpp)."""
+    cfg = new.config
+    features = layout_features(new)
+    if not ({"moe_per_expert", "moe_target_parameters"} & set(features)):
+        return
+    if cfg.lora_dropout:
+        report.notes.append(f"lora_dropout={cfg.lora_dropout:g} is written as 0: PEFT 0.21.2 on transformers 5 "
+                            "loads MoE expert LoRA into its ParamWrapper, which refuses dropout (inference has none)")
+        cfg.lora_dropout = 0.0
+    if report.experts.unresolved:
+        report.notes.append(f"{len(report.experts.unresolved)} missing expert module(s) could not be shaped from "
+                            f"their siblings and are still missing (e.g. {report.experts.unresolved[0]})")
+    others = non_expert_mlp(new.modules, cfg.target_parameters) if "moe_per_expert" in features else []
+    if others:
+        share = sum(energies.get(m, 0.0) + energies.get(f"{m}.lora_B.bias", 0.0) for m in others)
+        report.notes.append(
+            f"PEFT 0.21.2 on transformers 5 drops the LoRA of {len(others)} gate/up/down module(s) outside the routed "
+            f"experts ({others[0]}{' and more' if len(others) > 1 else ''}; "
+            f"{100 * share / total if total > 0 else 0:.3f}% of the delta) unless target_parameters lists each as "
+            "'<module>.weight'; vLLM and llama.cpp read them")
 
 
 # ------------------------------------------------------------------------------------------------ leaving out
@@ -282,6 +226,9 @@ def _clean_config(new: Adapter, old: Adapter, chosen) -> None:
     removed = [m for m in old.modules if m not in new.modules]
     if removed:
         _untarget(cfg, removed, list(new.modules))
+    if cfg.target_parameters and fused_expert_modules(old) and not fused_expert_modules(new):
+        # entries naming a parameter of the fused experts (gate_up_proj, mlp.experts.down_proj): theirs are gone
+        cfg.target_parameters = [p for p in cfg.target_parameters if p.rsplit(".", 1)[-1] in ("weight", "bias")] or None
 
 
 def _untarget(cfg, removed: list[str], kept: list[str]) -> None:
@@ -312,26 +259,45 @@ def _untarget(cfg, removed: list[str], kept: list[str]) -> None:
 
 
 def _layout(new: Adapter, old: Adapter, layouts: set[str], report: ForReport) -> None:
-    """Write the scale as the consumers read it: set r, lora_alpha, patterns; rescale or pad the factors."""
+    """Write the scale as the consumers read it: set r, lora_alpha, patterns; rescale or pad the factors.
+
+    With per-expert MoE LoRA (already at one rank ``R`` by :func:`~lorasurg.consumers.experts.complete_experts`),
+    every layout puts the experts at the config's own ``r = R`` and one scale ``s`` (the experts' most common), with
+    no rsLoRA: PEFT 0.21.2 on transformers 5 reads the fused experts' rank and alpha from ``r`` and ``lora_alpha``
+    only, and doubles both for ``gate_up_proj`` (so rsLoRA would be off by sqrt(2)).
+    """
     cfg = new.config
     mods = list(new.modules)
-    scales = {m: peft_scale(old, m) for m in mods}
+    scales = {m: peft_scale(old, m) for m in mods if m in old.modules}
     ranks = {m: new.modules[m].rank for m in mods}
-    if layouts == {"patterns"}:
+    experts = {m for m in mods if expert_name(m) is not None}
+    if layouts == {"patterns"} and not experts:
         report.layout, report.r, report.lora_alpha, report.use_rslora = "patterns", cfg.r, cfg.lora_alpha, cfg.use_rslora
         return
-    s = _most_common(scales[m] for m in mods)
-    if layouts == {"tensor-rank"}:
+    s = _most_common(scales[m] for m in mods if m in scales and (m in experts or not experts))
+    for m in mods:  # zero factors complete_experts added: any scale is exact, so the experts' own
+        scales.setdefault(m, s)
+    if experts:
         cfg.use_rslora = False
-        alpha = _most_common(scales[m] * ranks[m] for m in mods) or 1.0
-        r = _most_common(ranks[m] for m in mods)
+    if layouts == {"patterns"}:  # per-expert LoRA for PEFT: experts at the globals, the rest keeps its own scale
+        r = ranks[next(iter(experts))]
+        cfg.r, cfg.lora_alpha = r, _number(s * r)
+        written = {m: s if m in experts else scales[m] for m in mods}
+        cfg.rank_pattern = {anchored_pattern_key(m): ranks[m] for m in mods if ranks[m] != r}
+        cfg.alpha_pattern = {anchored_pattern_key(m): _number(written[m] * ranks[m]) for m in mods
+                             if not math.isclose(written[m] * ranks[m], s * r, rel_tol=1e-12)}
+        layout = "experts"
+    elif layouts == {"tensor-rank"}:
+        cfg.use_rslora = False
+        r = ranks[next(iter(experts))] if experts else _most_common(ranks[m] for m in mods)
+        alpha = s * r if experts else (_most_common(scales[m] * ranks[m] for m in mods) or 1.0)
         written = {m: alpha / ranks[m] for m in mods}
         cfg.r, cfg.lora_alpha = r, _number(alpha)
         cfg.rank_pattern = {anchored_pattern_key(m): ranks[m] for m in mods if ranks[m] != r}
         cfg.alpha_pattern = {}
         layout = "tensor-rank"
     elif layouts == {"uniform-scale"}:
-        r = max(ranks.values())
+        r = ranks[next(iter(experts))] if experts else max(ranks.values())
         root = math.sqrt if cfg.use_rslora else float
         written = {m: s for m in mods}
         cfg.r, cfg.lora_alpha = r, _number(s * root(r))
@@ -366,27 +332,21 @@ def _rescale(mod: AdapterModule, c: float) -> None:
         mod.bias = (mod.bias.to(_work(mod.bias)) * c).to(mod.bias.dtype)
 
 
-def _pad(mod: AdapterModule, rank: int) -> int:
-    """Zero-pad ``mod`` to ``rank``: ``A`` gains zero rows, ``B`` zero columns. Returns the bytes added."""
-    extra = rank - mod.rank
-    zA = torch.zeros((extra, *mod.A.shape[1:]), dtype=mod.A.dtype)
-    zB = torch.zeros((mod.B.shape[0], extra, *mod.B.shape[2:]), dtype=mod.B.dtype)
-    mod.A = torch.cat([mod.A, zA], dim=0)  # (r + extra, in, ...)
-    mod.B = torch.cat([mod.B, zB], dim=1)  # (out, r + extra, ...)
-    return zA.numel() * zA.element_size() + zB.numel() * zB.element_size()
-
-
-def _check(new: Adapter, names: tuple[str, ...], tied, old: Adapter) -> None:
+def _check(new: Adapter, names: tuple[str, ...], tied, old: Adapter, experts: ExpertFix) -> None:
     """The rewritten adapter must be read by every named consumer as PEFT reads it (a bug otherwise)."""
     kept_tied = None if tied is None else [t for t in tied if t in new.modules]
     if kept_tied is None:
         kept_tied = [t for t in tied_heads(old) if t in new.modules]
     wrong = [f for f in consumer_findings(new, names, kept_tied)
              if f.severity == "error" or f.code == "legacy-scale"]
-    problems = new.problems()
+    fused = fused_expert_modules(new)  # LoRA on fused experts holds r * E rows: the layout rules judge those
+    problems = [str(f) for f in new.findings() if f.where not in fused]
+    if not experts.unresolved:
+        wrong += [f"PEFT: {v.condition.says} ({v.detail})" for v in layout_violations(new, "peft")
+                  if v.condition.code != "non-expert-mlp"]
     if wrong or problems:
         raise AssertionError("prepare_for wrote an adapter its consumers misread: "
-                             + "; ".join([f.message for f in wrong] + problems))
+                             + "; ".join([getattr(f, "message", f) for f in wrong] + problems))
 
 
 def _most_common(values: Iterable[float]) -> float:
