@@ -110,7 +110,7 @@ def prepare_for(
             reasons = {c.name: f"{c.title}: {_says(c, feature)}" for c in blockers}
             report.left_out.append(LeftOut(item, feature, tuple(reasons), "; ".join(reasons.values()), energy, share,
                                            reasons))
-    _clean_config(new, adapter, chosen)
+    _clean_config(new, adapter, chosen, {x.feature for x in report.left_out})
     report.experts = complete_experts(new)
     _expert_notes(new, report, energies, total)
     if not new.modules:
@@ -210,14 +210,14 @@ def _leave_out(new: Adapter, feature: str, item: str, energies: dict[str, float]
     raise AssertionError(f"no way to leave out {feature!r}")
 
 
-def _clean_config(new: Adapter, old: Adapter, chosen) -> None:
-    """Config flags and target_modules that match what was left out."""
+def _clean_config(new: Adapter, old: Adapter, chosen, left_out: Collection[str] = ()) -> None:
+    """Config flags and target_modules that match what was left out (``left_out``: the features left out)."""
     cfg = new.config
-    if cfg.lora_bias and any(not c.carries("lora_bias") for c in chosen):
+    if cfg.lora_bias and (any(not c.carries("lora_bias") for c in chosen) or "lora_bias" in left_out):
         cfg.lora_bias = False
         for mod in new.modules.values():
             mod.bias = None
-    if cfg.use_dora and any(not c.carries("dora") for c in chosen):
+    if cfg.use_dora and (any(not c.carries("dora") for c in chosen) or "dora" in left_out):
         cfg.use_dora = False
         for mod in new.modules.values():
             mod.magnitude = None
@@ -339,14 +339,25 @@ def _check(new: Adapter, names: tuple[str, ...], tied, old: Adapter, experts: Ex
         kept_tied = [t for t in tied_heads(old) if t in new.modules]
     wrong = [f for f in consumer_findings(new, names, kept_tied)
              if f.severity == "error" or f.code == "legacy-scale"]
-    fused = fused_expert_modules(new)  # LoRA on fused experts holds r * E rows: the layout rules judge those
-    problems = [str(f) for f in new.findings() if f.where not in fused]
+    problems = _problems(new)
     if not experts.unresolved:
         wrong += [f"PEFT: {v.condition.says} ({v.detail})" for v in layout_violations(new, "peft")
                   if v.condition.code != "non-expert-mlp"]
     if wrong or problems:
         raise AssertionError("prepare_for wrote an adapter its consumers misread: "
                              + "; ".join([getattr(f, "message", f) for f in wrong] + problems))
+
+
+def _problems(new: Adapter) -> list[str]:
+    """``new.problems()``, except for PEFT's ``target_parameters`` LoRA on fused experts: their modules hold
+    ``r * E`` rows and are selected by target_parameters, which the layout rules judge (targeting models only
+    target_modules)."""
+    fused = fused_expert_modules(new)
+    if not fused:
+        return new.problems()
+    modules_only = Adapter(copy.copy(new.config), {n: m for n, m in new.modules.items() if n not in fused}, new.extra)
+    modules_only.config.target_parameters = None
+    return modules_only.problems()
 
 
 def _most_common(values: Iterable[float]) -> float:
