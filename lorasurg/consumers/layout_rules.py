@@ -61,14 +61,14 @@ PEFT_OPTIONS = Condition(
     "plain-options", "refuses",
     "no lora_dropout, use_dora, lora_bias or fan_in_fan_out: PEFT on transformers 5 loads MoE expert LoRA into "
     "its ParamWrapper, which refuses them (\"lora.ParamWrapper does not work with lora_dropout != 0\")",
-    Source("PEFT", _PEFT, f"peft/tuners/lora/layer.py ({_PROBE})", "ParamWrapper.__init__"))
+    Source("PEFT", _PEFT, f"peft/tuners/lora/layer.py ({_PROBE})", "ParamWrapper.__init__ (lines 2366-2372)"))
 
 _PEFT_EXPERTS = (
     PEFT_OPTIONS,
     Condition("all-experts", "refuses",
               "every expert of an adapted MoE layer needs factors: PEFT on transformers 5 merges the experts' "
               "factors into one LoRA on the fused parameter (size mismatch on load otherwise)",
-              _peft("build_peft_weight_mapping: MergeModulelist over the experts")),
+              _peft("build_peft_weight_mapping (lines 202-330: MergeModulelist over the experts)")),
     Condition("all-projections", "refuses",
               "gate, up and down projections all adapted: gate without up is refused (\"Cannot convert PEFT "
               "target(s) ... because they are fused into gate_up_proj\"), gate and up without down load nothing "
@@ -77,20 +77,20 @@ _PEFT_EXPERTS = (
     Condition("one-rank", "refuses",
               "every routed-expert module at the config's r: the fused LoRA's rank is r (2r for gate_up_proj) from "
               "rank_pattern looked up on the fused parameter's name, so per-expert or per-layer ranks fail to load",
-              _peft("_convert_peft_config_moe: rank_pattern['.*\\.gate_up_proj'] = 2 r")),
+              _peft("_convert_peft_config_moe (line 474: rank_pattern['.*\\.gate_up_proj'] = 2 r)")),
     Condition("one-alpha", "misreads",
               "no per-expert alpha_pattern: its keys name the per-expert modules, which the fused parameters do "
               "not match, so lora_alpha / r applies to every expert, silently",
-              _peft("_convert_peft_config_moe: alpha_pattern['.*\\.gate_up_proj'] = 2 lora_alpha")),
+              _peft("_convert_peft_config_moe (line 477: alpha_pattern['.*\\.gate_up_proj'] = 2 lora_alpha)")),
     Condition("no-rslora", "misreads",
               "no use_rslora: gate_up_proj gets rank 2r and alpha 2 lora_alpha, so its rsLoRA scale "
               "2 alpha / sqrt(2 r) is sqrt(2) times the experts' own, silently",
-              _peft("_convert_peft_config_moe (rank and alpha doubled for gate_up_proj)")),
+              _peft("_convert_peft_config_moe (lines 474-478: rank and alpha doubled for gate_up_proj)")),
     Condition("non-expert-mlp", "drops",
               "no LoRA on gate/up/down projections outside the routed experts (shared experts, dense MLP layers) "
               "unless the config lists each in target_parameters as '<module>.weight': their target_modules "
               "entries move to target_parameters, so their tensors are dropped, silently",
-              _peft("_convert_peft_config_moe: target_modules entries ending in a projection name are moved")),
+              _peft("_convert_peft_config_moe (lines 444-458: target_modules entries ending in a projection move)")),
 )
 _VLLM_EXPERTS = (
     Condition("all-experts", "refuses",
@@ -149,7 +149,7 @@ PEFT_MODEL_RULES: dict[str, tuple[str, Source]] = {
         "transformers' _MODEL_TO_CONVERSION_PATTERN, so PEFT does not convert the config (the state dict it "
         "does convert). A config already in the converted form (target_parameters gate_up_proj and down_proj, "
         "rank_pattern/alpha_pattern '.*\\.gate_up_proj' at 2 r and 2 lora_alpha) loads exactly",
-        _peft("_convert_peft_config_moe (returns when the type has no conversion pattern)"),
+        _peft("_convert_peft_config_moe (line 415: returns when the type has no conversion pattern)"),
     ),
     "gpt_oss": (
         "checkpoints hold fused experts: there are no per-expert modules; LoRA on experts is target_parameters "

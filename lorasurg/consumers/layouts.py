@@ -8,8 +8,9 @@ layouts (each a feature of :data:`~lorasurg.consumers.rules.FEATURES`):
                           ``model.layers.L.mlp.experts.E.gate_proj`` (Qwen-MoE, DeepSeek, ...), Mixtral's
                           ``model.layers.L.block_sparse_moe.experts.E.w1``
 ``moe_target_parameters`` PEFT's ``target_parameters`` on fused 3-D experts (``ParamWrapper``): module
-                          ``…experts.base_layer`` holds ``gate_up_proj``'s factors and ``…experts`` ``down_proj``'s, A
-                          ``(r*E, in)`` with expert-major rows, B ``(out, r*E)`` with rank-major columns (``k*E + e``)
+                          ``…experts.base_layer`` holds ``gate_up_proj``'s factors, ``…experts`` ``down_proj``'s;
+                          A ``(r*E, in)`` with expert-major rows, B ``(out, r*E)`` with rank-major columns
+                          (``k*E + e``)
 ``vision_tower``          LoRA on a vision tower or connector under transformers-5 module names (``model.visual.…``,
                           ``model.vision_tower.…``, ``model.multi_modal_projector.…``)
 ``checkpoint_tower_names``  the same under the checkpoint's top-level names (``visual.…``, ``vision_tower.…``,

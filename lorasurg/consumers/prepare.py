@@ -272,7 +272,8 @@ def _layout(new: Adapter, old: Adapter, layouts: set[str], report: ForReport) ->
     ranks = {m: new.modules[m].rank for m in mods}
     experts = {m for m in mods if expert_name(m) is not None}
     if layouts == {"patterns"} and not experts:
-        report.layout, report.r, report.lora_alpha, report.use_rslora = "patterns", cfg.r, cfg.lora_alpha, cfg.use_rslora
+        report.layout, report.r, report.lora_alpha = "patterns", cfg.r, cfg.lora_alpha
+        report.use_rslora = cfg.use_rslora
         return
     s = _most_common(scales[m] for m in mods if m in scales and (m in experts or not experts))
     for m in mods:  # zero factors complete_experts added: any scale is exact, so the experts' own

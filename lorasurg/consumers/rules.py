@@ -167,7 +167,9 @@ PEFT = Consumer(
             "missing keys for model.visual.* / model.vision_tower.*): Qwen2-VL's renaming rules are keyed by class "
             "name, which PEFT's conversion never looks up, and the Llava family's are undone by its suffix check",
             Source("PEFT", "0.21.2", "peft/utils/transformers_weight_conversion.py (measured: python -m "
-                   "tools.probes.peft_vlm)", "convert_peft_adapter_state_dict_for_transformers (lines 536-620)")),
+                   "tools.probes.peft_vlm)",
+                   "convert_peft_adapter_state_dict_for_transformers (line 569: returns for a model_type with no "
+                   "mapping; lines 606-626: a rename to a suffix of the key is undone)")),
     },
     notes=("the reference: lorasurg's outputs are defined by what PEFT computes from them",
            "per-expert (MoE) LoRA is read on transformers 5 under the conditions of lorasurg.consumers.layouts"),

@@ -40,7 +40,8 @@ def write(directory: Path, modules: dict[str, tuple[int, int, int]], **config) -
         state[f"base_model.model.{name}.lora_B.weight"] = torch.randn(out, r, generator=gen) * 0.3
     directory.mkdir(parents=True, exist_ok=True)
     save_file(state, directory / "adapter_model.safetensors")
-    cfg = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": sorted({n.rsplit(".", 1)[-1] for n in modules})}
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in modules})
+    cfg = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": leaves}
     cfg.update(config)
     (directory / "adapter_config.json").write_text(json.dumps(cfg))
     return directory
@@ -227,7 +228,8 @@ def test_fused_experts_per_consumer(tmp_path):
 
 
 def test_vision_tower_dropped_by_vllm_and_llama_cpp(tmp_path):
-    mods = {"model.visual.blocks.0.attn.qkv": (4, 3 * H, H), "model.language_model.layers.0.self_attn.q_proj": (4, H, H)}
+    mods = {"model.visual.blocks.0.attn.qkv": (4, 3 * H, H),
+            "model.language_model.layers.0.self_attn.q_proj": (4, H, H)}
     a = load(tmp_path, mods)
     found = {(f.consumer, f.code): f for f in consumer_findings(a, "vllm,llama.cpp")}
     for c in ("vllm", "llama.cpp"):
