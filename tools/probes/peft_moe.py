@@ -8,7 +8,8 @@ with a shared expert) and each case, one line: PEFT raises (and what), or the la
 logits, where "dense" is the checkpoint with W += (alpha_m / r_m) B @ A on every adapted matrix (from_pretrained),
 next to |dense - base| (how much the adapter moves the outputs), the config PEFT converted to, and its
 missing-keys warnings. Cases: every expert and projection at one rank (full), one expert missing, one expert at
-another rank, down_proj at another rank (anchored keys / a `down_proj` key), per-expert alpha_pattern, rsLoRA,
+another rank, down_proj at another rank (anchored keys / a `down_proj` key), per-expert alpha_pattern, rsLoRA (and
+against a fine-tune with sqrt(2) x the rsLoRA scale on gate and up: what PEFT computes),
 gate/up without down, gate alone, lora_dropout/use_dora/lora_bias, the router, shared experts, a dense MLP layer,
 and the config pre-converted to target_parameters.
 """
@@ -26,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 H, I, E, V, R, ALPHA = 32, 12, 4, 64, 4, 8
 CASES = ("full", "missing-expert", "expert-rank", "layer-rank", "proj-rank", "proj-rank-suffix", "expert-alpha",
-         "rslora", "gate-up-only", "gate-only", "dropout", "dora", "lora-bias", "router", "shared", "dense",
+         "rslora", "rslora-sqrt2", "gate-up-only", "gate-only", "dropout", "dora", "lora-bias", "router", "shared", "dense",
          "preconverted")
 
 
@@ -91,7 +92,9 @@ def adapter(kind, base, case):
         alpha = ALPHA
         if case == "expert-alpha" and e == 1:
             alpha = alphas["^" + re.escape(module)] = 2 * ALPHA
-        scale = alpha / r ** 0.5 if case == "rslora" else alpha / r
+        scale = alpha / r ** 0.5 if case.startswith("rslora") else alpha / r
+        if case == "rslora-sqrt2" and proj in (g, u):  # the fine-tune PEFT computes: gate/up at sqrt(2) x scale
+            scale *= 2 ** 0.5
         out, inp = sd[key].shape
         A, B = torch.randn(r, inp) * 0.3, torch.randn(out, r) * 0.3
         tensors[f"base_model.model.{module}.lora_A.weight"] = A.contiguous()
@@ -99,7 +102,7 @@ def adapter(kind, base, case):
         tuned[key] = sd[key] + scale * B @ A
         targets.add(proj)
     cfg = dict(peft_type="LORA", task_type="CAUSAL_LM", r=R, lora_alpha=ALPHA, target_modules=sorted(targets),
-               rank_pattern=ranks, alpha_pattern=alphas, use_rslora=case == "rslora",
+               rank_pattern=ranks, alpha_pattern=alphas, use_rslora=case.startswith("rslora"),
                lora_dropout=0.05 if case == "dropout" else 0.0, use_dora=case == "dora", lora_bias=case == "lora-bias")
     if case == "preconverted":  # PEFT's own converted form, written up front
         cfg.update(target_modules=[], target_parameters=["gate_up_proj", "down_proj"],
