@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 
 from ..io.adapter import Adapter, AdapterModule
-from .layouts import PROJECTIONS, expert_groups
+from .layouts import PROJECTIONS, ExpertGroup, expert_groups
 
 __all__ = ["ExpertFix", "complete_experts", "pad_rank"]
 
@@ -77,7 +77,7 @@ def complete_experts(adapter: Adapter) -> ExpertFix:
                 if (index, proj) in group.modules:
                     continue
                 name = f"{block}.{index}.{proj}"
-                made = _zero_module(adapter, name, proj, block, triple, fix.rank)
+                made = _zero_module(adapter, groups, name, proj, block, triple, fix.rank)
                 if made is None:
                     fix.unresolved.append(name)
                     continue
@@ -94,10 +94,10 @@ def complete_experts(adapter: Adapter) -> ExpertFix:
     return fix
 
 
-def _zero_module(adapter: Adapter, name: str, proj: str, block: str, triple: Optional[tuple[str, str, str]],
-                 rank: int) -> Optional[AdapterModule]:
+def _zero_module(adapter: Adapter, groups: dict[str, ExpertGroup], name: str, proj: str, block: str,
+                 triple: Optional[tuple[str, str, str]], rank: int) -> Optional[AdapterModule]:
     """Zero factors for ``name`` at ``rank``, shaped like a sibling; None when no sibling gives the shape."""
-    shape = _shape(adapter, proj, block, triple)
+    shape = _shape(adapter, groups, proj, block, triple)
     if shape is None:
         return None
     (out, inp), like = shape
@@ -106,17 +106,17 @@ def _zero_module(adapter: Adapter, name: str, proj: str, block: str, triple: Opt
                          bias=bias)
 
 
-def _shape(adapter: Adapter, proj: str, block: str,
+def _shape(adapter: Adapter, groups: dict[str, ExpertGroup], proj: str, block: str,
            triple: Optional[tuple[str, str, str]]) -> Optional[tuple[tuple[int, int], AdapterModule]]:
-    """``((out, in), a sibling module)`` for projection ``proj`` of layer ``block``: the same projection in this
-    layer, then in any layer; else from the other projections (gate and up are alike, down is their transpose)."""
-    groups = expert_groups(adapter.modules)
+    """``((out, in), a sibling module)`` for projection ``proj`` of layer ``block`` (``groups``: the adapter's
+    per-expert modules before completion): the same projection in this layer, then in any layer; else from the
+    other projections (gate and up are alike, down is their transpose)."""
     order = [groups[block]] + [g for b, g in groups.items() if b != block]
     for g in order:
-        for (_, p), m in g.modules.items():
-            if p == proj:
-                mod = adapter.modules[m]
-                return (mod.B.shape[0], mod.A.shape[1]), mod
+        m = next((m for (_, p), m in g.modules.items() if p == proj), None)
+        if m is not None:
+            mod = adapter.modules[m]
+            return (mod.B.shape[0], mod.A.shape[1]), mod
     if triple is None:
         return None
     gate, up, down = triple

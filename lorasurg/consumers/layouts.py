@@ -213,8 +213,11 @@ def _expert_checks(adapter: Adapter, groups: Mapping[str, ExpertGroup],
             lists["all-experts"][1].append(f"{block}: expert(s) {_ranges(absent)} of {n} missing")
         triple = _triple(group.projections)
         wanted = set(triple) if triple else group.projections
-        for index in sorted(group.indices):
-            lacking = sorted(wanted - {p for i, p in group.modules if i == index})
+        per_index: dict[int, set[str]] = {}
+        for i, p in group.modules:
+            per_index.setdefault(i, set()).add(p)
+        for index in sorted(per_index):
+            lacking = sorted(wanted - per_index[index])
             if lacking:
                 lists["all-projections"][0].append(f"{block}.{index}")
                 lists["all-projections"][1].append(f"{block}.{index}: no {', '.join(lacking)}")

@@ -271,7 +271,7 @@ def _layout(new: Adapter, old: Adapter, layouts: set[str], report: ForReport) ->
     scales = {m: peft_scale(old, m) for m in mods if m in old.modules}
     ranks = {m: new.modules[m].rank for m in mods}
     experts = {m for m in mods if expert_name(m) is not None}
-    if layouts == {"patterns"} and not experts:
+    if layouts == {"patterns"} and (not experts or _experts_at_globals(new, experts)):
         report.layout, report.r, report.lora_alpha = "patterns", cfg.r, cfg.lora_alpha
         report.use_rslora = cfg.use_rslora
         return
@@ -322,6 +322,13 @@ def _layout(new: Adapter, old: Adapter, layouts: set[str], report: ForReport) ->
             report.rescaled[m] = c
     cfg.validate()
     report.layout, report.r, report.lora_alpha, report.use_rslora = layout, cfg.r, cfg.lora_alpha, cfg.use_rslora
+
+
+def _experts_at_globals(new: Adapter, experts: Collection[str]) -> bool:
+    """Whether every per-expert module already has the config's r and lora_alpha, without rsLoRA (PEFT's layout)."""
+    cfg = new.config
+    return not cfg.use_rslora and all(new.rank_alpha(m) == (cfg.r, cfg.lora_alpha) and new.modules[m].rank == cfg.r
+                                      for m in experts)
 
 
 def _rescale(mod: AdapterModule, c: float) -> None:
