@@ -225,13 +225,10 @@ VLLM = Consumer(
              "reads fused target_parameters experts only for classes marked is_3d_moe_weight (gpt-oss, "
              "Qwen3-VL-MoE, Qwen3.5-MoE); other MoE classes refuse them (\"contains fused 3D MoE weights\") unless "
              "--enable-mixed-moe-lora-format and is_3d_lora_weight on the request", _V_MOE),
-        Rule("vision_tower", "drops",
-             "applies LoRA to the language model only: tower and connector modules get no LoRA wrapper (a startup "
-             "log line), unless --enable-tower-connector-lora on a class that declares it (Qwen2-VL, Qwen2.5-VL, "
-             "Llava, Gemma 3; not Mistral 3)", _V_TOWER),
-        Rule("checkpoint_tower_names", "drops",
-             "applies LoRA to the language model only: tower and connector modules get no LoRA wrapper (a startup "
-             "log line), unless --enable-tower-connector-lora on a class that declares it", _V_TOWER),
+        *(Rule(f, "drops", "applies LoRA to the language model only: tower and connector modules get no LoRA "
+                            "wrapper (a startup log line), unless --enable-tower-connector-lora on a class that "
+                            "declares it (Qwen2-VL, Qwen2.5-VL, Llava, Gemma 3; not Mistral 3)", _V_TOWER)
+          for f in ("vision_tower", "checkpoint_tower_names")),
     ),
     notes=(
         "vLLM refuses ranks above --max-lora-rank (default 16; allowed 1, 8, 16, 32, 64, 128, 256, 320, 512): "
@@ -297,16 +294,11 @@ LLAMA_CPP = Consumer(
              "map tensor\")",
              Source("llama.cpp", _L, "conversion/qwen.py + conversion/base.py",
                     "Qwen2MoeModel.prepare_tensors (qwen.py 149-156); ModelBase.map_tensor_name (base.py 627-630)")),
-        Rule("vision_tower", "drops",
-             "the converter skips vision tower and projector tensors (they belong to the mmproj file, which takes "
-             "no LoRA)",
-             Source("llama.cpp", _L, "convert_lora_to_gguf.py + conversion/base.py",
-                    "LoraModel.get_tensors (line 466: filter_tensors); TextModel.filter_tensors (base.py 1387-1401)")),
-        Rule("checkpoint_tower_names", "drops",
-             "the converter skips vision tower and projector tensors (they belong to the mmproj file, which takes "
-             "no LoRA)",
-             Source("llama.cpp", _L, "convert_lora_to_gguf.py + conversion/base.py",
-                    "LoraModel.get_tensors (line 466: filter_tensors); TextModel.filter_tensors (base.py 1387-1401)")),
+        *(Rule(f, "drops", "the converter skips vision tower and projector tensors (they belong to the mmproj file, "
+                            "which takes no LoRA)",
+               Source("llama.cpp", _L, "convert_lora_to_gguf.py + conversion/base.py",
+                      "LoraModel.get_tensors (line 466: filter_tensors); TextModel.filter_tensors (base.py 1387-1401)"))
+          for f in ("vision_tower", "checkpoint_tower_names")),
         Rule("fan_in_fan_out_lora", "misreads",
              "transposes GPT-2 Conv1D LoRA as it transposes the base weight, but PEFT stores those factors in "
              "nn.Linear orientation: the delta is transposed (refused at load unless the layer is square)",
