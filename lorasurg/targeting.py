@@ -58,6 +58,8 @@ __all__ = [
     "rank_alpha",
     "unused_pattern_keys",
     "exact_target_modules",
+    "select_parameters",
+    "without_parameters",
     "anchored_pattern_key",
     "rank_alpha_fields",
     "alpha_value",
@@ -330,6 +332,26 @@ def _target_match(config: Any, targets: Union[str, set[str]], name: str) -> bool
     return index == layers if isinstance(layers, int) else index in layers
 
 
+def select_parameters(config: Any, parameters: Iterable[str]) -> list[str]:
+    """The parameters PEFT 0.21.2 wraps for ``config.target_parameters``, in the order of ``parameters``.
+
+    A parameter's full name (``model.layers.0.mlp.experts.gate_up_proj``) is selected when it equals an entry or
+    ends with ``"." + entry`` (PEFT's ``BaseTuner._inject_parameters``); no regex, no ``layers_to_transform``.
+    """
+    entries = list(getattr(config, "target_parameters", None) or [])
+    return [name for name in parameters if any(name == t or name.endswith("." + t) for t in entries)]
+
+
+def without_parameters(config: Any) -> Any:
+    """``config`` with ``target_parameters`` cleared, for selecting its ``target_modules`` alone (the parameters
+    are selected by :func:`select_parameters`)."""
+    if not getattr(config, "target_parameters", None):
+        return config
+    import dataclasses
+
+    return dataclasses.replace(config, target_parameters=None)
+
+
 def _refuse_unsupported(config: Any) -> None:
     if getattr(config, "target_parameters", None):
         raise UnsupportedError(
@@ -480,7 +502,8 @@ def exact_target_modules(selected: Sequence[str], all_names: Sequence[str]) -> U
     (with no exclude_modules, layers_to_transform or modules_to_save interfering).
 
     Prefers, per leaf name (last segment), the leaf itself when it selects only modules in ``selected``, else
-    the full names of that leaf's selected modules; returns the sorted list. If that still selects something
+    the full names of that leaf's selected modules; returns the sorted list. A numeric leaf (``mlp.2`` in a
+    ``Sequential``) is never used alone: ``"2"`` would also select layer 2 of any model with three layers. If that still selects something
     else (one module name being a ``.``-suffix of another), returns a regex string matching exactly the names.
     ``all_names`` must hold every module of the model, containers included, or a leaf may match a module the
     caller did not list.
@@ -504,7 +527,7 @@ def exact_target_modules(selected: Sequence[str], all_names: Sequence[str]) -> U
         by_leaf.setdefault(name.rsplit(".", 1)[-1], []).append(name)
     entries: set[str] = set()
     for leaf, names in by_leaf.items():
-        if all(n in wanted_set for n in all_names if _matches_entry(leaf, n)):
+        if not leaf.isdigit() and all(n in wanted_set for n in all_names if _matches_entry(leaf, n)):
             entries.add(leaf)
         else:
             entries.update(names)
