@@ -234,7 +234,8 @@ def anchored_pattern_key(module_name: str) -> str:
     return "^" + re.escape(module_name)
 
 
-def rank_alpha_fields(per_module: Mapping[str, tuple[int, float]]) -> dict[str, Any]:
+def rank_alpha_fields(per_module: Mapping[str, tuple[int, float]],
+                      base: Optional[tuple[int, float]] = None) -> dict[str, Any]:
     """Config fields ``r``, ``lora_alpha``, ``rank_pattern``, ``alpha_pattern`` that give each module exactly its
     ``(rank, alpha)`` under PEFT's rules (:func:`rank_alpha`).
 
@@ -243,6 +244,9 @@ def rank_alpha_fields(per_module: Mapping[str, tuple[int, float]]) -> dict[str, 
     differs gets an anchored key (:func:`anchored_pattern_key`, one module each) in ``rank_pattern`` /
     ``alpha_pattern``, separately (PEFT looks the two up separately). Alphas equal to 1e-12 relative count as
     equal; integral alphas are written as ints (:func:`alpha_value`).
+
+    ``base`` forces ``(r, lora_alpha)`` instead (PEFT reads MoE experts at the config's global values, see
+    :mod:`lorasurg.consumers.experts`); the patterns then cover every module that differs from it.
 
     Raises:
         ConfigError: ``per_module`` is empty, or a rank is below 1.
@@ -253,8 +257,11 @@ def rank_alpha_fields(per_module: Mapping[str, tuple[int, float]]) -> dict[str, 
     if bad:
         raise ConfigError(f"ranks must be >= 1, got {bad}")
     alphas = {m: alpha_value(a) for m, (_, a) in per_module.items()}
-    r = max(rank for rank, _ in per_module.values())
-    alpha = Counter(alphas[m] for m, (rank, _) in per_module.items() if rank == r).most_common(1)[0][0]
+    if base is not None:
+        r, alpha = int(base[0]), alpha_value(base[1])
+    else:
+        r = max(rank for rank, _ in per_module.values())
+        alpha = Counter(alphas[m] for m, (rank, _) in per_module.items() if rank == r).most_common(1)[0][0]
     return {
         "r": int(r),
         "lora_alpha": alpha,
