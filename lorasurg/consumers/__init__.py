@@ -6,8 +6,9 @@
   from PEFT (:func:`consumer_findings`, :func:`consumer_verdicts`).
 * :mod:`.prepare`: :func:`prepare_for` rewrites an adapter so the named consumers compute PEFT's delta.
 * :mod:`.layouts` (data in :mod:`.layout_rules`): which MoE and multimodal LoRA layouts each consumer serves and
-  the conditions it puts on them (:data:`CONDITIONS`, :func:`layout_violations`); :mod:`.experts` completes
-  per-expert LoRA losslessly for :func:`prepare_for`.
+  the conditions it puts on them (:data:`CONDITIONS`, :func:`layout_violations`); :mod:`.complete` completes
+  per-expert LoRA losslessly for :func:`prepare_for`; :mod:`.experts` holds PEFT's MoE conversion rule by model
+  type.
 """
 
 from .layouts import CONDITIONS, Condition, Violation, layout_violations

@@ -1,144 +1,73 @@
-"""Per-expert LoRA written so that PEFT (on transformers 5), vLLM and llama.cpp all read it: lossless completion.
+"""How PEFT 0.21.2 on transformers 5 reads LoRA on mixture-of-experts models, as data (measured, and read in
+``peft/utils/transformers_weight_conversion.py`` and ``peft/tuners/tuners_utils.py``; the wording is ours).
 
-The three consumers share the conditions of :data:`~lorasurg.consumers.layouts.CONDITIONS` on per-expert modules
-(every expert of an adapted MoE layer, gate, up and down for each, one rank per projection in a layer; PEFT: one
-rank and one scale for every routed expert). :func:`complete_experts` makes an adapter meet them without changing
-its delta:
+transformers 5 fuses the experts of most MoE classes into 3-D parameters (:mod:`lorasurg.io.keymap`). PEFT then
+adapts them in one of two ways:
 
-* a missing expert or projection gets zero factors (``B = 0``, so ``B @ A = 0``) of the common rank, shaped like
-  its siblings (gate and up are ``(I, H)``, down ``(H, I)``), with a zero ``lora_B.bias`` when ``lora_bias`` is set;
-* every per-expert module is zero-padded to the largest per-expert rank ``R`` (``A`` gains zero rows, ``B`` zero
-  columns: ``B @ A`` unchanged bit for bit).
+``per-expert``
+    Adapters written as they were before transformers 5: one LoRA per expert matrix, keyed by the checkpoint's
+    names (``mlp.experts.3.gate_proj.lora_A.weight``, Mixtral's ``block_sparse_moe.experts.3.w1``), the leaf names in
+    ``target_modules``. When it loads (and in ``get_peft_model``), PEFT converts the config and the keys to
+    ``target_parameters`` on the fused parameters (``convert_peft_config_for_transformers``,
+    ``convert_peft_adapter_state_dict_for_transformers``), **only** for the model types whose transformers
+    conversion pattern (``transformers.conversion_mapping._MODEL_TO_CONVERSION_PATTERN``, plus ``mixtral``
+    itself, which PEFT adds) is ``mixtral`` or ``qwen2_moe``: Qwen3-MoE, DeepSeek-V2/V3, OLMoE, GLM-4.5 MoE, ...
+    ``qwen2_moe`` itself is not among them (its pattern is itself, not an entry of the table), so PEFT 0.21.2 loads
+    a per-expert Qwen2-MoE adapter without its experts, silently. Conditions of the conversion:
 
-One scale for the experts (and the config's ``r = R``, no rsLoRA) is the layout's job
-(:func:`~lorasurg.consumers.prepare.prepare_for`). The number of experts is one more than the largest index in
-any layer; a layer with no per-expert module at all is not invented (its size is unknown without the base).
+    * every expert of every adapted projection present, both parts of a fused ``gate_up_proj`` targeted;
+    * every expert at the config's global ``r`` and ``lora_alpha`` (the conversion appends
+      ``rank_pattern[".*\\.gate_up_proj"] = 2 r``, ``alpha_pattern[...] = 2 lora_alpha`` and reads ``down_proj`` at
+      ``r``; per-expert ``rank_pattern`` entries are ignored);
+    * every ``target_modules`` entry equal to, or ending in ``"." +``, one of the per-type names
+      (:data:`CONVERTED_NAMES`) is taken out of ``target_modules`` and mapped to a fused parameter — also when it
+      names a plain linear layer (DeepSeek-V3's dense first layers ``mlp.gate_proj``, its ``shared_experts``,
+      Qwen2-MoE-style ``shared_expert``): such a layer is then not adapted. Listing it in ``target_parameters`` as
+      ``"<module>.weight"`` instead keeps it (a ``ParamWrapper`` on the 2-D weight, tensors stored as a linear
+      layer's); measured exact on the DeepSeek-V3 fixture.
+
+``target-parameters``
+    ``target_parameters`` on the fused parameters, PEFT's ``ParamWrapper`` layout (:mod:`lorasurg.engine.experts`,
+    :func:`lorasurg.io.adapter.wrapper_paths`): what PEFT itself writes for a transformers-5 MoE model, and the only
+    form for types it does not convert (Qwen2-MoE) and for checkpoints that store experts fused (gpt-oss).
+
+A ``ParamWrapper`` refuses ``lora_dropout``, ``lora_bias``, ``use_dora`` and ``fan_in_fan_out``, for the whole
+config (``peft/tuners/lora/layer.py``, ``ParamWrapper.__init__``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Optional
 
-import torch
+__all__ = ["PEFT_MOE_SOURCE", "CONVERTED_NAMES", "peft_conversion_pattern", "peft_converts_experts",
+           "PARAM_WRAPPER_REFUSES"]
 
-from ..io.adapter import Adapter, AdapterModule
-from .layouts import PROJECTIONS, ExpertGroup, expert_groups
+PEFT_MOE_SOURCE = "peft 0.21.2, peft/utils/transformers_weight_conversion.py (_convert_peft_config_moe)"
 
-__all__ = ["ExpertFix", "complete_experts", "pad_rank"]
+#: conversion pattern -> the ``target_modules`` leaf names PEFT maps to fused parameters (``_MOE_TARGET_MODULE_MAPPING``)
+CONVERTED_NAMES: dict[str, frozenset[str]] = {
+    "mixtral": frozenset({"gate", "w1", "w2", "w3"}),
+    "qwen2_moe": frozenset({"gate", "gate_proj", "up_proj", "down_proj"}),
+}
 
-
-@dataclass
-class ExpertFix:
-    """What :func:`complete_experts` did.
-
-    Attributes:
-        added: modules given zero factors (missing experts or projections).
-        padded: ``{module: (old rank, new rank)}``.
-        bytes: bytes the zero factors and the padding add.
-        rank: the one rank of every per-expert module afterwards (0: the adapter has none).
-        targets_added: projection names added to ``target_modules``.
-        unresolved: projections whose shape could not be inferred (left missing).
-    """
-
-    added: list[str] = field(default_factory=list)
-    padded: dict[str, tuple[int, int]] = field(default_factory=dict)
-    bytes: int = 0
-    rank: int = 0
-    targets_added: list[str] = field(default_factory=list)
-    unresolved: list[str] = field(default_factory=list)
+#: config fields a ``target_parameters`` LoRA cannot have (PEFT's ``ParamWrapper`` raises)
+PARAM_WRAPPER_REFUSES: tuple[str, ...] = ("lora_dropout", "lora_bias", "use_dora", "fan_in_fan_out")
 
 
-def pad_rank(mod: AdapterModule, rank: int) -> int:
-    """Zero-pad ``mod`` to ``rank``: ``A`` gains zero rows, ``B`` zero columns. Returns the bytes added."""
-    extra = rank - mod.rank
-    zA = torch.zeros((extra, *mod.A.shape[1:]), dtype=mod.A.dtype)
-    zB = torch.zeros((mod.B.shape[0], extra, *mod.B.shape[2:]), dtype=mod.B.dtype)
-    mod.A = torch.cat([mod.A, zA], dim=0)  # (r + extra, in, ...)
-    mod.B = torch.cat([mod.B, zB], dim=1)  # (out, r + extra, ...)
-    return zA.numel() * zA.element_size() + zB.numel() * zB.element_size()
-
-
-def complete_experts(adapter: Adapter) -> ExpertFix:
-    """Give every MoE layer of ``adapter`` that has per-expert LoRA all its experts and projections, at one rank
-    (in place; see the module docstring). An adapter without per-expert modules is left as it is."""
-    fix = ExpertFix()
-    groups = expert_groups(adapter.modules)
-    if not groups:
-        return fix
-    fix.rank = max(adapter.modules[m].rank for g in groups.values() for m in g.modules.values())
-    n = 1 + max(i for g in groups.values() for i in g.indices)
-    seen = set().union(*(g.projections for g in groups.values()))
-    triple = next((t for t in PROJECTIONS if seen <= set(t)), None)
-    wanted = list(triple) if triple else sorted(seen)
-    for block, group in groups.items():
-        for index in range(n):
-            for proj in wanted:
-                if (index, proj) in group.modules:
-                    continue
-                name = f"{block}.{index}.{proj}"
-                made = _zero_module(adapter, groups, name, proj, block, triple, fix.rank)
-                if made is None:
-                    fix.unresolved.append(name)
-                    continue
-                adapter.modules[name] = made
-                fix.added.append(name)
-                fix.bytes += sum(t.numel() * t.element_size() for t in made.tensors().values())
-    for g in expert_groups(adapter.modules).values():
-        for name in g.modules.values():
-            mod = adapter.modules[name]
-            if mod.rank < fix.rank:
-                fix.padded[name] = (mod.rank, fix.rank)
-                fix.bytes += pad_rank(mod, fix.rank)
-    fix.targets_added = _target(adapter, fix.added)
-    return fix
-
-
-def _zero_module(adapter: Adapter, groups: dict[str, ExpertGroup], name: str, proj: str, block: str,
-                 triple: Optional[tuple[str, str, str]], rank: int) -> Optional[AdapterModule]:
-    """Zero factors for ``name`` at ``rank``, shaped like a sibling; None when no sibling gives the shape."""
-    shape = _shape(adapter, groups, proj, block, triple)
-    if shape is None:
+def peft_conversion_pattern(model_type: Optional[str]) -> Optional[str]:
+    """The conversion pattern PEFT 0.21.2 finds for ``model_type`` (``mixtral``, ``qwen2_moe``, another, or None):
+    transformers' ``_MODEL_TO_CONVERSION_PATTERN`` entry, with ``mixtral`` mapped to itself as PEFT adds."""
+    if not model_type:
         return None
-    (out, inp), like = shape
-    bias = torch.zeros(out, dtype=like.B.dtype) if adapter.config.lora_bias else None
-    return AdapterModule(name, torch.zeros(rank, inp, dtype=like.A.dtype), torch.zeros(out, rank, dtype=like.B.dtype),
-                         bias=bias)
-
-
-def _shape(adapter: Adapter, groups: dict[str, ExpertGroup], proj: str, block: str,
-           triple: Optional[tuple[str, str, str]]) -> Optional[tuple[tuple[int, int], AdapterModule]]:
-    """``((out, in), a sibling module)`` for projection ``proj`` of layer ``block`` (``groups``: the adapter's
-    per-expert modules before completion): the same projection in this layer, then in any layer; else from the
-    other projections (gate and up are alike, down is their transpose)."""
-    order = [groups[block]] + [g for b, g in groups.items() if b != block]
-    for g in order:
-        m = next((m for (_, p), m in g.modules.items() if p == proj), None)
-        if m is not None:
-            mod = adapter.modules[m]
-            return (mod.B.shape[0], mod.A.shape[1]), mod
-    if triple is None:
+    if model_type == "mixtral":
+        return "mixtral"
+    try:
+        from transformers.conversion_mapping import _MODEL_TO_CONVERSION_PATTERN
+    except ImportError:  # transformers 4.x: no conversion, no fused experts
         return None
-    gate, up, down = triple
-    for g in order:
-        for (_, p), m in g.modules.items():
-            mod = adapter.modules[m]
-            out, inp = mod.B.shape[0], mod.A.shape[1]
-            if proj in (gate, up) and p in (gate, up):
-                return (out, inp), mod
-            if (proj == down) != (p == down):  # down from gate/up, or gate/up from down: transposed
-                return (inp, out), mod
-    return None
+    return _MODEL_TO_CONVERSION_PATTERN.get(model_type)
 
 
-def _target(adapter: Adapter, added: list[str]) -> list[str]:
-    """Add to a list ``target_modules`` the projection names of the added modules it does not select yet (an entry
-    selects a module it equals or is a ``.``-suffix of, as PEFT matches list entries)."""
-    target = adapter.config.target_modules
-    if not added or not isinstance(target, (list, set, tuple, frozenset)):
-        return []
-    unselected = [n for n in added if not any(n == e or n.endswith("." + e) for e in target)]
-    missing = sorted({n.rsplit(".", 1)[-1] for n in unselected})
-    if missing:
-        adapter.config.target_modules = set(target) | set(missing)
-    return missing
+def peft_converts_experts(model_type: Optional[str]) -> bool:
+    """Whether PEFT 0.21.2 converts a per-expert adapter of ``model_type`` to the fused parameters on load."""
+    return peft_conversion_pattern(model_type) in CONVERTED_NAMES

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-from .experts import ExpertFix
+from .complete import ExpertFix
 
 __all__ = ["LeftOut", "ForReport"]
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from .rules import Source
 
 __all__ = ["PROJECTIONS", "EXPERT_NAME", "FUSED_NAME", "TOWER_NAME", "CHECKPOINT_TOWER_NAME", "MLP_LEAVES", "Condition",
-           "PEFT_OPTIONS", "CONDITIONS", "PEFT_MODEL_RULES"]
+           "PEFT_OPTIONS", "CONDITIONS"]
 
 #: The gated-MLP projections of a routed expert as checkpoints name them: (gate, up, down). transformers 5 fuses
 #: gate and up into ``gate_up_proj`` (``conversion_mapping``: patterns ``qwen2_moe`` and ``mixtral``).
@@ -140,20 +140,3 @@ CONDITIONS: dict[str, dict[str, tuple[Condition, ...]]] = {
     "llama.cpp": {"moe_per_expert": _LLAMA_EXPERTS},
 }
 CONDITIONS["vllm<0.32"] = CONDITIONS["vllm"]
-
-#: Model types for which PEFT 0.21.2 on transformers 5 reads per-expert adapters other than by
-#: :data:`CONDITIONS` (the adapter files do not say the model type: a base checkpoint's config.json does).
-PEFT_MODEL_RULES: dict[str, tuple[str, Source]] = {
-    "qwen2_moe": (
-        "routed-expert LoRA is dropped silently and router (mlp.gate) LoRA refused: Qwen2-MoE's type is not in "
-        "transformers' _MODEL_TO_CONVERSION_PATTERN, so PEFT does not convert the config (the state dict it "
-        "does convert). A config already in the converted form (target_parameters gate_up_proj and down_proj, "
-        "rank_pattern/alpha_pattern '.*\\.gate_up_proj' at 2 r and 2 lora_alpha) loads exactly",
-        _peft("_convert_peft_config_moe (line 415: returns when the type has no conversion pattern)"),
-    ),
-    "gpt_oss": (
-        "checkpoints hold fused experts: there are no per-expert modules; LoRA on experts is target_parameters "
-        "(mlp.experts.gate_up_proj, mlp.experts.down_proj), on the router target_parameters mlp.router.weight",
-        _peft("no conversion mapping for gpt_oss (transformers conversion_mapping)"),
-    ),
-}

@@ -30,13 +30,13 @@ from dataclasses import dataclass
 from typing import Iterable, Mapping, Optional
 
 from ..io.adapter import Adapter
+from .experts import PARAM_WRAPPER_REFUSES
 from .layout_rules import (
     CHECKPOINT_TOWER_NAME,
     CONDITIONS,
     EXPERT_NAME,
     FUSED_NAME,
     MLP_LEAVES,
-    PEFT_MODEL_RULES,
     PEFT_OPTIONS,
     PROJECTIONS,
     TOWER_NAME,
@@ -51,7 +51,6 @@ __all__ = [
     "Condition",
     "PEFT_OPTIONS",
     "CONDITIONS",
-    "PEFT_MODEL_RULES",
     "ExpertGroup",
     "Violation",
     "expert_name",
@@ -168,8 +167,7 @@ def layout_violations(adapter: Adapter, consumer: str,
     cfg = adapter.config
     groups = expert_groups(adapter.modules)
     fused = fused_expert_modules(adapter)
-    options = [f"{k}={getattr(cfg, k)!r}" for k in ("lora_dropout", "use_dora", "lora_bias", "fan_in_fan_out")
-               if getattr(cfg, k)]
+    options = [f"{k}={getattr(cfg, k)!r}" for k in PARAM_WRAPPER_REFUSES if getattr(cfg, k)]
     for feature, present in (("moe_per_expert", bool(groups)), ("moe_target_parameters", bool(fused))):
         if present and options and PEFT_OPTIONS in table.get(feature, ()):
             where = [m for g in groups.values() for m in g.modules.values()] if feature == "moe_per_expert" else fused

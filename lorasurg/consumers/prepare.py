@@ -38,8 +38,8 @@ import torch
 from ..errors import InputError
 from ..io.adapter import Adapter, AdapterModule
 from ..targeting import anchored_pattern_key
-from .experts import ExpertFix, complete_experts
-from .experts import pad_rank as _pad
+from .complete import ExpertFix, complete_experts
+from .complete import pad_rank as _pad
 from .for_report import ForReport, LeftOut
 from .layouts import PEFT_OPTIONS, expert_name, fused_expert_modules, layout_features, layout_violations, non_expert_mlp
 from .reading import (
@@ -261,7 +261,7 @@ def _untarget(cfg, removed: list[str], kept: list[str]) -> None:
 def _layout(new: Adapter, old: Adapter, layouts: set[str], report: ForReport) -> None:
     """Write the scale as the consumers read it: set r, lora_alpha, patterns; rescale or pad the factors.
 
-    With per-expert MoE LoRA (already at one rank ``R`` by :func:`~lorasurg.consumers.experts.complete_experts`),
+    With per-expert MoE LoRA (already at one rank ``R`` by :func:`~lorasurg.consumers.complete.complete_experts`),
     every layout puts the experts at the config's own ``r = R`` and one scale ``s`` (the experts' most common), with
     no rsLoRA: PEFT 0.21.2 on transformers 5 reads the fused experts' rank and alpha from ``r`` and ``lora_alpha``
     only, and doubles both for ``gate_up_proj`` (so rsLoRA would be off by sqrt(2)).
@@ -347,25 +347,13 @@ def _check(new: Adapter, names: tuple[str, ...], tied, old: Adapter, experts: Ex
         kept_tied = [t for t in tied_heads(old) if t in new.modules]
     wrong = [f for f in consumer_findings(new, names, kept_tied)
              if f.severity == "error" or f.code == "legacy-scale"]
-    problems = _problems(new)
+    problems = new.problems()
     if not experts.unresolved:
         wrong += [f"PEFT: {v.condition.says} ({v.detail})" for v in layout_violations(new, "peft")
                   if v.condition.code != "non-expert-mlp"]
     if wrong or problems:
         raise AssertionError("prepare_for wrote an adapter its consumers misread: "
                              + "; ".join([getattr(f, "message", f) for f in wrong] + problems))
-
-
-def _problems(new: Adapter) -> list[str]:
-    """``new.problems()``, except for PEFT's ``target_parameters`` LoRA on fused experts: their modules hold
-    ``r * E`` rows and are selected by target_parameters, which the layout rules judge (targeting models only
-    target_modules)."""
-    fused = fused_expert_modules(new)
-    if not fused:
-        return new.problems()
-    modules_only = Adapter(copy.copy(new.config), {n: m for n, m in new.modules.items() if n not in fused}, new.extra)
-    modules_only.config.target_parameters = None
-    return modules_only.problems()
 
 
 def _most_common(values: Iterable[float]) -> float:

@@ -16,7 +16,6 @@ from safetensors.torch import save_file
 from lorasurg.consumers import CONSUMERS, FEATURES, adapter_features, consumer_findings
 from lorasurg.consumers.layouts import (
     CONDITIONS,
-    PEFT_MODEL_RULES,
     checkpoint_experts,
     expert_groups,
     fused_expert_modules,
@@ -79,7 +78,6 @@ def test_every_layout_rule_and_condition_names_its_source():
             assert feature in FEATURES
             for c in conditions:
                 assert c.treatment in ("refuses", "drops", "misreads") and c.says and c.source.file, (consumer, c)
-    assert all(src.file for _, src in PEFT_MODEL_RULES.values())
 
 
 def test_treatments_per_consumer():
