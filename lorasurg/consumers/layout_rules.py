@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from .rules import Source
 
 __all__ = ["PROJECTIONS", "EXPERT_NAME", "FUSED_NAME", "TOWER_NAME", "CHECKPOINT_TOWER_NAME", "MLP_LEAVES", "Condition",
-           "PEFT_OPTIONS", "CONDITIONS"]
+           "PEFT_OPTIONS", "PEFT_CONVERTED_TYPE", "CONDITIONS"]
 
 #: The gated-MLP projections of a routed expert as checkpoints name them: (gate, up, down). transformers 5 fuses
 #: gate and up into ``gate_up_proj`` (``conversion_mapping``: patterns ``qwen2_moe`` and ``mixtral``).
@@ -63,7 +63,18 @@ PEFT_OPTIONS = Condition(
     "its ParamWrapper, which refuses them (\"lora.ParamWrapper does not work with lora_dropout != 0\")",
     Source("PEFT", _PEFT, f"peft/tuners/lora/layer.py ({_PROBE})", "ParamWrapper.__init__ (lines 2366-2372)"))
 
+#: PEFT converts per-expert LoRA only for some model types (:func:`lorasurg.consumers.experts.peft_converts_experts`).
+PEFT_CONVERTED_TYPE = Condition(
+    "converted-type", "drops",
+    "the model type is one PEFT converts per-expert LoRA for (the mixtral and qwen2_moe conversion patterns: Mixtral, "
+    "Qwen3-MoE, DeepSeek-V2/V3, OLMoE, GLM-4.5 MoE, ...; not Qwen2-MoE itself, nor types whose checkpoints hold "
+    "fused experts): otherwise the per-expert tensors match no module and are dropped silently; a config already "
+    "in the converted form (target_parameters gate_up_proj and down_proj, rank and alpha '.*\\.gate_up_proj' at "
+    "2 r and 2 lora_alpha) loads exactly",
+    _peft("_convert_peft_config_moe (line 415: returns for a type without a conversion pattern)"))
+
 _PEFT_EXPERTS = (
+    PEFT_CONVERTED_TYPE,
     PEFT_OPTIONS,
     Condition("all-experts", "refuses",
               "every expert of an adapted MoE layer needs factors: PEFT on transformers 5 merges the experts' "

@@ -30,13 +30,14 @@ from dataclasses import dataclass
 from typing import Iterable, Mapping, Optional
 
 from ..io.adapter import Adapter
-from .experts import PARAM_WRAPPER_REFUSES
+from .experts import PARAM_WRAPPER_REFUSES, peft_converts_experts
 from .layout_rules import (
     CHECKPOINT_TOWER_NAME,
     CONDITIONS,
     EXPERT_NAME,
     FUSED_NAME,
     MLP_LEAVES,
+    PEFT_CONVERTED_TYPE,
     PEFT_OPTIONS,
     PROJECTIONS,
     TOWER_NAME,
@@ -50,6 +51,7 @@ __all__ = [
     "CHECKPOINT_TOWER_NAME",
     "Condition",
     "PEFT_OPTIONS",
+    "PEFT_CONVERTED_TYPE",
     "CONDITIONS",
     "ExpertGroup",
     "Violation",
@@ -153,19 +155,26 @@ def layout_features(adapter: Adapter) -> dict[str, list[str]]:
 # ------------------------------------------------------------------------------------------------ conditions
 
 
-def layout_violations(adapter: Adapter, consumer: str,
-                      experts: Optional[Mapping[str, int]] = None) -> list[Violation]:
+def layout_violations(adapter: Adapter, consumer: str, experts: Optional[Mapping[str, int]] = None,
+                      model_type: Optional[str] = None) -> list[Violation]:
     """The :data:`CONDITIONS` of ``consumer`` that ``adapter`` breaks (empty when it reads every layout as PEFT's
     reference computes it, or has none).
 
     Args:
         experts: ``{block: number of experts}`` from the base checkpoint (:func:`checkpoint_experts`); default one
             more than the largest expert index the adapter has in the layer, or in any layer.
+        model_type: the base's ``model_type``, when known: for a type PEFT does not convert per-expert LoRA for,
+            the one PEFT condition broken is ``converted-type`` (the others are about the conversion).
     """
     table = CONDITIONS.get(consumer, {})
     out: list[Violation] = []
     cfg = adapter.config
     groups = expert_groups(adapter.modules)
+    if (groups and model_type and PEFT_CONVERTED_TYPE in table.get("moe_per_expert", ())
+            and not cfg.target_parameters and not peft_converts_experts(model_type)):
+        names = tuple(m for g in groups.values() for m in g.modules.values())
+        return [Violation(consumer, "moe_per_expert", PEFT_CONVERTED_TYPE, names,
+                          f"model_type {model_type!r}: {len(names)} expert module(s)")]
     fused = fused_expert_modules(adapter)
     options = [f"{k}={getattr(cfg, k)!r}" for k in PARAM_WRAPPER_REFUSES if getattr(cfg, k)]
     for feature, present in (("moe_per_expert", bool(groups)), ("moe_target_parameters", bool(fused))):
@@ -178,7 +187,7 @@ def layout_violations(adapter: Adapter, consumer: str,
         for code, (where, detail) in found.items():
             if code in conditions:
                 out.append(Violation(consumer, "moe_per_expert", conditions[code], tuple(where), detail))
-        if "non-expert-mlp" in conditions:
+        if "non-expert-mlp" in conditions and (not model_type or peft_converts_experts(model_type)):
             others = non_expert_mlp(adapter.modules, cfg.target_parameters)
             if others:
                 out.append(Violation(consumer, "moe_per_expert", conditions["non-expert-mlp"], tuple(others),

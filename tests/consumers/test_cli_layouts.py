@@ -5,12 +5,14 @@ through it) validates clean."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from click.testing import CliRunner
 
+from lorasurg import Checkpoint
 from lorasurg.cli import main
 from lorasurg.consumers import prepare_for
-from lorasurg.consumers.layouts import expert_groups, layout_violations
+from lorasurg.consumers.layouts import checkpoint_experts, expert_groups, layout_violations
 from lorasurg.io.adapter import Adapter
 from tests.consumers.test_layouts import PROJ, experts, write
 
@@ -42,6 +44,17 @@ def test_validate_for_reports_each_consumers_layout_conditions(tmp_path):
     assert {("consumer-refuses", "vllm"), ("consumer-refuses", "llama.cpp")} <= found
     text = run("validate", broken(tmp_path / "t"), "--for", "vllm")
     assert "model.layers.1.mlp.experts: expert(s) 3 of 4 missing" in text.output
+
+
+def test_validate_with_a_qwen2_moe_base_reports_the_dropped_experts(tmp_path):
+    """With --base the model type is known: PEFT converts no per-expert adapter for Qwen2-MoE (fixtures/moe)."""
+    base = Path(__file__).resolve().parents[2] / "fixtures" / "moe" / "qwen2_moe" / "base"
+    blocks = sorted(checkpoint_experts(Checkpoint.open(base).names()).items())
+    mods = {f"{block}.{e}.{p}": (4, *shape) for block, n in blocks for e in range(n) for p, shape in
+            {"gate_proj": (16, 32), "up_proj": (16, 32), "down_proj": (32, 16)}.items()}
+    result = run("validate", write(tmp_path / "a", mods), "--base", base, "--json")
+    (dropped,) = [f for f in json.loads(result.stdout)["findings"] if f["code"] == "moe-dropped"]
+    assert "model_type 'qwen2_moe'" in dropped["message"] and len(dropped["modules"]) == len(mods)
 
 
 def test_prepared_adapter_validates_clean(tmp_path):

@@ -206,6 +206,21 @@ def test_shared_experts_and_dense_mlp_are_dropped_by_peft(tmp_path):
     assert codes(a, "vllm") == codes(a, "llama.cpp") == set()
 
 
+def test_model_types_peft_does_not_convert(tmp_path):
+    """Qwen2-MoE: PEFT converts no per-expert config for it, so with the model type known the one PEFT condition is
+    converted-type (every expert dropped); its shared expert is then read as a plain linear layer. A config in the
+    converted form (target_parameters) is read; vLLM and llama.cpp are indifferent to the type."""
+    mods = {**experts(), "model.layers.0.mlp.shared_expert.gate_proj": (4, I, H)}
+    a = load(tmp_path, mods)
+    (v,) = layout_violations(a, "peft", model_type="qwen2_moe")
+    assert v.condition.code == "converted-type" and v.condition.treatment == "drops" and len(v.where) == 24
+    assert codes(a, "peft") == {"non-expert-mlp"}  # type unknown: taken as a type PEFT converts
+    assert {v.condition.code for v in layout_violations(a, "peft", model_type="qwen3_moe")} == {"non-expert-mlp"}
+    converted = load(tmp_path / "b", mods, target_parameters=["gate_up_proj", "down_proj"])
+    assert layout_violations(converted, "peft", model_type="qwen2_moe") == []
+    assert layout_violations(a, "vllm", model_type="qwen2_moe") == []
+
+
 # ------------------------------------------------------------------------------------------------ fused, towers
 
 

@@ -24,6 +24,7 @@ LAYOUT_CODES: dict[str, str] = {
     "no-rslora": "moe-scale",
     "plain-options": "moe-options",
     "non-expert-mlp": "moe-dropped",
+    "converted-type": "moe-dropped",
 }
 
 _REWRITE = ("rewrite it with lorasurg.prepare_for(lorasurg.Adapter.load({source!r}, strict=False), 'peft')[0]"
@@ -40,11 +41,16 @@ def check_layouts(subject: Subject) -> list[Finding]:
     """The MoE / multimodal layout findings for ``subject``'s adapter (config and tensors needed)."""
     adapter = subject.adapter
     experts = checkpoint_experts(subject.base.shapes) if subject.base is not None else None
+    model_type = subject.base.model_type if subject.base is not None else None
     found = []
-    for v in layout_violations(adapter, "peft", experts or None):
+    for v in layout_violations(adapter, "peft", experts or None, model_type):
         code = LAYOUT_CODES[v.condition.code]
         message = f"PEFT 0.21.2 on transformers 5 {v.condition.treatment} this ({v.detail}): {v.condition.says}"
-        if code == "moe-dropped":
+        if v.condition.code == "converted-type":
+            fix = ("write the config in PEFT's converted form (target_parameters gate_up_proj and down_proj, "
+                   "rank_pattern/alpha_pattern '.*\\.gate_up_proj' at 2 r and 2 lora_alpha; vLLM and llama.cpp "
+                   "ignore target_parameters), or the experts as target_parameters LoRA on the fused parameters")
+        elif code == "moe-dropped":
             fix = ("list each of these modules in target_parameters as '<module>.weight' (PEFT then loads them "
                    "exactly), or leave them out; vLLM and llama.cpp read them as they are")
         else:

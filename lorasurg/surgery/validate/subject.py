@@ -42,6 +42,7 @@ class BaseModel:
         from_architecture: module kinds come from the transformers class (so GPT-2's ``Conv1D`` is known), not
             from names and shapes alone.
         tied: ``{alias key: canonical key}`` of tied weights (``{"lm_head.weight": "model.embed_tokens.weight"}``).
+        model_type: config.json's ``model_type`` (None without a config).
     """
 
     source: str
@@ -50,6 +51,7 @@ class BaseModel:
     shapes: dict[str, tuple[int, ...]]
     from_architecture: bool
     tied: dict[str, str] = field(default_factory=dict)
+    model_type: Optional[str] = None
 
 
 def open_base(source: PathLike, task_type: Optional[str] = None) -> BaseModel:
@@ -67,6 +69,7 @@ def open_base(source: PathLike, task_type: Optional[str] = None) -> BaseModel:
         return BaseModel(
             os.fspath(source), dict(description.modules), set(description.output_layers), shapes,
             description.source.startswith("architecture:"), dict(description.tied),
+            (ckpt.config or {}).get("model_type"),
         )
 
 
