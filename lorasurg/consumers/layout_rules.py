@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from .rules import Source
 
 __all__ = ["PROJECTIONS", "EXPERT_NAME", "FUSED_NAME", "TOWER_NAME", "CHECKPOINT_TOWER_NAME", "MLP_LEAVES", "Condition",
-           "PEFT_OPTIONS", "PEFT_CONVERTED_TYPE", "CONDITIONS"]
+           "PEFT_OPTIONS", "PEFT_CONVERTED_TYPE", "CONDITIONS", "VLLM_FUSED_MOE_TYPES"]
 
 #: The gated-MLP projections of a routed expert as checkpoints name them: (gate, up, down). transformers 5 fuses
 #: gate and up into ``gate_up_proj`` (``conversion_mapping``: patterns ``qwen2_moe`` and ``mixtral``).
@@ -151,3 +151,14 @@ CONDITIONS: dict[str, dict[str, tuple[Condition, ...]]] = {
     "llama.cpp": {"moe_per_expert": _LLAMA_EXPERTS},
 }
 CONDITIONS["vllm<0.32"] = CONDITIONS["vllm"]
+
+#: model_type -> the vLLM class marked ``is_3d_moe_weight`` that serves it: vLLM reads fused (``target_parameters``)
+#: expert LoRA for these and refuses it for every other MoE class (:func:`~lorasurg.consumers.layouts.treatment_for`).
+VLLM_FUSED_MOE_TYPES: dict[str, Source] = {
+    t: Source("vLLM", _V, f"vllm/model_executor/models/{f}", f"{cls}.is_3d_moe_weight (line {line})")
+    for t, f, cls, line in (("gpt_oss", "gpt_oss.py", "GptOssForCausalLM", 1372),
+                            ("qwen3_vl_moe", "qwen3_vl_moe.py", "Qwen3VLMoeForConditionalGeneration", 233),
+                            ("qwen3_5_moe", "qwen3_5.py", "Qwen3_5MoeForConditionalGeneration", 705),
+                            ("qwen3_omni_moe", "qwen3_omni_moe_thinker.py",
+                             "Qwen3OmniMoeThinkerForConditionalGeneration", 1625))
+}

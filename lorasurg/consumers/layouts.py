@@ -20,7 +20,7 @@ layouts (each a feature of :data:`~lorasurg.consumers.rules.FEATURES`):
 A layout a consumer reads comes with :data:`CONDITIONS`: what the adapter must satisfy for that consumer to read
 it as PEFT's reference computes it, each with what breaking it does (``refuses``, ``drops``, ``misreads``) and the
 source it was read from. :func:`layout_violations` checks them. Numbers of experts come from the adapter (one more
-than the largest index in a layer), or from the base checkpoint's keys when a caller has them
+than the largest expert index in any layer), or from the base checkpoint's keys when a caller has them
 (:func:`checkpoint_experts`).
 """
 
@@ -41,8 +41,10 @@ from .layout_rules import (
     PEFT_OPTIONS,
     PROJECTIONS,
     TOWER_NAME,
+    VLLM_FUSED_MOE_TYPES,
     Condition,
 )
+from .rules import Consumer
 
 __all__ = [
     "PROJECTIONS",
@@ -61,6 +63,8 @@ __all__ = [
     "non_expert_mlp",
     "layout_features",
     "layout_violations",
+    "treatment_for",
+    "VLLM_FUSED_MOE_TYPES",
     "checkpoint_experts",
     "missing_layers",
 ]
@@ -150,6 +154,16 @@ def layout_features(adapter: Adapter) -> dict[str, list[str]]:
         elif TOWER_NAME.search(name):
             found["vision_tower"].append(name)
     return {f: names for f, names in found.items() if names}
+
+
+def treatment_for(c: Consumer, feature: str, model_type: Optional[str] = None) -> str:
+    """``c.treatment(feature)``, with vLLM's model-dependent rule on fused experts resolved when the base's
+    ``model_type`` is known: ``reads`` for the types of :data:`VLLM_FUSED_MOE_TYPES`, ``refuses`` for the others."""
+    treatment = c.treatment(feature)
+    if treatment == "model-dependent" and feature == "moe_target_parameters" and model_type \
+            and c.name.startswith("vllm"):
+        return "reads" if model_type in VLLM_FUSED_MOE_TYPES else "refuses"
+    return treatment
 
 
 # ------------------------------------------------------------------------------------------------ conditions

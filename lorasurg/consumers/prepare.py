@@ -41,7 +41,15 @@ from ..targeting import anchored_pattern_key
 from .complete import ExpertFix, complete_experts
 from .complete import pad_rank as _pad
 from .for_report import ForReport, LeftOut
-from .layouts import PEFT_OPTIONS, expert_name, fused_expert_modules, layout_features, layout_violations, non_expert_mlp
+from .layouts import (
+    PEFT_OPTIONS,
+    expert_name,
+    fused_expert_modules,
+    layout_features,
+    layout_violations,
+    non_expert_mlp,
+    treatment_for,
+)
 from .reading import (
     adapter_features,
     bias_energy,
@@ -69,6 +77,7 @@ def prepare_for(
     tied: Optional[Collection[str]] = None,
     delta_energy: Optional[Mapping[str, float]] = None,
     total_energy: Optional[float] = None,
+    model_type: Optional[str] = None,
 ) -> tuple[Adapter, ForReport]:
     """A copy of ``adapter`` that every named consumer reads as PEFT reads ``adapter`` (see the module docstring).
 
@@ -80,6 +89,9 @@ def prepare_for(
             share can be given when they are left out (``extract`` knows them).
         total_energy: the denominator of the shares; default the adapter's own delta energy under PEFT
             (``extract`` gives the energy of every changed tensor, so shares match its report).
+        model_type: the base's ``model_type``, when known: vLLM then keeps fused (``target_parameters``) experts for
+            the types it reads them for (:data:`~lorasurg.consumers.layouts.VLLM_FUSED_MOE_TYPES`); without it they
+            are left out for vLLM.
 
     Returns:
         ``(adapter, report)``.
@@ -96,7 +108,7 @@ def prepare_for(
                   dict(adapter.extra))
     report = ForReport(names, "patterns", 0, 0.0, False, total_energy=total)
 
-    for feature, (items, blockers) in blocked_parts(adapter, names, tied).items():
+    for feature, (items, blockers) in blocked_parts(adapter, names, tied, model_type).items():
         if feature == "init_weights":
             new.config.init_lora_weights = True
             report.notes.append(
@@ -120,12 +132,13 @@ def prepare_for(
             f"cannot carry ({listed}). Write it for fewer consumers (--for peft keeps everything)."
         )
     _layout(new, adapter, {c.layout for c in chosen if c.layout != "patterns"} or {"patterns"}, report)
-    _check(new, names, tied, adapter, report.experts)
+    _check(new, names, tied, adapter, report.experts, model_type)
     return new, report
 
 
 def blocked_parts(adapter: Adapter, consumers: Union[str, Iterable[str], None],
-                  tied: Optional[Collection[str]] = None) -> dict[str, tuple[list[str], list[Consumer]]]:
+                  tied: Optional[Collection[str]] = None,
+                  model_type: Optional[str] = None) -> dict[str, tuple[list[str], list[Consumer]]]:
     """``{feature: (items, consumers)}``: the parts of ``adapter`` that some named consumers cannot carry (what
     :func:`prepare_for` leaves out, or for ``init_weights`` rewrites), and which of the consumers cannot.
 
@@ -137,8 +150,8 @@ def blocked_parts(adapter: Adapter, consumers: Union[str, Iterable[str], None],
     features = adapter_features(adapter, tied)
     experts = "moe_per_expert" in features or "moe_target_parameters" in features
     for feature, items in features.items():
-        blockers = [c for c in chosen if not c.carries(feature)
-                    or (experts and c.name == "peft" and feature in _PARAM_WRAPPER_REFUSES)]
+        blockers = [c for c in chosen if treatment_for(c, feature, model_type) != "reads" and feature not in
+                    _SCALE_FEATURES or (experts and c.name == "peft" and feature in _PARAM_WRAPPER_REFUSES)]
         if feature not in _SCALE_FEATURES and blockers:
             found[feature] = (items, blockers)
     return found
@@ -340,12 +353,13 @@ def _rescale(mod: AdapterModule, c: float) -> None:
         mod.bias = (mod.bias.to(_work(mod.bias)) * c).to(mod.bias.dtype)
 
 
-def _check(new: Adapter, names: tuple[str, ...], tied, old: Adapter, experts: ExpertFix) -> None:
+def _check(new: Adapter, names: tuple[str, ...], tied, old: Adapter, experts: ExpertFix,
+           model_type: Optional[str] = None) -> None:
     """The rewritten adapter must be read by every named consumer as PEFT reads it (a bug otherwise)."""
     kept_tied = None if tied is None else [t for t in tied if t in new.modules]
     if kept_tied is None:
         kept_tied = [t for t in tied_heads(old) if t in new.modules]
-    wrong = [f for f in consumer_findings(new, names, kept_tied)
+    wrong = [f for f in consumer_findings(new, names, kept_tied, model_type)
              if f.severity == "error" or f.code == "legacy-scale"]
     problems = new.problems()
     if not experts.unresolved:

@@ -24,7 +24,7 @@ import torch
 
 from ..engine.factors import LoraFactors, lora_scale
 from ..io.adapter import Adapter
-from .layouts import layout_features, layout_violations
+from .layouts import layout_features, layout_violations, treatment_for
 from .rules import CONSUMERS, FEATURES, Consumer, parse_consumers
 
 __all__ = [
@@ -239,7 +239,8 @@ def bias_energy(adapter: Adapter, module: str) -> float:
 
 
 def consumer_findings(adapter: Adapter, consumers: Consumers = ("vllm", "llama.cpp"),
-                      tied: Optional[Collection[str]] = None) -> list[ConsumerFinding]:
+                      tied: Optional[Collection[str]] = None,
+                      model_type: Optional[str] = None) -> list[ConsumerFinding]:
     """For each named consumer: what it refuses, drops silently or misreads, and where its scale differs from
     PEFT's (see :class:`ConsumerFinding`). ``vllm`` also reports, as warnings, where vLLM before 0.32 (one
     scale for the whole adapter) would differ. Empty for an adapter every named consumer reads as PEFT does.
@@ -247,6 +248,8 @@ def consumer_findings(adapter: Adapter, consumers: Consumers = ("vllm", "llama.c
     Args:
         consumers: names as ``--for`` takes them (``"vllm,llama.cpp"``, ``"all"``, a list); ``peft`` has none.
         tied: names of output modules tied to the input embedding; None: :func:`tied_heads`.
+        model_type: the base's ``model_type``, when known: resolves what depends on it (vLLM's fused experts,
+            :func:`~lorasurg.consumers.layouts.treatment_for`).
     """
     names = parse_consumers(consumers)
     features = adapter_features(adapter, tied)
@@ -255,7 +258,7 @@ def consumer_findings(adapter: Adapter, consumers: Consumers = ("vllm", "llama.c
         if name == "peft":
             continue
         c = CONSUMERS[name]
-        found.extend(_feature_findings(c, features))
+        found.extend(_feature_findings(c, features, model_type))
         found.extend(_layout_findings(adapter, c))
         found.extend(_scale_findings(adapter, c, features, code="scale", severity="error"))
         if name == "vllm":
@@ -288,10 +291,11 @@ def consumer_verdicts(adapter: Adapter, consumers: Consumers = "all",
     return verdicts
 
 
-def _feature_findings(c: Consumer, features: dict[str, list[str]]) -> list[ConsumerFinding]:
+def _feature_findings(c: Consumer, features: dict[str, list[str]],
+                      model_type: Optional[str] = None) -> list[ConsumerFinding]:
     out = []
     for feature, names in features.items():
-        treatment = c.treatment(feature)
+        treatment = treatment_for(c, feature, model_type)
         if feature in _SCALE_FEATURES or treatment == "reads":
             continue
         rule = c.rules[feature]

@@ -112,6 +112,22 @@ def test_fused_experts_left_out_for_llama_cpp_and_vllm(tmp_path):
     assert set(kept.modules) == set(mods) and kept.config.target_parameters == ["gate_up_proj", "down_proj"]
 
 
+def test_vllm_keeps_fused_experts_for_the_types_it_reads_them_for(tmp_path):
+    """With the base's model_type, vLLM's model-dependent rule on fused experts is resolved: gpt-oss (an
+    is_3d_moe_weight class) reads them, Qwen2-MoE (2-D experts in vLLM) refuses them."""
+    E, r = 4, 2
+    mods = {"model.layers.0.mlp.experts.base_layer": (r * E, 2 * I, H), "model.layers.0.mlp.experts": (r * E, H, I),
+            "model.layers.0.self_attn.q_proj": (r, H, H)}
+    old = load(tmp_path, mods, r=r, target_modules=["q_proj"], target_parameters=["gate_up_proj", "down_proj"])
+    kept, report = prepare_for(old, "vllm", model_type="gpt_oss")
+    assert set(kept.modules) == set(mods) and report.left_out == []
+    assert not [f for f in consumer_findings(kept, "vllm", model_type="gpt_oss") if "moe_target" in f.code]
+    dropped, report = prepare_for(old, "vllm", model_type="qwen2_moe")
+    assert list(dropped.modules) == ["model.layers.0.self_attn.q_proj"]
+    codes = {f.code for f in consumer_findings(old, "vllm", model_type="qwen2_moe")}
+    assert "refuses:moe_target_parameters" in codes and "model-dependent:moe_target_parameters" not in codes
+
+
 def test_vision_tower_left_out_for_vllm_and_llama_cpp(tmp_path):
     mods = {"model.visual.blocks.0.attn.qkv": (4, 3 * H, H), "model.visual.merger.mlp.0": (4, H, H),
             "model.language_model.layers.0.self_attn.q_proj": (4, H, H),
