@@ -62,6 +62,7 @@ __all__ = [
     "rank_alpha_fields",
     "alpha_value",
     "nearest_names",
+    "matches_parameter",
 ]
 
 ALL_LINEAR = "all-linear"
@@ -528,3 +529,12 @@ def nearest_names(query: str, names: Iterable[str], n: int = 5) -> list[str]:
 def _short_list(names: Sequence[str], limit: int = 8) -> str:
     shown = ", ".join(repr(n) for n in names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+# ------------------------------------------------------------------------------------------------ parameters
+
+
+def matches_parameter(entries: Iterable[str], key: str) -> bool:
+    """Whether ``target_parameters`` entries select the parameter ``key`` (``<module name>.<parameter name>``): an
+    entry equal to it or to a ``.``-suffix of it (PEFT 0.21.2's ``_inject_parameters``; no regex)."""
+    return any(key == entry or key.endswith("." + entry) for entry in entries)

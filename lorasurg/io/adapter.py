@@ -21,6 +21,7 @@ verbatim in :attr:`Adapter.extra`. Loading then saving is lossless: same keys, d
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -236,7 +237,9 @@ class Adapter:
         """Every way the stored tensors contradict the config, as :class:`~lorasurg.findings.Finding` s.
 
         Checks, per module: the config targets it (``tensor-untargeted``); A's rows equal B's columns
-        (``rank-inconsistent``); the rank equals the config's, rank_pattern applied (``rank-mismatch``);
+        (``rank-inconsistent``); the rank equals the config's, rank_pattern applied (``rank-mismatch``; not for
+        modules that target_modules does not select when the config has target_parameters: LoRA on a parameter of
+        E experts stores ``r * E`` rows, and which parameter a module's factors belong to needs the model);
         ``lora_B.bias`` present exactly when ``lora_bias`` is set, never on an embedding, shaped ``(out,)``
         (``bias-*``); DoRA magnitude present exactly when ``use_dora`` is set, one entry per output
         (``magnitude-*``).
@@ -246,6 +249,8 @@ class Adapter:
                 judged among the adapter's own module names (so ``"all-linear"`` is not checked).
         """
         found: list[Finding] = self._untargeted_modules(selected)
+        on_parameters = self._parameter_modules(found)
+        found = [f for f in found if f.where not in on_parameters]
         for name, mod in self.modules.items():
             if mod.A.shape[0] != mod.B.shape[1]:
                 found.append(Finding(
@@ -254,7 +259,7 @@ class Adapter:
                 ))
                 continue
             expected_r, _ = self.rank_alpha(name)
-            if mod.rank != expected_r:
+            if mod.rank != expected_r and name not in on_parameters:
                 found.append(Finding(
                     "rank-mismatch", name, f"stored rank {mod.rank}, config gives r={expected_r} (r / rank_pattern)",
                     f"set rank_pattern {{{anchored_pattern_key(name)!r}: {mod.rank}}} (and alpha_pattern to keep "
@@ -297,6 +302,15 @@ class Adapter:
                                  "save the adapter again: the magnitude belongs to another layer"))
         return found
 
+    def _parameter_modules(self, untargeted: list[Finding]) -> set[str]:
+        """With ``target_parameters``: the modules whose tensors are taken for LoRA on parameters (PEFT's
+        ``ParamWrapper``): those ``target_modules`` does not select (all of them when it is None)."""
+        if not getattr(self.config, "target_parameters", None):
+            return set()
+        if not self.config.target_modules:
+            return set(self.modules)
+        return {f.where for f in untargeted if f.code == "tensor-untargeted"}
+
     def _untargeted_modules(self, selected: Optional[Collection[str]]) -> list[Finding]:
         """Modules with tensors that the config's target_modules would not select (PEFT drops their tensors).
 
@@ -308,8 +322,10 @@ class Adapter:
             if not self.modules or target is None or (isinstance(target, str) and target.lower() == ALL_LINEAR):
                 return []
             infos = {name: ModuleInfo(mod.kind, mod.kind) for name, mod in self.modules.items()}
+            modules_only = copy.copy(self.config)
+            modules_only.target_parameters = None  # select_modules refuses them; _parameter_modules has them
             try:
-                selected = select_modules(self.config, infos)
+                selected = select_modules(modules_only, infos)
             except LorasurgError:
                 selected = ()
         chosen = set(selected)
