@@ -120,9 +120,10 @@ def _fuse_one(adapter: Any, fused: _Fused, model: nn.Module, source: str) -> tup
     module, _, pname = fused.key.rpartition(".")
     holder = unwrapped(model.get_submodule(module))
     layout = param_layout(tuple(holder._parameters[pname].shape), bool(getattr(holder, "is_transposed", False)))
-    where = f"{source}: {fused.key} (shape {layout.shape}) fuses {', '.join(fused.patterns)} of {layout.experts} experts"
-    present = [p for i, p in enumerate(fused.patterns) if i in fused.sources]
-    absent = [p for i, p in enumerate(fused.patterns) if i not in fused.sources]
+    shown = [p.removesuffix(".weight") for p in fused.patterns]
+    where = f"{source}: {fused.key} (shape {layout.shape}) fuses {' and '.join(shown)} of {layout.experts} experts"
+    present = [p for i, p in enumerate(shown) if i in fused.sources]
+    absent = [p for i, p in enumerate(shown) if i not in fused.sources]
     if absent:
         raise InputError(f"{where}, but the adapter has LoRA for {', '.join(present)} only, not {', '.join(absent)}; "
                          "every one of them needs LoRA to be fused (PEFT refuses it too)")
@@ -132,11 +133,11 @@ def _fuse_one(adapter: Any, fused: _Fused, model: nn.Module, source: str) -> tup
     for i, experts in sorted(fused.sources.items()):
         missing = sorted(set(range(layout.experts)) - set(experts))
         if missing or len(experts) != layout.experts:
-            raise InputError(f"{where}, but the adapter has no LoRA for expert(s) {missing} of {fused.patterns[i]}; "
+            raise InputError(f"{where}, but the adapter has no LoRA for expert(s) {missing} of {shown[i]}; "
                              "every expert must be present to fuse them (an unchanged expert needs zero factors)")
         expert_ranks = {e: adapter.modules[n].rank for e, n in sorted(experts.items())}
         if len(set(expert_ranks.values())) != 1:
-            raise InputError(f"{where}, but the experts of {fused.patterns[i]} have different ranks {expert_ranks}; "
+            raise InputError(f"{where}, but the experts of {shown[i]} have different ranks {expert_ranks}; "
                              "fusing needs one rank for all experts of a projection (PEFT fails on it too)")
         ranks[i] = next(iter(expert_ranks.values()))
         scales.update({n: lora_scale(*adapter.rank_alpha(n), use_rslora) for n in experts.values()})
@@ -198,7 +199,8 @@ def fuse_expert_modules(adapter: Any, model: nn.Module, source: str = "adapter")
             lora_bias), or transformers fuses the experts in a way lorasurg cannot mirror.
     """
     infos = describe_unwrapped(model)
-    misplaced = [n for n in adapter.modules if n not in infos or infos[n].kind is None]
+    on_parameters = set(parameter_wrappers(model, adapter.config).values())  # already in target_parameters form
+    misplaced = [n for n in adapter.modules if (n not in infos or infos[n].kind is None) and n not in on_parameters]
     rules = _rules(model) if misplaced else None
     if rules is None:
         return adapter
