@@ -12,20 +12,12 @@ parameter           E, in, out             where it occurs
                                            module (gpt-oss: ``gate_up_proj (E, H, 2I)``, ``down_proj (E, I, H)``)
 ==================  =====================  ======================================================================
 
-and gives every expert a rank-``r`` LoRA, stored as two ``nn.Linear``-shaped matrices:
-
-    A: (r*E, in)     expert-major: rows [e*r, (e+1)*r) are expert e's    A_e = A.reshape(E, r, in)[e]
-    B: (out, r*E)    rank-major: column k*E + e is column k of B_e       B_e = B.reshape(out, r, E)[:, :, e]
+and gives every expert a rank-``r`` LoRA in the layout of :mod:`lorasurg.engine.experts` (``A (r*E, in)`` with
+expert-major rows, ``B (out, r*E)`` with rank-major columns, converted by its ``split_experts``/``join_experts``):
 
     delta[e] = scale * B_e @ A_e            (out, r) @ (r, in) -> (out, in); transposed for (E, in, out)
 
-The two factors interleave experts differently (A by expert, B by rank); a file written with B expert-major loads
-without an error and is wrong. With ``E = 1`` A and B are a plain LoRA's matrices and ``delta = scale * B @ A``.
-
-A transformers-5 checkpoint fuses several ``nn.Linear`` weights into one parameter (``gate_up_proj`` is every
-expert's ``[gate_proj; up_proj]`` stacked along experts). Their LoRAs fuse exactly: :func:`concat_outputs` gives the
-LoRA of matrices stacked along their outputs (A concatenated along r, B block-diagonal) and :func:`stack_experts`
-the layout above from per-expert factors.
+With ``E = 1`` A and B are a plain LoRA's matrices and ``delta = scale * B @ A``.
 
 Every function is pure (tensors in, new tensors out). :func:`param_delta`, :func:`param_merged` and
 :func:`param_unmerged` compute in float32 (float64 if an input is) and cast at the end; :func:`param_adapted` is the
@@ -41,19 +33,10 @@ import torch
 from torch import Tensor
 
 from ..errors import ShapeMismatchError, UnsupportedError
+from .experts import expert_deltas, split_experts
 from .factors import compute_dtype
 
-__all__ = [
-    "ParamLayout",
-    "param_layout",
-    "expert_factors",
-    "param_delta",
-    "param_adapted",
-    "param_merged",
-    "param_unmerged",
-    "stack_experts",
-    "concat_outputs",
-]
+__all__ = ["ParamLayout", "param_layout", "param_delta", "param_adapted", "param_merged", "param_unmerged"]
 
 
 @dataclass(frozen=True)
@@ -97,30 +80,18 @@ def param_layout(shape: Sequence[int], transposed: bool = False) -> ParamLayout:
     )
 
 
-def _check(A: Tensor, B: Tensor, layout: ParamLayout) -> int:
-    """The per-expert rank of ``A``/``B`` on ``layout``; raises if their shapes do not fit."""
-    E = layout.experts
+def _split(A: Tensor, B: Tensor, layout: ParamLayout) -> tuple[Tensor, Tensor]:
+    """Per-expert ``A (E, r, in)``, ``B (E, out, r)`` of factors on ``layout``; raises if their shapes do not fit."""
     rows = int(A.shape[0])
-    if A.dim() != 2 or B.dim() != 2 or rows % E or tuple(A.shape) != (rows, layout.in_features) \
+    if A.dim() != 2 or B.dim() != 2 or rows % layout.experts or tuple(A.shape) != (rows, layout.in_features) \
             or tuple(B.shape) != (layout.out_features, rows):
+        E = layout.experts
         raise ShapeMismatchError(
             f"LoRA factors A {tuple(A.shape)}, B {tuple(B.shape)} do not fit a parameter of shape {layout.shape} "
             f"({E} expert(s) of (out, in) = ({layout.out_features}, {layout.in_features})): expected A (r*{E}, "
             f"{layout.in_features}) and B ({layout.out_features}, r*{E})"
         )
-    return rows // E
-
-
-def expert_factors(A: Tensor, B: Tensor, layout: ParamLayout) -> tuple[Tensor, Tensor]:
-    """Per-expert views ``(A_e, B_e)`` stacked: ``(E, r, in)`` and ``(E, out, r)`` (no copy of A; B permuted).
-
-    Raises:
-        ShapeMismatchError: the factors do not fit ``layout``.
-    """
-    r = _check(A, B, layout)
-    A3 = A.reshape(layout.experts, r, layout.in_features)  # (r*E, in) -> (E, r, in)
-    B3 = B.reshape(layout.out_features, r, layout.experts).permute(2, 0, 1)  # (out, r*E) -> (out, r, E) -> (E, out, r)
-    return A3, B3
+    return split_experts(A, B, layout.experts)  # (E, r, in), (E, out, r)
 
 
 def param_delta(A: Tensor, B: Tensor, scale: float, layout: ParamLayout,
@@ -131,10 +102,8 @@ def param_delta(A: Tensor, B: Tensor, scale: float, layout: ParamLayout,
         ShapeMismatchError: the factors do not fit ``layout``.
     """
     work = compute_dtype(A, B)
-    A3, B3 = expert_factors(A.to(work), B.to(work), layout)
-    delta = torch.bmm(B3, A3) * scale  # (E, out, r) @ (E, r, in) -> (E, out, in)
-    if layout.transposed:
-        delta = delta.transpose(1, 2)  # (E, out, in) -> (E, in, out)
+    A3, B3 = _split(A.to(work), B.to(work), layout)
+    delta = expert_deltas(A3, B3, scale, layout.transposed)  # (E, out, in), or (E, in, out)
     delta = delta.reshape(layout.shape)  # 2-D: (1, out, in) -> (out, in)
     return delta if dtype is None else delta.to(dtype)
 
@@ -149,10 +118,9 @@ def param_adapted(weight: Tensor, A: Tensor, B: Tensor, scale: float, layout: Pa
         ShapeMismatchError: the factors do not fit ``layout``.
     """
     A, B = A.to(weight.dtype), B.to(weight.dtype)
+    A3, B3 = _split(A, B, layout)  # (E, r, in), (E, out, r)
     if weight.dim() == 2:
-        _check(A, B, layout)
         return weight + (B @ A) * scale  # (out, r) @ (r, in) -> (out, in)
-    A3, B3 = expert_factors(A, B, layout)
     if layout.transposed:  # (E, in, r) @ (E, r, out) -> (E, in, out)
         return torch.baddbmm(weight, A3.transpose(1, 2), B3.transpose(1, 2), alpha=scale)
     return torch.baddbmm(weight, B3, A3, alpha=scale)  # (E, out, r) @ (E, r, in) -> (E, out, in)
@@ -168,35 +136,3 @@ def param_unmerged(merged: Tensor, A: Tensor, B: Tensor, scale: float, layout: P
     """Inverse of :func:`param_merged`: ``merged - delta``, in ``merged``'s dtype."""
     work = compute_dtype(merged, A, B)
     return (merged.to(work) - param_delta(A, B, scale, layout, work)).to(merged.dtype)
-
-
-def stack_experts(As: Sequence[Tensor], Bs: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-    """Per-expert factors ``A_e: (r, in)``, ``B_e: (out, r)`` (expert order) in the fused layout: ``A: (r*E, in)``
-    expert-major and ``B: (out, r*E)`` rank-major, so ``expert_factors`` gives them back. Exact (copies only).
-
-    Raises:
-        ShapeMismatchError: the experts' factors differ in shape (every expert needs the same rank).
-    """
-    shapes = {(tuple(a.shape), tuple(b.shape)) for a, b in zip(As, Bs)}
-    if len(As) != len(Bs) or not As or len(shapes) != 1:
-        raise ShapeMismatchError(f"experts' LoRA factors must all have one shape, got {sorted(shapes)}")
-    A = torch.cat(list(As), dim=0)  # E x (r, in) -> (E*r, in)
-    B = torch.stack(list(Bs), dim=2)  # E x (out, r) -> (out, r, E)
-    return A, B.reshape(B.shape[0], -1)  # (out, r, E) -> (out, r*E): column k*E + e
-
-
-def concat_outputs(As: Sequence[Tensor], Bs: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-    """The LoRA of matrices stacked along their outputs, ``[M_1; M_2; ...]``, from theirs (one scale for all):
-    ``A = [A_1; A_2; ...]`` (ranks add up) and ``B = blockdiag(B_1, B_2, ...)``, since
-    ``blockdiag(B_i) @ [A_i] = [B_1 A_1; B_2 A_2; ...]``. Exact (copies only).
-
-    Raises:
-        ShapeMismatchError: the matrices do not share their input size, or an A and its B disagree in rank.
-    """
-    if len(As) != len(Bs) or len({int(a.shape[1]) for a in As}) != 1 or any(
-            a.shape[0] != b.shape[1] for a, b in zip(As, Bs)):
-        raise ShapeMismatchError(
-            f"cannot stack LoRAs along outputs: A shapes {[tuple(a.shape) for a in As]}, B shapes "
-            f"{[tuple(b.shape) for b in Bs]} (every A needs the same input size and its B's rank)"
-        )
-    return torch.cat(list(As), dim=0), torch.block_diag(*Bs)  # (sum r, in), (sum out, sum r)

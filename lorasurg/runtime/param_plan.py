@@ -5,7 +5,7 @@ PEFT's rules (``peft/tuners/tuners_utils.py``: ``BaseTuner._inject_parameters``;
 
 1. Parameters are matched after modules (``target_modules``), walking the model in ``named_modules`` order and each
    module's own parameters in registration order: ``<module>.<parameter>`` is selected when an entry of
-   ``target_parameters`` equals it or a ``.``-suffix of it (:func:`lorasurg.targeting.matches_parameter`). Names are
+   ``target_parameters`` equals it or a ``.``-suffix of it (:func:`lorasurg.targeting.select_parameters`). Names are
    those of the unwrapped model. ``exclude_modules``, ``layers_to_transform`` and ``modules_to_save`` do not apply.
 2. Rank and alpha come from ``rank_pattern``/``alpha_pattern`` matched against ``<module>.<parameter>``; ``r`` is per
    expert (``A`` has ``r * E`` rows).
@@ -14,7 +14,8 @@ PEFT's rules (``peft/tuners/tuners_utils.py``: ``BaseTuner._inject_parameters``;
    ``target_modules`` also targets; two adapters with ``target_parameters`` that are not the same set (the nesting
    of wrappers, hence the keys, encodes which parameter a LoRA belongs to).
 4. Two parameters of one module: the one registered first is wrapped innermost, so its LoRA's name is
-   ``<module>.base_layer`` (``<module>.base_layer.base_layer`` for the first of three), the last one's ``<module>``.
+   ``<module>.base_layer`` (``<module>.base_layer.base_layer`` for the first of three), the last one's ``<module>``
+   (:func:`lorasurg.io.adapter.wrapper_paths`).
 
 Beyond PEFT, refused rather than mis-named: a parameter of a module inside ``modules_to_save``, of a module that
 has parameters in submodules (LoRA targets in them would move under ``base_layer``), or already parametrised with
@@ -35,7 +36,9 @@ from .. import targeting
 from ..engine.factors import lora_scale
 from ..engine.init import parse_init_method
 from ..engine.param_factors import ParamLayout, param_layout
+from ..consumers.experts import PARAM_WRAPPER_REFUSES
 from ..errors import ConfigError, LorasurgError, ShapeMismatchError, UnsupportedError
+from ..io.adapter import wrapper_paths
 from .base import LoraLayer
 from .modules_to_save import ModulesToSave
 from .param import LoraParameter, initialize_parameter_adapter
@@ -51,14 +54,14 @@ __all__ = [
     "check_parameter_fits",
 ]
 
-# Config fields PEFT's ParamWrapper refuses, with why (``lora/layer.py``, ``ParamWrapper.__init__``).
-_REFUSED = (
-    ("lora_dropout", "lora_dropout != 0 (dropout acts on a layer's input, and a LoRA on a parameter changes the "
+# Why PEFT's ParamWrapper refuses each of consumers.experts.PARAM_WRAPPER_REFUSES, and the fix.
+_WHY_REFUSED = {
+    "lora_dropout": ("lora_dropout != 0 (dropout acts on a layer's input, and a LoRA on a parameter changes the "
                      "weight, so x cannot be factored out)", "set lora_dropout=0"),
-    ("fan_in_fan_out", "fan_in_fan_out (a parameter's layout comes from its shape)", "set fan_in_fan_out=False"),
-    ("lora_bias", "lora_bias", "set lora_bias=False"),
-    ("use_dora", "use_dora (DoRA)", "set use_dora=False"),
-)
+    "lora_bias": ("lora_bias", "set lora_bias=False"),
+    "use_dora": ("use_dora (DoRA)", "set use_dora=False"),
+    "fan_in_fan_out": ("fan_in_fan_out (a parameter's layout comes from its shape)", "set fan_in_fan_out=False"),
+}
 
 
 @dataclass(frozen=True)
@@ -84,7 +87,7 @@ class ParamTarget:
     @property
     def key(self) -> str:
         """``<module>.<parameter>``: what target_parameters and the patterns match."""
-        return f"{self.module}.{self.parameter}" if self.module else self.parameter
+        return _key(self.module, self.parameter)
 
     @property
     def shapes(self) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -133,29 +136,32 @@ def _chain(head: nn.Module) -> list[str]:
     return names
 
 
+def _key(module: str, parameter: str) -> str:
+    return f"{module}.{parameter}" if module else parameter
+
+
 def _matched(model: nn.Module, config: Any) -> list[tuple[_Holder, list[str]]]:
     """``[(holder, [parameter names in registration order])]`` that ``target_parameters`` selects (rule 1)."""
-    entries = list(getattr(config, "target_parameters", None) or [])
     found = []
     for holder in _holders(model):
-        names = [p for p, _ in holder.module.named_parameters(recurse=False)
-                 if targeting.matches_parameter(entries, f"{holder.name}.{p}" if holder.name else p)]
+        own = {_key(holder.name, p): p for p, _ in holder.module.named_parameters(recurse=False)}
+        names = [own[key] for key in targeting.select_parameters(config, own)]
         if names:
             found.append((holder, names))
     return found
 
 
 def _wrapper_names(holder: _Holder, params: list[str]) -> dict[str, str]:
-    """``{parameter: wrapper name}``: the first-registered innermost, or the existing chain's order (rule 4)."""
+    """``{parameter: wrapper name}`` (rule 4), or only those an existing chain of wrappers agrees on."""
+    paths = wrapper_paths(holder.name, params)
     chain = _chain(holder.head)
-    order = chain if chain else list(reversed(params))  # outermost first
-    return {p: holder.name + ".base_layer" * order.index(p) for p in params if p in order}
+    return paths if not chain or chain == list(reversed(params)) else {}
 
 
 def parameter_wrappers(model: nn.Module, config: Any) -> dict[str, str]:
     """``{<module>.<parameter>: wrapper name}`` for what ``config``'s target_parameters selects (no checks): the
     wrapper names are the module names of the LoRA keys."""
-    return {(f"{holder.name}.{p}" if holder.name else p): w for holder, params in _matched(model, config)
+    return {_key(holder.name, p): w for holder, params in _matched(model, config)
             for p, w in _wrapper_names(holder, params).items()}
 
 
@@ -175,7 +181,7 @@ def _check_adapters(model: nn.Module, config: Any, adapter_name: str) -> None:
 
 def parameter_config_problems(config: Any) -> list[str]:
     """The config fields that LoRA on parameters refuses (rule 3), each with its fix; empty when none."""
-    return [f"{what}: {fix}" for field, what, fix in _REFUSED if getattr(config, field, None)]
+    return [": ".join(_WHY_REFUSED[f]) for f in PARAM_WRAPPER_REFUSES if getattr(config, f, None)]
 
 
 def _init_problem(config: Any, layout: ParamLayout, r: int, check_init: bool) -> Optional[str]:
@@ -241,7 +247,7 @@ def plan_parameters(model: nn.Module, config: Any, adapter_name: str, module_tar
         )
     matched = _matched(model, config)
     if not matched:
-        keys = [f"{h.name}.{p}" if h.name else p for h in _holders(model) for p, _ in h.module.named_parameters(recurse=False)]
+        keys = [_key(h.name, p) for h in _holders(model) for p, _ in h.module.named_parameters(recurse=False)]
         hints = "; ".join(f"{e!r} -> {', '.join(targeting.nearest_names(e, keys)) or 'nothing similar'}" for e in sorted(entries))
         raise ConfigError(
             f"target_parameters={sorted(entries)!r} matches none of the model's parameters. Nearest: {hints}. An entry "
@@ -254,7 +260,7 @@ def plan_parameters(model: nn.Module, config: Any, adapter_name: str, module_tar
         problem = _holder_problem(holder, module_targets)
         wrappers = _wrapper_names(holder, params)
         for p in params:
-            key = f"{holder.name}.{p}" if holder.name else p
+            key = _key(holder.name, p)
             param = holder.module._parameters[p]
             try:
                 layout = param_layout(tuple(param.shape), bool(getattr(holder.module, "is_transposed", False)))

@@ -126,11 +126,11 @@ def test_the_converted_adapter_saves_like_peft_and_reloads_in_both(tmp_path, kin
 
 @pytest.mark.parametrize("kind", sorted(BUILDERS))
 @pytest.mark.parametrize("broken,expected", [
-    (dict(skip={(1, 3, "gate"), (1, 3, "up"), (1, 3, "down")}), r"no LoRA for expert\(s\) \[3\]"),
+    (dict(skip={(1, 3, "gate"), (1, 3, "up"), (1, 3, "down")}), r"layers\.1\..*missing \(expert, part\) \[\(3, 0\)"),
     (dict(ranks={(0, 2, "down"): 3}), r"experts\.2\.(down_proj|w2): stored rank 3, config gives r=2"),
     (dict(ranks={(0, 2, "down"): 3}, config="pattern"), r"different ranks \{0: 2, 1: 2, 2: 3, 3: 2\}"),
     (dict(skip={(layer, e, "up") for layer in range(LAYERS) for e in range(EXPERTS)}, config="no_up"),
-     "every one of them needs LoRA"),
+     r"missing \(expert, part\) \[\(0, 1\), \(1, 1\)"),
     (dict(config=dict(lora_dropout=0.1)), "lora_dropout"),
 ])
 def test_what_peft_cannot_load_is_a_clear_error(tmp_path, kind, broken, expected):
@@ -206,3 +206,29 @@ def test_an_adapter_for_another_model_still_names_its_modules(tmp_path):
     directory = write_per_expert_adapter("mixtral", tmp_path)
     with pytest.raises(InputError, match="not in the model"):
         load_adapter(qwen3_moe(), str(directory))
+
+
+# ----------------------------------------------------------------- what extract writes for MoE models, in the runtime
+@pytest.mark.parametrize("family", ["deepseek_v3", "gpt_oss", "mixtral", "qwen2_moe", "qwen3_moe"])
+def test_adapters_laid_out_for_peft_on_moe_fixtures_load_in_the_runtime_with_peft_outputs(tmp_path, family):
+    """The exact adapters of tests/parity/test_moe_layout.py (per-expert keys, fused target_parameters, DeepSeek-V3's
+    dense layers through ``<module>.weight``, gpt-oss's stored stacks): lorasurg's runtime gives PEFT's logits."""
+    from lorasurg.config import LoraConfig
+    from lorasurg.io.adapter import Adapter
+    from lorasurg.surgery.adapter_layout import peft_layout
+    from tests.parity.test_moe_layout import FIXTURES, IDS, changed_factors, load
+
+    description, factors, ranks, stacks, extra, saved, model_type = changed_factors(family)
+    layout = peft_layout(description, factors, ranks, model_type=model_type, stacks=stacks, extra=extra,
+                         modules_to_save=saved)
+    config = LoraConfig(**layout.fields, init_lora_weights=True, task_type="CAUSAL_LM")
+    Adapter(config, layout.modules, layout.extra).save(tmp_path / "adapter")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(load(FIXTURES / family / "base"), tmp_path / "adapter").eval()
+        ours = load_adapter(load(FIXTURES / family / "base"), str(tmp_path / "adapter"))
+    with torch.no_grad():
+        got, expected = output(ours, IDS), output(theirs, IDS)
+        tuned = load(FIXTURES / family / "tuned")(IDS).logits
+    assert _rel_diff(got, expected) < 1e-5
+    assert float((got - tuned).abs().max()) <= 1e-4 * float(tuned.abs().max())

@@ -6,16 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from lorasurg.engine.param_factors import (
-    concat_outputs,
-    expert_factors,
-    param_adapted,
-    param_delta,
-    param_layout,
-    param_merged,
-    param_unmerged,
-    stack_experts,
-)
+from lorasurg.engine.param_factors import param_adapted, param_delta, param_layout, param_merged, param_unmerged
 from lorasurg.errors import ConfigError, ShapeMismatchError, UnsupportedError
 from lorasurg.runtime import delete_adapter, inject, load_adapter, merge_adapter, save_adapter, unload
 from lorasurg.runtime.param import LoraParameter
@@ -63,27 +54,11 @@ def test_adapted_merged_and_unmerged_agree(gen, shape, transposed):
     assert_close_ulps(restored, W, 8, magnitude=W.abs() + merged.abs())
 
 
-def test_stack_and_concat_are_exact_copies(gen):
-    E, r, inp = 3, 2, 6
-    As = [torch.randn(r, inp, generator=gen) for _ in range(E)]
-    Bs = [torch.randn(4, r, generator=gen) for _ in range(E)]
-    A, B = stack_experts(As, Bs)
-    A3, B3 = expert_factors(A, B, param_layout((E, 4, inp)))
-    assert all(torch.equal(A3[e], As[e]) and torch.equal(B3[e], Bs[e]) for e in range(E))
-    up_A, up_B = torch.randn(3, inp, generator=gen), torch.randn(5, 3, generator=gen)
-    cat_A, cat_B = concat_outputs([As[0], up_A], [Bs[0], up_B])
-    assert cat_A.shape == (5, inp) and cat_B.shape == (9, 5)
-    assert torch.equal(cat_B[:4, 2:], torch.zeros(4, 3)) and torch.equal(cat_B[4:, :2], torch.zeros(5, 2))
-    torch.testing.assert_close(cat_B @ cat_A, torch.cat([Bs[0] @ As[0], up_B @ up_A]), **tol(torch.float32))
-
-
 def test_engine_refusals():
     with pytest.raises(UnsupportedError, match="1-D parameter.*only 2-D"):
         param_layout((4,))
     with pytest.raises(ShapeMismatchError, match=r"expected A \(r\*3, 7\)"):
         param_delta(torch.zeros(6, 5), torch.zeros(5, 6), 1.0, param_layout((3, 5, 7)))
-    with pytest.raises(ShapeMismatchError, match="one shape"):
-        stack_experts([torch.zeros(2, 3), torch.zeros(1, 3)], [torch.zeros(4, 2), torch.zeros(4, 1)])
 
 
 # ------------------------------------------------------------------------------------------------------ runtime
