@@ -20,6 +20,7 @@ peft = pytest.importorskip("peft")
 from lorasurg.errors import InputError, LorasurgError  # noqa: E402
 from lorasurg.runtime import load_adapter, merge_and_unload, save_adapter  # noqa: E402
 from lorasurg.runtime.walk import adapter_configs  # noqa: E402
+from tests.parity.test_runtime_parity import _rel_diff  # noqa: E402
 from tests.runtime.models import output  # noqa: E402
 from tests.runtime.param_models import (  # noqa: E402
     EXPERTS,
@@ -44,8 +45,10 @@ def _peft_load(build, directory):
         return peft.PeftModel.from_pretrained(build(), str(directory)).eval()
 
 
-def _rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
+def _both(kind: str, directory):
+    """PEFT's model and lorasurg's with the per-expert adapter at ``directory`` loaded."""
+    build = BUILDERS[kind]
+    return build, _peft_load(build, directory), load_adapter(build(), str(directory))
 
 
 @torch.no_grad()
@@ -76,10 +79,7 @@ def _dense(model, state: dict[str, torch.Tensor], scale: float, names: tuple[str
 
 @pytest.mark.parametrize("kind", sorted(BUILDERS))
 def test_per_expert_adapter_loads_with_peft_tensors_config_and_outputs(tmp_path, kind):
-    directory = write_per_expert_adapter(kind, tmp_path / "adapter")
-    build = BUILDERS[kind]
-    theirs = _peft_load(build, directory)
-    ours = load_adapter(build(), str(directory))
+    build, theirs, ours = _both(kind, write_per_expert_adapter(kind, tmp_path / "adapter"))
     expected = {k.removeprefix(PREFIX): v for k, v in theirs.state_dict().items()}
     assert list(ours.state_dict()) == list(expected)
     for key, value in ours.state_dict().items():
@@ -99,10 +99,7 @@ def test_per_expert_adapter_loads_with_peft_tensors_config_and_outputs(tmp_path,
 
 @pytest.mark.parametrize("kind", sorted(BUILDERS))
 def test_the_converted_adapter_saves_like_peft_and_reloads_in_both(tmp_path, kind):
-    directory = write_per_expert_adapter(kind, tmp_path / "adapter")
-    build = BUILDERS[kind]
-    theirs = _peft_load(build, directory)
-    ours = load_adapter(build(), str(directory))
+    build, theirs, ours = _both(kind, write_per_expert_adapter(kind, tmp_path / "adapter"))
     theirs.save_pretrained(str(tmp_path / "peft"))
     save_adapter(ours, str(tmp_path / "ours"))
     saved = {side: peft.utils.load_peft_weights(str(tmp_path / side)) for side in ("peft", "ours")}
@@ -155,10 +152,8 @@ def test_what_peft_cannot_load_is_a_clear_error(tmp_path, kind, broken, expected
 
 
 def test_rslora_keeps_each_experts_scale_where_peft_is_off_by_sqrt_2(tmp_path):
-    directory = write_per_expert_adapter("qwen3_moe", tmp_path, config=dict(use_rslora=True))
+    _, theirs, ours = _both("qwen3_moe", write_per_expert_adapter("qwen3_moe", tmp_path, config=dict(use_rslora=True)))
     scale = 4 / 2 ** 0.5  # alpha / sqrt(r)
-    theirs = _peft_load(qwen3_moe, directory)
-    ours = load_adapter(qwen3_moe(), str(directory))
     x = token_input()
     with torch.no_grad():
         dense = output(_dense(qwen3_moe(), per_expert_tensors("qwen3_moe"), scale, PER_EXPERT_NAMES["qwen3_moe"]), x)

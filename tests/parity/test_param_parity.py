@@ -31,6 +31,7 @@ from lorasurg.runtime import (  # noqa: E402
 )
 from lorasurg.runtime.param import LoraParameter  # noqa: E402
 from tests.conftest import assert_close_ulps  # noqa: E402
+from tests.parity.test_runtime_parity import _rel_diff  # noqa: E402
 from tests.runtime.models import make_config, output, perturb  # noqa: E402
 from tests.runtime.param_models import gpt_oss, mixtral, mlp, mlp_input, mlp_params, qwen3_moe, token_input  # noqa: E402
 
@@ -71,10 +72,6 @@ def _peft_model(case: str, **overrides):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return peft.get_peft_model(_base(case), peft.LoraConfig(**{**CASES[case][1], **overrides})).eval()
-
-
-def _rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
 
 
 def _pair(case: str):
