@@ -3,8 +3,9 @@
 The tensors come from :func:`lorasurg.engine.init.init_factors`, the same pure functions the offline tools use:
 ``True`` (kaiming-uniform A, zero B), ``False``, ``"gaussian"``, ``"orthogonal"``, ``"pissa"``,
 ``"pissa_niter_N"``, ``"olora"`` (for a parameter wrapper, :func:`lorasurg.runtime.param.initialize_parameter_adapter`).
-Randomness comes from torch's global generator in PEFT's order, so from the same seed a model gets PEFT's tensors. PiSSA and OLoRA also return a residual base weight, which replaces the layer's
-weight here (as PEFT does). A DoRA magnitude then starts at ``||W + delta||_row`` of the (possibly residual) weight.
+Randomness comes from torch's global generator in PEFT's order, so from the same seed a model gets PEFT's tensors.
+PiSSA and OLoRA also return a residual base weight, which replaces the layer's weight here (as PEFT does). A DoRA
+magnitude then starts at ``||W + delta||_row`` of the (possibly residual) weight.
 """
 
 from __future__ import annotations

@@ -205,7 +205,8 @@ def _holder_problem(holder: _Holder, module_targets: Any) -> Optional[str]:
     kind = type(holder.module).__name__
     if holder.name == "":
         return "a parameter of the top-level module cannot be targeted (PEFT refuses it too); target a submodule's"
-    if holder.name in module_targets or (isinstance(holder.head, LoraLayer) and not isinstance(holder.head, LoraParameter)):
+    module_lora = isinstance(holder.head, LoraLayer) and not isinstance(holder.head, LoraParameter)
+    if holder.name in module_targets or module_lora:
         return (f"its module ({kind}) is also targeted with target_modules (PEFT refuses it too); leave it out of "
                 "target_modules, or set target_modules=[]")
     if holder.saved:
@@ -248,13 +249,15 @@ def plan_parameters(model: nn.Module, config: Any, adapter_name: str, module_tar
     matched = _matched(model, config)
     if not matched:
         keys = [_key(h.name, p) for h in _holders(model) for p, _ in h.module.named_parameters(recurse=False)]
-        hints = "; ".join(f"{e!r} -> {', '.join(targeting.nearest_names(e, keys)) or 'nothing similar'}" for e in sorted(entries))
+        hints = "; ".join(f"{e!r} -> {', '.join(targeting.nearest_names(e, keys)) or 'nothing similar'}"
+                          for e in sorted(entries))
         raise ConfigError(
             f"target_parameters={sorted(entries)!r} matches none of the model's parameters. Nearest: {hints}. An entry "
             "must equal '<module name>.<parameter name>' or a '.'-separated suffix of it (e.g. "
             "'experts.gate_up_proj'); there is no regex matching"
         )
-    problems = [f"target_parameters: LoRA on a parameter does not work with {p}" for p in parameter_config_problems(config)]
+    problems = [f"target_parameters: LoRA on a parameter does not work with {p}"
+                for p in parameter_config_problems(config)]
     targets: list[ParamTarget] = []
     for holder, params in matched:
         problem = _holder_problem(holder, module_targets)

@@ -228,7 +228,8 @@ def load_adapter(model: nn.Module, path_or_repo: str, adapter_name: str = "defau
     config = config_with(adapter.config, inference_mode=not trainable)
     warn_base_mutating_init(config, source)
     on_parameters = set(parameter_wrappers(model, config).values())  # LoRA on nn.Parameters, checked by param_plan
-    on_modules = dataclasses.replace(adapter, modules={n: m for n, m in adapter.modules.items() if n not in on_parameters})
+    on_modules = dataclasses.replace(adapter, modules={n: m for n, m in adapter.modules.items()
+                                                       if n not in on_parameters})
     _check_modules_exist(on_modules, model, source)
     plan = plan_injection(model, config, adapter_name, check_init=False)
     _check_fits(on_modules, plan, source)
