@@ -23,6 +23,14 @@ their dtype (exact to float32 rounding in float32; a bfloat16 factor rounds agai
 What a named consumer cannot carry (it refuses, drops or misreads it, or reads it only for some models) is
 left out and listed with its share of the delta's energy (squared Frobenius norm of everything the adapter
 adds under PEFT; a tensor saved whole in ``modules_to_save`` counts only when its delta energy is given).
+
+MoE and multimodal adapters (:mod:`lorasurg.consumers.layouts`): per-expert LoRA is completed and zero-padded to
+one rank (:func:`~lorasurg.consumers.complete.complete_experts`, lossless) and, in every layout, written with the
+experts at the config's ``r`` and one scale, without rsLoRA (PEFT 0.21.2 on transformers 5 reads nothing else;
+layout ``experts`` when PEFT is the only consumer and the experts were not there yet); with expert LoRA,
+``lora_dropout`` is written as 0 and ``lora_bias``/DoRA are left out for PEFT (its ``ParamWrapper`` refuses them).
+Fused (``target_parameters``) experts, vision towers and checkpoint-named towers are left out for the consumers
+whose rules drop or refuse them.
 """
 
 from __future__ import annotations
@@ -51,6 +59,7 @@ from .layouts import (
     treatment_for,
 )
 from .reading import (
+    MODULE_FEATURES,
     adapter_features,
     bias_energy,
     consumer_findings,
@@ -62,8 +71,7 @@ from .rules import CONSUMERS, FEATURES, Consumer, parse_consumers
 
 __all__ = ["LeftOut", "ForReport", "prepare_for", "blocked_parts"]
 
-_MODULE_FEATURES = ("embedding_lora", "output_layer_lora", "tied_head_lora", "conv_lora", "fan_in_fan_out_lora",
-                    "moe_target_parameters", "vision_tower", "checkpoint_tower_names")
+_MODULE_FEATURES = (*MODULE_FEATURES, "fan_in_fan_out_lora")  # left out whole (fan_in_fan_out: llama.cpp misreads)
 #: Features that PEFT's ParamWrapper refuses (PEFT 0.21.2 turns per-expert LoRA into one): left out for PEFT when
 #: the adapter has MoE expert LoRA (see :data:`~lorasurg.consumers.layouts.PEFT_OPTIONS`).
 _PARAM_WRAPPER_REFUSES = ("lora_bias", "dora")
