@@ -128,6 +128,7 @@ def build_adapter(
     adapter, report.for_report = prepare_for(
         adapter, report.consumers, tied=[names.module(t) for t in tied], total_energy=report.total_energy,
         delta_energy={k: run.changed[stored[k]][1] if stored.get(k) in run.changed else 0.0 for k in adapter.extra},
+        model_type=(base.config or {}).get("model_type"),
     )
     report.fits = [run.fits[m] for m in run.factors if names.module(m) in adapter.modules and m in run.fits]
     renamed = [m for m in run.factors if names.module(m) != m]
