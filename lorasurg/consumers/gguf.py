@@ -77,7 +77,7 @@ ARCHITECTURES: dict[str, GgufArchitecture] = {
 EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
 #: prefixes of a language model inside a multimodal model, as llama.cpp's LoRA converter rewrites them.
 _LM_PREFIXES = (("model.language_model.", "model."), ("language_model.", ""))
-_EXPERT = re.compile(r"^(?P<head>.*\.experts)\.(?P<index>\d+)\.(?P<proj>[^.]+)$")
+EXPERT_MODULE = re.compile(r"^(?P<head>.*\.experts)\.(?P<index>\d+)\.(?P<proj>[^.]+)$")
 _LAYER = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
 
 
@@ -181,14 +181,14 @@ class GgufTensor:
     notes: list[str] = field(default_factory=list)
 
 
-def _language_model_name(module: str) -> str:
+def language_model_name(module: str) -> str:
     for prefix, replacement in _LM_PREFIXES:
         if module.startswith(prefix):
             return replacement + module[len(prefix):]
     return module
 
 
-def _layer_count(modules: Sequence[str], facts: BaseFacts) -> int:
+def layer_count(modules: Sequence[str], facts: BaseFacts) -> int:
     found = [int(m.group(1)) + 1 for m in map(_LAYER.search, modules) if m]
     return max([facts.layers or 0, *found, 1])
 
@@ -215,13 +215,13 @@ def plan_tensors(modules: Mapping[str, str], facts: BaseFacts, ranks: Mapping[st
 
     entry, arch_name = architecture_for(facts)
     arch = getattr(gguf.MODEL_ARCH, entry.arch)
-    names = gguf.get_tensor_name_map(arch, _layer_count(list(modules), facts))
+    names = gguf.get_tensor_name_map(arch, layer_count(list(modules), facts))
     placed: dict[str, GgufTensor] = {}
     experts: dict[str, dict[int, str]] = {}
     unplaced, left_out = [], {}
     for module, kind in modules.items():
-        name = _language_model_name(module)
-        match = _EXPERT.match(name)
+        name = language_model_name(module)
+        match = EXPERT_MODULE.match(name)
         lookup = f"{match['head']}.{match['proj']}" if match else name
         found = names.get_type_and_name(lookup, try_suffixes=(".weight",))
         if found is None:
@@ -317,8 +317,8 @@ def _tensor_type(name: str, facts: BaseFacts, suffixes: tuple[str, ...] = (".wei
     import gguf
 
     entry, _ = architecture_for(facts)
-    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, entry.arch), _layer_count([name], facts))
-    found = names.get_type_and_name(_language_model_name(name), try_suffixes=suffixes)
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, entry.arch), layer_count([name], facts))
+    found = names.get_type_and_name(language_model_name(name), try_suffixes=suffixes)
     return None if found is None else found[0]
 
 
