@@ -41,7 +41,7 @@ from ...io.adapter_file import AdapterFile
 from ...io.checkpoint import Checkpoint, read_model_config
 from ...io.gguf import OUTTYPES, GgufEntry, tensor_type, write_gguf
 from ...io.writer import check_output_file
-from ..sources import AdapterSource, source_name
+from ..sources import AdapterSource, open_adapter, source_name
 from .report import ExportReport, GgufPair
 
 __all__ = ["CONSUMER", "export_gguf", "default_gguf_path", "check_gguf_base"]
@@ -83,7 +83,7 @@ def export_gguf(adapter: AdapterSource, output: Union[str, "os.PathLike[str]", N
     output = Path(default_gguf_path(adapter) if output is None else output)
     check_output_file(output, force)
     with ExitStack() as stack:
-        source = (AdapterFile.of(adapter) if isinstance(adapter, Adapter)
+        source = (AdapterFile.of(*open_adapter(adapter)) if isinstance(adapter, Adapter)
                   else stack.enter_context(AdapterFile.open(adapter)))
         report, entries, produce = _prepare(source, _facts(source.view.config, base), outtype)
         metadata = _metadata(source.view, report, outtype)
@@ -153,7 +153,7 @@ def _prepare(source: AdapterFile, facts: BaseFacts, outtype: str):
                                            energy / total if total > 0 else None, {CONSUMER: why}))
     report = ExportReport(source.source, None, arch_name, facts.architecture, facts.source,
                           float(new.config.lora_alpha), outtype, for_report=for_report)
-    _notes(report, view, facts)
+    _notes(report, new, facts)
     entries, pairs = [], {}
     for tensor in tensors:
         a_shape, b_shape = _pair_shapes(tensor, new)
@@ -244,8 +244,9 @@ def _metadata(view: Adapter, report: ExportReport, outtype: str) -> list[tuple[s
     return items
 
 
-def _notes(report: ExportReport, view: Adapter, facts: BaseFacts) -> None:
-    transposed = [m for m, mod in view.modules.items() if view.config.fan_in_fan_out and mod.kind == "linear"]
+def _notes(report: ExportReport, written: Adapter, facts: BaseFacts) -> None:
+    """Notes on what the file does differently from llama.cpp's converter, and where the facts came from."""
+    transposed = [m for m, mod in written.modules.items() if written.config.fan_in_fan_out and mod.kind == "linear"]
     if transposed:
         report.notes.append(
             f"{len(transposed)} module(s) of layers stored (in, out) (GPT-2 Conv1D) written as PEFT's factors are, "
