@@ -20,8 +20,9 @@ experts       ``A_e`` stacked (E, r, in)   ``B_e`` stacked (E, out, r)  ``alpha 
 ============  ===========================  ===========================  ==========================================
 
 ``r`` is ``lora_b``'s last dimension; one rank for every expert of a stacked tensor. An embedding LoRA is applied
-to the token embedding only (a position embedding is added without one); every other weight llama.cpp multiplies by
-takes one. Architectures whose base converter permutes the rows of ``q_proj``/``k_proj`` (llama.cpp's rotary layout
+to the token embedding only (a position embedding is added without one), and only when the head is not tied to it
+(llama.cpp finds a LoRA by tensor name, so a tied head's matrix product would take the embedding's pair and stop on
+its shape); every other weight llama.cpp multiplies by takes one. Architectures whose base converter permutes the rows of ``q_proj``/``k_proj`` (llama.cpp's rotary layout
 for the Llama family, ``LlamaModel.permute``) get the same permutation on the rows of ``lora_b``: ``B' = P B``.
 """
 
@@ -233,6 +234,19 @@ def plan_tensors(modules: Mapping[str, str], facts: BaseFacts, ranks: Mapping[st
             left_out[module] = (f"llama.cpp applies embedding LoRA to the token embedding only; {target} is added "
                                 f"without one ({_SOURCE}, src/llama-graph.cpp)")
             continue
+        if kind_of == gguf.MODEL_TENSOR.TOKEN_EMBD:
+            tied = head_is_tied(facts)
+            if tied is None:
+                raise InputError(
+                    f"{module}: llama.cpp cannot load a token-embedding LoRA when the base's head is tied to the "
+                    "embedding, and the adapter does not say whether it is: give --base BASE (only its config.json "
+                    "is read)")
+            if tied:
+                left_out[module] = (
+                    "the base's output head is the token embedding, and llama.cpp looks the LoRA up by tensor name "
+                    "for the head's matrix product too, where a token-embedding pair does not fit: the graph stops "
+                    f"(GGML_ASSERT ggml_can_mul_mat; {_SOURCE}, src/llama-graph.cpp build_lora_mm)")
+                continue
         if match:
             experts.setdefault(target, {})[int(match["index"])] = module
             placed.setdefault(target, GgufTensor(target, (), "experts"))

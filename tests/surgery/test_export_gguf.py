@@ -90,6 +90,16 @@ def test_moe_needs_the_expert_count(tmp_path, moe):
     assert result.exit_code == 2 and "how many experts" in result.output and "--base" in result.output
 
 
+def test_fused_expert_lora_is_refused_by_name(tmp_path, moe):
+    """PEFT's target_parameters layout (LoRA on the fused 3-D experts) is not per-module: refused, naming it."""
+    adapter = random_adapter(moe, r=4, mixed=False, targets=["q_proj"])
+    adapter.config.target_parameters = ["mlp.experts.gate_up_proj"]
+    adapter.save(tmp_path / "a")
+    result = run("export", tmp_path / "a", "--to", "gguf", "--base", moe, "-o", tmp_path / "x.gguf")
+    assert result.exit_code == 2 and "target_parameters: mlp.experts.gate_up_proj" in result.output
+    assert not (tmp_path / "x.gguf").exists()
+
+
 # ------------------------------------------------------------------------------------------------ left out
 
 
@@ -191,13 +201,16 @@ def test_streamed_file_equals_the_in_memory_export(tmp_path):
 
 
 def test_extract_to_gguf_plans_for_llama_cpp(tmp_path):
-    """extract --to gguf on GPT-2: the tied lm_head is left out (llama.cpp has no output.weight), the Conv1D LoRAs
-    and the token-embedding LoRA are written; the file validates clean against BASE."""
+    """extract --to gguf on GPT-2: the tied lm_head and the token-embedding LoRA are left out (llama.cpp has no
+    output.weight, and its head's product would take the embedding's pair), the Conv1D LoRAs written; the file
+    validates clean against BASE."""
     report = extract_to_dir(GPT2, FIXTURES["gpt2"].parent / "tuned", tmp_path / "g.gguf", r=4, to="gguf",
                             device="cpu")
     assert report.consumers == ["llama.cpp-gguf"]
     names = {p.name for p in report.gguf.pairs}
-    assert {"token_embd.weight", "blk.1.attn_qkv.weight"} <= names and "output.weight" not in names
+    assert "blk.1.attn_qkv.weight" in names and not names & {"output.weight", "token_embd.weight"}
+    left = {x.name: x for x in report.gguf.for_report.left_out}
+    assert "ggml_can_mul_mat" in left["transformer.wte"].reason and left["transformer.wte"].share > 0
     assert validate(tmp_path / "g.gguf", GPT2) == []
 
 
@@ -241,3 +254,16 @@ def test_validate_checks_a_gguf_file_against_base(tmp_path):
     result = run("validate", tmp_path / "a.gguf", "--base", LLAMA)
     assert result.exit_code == 1 and "gguf-architecture" in result.output
     assert run("validate", tmp_path / "a.gguf", "--fix", "-o", tmp_path / "f").exit_code == 2
+
+
+def test_validate_flags_a_token_embedding_pair_on_a_tied_base(tmp_path):
+    """llama.cpp's converter writes token_embd pairs for tied bases too; validate says llama.cpp stops on them."""
+    export_gguf(random_adapter(LLAMA, r=4, mixed=False), tmp_path / "a.gguf", base=LLAMA)
+    tied = tmp_path / "tied"
+    tied.mkdir()
+    config = json.loads((LLAMA / "config.json").read_text())
+    (tied / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    (tied / "model.safetensors").symlink_to(LLAMA / "model.safetensors")
+    found = [(f.code, f.where) for f in validate(tmp_path / "a.gguf", tied)]
+    assert ("consumer-refuses", "llama.cpp: token_embd.weight") in found
+    assert ("module-missing", "output.weight") in found

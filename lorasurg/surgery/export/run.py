@@ -35,7 +35,7 @@ from ...consumers.gguf import (
 )
 from ...consumers.prepare import LeftOut, module_energies, rescale_module
 from ...config import LoraConfig
-from ...errors import InputError
+from ...errors import InputError, UnsupportedError
 from ...io.adapter import Adapter, AdapterModule
 from ...io.adapter_file import AdapterFile
 from ...io.checkpoint import Checkpoint, read_model_config
@@ -131,6 +131,12 @@ def _prepare(source: AdapterFile, facts: BaseFacts, outtype: str):
     """``(report, entries, produce)``: everything decided before the file is opened."""
     view = source.view
     _, arch_name = architecture_for(facts)
+    if view.config.target_parameters:
+        raise UnsupportedError(
+            f"the adapter puts LoRA on parameters (target_parameters: {', '.join(view.config.target_parameters)}; "
+            "PEFT's layout for fused experts): lorasurg writes GGUF files from per-module LoRA, experts under their "
+            "checkpoint names (model.layers.N.mlp.experts.E.gate_proj), which llama.cpp stacks per layer. Write the "
+            "adapter per expert (lorasurg extract does for Qwen3-MoE), or fuse it and convert the fused model")
     saved = saved_embeddings([k for k in view.extra if not k.endswith(".base_layer.weight")], facts)
     if saved:
         raise InputError(
@@ -141,13 +147,13 @@ def _prepare(source: AdapterFile, facts: BaseFacts, outtype: str):
     blocked = blocked_parts(view, CONSUMER, tied)
     gone = {m for f, (items, _) in blocked.items() if f not in _PART_FEATURES for m in items}
     kept = {m: mod.kind for m, mod in view.modules.items() if m not in gone}
-    tensors, positional = plan_tensors(kept, facts, {m: view.modules[m].rank for m in kept})
-    energies = _energies(source) if blocked or positional else {k: 0.0 for m in view.modules for k in (m, f"{m}.lora_B.bias")}
-    trimmed = Adapter(view.config, {m: mod for m, mod in view.modules.items() if m not in positional}, view.extra)
+    tensors, unapplied = plan_tensors(kept, facts, {m: view.modules[m].rank for m in kept})
+    energies = _energies(source) if blocked or unapplied else {k: 0.0 for m in view.modules for k in (m, f"{m}.lora_B.bias")}
+    trimmed = Adapter(view.config, {m: mod for m, mod in view.modules.items() if m not in unapplied}, view.extra)
     new, for_report = prepare_for(trimmed, CONSUMER, tied=tied & set(trimmed.modules), energies=energies,
                                   total_energy=sum(energies.values()))
     total = sum(energies.values())
-    for module, why in positional.items():
+    for module, why in unapplied.items():
         energy = energies[module]
         for_report.left_out.append(LeftOut(module, "embedding_lora", (CONSUMER,), why, energy,
                                            energy / total if total > 0 else None, {CONSUMER: why}))

@@ -5,7 +5,8 @@ The loader (:mod:`lorasurg.consumers.gguf`, :mod:`lorasurg.consumers.gguf_readin
 the model's (``gguf-architecture``), with a tensor that is neither half of a ``lora_a``/``lora_b`` pair nor a norm
 (``gguf-tensor-unexpected``), a pair missing a half (``module-incomplete``), a pair for a weight the base has not
 (``module-missing``) or of the wrong shape (``shape-mismatch``), or halves of different ranks
-(``rank-inconsistent``). Without ``adapter.lora.alpha`` (or with 0) it applies scale 1 (``gguf-alpha``); it skips
+(``rank-inconsistent``), or a token-embedding pair when BASE's head is tied to the embedding (``consumer-refuses``:
+llama.cpp applies it to the head's product too and stops). Without ``adapter.lora.alpha`` (or with 0) it applies scale 1 (``gguf-alpha``); it skips
 norms (``consumer-drops``). Values: NaN/inf (``value-nonfinite``), all-zero ``lora_b`` (``untrained``). Only BASE's
 checkpoint headers and config.json are read.
 """
@@ -17,7 +18,7 @@ from typing import Optional, Union
 
 import torch
 
-from ...consumers.gguf import architecture_for, base_facts
+from ...consumers.gguf import architecture_for, base_facts, head_is_tied
 from ...consumers.gguf_reading import base_tensors, pair_layout, pair_tensors
 from ...errors import LorasurgError
 from ...findings import Finding
@@ -139,6 +140,12 @@ def _against_base(f: GgufFile, complete: dict, base: PathLike) -> list[Finding]:
             tied = " (BASE ties its head to the embedding: no output.weight)" if name == "output.weight" else ""
             found.append(Finding("module-missing", name, f"BASE has no {arch} weight {name}{tied}: llama.cpp's loader stops "
                                  "('does not exist in base model')", "export the adapter against its own base model"))
+            continue
+        if want.layout == "embedding" and head_is_tied(facts):
+            found.append(Finding("consumer-refuses", f"llama.cpp: {name}",
+                                 "BASE ties its head to the token embedding: llama.cpp applies this pair to the head's "
+                                 "matrix product too, where it does not fit, and stops (GGML_ASSERT ggml_can_mul_mat)",
+                                 "leave the token-embedding LoRA out (lorasurg export does)"))
             continue
         need_a, need_b = _needed(want, a, b)
         if (tuple(a), tuple(b)) != (need_a, need_b):
