@@ -94,7 +94,8 @@ def bench(llama_cpp: Path, r: int, threads: int, repeats: int) -> dict:
         "lorasurg export": [sys.executable, "-m", "lorasurg.cli", "export", str(adapter), "--to", "gguf", "--base",
                             str(base), "-o", str(outs["lorasurg export"]), "--force", "--json"],
         "llama.cpp convert_lora_to_gguf": [sys.executable, str(llama_cpp / "convert_lora_to_gguf.py"), str(adapter),
-                                           "--base", str(base), "--outfile", str(outs["llama.cpp convert_lora_to_gguf"]),
+                                           "--base", str(base), "--outfile",
+                                           str(outs["llama.cpp convert_lora_to_gguf"]),
                                            "--outtype", "f32"],
     }
     measured = measure({tool: (cmd, outs[tool]) for tool, cmd in cmds.items()}, repeats, threads, work)
@@ -128,9 +129,11 @@ def render(res: dict) -> str:
         lines.append(f"| {tool} | {v['wall_s']:.1f} s | {', '.join(f'{w:.1f}' for w in v['walls'])} s | "
                      f"{v['cpu_s']:.1f} s | {v['peak_rss'] / 2**20:.0f} MiB | {v['file_bytes'] / 1e9:.2f} GB |")
     lines += ["", f"lorasurg export: {theirs['wall_s'] / ours['wall_s']:.2f}x the converter's speed (wall), "
-                  f"{theirs['cpu_s'] / ours['cpu_s']:.2f}x (CPU), {ours['peak_rss'] / theirs['peak_rss']:.2f}x its peak "
+                  f"{theirs['cpu_s'] / ours['cpu_s']:.2f}x (CPU), {ours['peak_rss'] / theirs['peak_rss']:.2f}x its "
+                  "peak "
                   "RSS. Peak RSS includes Python and torch (about 0.25 GB); the converter holds the whole adapter "
-                  "(safetensors load_file) before writing, lorasurg one pair. Both wait on the disk for much of the wall "
+                  "(safetensors load_file) before writing, lorasurg one pair. Both wait on the disk for much of the "
+                  "wall "
                   "time (about 1 GB read and 1 GB written; CPU time is a third to a half of it), so the wall ratio "
                   "moves with the machine's load."]
     c = res.get("compare")

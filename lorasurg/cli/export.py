@@ -18,7 +18,8 @@ from ._app import emit, force_option, json_option, main
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="The .gguf file to write. Default: ./<ADAPTER name>.gguf (printed).")
 @click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default="f32", show_default=True,
-              help="Tensor type (q8_0 writes rows that are not a multiple of 32 as f16, as llama.cpp's converter does).")
+              help="Tensor type (q8_0 writes rows that are not a multiple of 32 as f16, as llama.cpp's converter "
+                   "does).")
 @force_option
 @json_option
 def export_command(adapter: str, to: str, base, output, outtype: str, force: bool, as_json: bool) -> None:

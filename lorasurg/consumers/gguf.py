@@ -22,7 +22,8 @@ experts       ``A_e`` stacked (E, r, in)   ``B_e`` stacked (E, out, r)  ``alpha 
 ``r`` is ``lora_b``'s last dimension; one rank for every expert of a stacked tensor. An embedding LoRA is applied
 to the token embedding only (a position embedding is added without one), and only when the head is not tied to it
 (llama.cpp finds a LoRA by tensor name, so a tied head's matrix product would take the embedding's pair and stop on
-its shape); every other weight llama.cpp multiplies by takes one. Architectures whose base converter permutes the rows of ``q_proj``/``k_proj`` (llama.cpp's rotary layout
+its shape); every other weight llama.cpp multiplies by takes one. Architectures whose base converter permutes the
+rows of ``q_proj``/``k_proj`` (llama.cpp's rotary layout
 for the Llama family, ``LlamaModel.permute``) get the same permutation on the rows of ``lora_b``: ``B' = P B``.
 """
 
@@ -257,7 +258,8 @@ def plan_tensors(modules: Mapping[str, str], facts: BaseFacts, ranks: Mapping[st
             if heads is None:
                 raise InputError(
                     f"{module}: llama.cpp permutes the rows of {arch_name} q/k projections per attention head, and "
-                    "the adapter does not say how many heads there are: give --base BASE (only its config.json is read)")
+                    "the adapter does not say how many heads there are: give --base BASE (only its config.json is "
+                    "read)")
         placed[target] = GgufTensor(target, (module,), "embedding" if kind == "embedding" else "linear", heads)
     if unplaced:
         raise InputError(
@@ -270,7 +272,8 @@ def plan_tensors(modules: Mapping[str, str], facts: BaseFacts, ranks: Mapping[st
     return list(placed.values()), left_out
 
 
-def _expert_modules(target: str, by_index: dict[int, str], facts: BaseFacts, ranks: Mapping[str, int]) -> tuple[str, ...]:
+def _expert_modules(target: str, by_index: dict[int, str], facts: BaseFacts,
+                    ranks: Mapping[str, int]) -> tuple[str, ...]:
     """The experts of one stacked tensor in order: every expert present, one rank (else refused, named)."""
     first = by_index[min(by_index)]
     if facts.experts is None:
@@ -284,7 +287,8 @@ def _expert_modules(target: str, by_index: dict[int, str], facts: BaseFacts, ran
         raise InputError(
             f"{target}: llama.cpp stacks the LoRA of all {facts.experts} experts of the layer into one tensor, and the "
             f"adapter has {'no LoRA for expert(s) ' + ', '.join(map(str, missing[:16])) if missing else ''}"
-            f"{'; ' if missing and extra else ''}{'experts beyond the base: ' + ', '.join(map(str, extra)) if extra else ''}"
+            f"{'; ' if missing and extra else ''}"
+            f"{'experts beyond the base: ' + ', '.join(map(str, extra)) if extra else ''}"
             f" (e.g. {first.rsplit('.', 2)[0]}.N.{first.rsplit('.', 1)[-1]}). Write a LoRA for every expert "
             "(zero factors for an untrained one), or leave this projection out")
     order = tuple(by_index[e] for e in range(int(facts.experts)))
@@ -340,7 +344,8 @@ def output_modules(modules: Sequence[str], facts: BaseFacts) -> list[str]:
     """The modules that are the output head (``lm_head``, or whatever maps to GGUF's ``output``)."""
     import gguf
 
-    return [m for m in modules if m.rsplit(".", 1)[-1] == "lm_head" or _tensor_type(m, facts) == gguf.MODEL_TENSOR.OUTPUT]
+    return [m for m in modules
+            if m.rsplit(".", 1)[-1] == "lm_head" or _tensor_type(m, facts) == gguf.MODEL_TENSOR.OUTPUT]
 
 
 def head_is_tied(facts: BaseFacts) -> Optional[bool]:

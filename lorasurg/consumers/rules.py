@@ -270,8 +270,8 @@ LLAMA_CPP_GGUF = Consumer(
     layout="tensor-rank",
     rules={
         **LLAMA_CPP.rules,
-        "lora_bias": Rule("lora_bias", "refuses", "has no GGUF form for lora_B.bias (the loader takes only lora_a/lora_b "
-                          "pairs and norms)", Source("llama.cpp", _L, "src/llama-adapter.cpp",
+        "lora_bias": Rule("lora_bias", "refuses", "has no GGUF form for lora_B.bias (the loader takes only "
+                          "lora_a/lora_b pairs and norms)", Source("llama.cpp", _L, "src/llama-adapter.cpp",
                                                      "llama_adapter_lora_init_impl (unexpected suffix)")),
         "dora": Rule("dora", "refuses", "has no GGUF form for DoRA magnitudes (lora_a/lora_b pairs only)",
                      Source("llama.cpp", _L, "src/llama-adapter.cpp", "llama_adapter_lora_init_impl")),

@@ -70,7 +70,8 @@ class AdapterFile:
             view = Adapter.from_state_dict(config, state, source=str(directory))
             found = view.problems()
             if found:
-                raise InputError(f"adapter at {directory} does not match its {CONFIG_NAME}:\n  - " + "\n  - ".join(found)
+                raise InputError(f"adapter at {directory} does not match its {CONFIG_NAME}:\n  - "
+                                 + "\n  - ".join(found)
                                  + "\nFix the config or the tensors (lorasurg validate shows the same list).")
         except BaseException:
             shard.close()

@@ -115,7 +115,8 @@ def check_output_file(path: PathLike, force: bool = False) -> Path:
     if out.is_dir():
         raise InputError(f"output path {out} is a directory; give a file path")
     if out.exists() and not force:
-        raise OutputExistsError(f"output file {out} exists; choose another path or pass --force (force=True) to replace it")
+        raise OutputExistsError(f"output file {out} exists; choose another path or pass --force (force=True) to "
+                                "replace it")
     return out
 
 

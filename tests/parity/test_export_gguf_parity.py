@@ -98,7 +98,8 @@ def test_tied_heads_are_left_out_and_said(tmp_path, bases):
 @pytest.mark.parametrize("outtype, rel", [("f16", 2 ** -10), ("bf16", 2 ** -7), ("q8_0", 1 / 127)])
 def test_other_outtypes_round_each_factor_by_the_types_rounding(tmp_path, bases, outtype, rel):
     """Against the f32 file: each factor within the type's relative rounding of its values (q8_0: half a step of
-    its 32-element block's scale d = max|block| / 127, plus the f16 rounding of d: 0.57 d; f16 for rows that are not a multiple of 32)."""
+    its 32-element block's scale d = max|block| / 127, plus the f16 rounding of d: 0.57 d; f16 for rows that are not
+    a multiple of 32)."""
     adapter = random_adapter(bases["qwen2"], r=4)
     export_gguf(adapter, tmp_path / "f32.gguf", base=bases["qwen2"])
     report = export_gguf(adapter, tmp_path / f"{outtype}.gguf", base=bases["qwen2"], outtype=outtype)

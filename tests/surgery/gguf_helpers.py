@@ -6,7 +6,8 @@ Qwen3-MoE (per-expert checkpoint keys) built with transformers (seeded) and save
 :func:`gguf_deltas` applies llama.cpp's rules to a file read back with ``gguf.GGUFReader`` (independently of
 lorasurg's writer): scale ``alpha / r`` with ``r`` = ``lora_b``'s last dimension; the token embedding's ``lora_a``
 transposed; experts one by one; the Llama-family q/k row permutation of llama.cpp's converter undone
-(``LlamaModel.permute`` in llama.cpp's ``conversion/llama.py``: rows ``(heads, 2, d/2)`` swapped to ``(heads, d/2, 2)``).
+(``LlamaModel.permute`` in llama.cpp's ``conversion/llama.py``: rows ``(heads, 2, d/2)`` swapped to
+``(heads, d/2, 2)``).
 """
 
 from __future__ import annotations
@@ -92,7 +93,8 @@ def read_gguf(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     tensors = {}
     for t in reader.tensors:
         values = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
-        tensors[t.name] = torch.from_numpy(np.array(values, dtype=np.float32).reshape(tuple(reversed(t.shape.tolist()))))
+        shape = tuple(reversed(t.shape.tolist()))  # GGML's ne, reversed
+        tensors[t.name] = torch.from_numpy(np.array(values, dtype=np.float32).reshape(shape))
     return meta, tensors
 
 

@@ -46,7 +46,8 @@ def output_consumers(consumers: Consumers, to: str) -> tuple[str, ...]:
         return names
     others = [n for n in names if n not in ("peft", "llama.cpp", CONSUMER)]
     if others:
-        raise ConfigError(f"--to gguf writes a file only llama.cpp reads; --for {','.join(others)} does not apply to it "
+        raise ConfigError(f"--to gguf writes a file only llama.cpp reads; --for {','.join(others)} does not apply "
+                          "to it "
                           "(write a PEFT adapter for them separately, without --to gguf)")
     return (CONSUMER,)
 

@@ -1,4 +1,5 @@
-"""What ``lorasurg export --to gguf`` reports: the file's architecture and alpha, each tensor pair, what was left out."""
+"""What ``lorasurg export --to gguf`` reports: the file's architecture and alpha, each tensor pair, what was left
+out."""
 
 from __future__ import annotations
 

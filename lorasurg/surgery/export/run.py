@@ -148,7 +148,8 @@ def _prepare(source: AdapterFile, facts: BaseFacts, outtype: str):
     gone = {m for f, (items, _) in blocked.items() if f not in _PART_FEATURES for m in items}
     kept = {m: mod.kind for m, mod in view.modules.items() if m not in gone}
     tensors, unapplied = plan_tensors(kept, facts, {m: view.modules[m].rank for m in kept})
-    energies = _energies(source) if blocked or unapplied else {k: 0.0 for m in view.modules for k in (m, f"{m}.lora_B.bias")}
+    nothing = {k: 0.0 for m in view.modules for k in (m, f"{m}.lora_B.bias")}  # nothing left out: no shares to give
+    energies = _energies(source) if blocked or unapplied else nothing
     trimmed = Adapter(view.config, {m: mod for m, mod in view.modules.items() if m not in unapplied}, view.extra)
     new, for_report = prepare_for(trimmed, CONSUMER, tied=tied & set(trimmed.modules), energies=energies,
                                   total_energy=sum(energies.values()))
@@ -173,7 +174,8 @@ def _prepare(source: AdapterFile, facts: BaseFacts, outtype: str):
     fallback = sorted({e.name for e in entries if e.type != OUTTYPES[outtype][0] and len(e.shape) > 1})
     if fallback:
         report.notes.append(f"{len(fallback)} tensor(s) written F16, their rows not a multiple of {outtype}'s block "
-                            f"(as llama.cpp's converter does): {', '.join(fallback[:4])}{' ...' if len(fallback) > 4 else ''}")
+                            f"(as llama.cpp's converter does): {', '.join(fallback[:4])}"
+                            f"{' ...' if len(fallback) > 4 else ''}")
     return report, entries, _producer(source, pairs, for_report.rescaled)
 
 

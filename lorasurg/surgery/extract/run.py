@@ -85,9 +85,11 @@ def extract_to_dir(
         and everything :func:`extract` raises.
     """
     if to != "peft":
-        options["consumers"] = output_consumers(with_serving(options.get("consumers"), options.pop("serving", False)), to)
+        named = with_serving(options.get("consumers"), options.pop("serving", False))
+        options["consumers"] = output_consumers(named, to)
     if output is None:
-        output = output_path(default_output_path(_source_name(tuned), options.get("r", 16), options.get("rank_policy")), to)
+        default = default_output_path(_source_name(tuned), options.get("r", 16), options.get("rank_policy"))
+        output = output_path(default, to)
     check_output(output, to, force, base)
     adapter, report = extract(base, tuned, **options)
     gguf = write_output(adapter, output, to=to, force=force, base=base, outtype=outtype)

@@ -6,7 +6,8 @@ the model's (``gguf-architecture``), with a tensor that is neither half of a ``l
 (``gguf-tensor-unexpected``), a pair missing a half (``module-incomplete``), a pair for a weight the base has not
 (``module-missing``) or of the wrong shape (``shape-mismatch``), or halves of different ranks
 (``rank-inconsistent``), or a token-embedding pair when BASE's head is tied to the embedding (``consumer-refuses``:
-llama.cpp applies it to the head's product too and stops). Without ``adapter.lora.alpha`` (or with 0) it applies scale 1 (``gguf-alpha``); it skips
+llama.cpp applies it to the head's product too and stops). Without ``adapter.lora.alpha`` (or with 0) it applies
+scale 1 (``gguf-alpha``); it skips
 norms (``consumer-drops``). Values: NaN/inf (``value-nonfinite``), all-zero ``lora_b`` (``untrained``). Only BASE's
 checkpoint headers and config.json are read.
 """
@@ -41,8 +42,9 @@ def check_gguf(path: PathLike, base: Optional[PathLike] = None) -> list[Finding]
     f = open_gguf(path)
     found = _metadata(f)
     pairs = pair_tensors(list(f.entries))
-    found += [Finding("gguf-tensor-unexpected", n, "is neither a .lora_a/.lora_b tensor nor a *_norm.weight: llama.cpp's "
-                      "loader stops with 'LoRA tensor has unexpected suffix'", f"remove it ({_HOW})") for n in pairs.unexpected]
+    found += [Finding("gguf-tensor-unexpected", n, "is neither a .lora_a/.lora_b tensor nor a *_norm.weight: "
+                      "llama.cpp's loader stops with 'LoRA tensor has unexpected suffix'", f"remove it ({_HOW})")
+              for n in pairs.unexpected]
     if pairs.norms:
         found.append(Finding("consumer-drops", f"llama.cpp: {pairs.norms[0]}" + (f" and {len(pairs.norms) - 1} more"
                                                                                  if len(pairs.norms) > 1 else ""),
@@ -51,8 +53,8 @@ def check_gguf(path: PathLike, base: Optional[PathLike] = None) -> list[Finding]
     complete = {}
     for name, halves in pairs.pairs.items():
         if set(halves) != {"a", "b"}:
-            found.append(Finding("module-incomplete", name, f"has only {name}.lora_{''.join(halves)}: llama.cpp's loader "
-                                 "stops ('LoRA tensor pair is missing one component')", _HOW))
+            found.append(Finding("module-incomplete", name, f"has only {name}.lora_{''.join(halves)}: "
+                                 "llama.cpp's loader stops ('LoRA tensor pair is missing one component')", _HOW))
             continue
         a, b = f.entries[halves["a"]].shape, f.entries[halves["b"]].shape
         problem = _rank_problem(name, a, b)
@@ -72,15 +74,16 @@ def _metadata(f: GgufFile) -> list[Finding]:
     found = []
     for key, want in (("general.type", "adapter"), ("adapter.type", "lora")):
         if f.get(key) != want:
-            found.append(Finding("gguf-metadata", key, f"is {f.get(key)!r}; llama.cpp's loader refuses a LoRA file unless "
-                                 f"it is {want!r}", _HOW))
+            found.append(Finding("gguf-metadata", key, f"is {f.get(key)!r}; llama.cpp's loader refuses a LoRA "
+                                 f"file unless it is {want!r}", _HOW))
     if not f.get("general.architecture"):
         found.append(Finding("gguf-metadata", "general.architecture", "is missing; llama.cpp's loader compares it with "
                              "the model's and refuses the file", _HOW))
     alpha = f.get("adapter.lora.alpha")
     if not alpha:
-        found.append(Finding("gguf-alpha", "adapter.lora.alpha", f"is {alpha!r}: llama.cpp then applies scale 1 to every "
-                             "pair, not alpha / r", "write alpha so that alpha / r is each pair's scale (lorasurg export)"))
+        found.append(Finding("gguf-alpha", "adapter.lora.alpha", f"is {alpha!r}: llama.cpp then applies scale 1 to "
+                             "every pair, not alpha / r",
+                             "write alpha so that alpha / r is each pair's scale (lorasurg export)"))
     return found
 
 
@@ -128,7 +131,8 @@ def _against_base(f: GgufFile, complete: dict, base: PathLike) -> list[Finding]:
     found = []
     if f.get("general.architecture") != arch:
         found.append(Finding("gguf-architecture", "general.architecture",
-                             f"is {f.get('general.architecture')!r} but BASE ({facts.architecture}) is {arch!r} in GGUF: "
+                             f"is {f.get('general.architecture')!r} but BASE ({facts.architecture}) is {arch!r} in "
+                             "GGUF: "
                              "llama.cpp refuses the file ('model arch and LoRA arch mismatch')",
                              "export the adapter against its own base model"))
     described = open_base(base)
@@ -138,8 +142,9 @@ def _against_base(f: GgufFile, complete: dict, base: PathLike) -> list[Finding]:
         want = expected.get(name)
         if want is None:
             tied = " (BASE ties its head to the embedding: no output.weight)" if name == "output.weight" else ""
-            found.append(Finding("module-missing", name, f"BASE has no {arch} weight {name}{tied}: llama.cpp's loader stops "
-                                 "('does not exist in base model')", "export the adapter against its own base model"))
+            found.append(Finding("module-missing", name, f"BASE has no {arch} weight {name}{tied}: llama.cpp's "
+                                 "loader stops ('does not exist in base model')",
+                                 "export the adapter against its own base model"))
             continue
         if want.layout == "embedding" and head_is_tied(facts):
             found.append(Finding("consumer-refuses", f"llama.cpp: {name}",
@@ -150,7 +155,8 @@ def _against_base(f: GgufFile, complete: dict, base: PathLike) -> list[Finding]:
         need_a, need_b = _needed(want, a, b)
         if (tuple(a), tuple(b)) != (need_a, need_b):
             found.append(Finding("shape-mismatch", name, f"lora_a is {tuple(a)} and lora_b {tuple(b)}; BASE's {name} "
-                                 f"({want.layout}) needs {need_a} and {need_b}", "export the adapter against its own base"))
+                                 f"({want.layout}) needs {need_a} and {need_b}",
+                                 "export the adapter against its own base"))
     return found
 
 
