@@ -151,9 +151,9 @@ def _prepare(source: AdapterFile, facts: BaseFacts, outtype: str):
     nothing = {k: 0.0 for m in view.modules for k in (m, f"{m}.lora_B.bias")}  # nothing left out: no shares to give
     energies = _energies(source) if blocked or unapplied else nothing
     trimmed = Adapter(view.config, {m: mod for m, mod in view.modules.items() if m not in unapplied}, view.extra)
-    new, for_report = prepare_for(trimmed, CONSUMER, tied=tied & set(trimmed.modules), energies=energies,
-                                  total_energy=sum(energies.values()))
     total = sum(energies.values())
+    new, for_report = prepare_for(trimmed, CONSUMER, tied=tied & set(trimmed.modules), energies=energies,
+                                  total_energy=total)
     for module, why in unapplied.items():
         energy = energies[module]
         for_report.left_out.append(LeftOut(module, "embedding_lora", (CONSUMER,), why, energy,
