@@ -52,8 +52,8 @@ class ExpertFix:
 def pad_rank(mod: AdapterModule, rank: int) -> int:
     """Zero-pad ``mod`` to ``rank``: ``A`` gains zero rows, ``B`` zero columns. Returns the bytes added."""
     extra = rank - mod.rank
-    zA = torch.zeros((extra, *mod.A.shape[1:]), dtype=mod.A.dtype)
-    zB = torch.zeros((mod.B.shape[0], extra, *mod.B.shape[2:]), dtype=mod.B.dtype)
+    zA = torch.zeros((extra, *mod.A.shape[1:]), dtype=mod.A.dtype, device=mod.A.device)  # meta stays meta
+    zB = torch.zeros((mod.B.shape[0], extra, *mod.B.shape[2:]), dtype=mod.B.dtype, device=mod.B.device)
     mod.A = torch.cat([mod.A, zA], dim=0)  # (r + extra, in, ...)
     mod.B = torch.cat([mod.B, zB], dim=1)  # (out, r + extra, ...)
     return zA.numel() * zA.element_size() + zB.numel() * zB.element_size()
@@ -101,9 +101,9 @@ def _zero_module(adapter: Adapter, groups: dict[str, ExpertGroup], name: str, pr
     if shape is None:
         return None
     (out, inp), like = shape
-    bias = torch.zeros(out, dtype=like.B.dtype) if adapter.config.lora_bias else None
-    return AdapterModule(name, torch.zeros(rank, inp, dtype=like.A.dtype), torch.zeros(out, rank, dtype=like.B.dtype),
-                         bias=bias)
+    like_A, like_B = dict(dtype=like.A.dtype, device=like.A.device), dict(dtype=like.B.dtype, device=like.B.device)
+    bias = torch.zeros(out, **like_B) if adapter.config.lora_bias else None
+    return AdapterModule(name, torch.zeros(rank, inp, **like_A), torch.zeros(out, rank, **like_B), bias=bias)
 
 
 def _shape(adapter: Adapter, groups: dict[str, ExpertGroup], proj: str, block: str,
