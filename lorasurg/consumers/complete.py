@@ -18,14 +18,14 @@ any layer; a layer with no per-expert module at all is not invented (its size is
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 
 from ..io.adapter import Adapter, AdapterModule
-from .layouts import PROJECTIONS, ExpertGroup, expert_groups
+from .layouts import PROJECTIONS, ExpertGroup, expert_groups, layout_features, non_expert_mlp
 
-__all__ = ["ExpertFix", "complete_experts", "pad_rank"]
+__all__ = ["ExpertFix", "complete_experts", "expert_notes", "pad_rank"]
 
 
 @dataclass
@@ -142,3 +142,30 @@ def _target(adapter: Adapter, added: list[str]) -> list[str]:
     if missing:
         adapter.config.target_modules = set(target) | set(missing)
     return missing
+
+
+def expert_notes(adapter: Adapter, fix: ExpertFix, energies: Mapping[str, float], total: float) -> list[str]:
+    """Notes on an adapter with MoE expert LoRA (none without): ``lora_dropout`` written as 0 (in place: PEFT's
+    ParamWrapper refuses dropout), missing experts that could not be shaped, and PEFT 0.21.2 dropping LoRA outside
+    the routed experts (read by vLLM and llama.cpp), with its share of ``total`` (``energies``: per module)."""
+    cfg = adapter.config
+    features = layout_features(adapter)
+    if not ({"moe_per_expert", "moe_target_parameters"} & set(features)):
+        return []
+    notes = []
+    if cfg.lora_dropout:
+        notes.append(f"lora_dropout={cfg.lora_dropout:g} is written as 0: PEFT 0.21.2 on transformers 5 loads MoE "
+                     "expert LoRA into its ParamWrapper, which refuses dropout (inference has none)")
+        cfg.lora_dropout = 0.0
+    if fix.unresolved:
+        notes.append(f"{len(fix.unresolved)} missing expert module(s) could not be shaped from their siblings and are "
+                     f"still missing (e.g. {fix.unresolved[0]})")
+    others = non_expert_mlp(adapter.modules, cfg.target_parameters) if "moe_per_expert" in features else []
+    if others:
+        share = sum(energies.get(m, 0.0) + energies.get(f"{m}.lora_B.bias", 0.0) for m in others)
+        notes.append(
+            f"PEFT 0.21.2 on transformers 5 drops the LoRA of {len(others)} gate/up/down module(s) outside the routed "
+            f"experts ({others[0]}{' and more' if len(others) > 1 else ''}; "
+            f"{100 * share / total if total > 0 else 0:.3f}% of the delta) unless target_parameters lists each as "
+            "'<module>.weight'; vLLM and llama.cpp read them")
+    return notes

@@ -46,16 +46,14 @@ import torch
 from ..errors import InputError
 from ..io.adapter import Adapter, AdapterModule
 from ..targeting import anchored_pattern_key
-from .complete import ExpertFix, complete_experts
+from .complete import ExpertFix, complete_experts, expert_notes
 from .complete import pad_rank as _pad
 from .for_report import ForReport, LeftOut
 from .layouts import (
     PEFT_OPTIONS,
     expert_name,
     fused_expert_modules,
-    layout_features,
     layout_violations,
-    non_expert_mlp,
     treatment_for,
 )
 from .reading import (
@@ -76,6 +74,8 @@ _MODULE_FEATURES = (*MODULE_FEATURES, "fan_in_fan_out_lora")  # left out whole (
 #: the adapter has MoE expert LoRA (see :data:`~lorasurg.consumers.layouts.PEFT_OPTIONS`).
 _PARAM_WRAPPER_REFUSES = ("lora_bias", "dora")
 _SCALE_FEATURES = ("rank_pattern", "alpha_pattern", "rslora")
+#: consumers whose output is not a PEFT adapter file (``export --to gguf``): PEFT's MoE layout is not applied for them.
+_NOT_PEFT_FILES = ("llama.cpp-gguf",)
 
 
 def prepare_for(
@@ -135,16 +135,18 @@ def prepare_for(
             report.left_out.append(LeftOut(item, feature, tuple(reasons), "; ".join(reasons.values()), energy, share,
                                            reasons))
     _clean_config(new, adapter, chosen, {x.feature for x in report.left_out})
-    report.experts = complete_experts(new)
-    _expert_notes(new, report, energies, total)
+    peft_file = not set(names) & set(_NOT_PEFT_FILES)
+    if peft_file:
+        report.experts = complete_experts(new)
+        report.notes += expert_notes(new, report.experts, energies, total)
     if not new.modules:
         listed = "; ".join(FEATURES[f] for f in sorted({x.feature for x in report.left_out}))
         raise InputError(
             f"nothing of this adapter can be written for {', '.join(names)}: every LoRA module is of a kind they "
             f"cannot carry ({listed}). Write it for fewer consumers (--for peft keeps everything)."
         )
-    _layout(new, adapter, {c.layout for c in chosen if c.layout != "patterns"} or {"patterns"}, report)
-    _check(new, names, tied, adapter, report.experts, model_type)
+    _layout(new, adapter, {c.layout for c in chosen if c.layout != "patterns"} or {"patterns"}, report, peft_file)
+    _check(new, names, tied, adapter, report.experts, model_type, peft_file)
     return new, report
 
 
@@ -173,30 +175,6 @@ def _says(c: Consumer, feature: str) -> str:
     """What ``c`` does with ``feature``: its rule, or (PEFT with MoE expert LoRA) its ParamWrapper's condition."""
     rule = c.rules.get(feature)
     return rule.says if rule is not None else PEFT_OPTIONS.says
-
-
-def _expert_notes(new: Adapter, report: ForReport, energies: Mapping[str, float], total: float) -> None:
-    """Notes on MoE expert LoRA: lora_dropout written as 0 (PEFT's ParamWrapper refuses dropout), missing experts
-    that could not be shaped, and PEFT 0.21.2 dropping LoRA outside the routed experts (read by vLLM, llama.cpp)."""
-    cfg = new.config
-    features = layout_features(new)
-    if not ({"moe_per_expert", "moe_target_parameters"} & set(features)):
-        return
-    if cfg.lora_dropout:
-        report.notes.append(f"lora_dropout={cfg.lora_dropout:g} is written as 0: PEFT 0.21.2 on transformers 5 "
-                            "loads MoE expert LoRA into its ParamWrapper, which refuses dropout (inference has none)")
-        cfg.lora_dropout = 0.0
-    if report.experts.unresolved:
-        report.notes.append(f"{len(report.experts.unresolved)} missing expert module(s) could not be shaped from "
-                            f"their siblings and are still missing (e.g. {report.experts.unresolved[0]})")
-    others = non_expert_mlp(new.modules, cfg.target_parameters) if "moe_per_expert" in features else []
-    if others:
-        share = sum(energies.get(m, 0.0) + energies.get(f"{m}.lora_B.bias", 0.0) for m in others)
-        report.notes.append(
-            f"PEFT 0.21.2 on transformers 5 drops the LoRA of {len(others)} gate/up/down module(s) outside the routed "
-            f"experts ({others[0]}{' and more' if len(others) > 1 else ''}; "
-            f"{100 * share / total if total > 0 else 0:.3f}% of the delta) unless target_parameters lists each as "
-            "'<module>.weight'; vLLM and llama.cpp read them")
 
 
 # ------------------------------------------------------------------------------------------------ leaving out
@@ -289,19 +267,20 @@ def _untarget(cfg, removed: list[str], kept: list[str]) -> None:
 # ------------------------------------------------------------------------------------------------ layout
 
 
-def _layout(new: Adapter, old: Adapter, layouts: set[str], report: ForReport) -> None:
+def _layout(new: Adapter, old: Adapter, layouts: set[str], report: ForReport, peft_file: bool = True) -> None:
     """Write the scale as the consumers read it: set r, lora_alpha, patterns; rescale or pad the factors.
 
     With per-expert MoE LoRA (already at one rank ``R`` by :func:`~lorasurg.consumers.complete.complete_experts`),
     every layout puts the experts at the config's own ``r = R`` and one scale ``s`` (the experts' most common), with
     no rsLoRA: PEFT 0.21.2 on transformers 5 reads the fused experts' rank and alpha from ``r`` and ``lora_alpha``
-    only, and doubles both for ``gate_up_proj`` (so rsLoRA would be off by sqrt(2)).
+    only, and doubles both for ``gate_up_proj`` (so rsLoRA would be off by sqrt(2)). Not for a file other than
+    a PEFT adapter (``peft_file`` false: a GGUF file keeps each tensor's rank).
     """
     cfg = new.config
     mods = list(new.modules)
     scales = {m: peft_scale(old, m) for m in mods if m in old.modules}
     ranks = {m: new.modules[m].rank for m in mods}
-    experts = {m for m in mods if expert_name(m) is not None}
+    experts = {m for m in mods if expert_name(m) is not None} if peft_file else set()
     if layouts == {"patterns"} and (not experts or _experts_at_globals(new, experts)):
         report.layout, report.r, report.lora_alpha = "patterns", cfg.r, cfg.lora_alpha
         report.use_rslora = cfg.use_rslora
@@ -374,7 +353,7 @@ def rescale_module(mod: AdapterModule, c: float) -> None:
 
 
 def _check(new: Adapter, names: tuple[str, ...], tied, old: Adapter, experts: ExpertFix,
-           model_type: Optional[str] = None) -> None:
+           model_type: Optional[str] = None, peft_file: bool = True) -> None:
     """The rewritten adapter must be read by every named consumer as PEFT reads it (a bug otherwise)."""
     kept_tied = None if tied is None else [t for t in tied if t in new.modules]
     if kept_tied is None:
@@ -382,7 +361,7 @@ def _check(new: Adapter, names: tuple[str, ...], tied, old: Adapter, experts: Ex
     wrong = [f for f in consumer_findings(new, names, kept_tied, model_type)
              if f.severity == "error" or f.code == "legacy-scale"]
     problems = new.problems()
-    if not experts.unresolved:
+    if peft_file and not experts.unresolved:
         wrong += [f"PEFT: {v.condition.says} ({v.detail})" for v in layout_violations(new, "peft")
                   if v.condition.code != "non-expert-mlp"]
     if wrong or problems:
