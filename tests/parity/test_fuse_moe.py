@@ -26,6 +26,7 @@ from lorasurg.config import LoraConfig  # noqa: E402
 from lorasurg.io.adapter import Adapter  # noqa: E402
 from lorasurg.surgery.adapter_layout import peft_layout  # noqa: E402
 from lorasurg.surgery.fuse import fuse  # noqa: E402
+from tests.parity.test_fuse_parity import adapted, merged_state  # noqa: E402
 from tests.parity.test_moe_layout import changed_factors  # noqa: E402
 
 pytestmark = pytest.mark.parity
@@ -69,24 +70,7 @@ def logits(model) -> torch.Tensor:
 
 def peft_adapter(name: str, directory: Path, **overrides):
     """PEFT's own adapter on ``name``'s base (factors non-zero, saved copies perturbed), saved to ``directory``."""
-    torch.manual_seed(0)
-    config = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **{**PEFT_CONFIGS[name], **overrides})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm = peft.get_peft_model(load(family(name) / "base"), config)
-        gen = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for key, p in pm.named_parameters():
-                if "lora_B" in key or "modules_to_save" in key:
-                    p.add_(0.1 * torch.randn(p.shape, generator=gen))
-        pm.save_pretrained(directory)
-    return pm.eval()
-
-
-def merged(pm) -> dict[str, torch.Tensor]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return {k: v.detach() for k, v in pm.merge_and_unload().state_dict().items()}
+    return adapted(load(family(name) / "base"), directory, r=4, lora_alpha=8, **{**PEFT_CONFIGS[name], **overrides})
 
 
 def assert_base_layout(base: Path, fused: Path, report) -> None:
@@ -116,7 +100,7 @@ def test_peft_made_adapters_fuse_to_merge_and_unload(tmp_path, name):
     report = fuse(family(name) / "base", tmp_path / "adapter", tmp_path / "fused", device="cpu")
     assert_base_layout(family(name) / "base", tmp_path / "fused", report)
     model = load(tmp_path / "fused")
-    assert_states_close(model.state_dict(), merged(pm))
+    assert_states_close(model.state_dict(), merged_state(pm))
     torch.testing.assert_close(logits(model), expected_logits, rtol=1e-4, atol=1e-5)
 
 
@@ -143,7 +127,7 @@ def test_layout_adapters_fuse_to_the_tuned_model_and_to_merge_and_unload(tmp_pat
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pm = peft.PeftModel.from_pretrained(load(family(name) / "base"), tmp_path / "adapter")
-    assert_states_close(ours, merged(pm))
+    assert_states_close(ours, merged_state(pm))
 
 
 def test_per_expert_qwen2_moe_is_fused_where_peft_ignores_it(tmp_path):
@@ -169,12 +153,13 @@ def test_per_expert_rslora_follows_the_adapter_where_peft_scales_gate_up_by_sqrt
     layout = peft_layout(description, experts, {m: ranks[m] for m in experts}, model_type=model_type)
     config = LoraConfig(**layout.fields, init_lora_weights=True, use_rslora=True)
     Adapter(config, layout.modules, {}).save(tmp_path / "adapter")
-    fuse(family("qwen3_moe") / "base", tmp_path / "adapter", tmp_path / "fused", device="cpu")
+    report = fuse(family("qwen3_moe") / "base", tmp_path / "adapter", tmp_path / "fused", device="cpu")
+    assert any("a scale sqrt(2) times the adapter's" in note for note in report.notes)
     base = load(family("qwen3_moe") / "base").state_dict()
     ours = load(tmp_path / "fused").state_dict()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        theirs = merged(peft.PeftModel.from_pretrained(load(family("qwen3_moe") / "base"), tmp_path / "adapter"))
+        theirs = merged_state(peft.PeftModel.from_pretrained(load(family("qwen3_moe") / "base"), tmp_path / "adapter"))
     gate_up, down = "model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.down_proj"
     torch.testing.assert_close(theirs[gate_up] - base[gate_up], (ours[gate_up] - base[gate_up]) * 2 ** 0.5,
                                rtol=1e-4, atol=1e-6)
@@ -207,10 +192,10 @@ def test_llava_adapter_under_checkpoint_names_is_fused_as_the_model_named_one(tm
     report = fuse(family("llava") / "base", tmp_path / "old", tmp_path / "fused", device="cpu")
     assert any("renamed as PEFT renames them" in note for note in report.notes)
     ours = load(tmp_path / "fused").state_dict()
-    assert_states_close(ours, merged(pm))
+    assert_states_close(ours, merged_state(pm))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        theirs = merged(peft.PeftModel.from_pretrained(load(family("llava") / "base"), tmp_path / "old"))
+        theirs = merged_state(peft.PeftModel.from_pretrained(load(family("llava") / "base"), tmp_path / "old"))
     missing = " ".join(str(w.message) for w in caught if "missing adapter keys" in str(w.message))
     assert "vision_tower" in missing and "multi_modal_projector" in missing and "language_model" not in missing
     language = "model.language_model.layers.0.self_attn.q_proj.weight"

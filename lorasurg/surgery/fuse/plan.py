@@ -127,7 +127,7 @@ def plan_fuse(base: Checkpoint, adapter: Adapter, *, drop_unfusable_bias: bool =
     description = base.describe()
     placement = place_adapter(description, adapter, set(base.names()) | set(aliases), model_type)
     _factors(base, adapter, description.modules, placement, plan)
-    _notes(description, placement, model_type, plan)
+    _notes(description, placement, model_type, adapter.config.use_rslora, plan)
     _extras(base, placement, aliases, plan)
     _biases(base, description.modules, plan, drop_unfusable_bias)
     _ties(base, aliases, plan)
@@ -223,7 +223,9 @@ def _expert_factors(adapter: Adapter, target: ExpertTarget, plan: FusePlan, wron
         _add(plan, module, target.path, wrong, LoraFactors("linear", A[slot.expert], B[slot.expert, start:stop], scale))
 
 
-def _notes(description: ModelDescription, placement: Placement, model_type: Optional[str], plan: FusePlan) -> None:
+def _notes(description: ModelDescription, placement: Placement, model_type: Optional[str], rslora: bool,
+           plan: FusePlan) -> None:
+    """Where PEFT 0.21.2 reads this adapter otherwise than it is written (measured; fuse follows the adapter)."""
     if placement.renamed:
         plan.notes.append(f"{len(placement.renamed)} LoRA module(s) named as BASE's checkpoint names them, renamed as "
                           f"PEFT renames them on transformers 5: {short_list(placement.renamed)}")
@@ -232,6 +234,13 @@ def _notes(description: ModelDescription, placement: Placement, model_type: Opti
         plan.notes.append(
             f"{len(per_expert)} per-expert LoRA module(s) ({short_list(per_expert)}): PEFT 0.21.2 does not load "
             f"per-expert keys on {model_type} (it ignores them); fused as the adapter defines them")
+    fused_parts = [t.path for t in placement.modules if t.module in description.experts
+                   and description.experts[t.module].parts > 1]
+    if fused_parts and rslora and peft_converts_experts(model_type):
+        plan.notes.append(
+            f"rsLoRA on {len(fused_parts)} per-expert gate/up module(s) ({short_list(fused_parts)}): PEFT 0.21.2's "
+            "conversion reads them fused at rank 2r and alpha 2 lora_alpha, a scale sqrt(2) times the adapter's; "
+            "fused at the adapter's own scale alpha / sqrt(r)")
 
 
 def _refuse_tokens(adapter: Adapter) -> None:
