@@ -23,7 +23,7 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from lorasurg.config import LoraConfig  # noqa: E402
-from lorasurg.io.adapter import Adapter  # noqa: E402
+from lorasurg.io.adapter import Adapter, AdapterModule  # noqa: E402
 from lorasurg.surgery.adapter_layout import peft_layout  # noqa: E402
 from lorasurg.surgery.fuse import fuse  # noqa: E402
 from tests.parity.test_fuse_parity import adapted, merged_state  # noqa: E402
@@ -202,3 +202,29 @@ def test_llava_adapter_under_checkpoint_names_is_fused_as_the_model_named_one(tm
     assert torch.equal(theirs[language], ours[language])
     tower = "model.vision_tower.encoder.layers.0.self_attn.q_proj.weight"
     assert not torch.allclose(theirs[tower], ours[tower])  # PEFT kept its fresh init there
+
+
+def test_mixtral_router_lora_under_checkpoint_names_merges_as_peft_reads_it(tmp_path):
+    """An adapter written for transformers 4 on Mixtral: per-expert w1/w2/w3 and a LoRA on the router
+    ``block_sparse_moe.gate`` (an nn.Linear then, a custom router module now). PEFT renames the key to ``mlp.gate``
+    and converts the ``gate`` target to a ParamWrapper on the router's 2-D weight; fuse merges it the same way."""
+    description, factors, ranks, *_, model_type = changed_factors("mixtral", FIXTURES / "moe")
+    experts = {m: f for m, f in factors.items() if m in description.experts}
+    layout = peft_layout(description, experts, {m: ranks[m] for m in experts}, model_type=model_type)
+    fields, modules = dict(layout.fields), dict(layout.modules)
+    gen = torch.Generator().manual_seed(5)
+    for layer in (0, 1):
+        name = f"model.layers.{layer}.block_sparse_moe.gate"
+        modules[name] = AdapterModule(name, 0.1 * torch.randn(fields["r"], 32, generator=gen),
+                                      0.1 * torch.randn(4, fields["r"], generator=gen))
+    fields["target_modules"] = sorted(set(fields["target_modules"]) | {"gate"})
+    Adapter(LoraConfig(**fields, init_lora_weights=True), modules, {}).save(tmp_path / "adapter")
+    report = fuse(family("mixtral") / "base", tmp_path / "adapter", tmp_path / "fused", device="cpu")
+    assert any("block_sparse_moe.gate -> model.layers.0.mlp.gate" in note for note in report.notes)
+    ours = load(tmp_path / "fused").state_dict()
+    base = load(family("mixtral") / "base").state_dict()
+    assert not torch.equal(ours["model.layers.0.mlp.gate.weight"], base["model.layers.0.mlp.gate.weight"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.PeftModel.from_pretrained(load(family("mixtral") / "base"), tmp_path / "adapter")
+    assert_states_close(ours, merged_state(pm))
