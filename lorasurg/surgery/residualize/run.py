@@ -56,7 +56,7 @@ from ...consumers import ForReport, blocked_parts, parse_consumers, prepare_for
 from ...consumers.reading import Consumers
 from ...engine.factors import compute_dtype, delta_frobenius_sq, factor_shapes, lora_alpha_for, lora_scale
 from ...engine.init import InitMethod, init_factors, make_init_draws, parse_init_method
-from ...errors import ConfigError, InputError, LorasurgError
+from ...errors import ConfigError, InputError, LorasurgError, option
 from ...io.adapter import Adapter, AdapterModule
 from ...io.checkpoint import Checkpoint
 from ...io.meta_facts import module_order
@@ -322,6 +322,13 @@ def _residualize_one(target: _Target, method: InitMethod, weight: torch.Tensor, 
                      factors: dict[str, AdapterModule], report: ResidualizeReport) -> Optional[torch.Tensor]:
     """Factor one weight; record its adapter tensors and report row; return the residual (None: unchanged)."""
     info = target.info
+    if info.kind != "embedding" and not bool(torch.isfinite(weight).all()):  # PiSSA/OLoRA factor it; embeddings not
+        nan, inf = int(torch.isnan(weight).sum()), int(torch.isinf(weight).sum())
+        raise InputError(
+            f"{target.module}.weight holds {nan} NaN and {inf} inf: {method.config_value} factors each target weight "
+            f"and needs finite values, and nothing was written. Fix the checkpoint, or leave the module out with "
+            f"{option('--exclude-modules ' + target.module, 'exclude_modules=[' + repr(target.module) + ']')}"
+        )
     adapter_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     result = init_factors(method, info.kind, tuple(weight.shape), target.rank, target.scale, weight=weight,
                           fan_in_fan_out=info.fan_in_fan_out, generator=generator, dtype=adapter_dtype,
