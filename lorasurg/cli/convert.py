@@ -27,8 +27,9 @@ def convert_command(trained, initial, output, r, consumers, force, as_json) -> N
 
     \b
     Examples:
-      lorasurg convert out/pissa-trained --initial out/pissa/adapter -o out/pissa-lora
-      lorasurg convert out/pissa-trained --initial out/pissa/adapter --r 8 --for all -o out/pissa-lora-served
+      lorasurg convert fixtures/tiny-llama/pissa/trained --initial fixtures/tiny-llama/pissa/adapter -o out/pissa-lora
+      lorasurg convert fixtures/tiny-llama/pissa/trained --initial fixtures/tiny-llama/pissa/adapter --r 4 --for all \
+          -o out/pissa-lora-served
     """
     from ..surgery.convert import convert_to_dir
 
