@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Collection, Mapping, Optional, Sequence, Union
 
-import torch
 from torch import Tensor
 
 from ..config import CONFIG_NAME, LoraConfig
@@ -43,6 +42,7 @@ from ..modules import ModuleInfo
 from ..targeting import ALL_LINEAR, anchored_pattern_key, rank_alpha, select_modules, without_parameters
 from ._shards import open_shard
 from .hub import resolve_source
+from .values import nonfinite_findings
 from .writer import atomic_output_dir, write_file
 
 __all__ = [
@@ -58,7 +58,6 @@ __all__ = [
     "wrapped_module",
     "weights_file",
     "read_weights",
-    "nonfinite_findings",
 ]
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -172,22 +171,6 @@ def parse_peft_key(key: str) -> tuple[str, Optional[str]]:
             if rest.endswith("." + part):
                 return rest[: -len(part) - 1], _LEGACY_PARTS.get(part, part)
     return rest, None
-
-
-def nonfinite_findings(tensors: Mapping[str, Tensor]) -> list[Finding]:
-    """``value-nonfinite`` for each floating tensor of ``tensors`` that holds NaN or inf (where: its key); tensors on
-    the meta device (shapes only) are skipped."""
-    found = []
-    for key, tensor in tensors.items():
-        if tensor.is_meta or not tensor.is_floating_point() or bool(torch.isfinite(tensor).all()):
-            continue
-        nan, inf = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
-        found.append(Finding(
-            "value-nonfinite", key, f"{nan} NaN and {inf} inf among its {tensor.numel()} values "
-            f"(shape {tuple(tensor.shape)}, {str(tensor.dtype).removeprefix('torch.')})",
-            "the training diverged or the file was written from a broken state: use an earlier checkpoint",
-        ))
-    return found
 
 
 @dataclass

@@ -8,7 +8,8 @@ What every output gets from here (commands only open one with :func:`atomic_outp
   temporary is removed, with SIGINT and SIGTERM held back until it is gone. An existing destination is only replaced
   with ``force``, after the new content is complete (``fuse -o BASE --force`` reads BASE until the end); if the
   final move fails, the old content is put back.
-* **Checked before any work.** :func:`check_output_dir` refuses a non-empty directory without ``force``, a file,
+* **Checked before any work.** :func:`check_output_dir` (:func:`check_output_file` for a file) refuses a non-empty
+  directory (an existing file) without ``force``, a file where a directory goes (and the reverse),
   and a place nothing can be created in (a parent that is a file, ``/proc``, ``/sys``, a read-only or forbidden
   directory), by creating and removing a probe directory there.
 * **Modes from the umask.** Every file and directory in the output gets the mode the umask gives a new one (0644
@@ -41,7 +42,8 @@ from ..errors import InputError, LorasurgWarning, OutputError, OutputExistsError
 from .sizes import format_size
 
 __all__ = [
-    "atomic_output_dir", "atomic_output_file", "check_output_dir", "check_writable", "ensure_room", "named_errors",
+    "atomic_output_dir", "atomic_output_file", "check_output_dir", "check_output_file", "check_writable", "ensure_room",
+    "named_errors", "destination",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -73,6 +75,24 @@ def check_output_dir(path: PathLike, force: bool = False) -> Path:
             f"output directory {out} exists and is not empty; choose another path or pass "
             f"{option('--force', 'force=True')} to replace it"
         )
+    check_writable(out)
+    return out
+
+
+def check_output_file(path: PathLike, force: bool = False) -> Path:
+    """Refuse an output file that would clobber something or cannot be written, before any work is done.
+
+    Raises:
+        OutputExistsError: ``path`` exists and ``force`` is false.
+        InputError: ``path`` is a directory.
+        OutputError: nothing can be created where ``path`` would go (see :func:`check_writable`).
+    """
+    out = Path(path)
+    if out.is_dir():
+        raise InputError(f"output path {out} is a directory; give a file path")
+    if out.exists() and not force:
+        raise OutputExistsError(f"output file {out} exists; choose another path or pass "
+                                f"{option('--force', 'force=True')} to replace it")
     check_writable(out)
     return out
 
@@ -166,13 +186,7 @@ def atomic_output_file(path: PathLike, force: bool = False) -> Iterator[Path]:
         OutputExistsError: ``path`` exists and ``force`` is false. InputError: ``path`` is a directory.
         OutputError: as :func:`atomic_output_dir`.
     """
-    out = Path(path).absolute()
-    if out.is_dir():
-        raise InputError(f"output path {path} is a directory; give a file path")
-    if out.exists() and not force:
-        raise OutputExistsError(f"{path} exists; choose another path or pass {option('--force', 'force=True')} "
-                                "to replace it")
-    check_writable(out)
+    out = check_output_file(path, force).absolute()
     _remove_stale(out)
     with _writing(out, out):
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -281,9 +295,13 @@ def _reason(err: OSError) -> str:
     return err.strerror or str(err)
 
 
+def _host() -> str:
+    """This machine's name as a temporary's name carries it."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname())[:64] or "host"
+
+
 def _temp_prefix(out: Path, kind: str) -> str:
-    host = re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname())[:64] or "host"
-    return f".{out.name}.{kind}-{os.getpid()}-{host}-"
+    return f".{out.name}.{kind}-{os.getpid()}-{_host()}-"
 
 
 def _fresh_dir(parent: Path, prefix: str) -> Path:
@@ -322,7 +340,7 @@ def _apply_modes(root: Path, dir_mode: int) -> None:
 
 def _remove_stale(out: Path) -> None:
     """Remove the temporaries of ``out`` left by a process of this host that is gone; warn once if any were."""
-    host = _temp_prefix(out, "tmp").rsplit("-", 2)[1]
+    host = _host()
     removed: list[str] = []
     try:
         siblings = list(out.parent.iterdir()) if out.parent.is_dir() else []

@@ -51,6 +51,7 @@ from torch import Tensor
 from ..errors import InputError
 from ._memory import return_freed_memory
 from .checkpoint import Checkpoint
+from .values import all_finite, describe_nonfinite
 from .writer import SIDE_FILES, ShardedWriter, copy_side_files, ensure_room
 
 __all__ = [
@@ -269,20 +270,19 @@ def _check_finite(key: str, tensor: Tensor, base: Checkpoint, source: TensorSour
     Raises:
         InputError: naming the tensor, the counts and what to do.
     """
-    if not tensor.is_floating_point() or bool(torch.isfinite(tensor).all()):
+    if all_finite(tensor):
         return
-    nan, inf = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
-    found = f"{nan} NaN and {inf} inf"
+    found = describe_nonfinite(tensor)
     if key in base and not _stored_finite(base, key):
         raise InputError(f"{key} in BASE ({base.path}) holds NaN or inf, so the rewritten tensor would hold {found}: "
                          "nothing was written. Fix the checkpoint (or leave this module out)")
     if key in base and source.output_dtype(key) != base.dtype(key):
         dtype = str(source.output_dtype(key)).removeprefix("torch.")
-        raise InputError(f"{key} would hold {found} once cast to {dtype}: its values exceed that "
-                         "dtype's range. Nothing was written; keep the stored dtype (--dtype auto) or use bfloat16")
+        raise InputError(f"{key} would hold {found} once cast to {dtype}: its values exceed that dtype's range. "
+                         "Nothing was written; keep the stored dtype (--dtype auto) or use bfloat16")
     raise InputError(f"{key} would hold {found} (as {str(tensor.dtype).removeprefix('torch.')}): the arithmetic "
-                     "overflowed. Nothing was "
-                     "written; check the inputs' values (lorasurg validate), or write a wider --dtype")
+                     "overflowed. Nothing was written; check the inputs' values (lorasurg validate), or write a "
+                     "wider --dtype")
 
 
 def _finite_blocks(key: str, blocks: Iterable[Tensor], base: Checkpoint, source: TensorSource) -> Iterator[Tensor]:
@@ -294,14 +294,11 @@ def _finite_blocks(key: str, blocks: Iterable[Tensor], base: Checkpoint, source:
 
 def _stored_finite(base: Checkpoint, name: str) -> bool:
     """Whether BASE's stored ``name`` holds only finite values (read in row blocks of about 64 MB)."""
-    if not base.dtype(name).is_floating_point:
-        return True
     shape = tuple(base.shape(name))
     row = math.prod(shape[1:]) * torch.empty((), dtype=base.dtype(name)).element_size() if shape else 1
-    stored = TensorSource(base, None)
-    pairs = stored.row_blocks(name, max(1, (64 << 20) // max(row, 1)))
+    pairs = TensorSource(base, None).row_blocks(name, max(1, (64 << 20) // max(row, 1)))
     try:
-        return all(bool(torch.isfinite(block).all()) for _, block in pairs)
+        return all(all_finite(block) for _, block in pairs)
     finally:
         pairs.close()
 

@@ -22,14 +22,15 @@ import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterable, Iterator, Mapping, Optional, Sequence, Union
+from typing import BinaryIO, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 
 from ..errors import InputError, OutputExistsError
 from ._dtypes import code_of_dtype
 from .atomic import (
-    atomic_output_dir, atomic_output_file, check_output_dir, check_writable, ensure_room, named_errors,
+    atomic_output_dir, atomic_output_file, check_output_dir, check_output_file, check_writable, ensure_room,
+    named_errors,
 )
 from .sizes import UNITS, split_size
 
@@ -37,6 +38,7 @@ __all__ = [
     "atomic_output_dir",
     "atomic_output_file",
     "check_output_dir",
+    "check_output_file",
     "check_writable",
     "ensure_room",
     "parse_size",

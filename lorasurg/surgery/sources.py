@@ -24,8 +24,8 @@ def open_adapter(source: AdapterSource, what: str = "adapter") -> tuple[Adapter,
     if isinstance(source, Adapter):
         found = source.problems()
         if found:
-            raise InputError(f"{what} cannot be used as it is (its tensors contradict its config or hold NaN/inf):\n  - "
-                             + "\n  - ".join(found))
+            raise InputError(f"{what} cannot be used as it is (its tensors contradict its config or hold "
+                             "NaN/inf):\n  - " + "\n  - ".join(found))
         return source, what
     return Adapter.load(source), os.fspath(source)
 

@@ -16,12 +16,11 @@ import os
 from contextlib import ExitStack
 from typing import Optional, Union
 
-import torch
-
 from ...consumers import consumer_verdicts
 from ...engine.factors import lora_scale
 from ...io.adapter import Adapter
 from ...io.checkpoint import Checkpoint
+from ...io.values import all_finite
 from .plot import check_plot_path, write_plot
 from .report import InspectReport, LayerTypeTotal, ModuleSummary
 from .spectra import base_weight_norm, module_spectrum
@@ -117,7 +116,7 @@ def _summary(adapter: Adapter, name: str) -> ModuleSummary:
 
 def _has_spectrum(mod) -> bool:
     """Factors that chain and hold finite values (the problems list says what is wrong with the others)."""
-    return mod.A.shape[0] == mod.B.shape[1] and all(bool(torch.isfinite(t).all()) for t in (mod.A, mod.B))
+    return mod.A.shape[0] == mod.B.shape[1] and all_finite(mod.A) and all_finite(mod.B)
 
 
 def _layer_types(modules: list[ModuleSummary]) -> list[LayerTypeTotal]:

@@ -61,6 +61,7 @@ from ...io.adapter import Adapter, AdapterModule
 from ...io.checkpoint import Checkpoint
 from ...io.meta_facts import module_order
 from ...io.rewrite import TensorSource, rewrite_checkpoint
+from ...io.values import all_finite, describe_nonfinite
 from ...io.writer import atomic_output_dir, check_output_dir
 from ...modules import ModuleInfo
 from ...targeting import ALL_LINEAR, exact_target_modules, rank_alpha_fields, select_modules
@@ -322,12 +323,11 @@ def _residualize_one(target: _Target, method: InitMethod, weight: torch.Tensor, 
                      factors: dict[str, AdapterModule], report: ResidualizeReport) -> Optional[torch.Tensor]:
     """Factor one weight; record its adapter tensors and report row; return the residual (None: unchanged)."""
     info = target.info
-    if info.kind != "embedding" and not bool(torch.isfinite(weight).all()):  # PiSSA/OLoRA factor it; embeddings not
-        nan, inf = int(torch.isnan(weight).sum()), int(torch.isinf(weight).sum())
+    if info.kind != "embedding" and not all_finite(weight):  # PiSSA/OLoRA factor it; embeddings keep it
         raise InputError(
-            f"{target.module}.weight holds {nan} NaN and {inf} inf: {method.config_value} factors each target weight "
-            f"and needs finite values, and nothing was written. Fix the checkpoint, or leave the module out with "
-            f"{option('--exclude-modules ' + target.module, 'exclude_modules=[' + repr(target.module) + ']')}"
+            f"{target.module}.weight holds {describe_nonfinite(weight)}: {method.config_value} factors each target "
+            "weight and needs finite values, and nothing was written. Fix the checkpoint, or leave the module out "
+            f"with {option('--exclude-modules ' + target.module, 'exclude_modules=[' + repr(target.module) + ']')}"
         )
     adapter_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     result = init_factors(method, info.kind, tuple(weight.shape), target.rank, target.scale, weight=weight,

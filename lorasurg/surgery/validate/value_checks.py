@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ...findings import Finding
-from ...io.adapter import nonfinite_findings
+from ...io.values import nonfinite_findings
 from .subject import Subject
 
 __all__ = ["check_values"]
