@@ -155,11 +155,7 @@ def atomic_output_dir(path: PathLike, force: bool = False) -> Iterator[Path]:
         fails (disk full, file-size limit, permissions), naming the file.
     """
     out = check_output_dir(path, force).absolute()
-    _remove_stale(out)
-    with _writing(out, out):
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _fresh_dir(out.parent, _temp_prefix(out, "tmp"))
-    dir_mode = stat.S_IMODE(tmp.stat().st_mode)  # what mkdir's 0o777 became under the umask
+    tmp, dir_mode = _temporary(out, _fresh_dir)
     with _writing(out, tmp, remove=lambda: shutil.rmtree(tmp, ignore_errors=True)):
         yield tmp
         _apply_modes(tmp, dir_mode)
@@ -187,11 +183,7 @@ def atomic_output_file(path: PathLike, force: bool = False) -> Iterator[Path]:
         OutputError: as :func:`atomic_output_dir`.
     """
     out = check_output_file(path, force).absolute()
-    _remove_stale(out)
-    with _writing(out, out):
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _fresh_file(out.parent, _temp_prefix(out, "tmp"))
-    mode = stat.S_IMODE(tmp.stat().st_mode)  # what open's 0o666 became under the umask
+    tmp, mode = _temporary(out, _fresh_file)
     with _writing(out, tmp, remove=lambda: tmp.unlink(missing_ok=True)):
         yield tmp
         os.chmod(tmp, mode)  # a writer that replaced the file may have given it another mode
@@ -219,6 +211,17 @@ def destination(path: PathLike) -> Path:
 
 
 # --- internals ----------------------------------------------------------------------------------------------------
+
+def _temporary(out: Path, make: Callable[[Path, str], Path]) -> tuple[Path, int]:
+    """Remove the stale temporaries of ``out``, create its parent directories and a fresh temporary next to it with
+    ``make(parent, prefix)``; return the temporary and its mode (what mkdir's 0o777 or open's 0o666 became under the
+    umask)."""
+    _remove_stale(out)
+    with _writing(out, out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = make(out.parent, _temp_prefix(out, "tmp"))
+    return tmp, stat.S_IMODE(tmp.stat().st_mode)
+
 
 @contextlib.contextmanager
 def _writing(out: Path, tmp: Path, remove: Optional[Callable[[], None]] = None) -> Iterator[None]:
