@@ -6,7 +6,7 @@ import click
 
 from ..engine.combine import METHODS
 from ..errors import ConfigError
-from ._app import emit, for_option, force_option, json_option, main
+from ._app import emit, for_option, force_option, gguf_base_option, json_option, main, to_option
 
 
 def _weights(text):
@@ -38,10 +38,12 @@ def _weights(text):
               help="Seed of the dare methods' random drops; the other methods draw nothing, and their report's seed "
                    "is null.")
 @for_option
+@to_option
+@gguf_base_option
 @force_option
 @json_option
-def merge_command(adapters, output, weights, method, r, density, majority_sign, seed, consumers, force,
-                  as_json) -> None:
+def merge_command(adapters, output, weights, method, r, density, majority_sign, seed, consumers, to, outtype, base,
+                  force, as_json) -> None:
     """Merge adapters A B [C ...] into one, offline, from the adapter files alone (no base model). One adapter is
     taken too, as PEFT's add_weighted_adapter takes it: --weights W scales its delta (default 1: the same delta at
     scale 1, re-expressed by the method).
@@ -60,5 +62,6 @@ def merge_command(adapters, output, weights, method, r, density, majority_sign, 
     from ..surgery.merge import merge_to_dir
 
     report = merge_to_dir(list(adapters), output, _weights(weights), force=force, method=method, r=r,
-                          density=density, majority_sign=majority_sign, seed=seed, consumers=consumers)
+                          density=density, majority_sign=majority_sign, seed=seed, consumers=consumers, to=to,
+                          base=base, outtype=outtype)
     emit(report, as_json)
