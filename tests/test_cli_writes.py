@@ -46,14 +46,16 @@ def _writers(adapter: Path) -> dict[str, list]:
         "fuse": ["fuse", LLAMA, adapter, "-o"],
         "validate --fix": ["validate", adapter, "--fix", "-o"],
         "inspect --plot": ["inspect", adapter, "--plot"],
+        "export": ["export", adapter, "--to", "gguf", "--base", LLAMA, "-o"],
     }
 
 
-COMMANDS = ["extract", "rerank", "merge", "convert", "residualize", "fuse", "validate --fix", "inspect --plot"]
+COMMANDS = ["extract", "rerank", "merge", "convert", "residualize", "fuse", "validate --fix", "inspect --plot",
+            "export"]
 
 
 def _out(command: str, where: Path) -> Path:
-    return where / "out.png" if command == "inspect --plot" else where / "out"
+    return where / {"inspect --plot": "out.png", "export": "out.gguf"}.get(command, "out")
 
 
 # ------------------------------------------------------------------------------------------------ where nothing goes
@@ -69,7 +71,7 @@ def test_output_under_a_file_is_refused_before_any_work(adapter, tmp_path, comma
 
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc and /sys")
 @pytest.mark.parametrize("place", ["/proc", "/sys"])
-@pytest.mark.parametrize("command", ["rerank", "fuse", "validate --fix", "inspect --plot"])
+@pytest.mark.parametrize("command", ["rerank", "fuse", "validate --fix", "inspect --plot", "export"])
 def test_output_under_proc_or_sys_is_refused(adapter, place, command):
     out = _out(command, Path(place) / "lorasurg-test")
     refused(run(*_writers(adapter)[command], out), f"cannot write {out}", f"nothing can be created in {place}")
@@ -133,7 +135,7 @@ def test_every_file_written_gets_the_umask_mode(adapter, tmp_path, command):
         result = run(*_writers(adapter)[command], out)
     assert result.exit_code in (0, 1), result.output  # validate --fix: 1 when the copy still has errors
     assert_modes(out)
-    if command != "inspect --plot":
+    if out.is_dir():
         assert_finite(out)
     assert_clean(tmp_path)
 
