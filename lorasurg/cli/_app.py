@@ -199,16 +199,19 @@ def for_option(f: Optional[F] = None, *, help: Optional[str] = None) -> Any:
     )(f)
 
 
-def to_option(f: F) -> F:
+def to_option(f: Optional[F] = None, *, help: Optional[str] = None) -> Any:
     """``--to peft|gguf`` -> parameter ``to``, with ``--outtype`` -> ``outtype`` (see
-    :mod:`lorasurg.surgery.export.output`)."""
+    :mod:`lorasurg.surgery.export.output`); ``help`` replaces ``--to``'s text where a command treats what llama.cpp
+    cannot carry differently (``@to_option(help=...)``)."""
+    if f is None:
+        return lambda g: to_option(g, help=help)
     f = click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default="f32", show_default=True,
                      help="With --to gguf: the tensor type of the GGUF file (q8_0 writes rows that are not a multiple "
                           "of 32 as f16, as llama.cpp's converter does).")(f)
     return click.option(
         "--to", "to", type=click.Choice(["peft", "gguf"]), default="peft", show_default=True,
-        help="Output format: a PEFT adapter directory, or gguf: a llama.cpp GGUF LoRA file at -o (written for "
-             "llama.cpp: what it cannot carry is left out and listed).",
+        help=help or "Output format: a PEFT adapter directory, or gguf: a llama.cpp GGUF LoRA file at -o (written "
+                     "for llama.cpp: what it cannot carry is left out and listed).",
     )(f)
 
 

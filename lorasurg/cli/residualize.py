@@ -38,7 +38,9 @@ from ._app import (
     "Who will load OUT/adapter: peft, vllm, llama.cpp or all (comma-separated for several). Lossless only: the scale "
     "is rewritten (factors rescaled, or zero-padded to one rank for all); a consumer that cannot carry the whole "
     "initial adapter is refused before any work, naming the modules to --exclude-modules."))
-@to_option
+@to_option(help=(
+    "Output format of the initial adapter: a PEFT directory (OUT/adapter), or gguf: a llama.cpp GGUF LoRA file "
+    "(OUT/adapter.gguf), written losslessly as for --for llama.cpp (what it cannot carry is refused before any work)."))
 @force_option
 @json_option
 def residualize_command(base, init, r, alpha, use_rslora, target_modules, exclude_modules, output, dtype, device,
