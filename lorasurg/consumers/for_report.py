@@ -8,6 +8,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 from .complete import ExpertFix
+from .reading import MODULE_FEATURES
+
+#: features whose LoRA module is left out whole (fan_in_fan_out: llama.cpp misreads it)
+WHOLE_MODULE_FEATURES = (*MODULE_FEATURES, "fan_in_fan_out_lora")
 
 __all__ = ["LeftOut", "ForReport"]
 
@@ -57,6 +61,11 @@ class ForReport:
     def left_out_share(self) -> float:
         """Sum of the known shares of what was left out."""
         return sum(x.share or 0.0 for x in self.left_out)
+
+    @property
+    def left_out_modules(self) -> set[str]:
+        """The LoRA modules left out whole (not written at all), for whichever named consumer."""
+        return {x.name for x in self.left_out if x.feature in WHOLE_MODULE_FEATURES}
 
     def left_out_for(self, consumer: str) -> list[LeftOut]:
         """What ``consumer`` cannot carry."""

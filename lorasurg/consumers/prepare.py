@@ -48,7 +48,7 @@ from ..io.adapter import Adapter, AdapterModule
 from ..targeting import anchored_pattern_key
 from .complete import ExpertFix, complete_experts, expert_notes
 from .complete import pad_rank as _pad
-from .for_report import ForReport, LeftOut
+from .for_report import WHOLE_MODULE_FEATURES, ForReport, LeftOut
 from .layouts import (
     PEFT_OPTIONS,
     expert_name,
@@ -69,7 +69,7 @@ from .rules import CONSUMERS, FEATURES, Consumer, parse_consumers
 
 __all__ = ["LeftOut", "ForReport", "prepare_for", "blocked_parts", "module_energies", "rescale_module"]
 
-_MODULE_FEATURES = (*MODULE_FEATURES, "fan_in_fan_out_lora")  # left out whole (fan_in_fan_out: llama.cpp misreads)
+_MODULE_FEATURES = WHOLE_MODULE_FEATURES
 #: Features that PEFT's ParamWrapper refuses (PEFT 0.21.2 turns per-expert LoRA into one): left out for PEFT when
 #: the adapter has MoE expert LoRA (see :data:`~lorasurg.consumers.layouts.PEFT_OPTIONS`).
 _PARAM_WRAPPER_REFUSES = ("lora_bias", "dora")
