@@ -23,7 +23,8 @@ config fields, following PEFT 0.21.2 on transformers 5 (:mod:`lorasurg.consumers
 
 Every change that costs bytes or rounding is said in ``notes``. What PEFT cannot load in the chosen form is
 refused (:class:`~lorasurg.errors.UnsupportedError`): a ``target_parameters`` LoRA with ``lora_bias``, DoRA or
-``fan_in_fan_out``.
+``fan_in_fan_out`` — per-expert experts included, which PEFT converts to ``target_parameters`` when it loads them
+(:func:`parameter_targets` says, before any factor exists, which parameters an adapter of given modules needs).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from ..io.architecture import ModelDescription
 from ..io.keymap import ExpertSlot
 from ..targeting import alpha_value, anchored_pattern_key, exact_target_modules, rank_alpha_fields
 
-__all__ = ["FORMS", "ExpertStack", "PeftLayout", "peft_layout", "expert_form"]
+__all__ = ["FORMS", "ExpertStack", "PeftLayout", "peft_layout", "expert_form", "parameter_targets"]
 
 FORMS = ("per-expert", "target-parameters")
 
@@ -92,6 +93,24 @@ def expert_form(description: ModelDescription, model_type: Optional[str], stacks
     if stacks or any(p.stored for p in description.parameters.values()):
         return "target-parameters"
     return "per-expert" if peft_converts_experts(model_type) else "target-parameters"
+
+
+def parameter_targets(description: ModelDescription, modules: Sequence[str], *, model_type: Optional[str],
+                      form: Optional[str] = None) -> list[str]:
+    """The model parameters PEFT 0.21.2 adapts through its ``ParamWrapper`` (``target_parameters``, given or made by
+    its conversion of per-expert keys) in an adapter of ``modules`` (checkpoint modules, experts included, and keys of
+    expert parameters the checkpoint stores fused), as :func:`peft_layout` would lay it out; empty when none."""
+    stored = {p.stored: p.name for p in description.parameters.values() if p.stored}
+    experts = [m for m in modules if m in description.experts]
+    fused = sorted({description.experts[m].parameter for m in experts} | {stored[m] for m in modules if m in stored})
+    if not fused:
+        return []
+    form = form or expert_form(description, model_type, [m for m in modules if m in stored])
+    if form != "per-expert":
+        return fused
+    converted = CONVERTED_NAMES.get(peft_conversion_pattern(model_type) or "", frozenset())
+    plain = [description.model_name(m) for m in modules if m not in description.experts and m not in stored]
+    return fused + sorted(f"{name}.weight" for name in plain if name.rsplit(".", 1)[-1] in converted)
 
 
 def peft_layout(
@@ -148,9 +167,11 @@ def peft_layout(
         globals_ = _per_expert(layout, description, experts, factors, ranks, per_module, use_rslora)
     elif experts or stacks:
         parameters += _fused(layout, description, experts, factors, ranks, stacks, per_module, use_rslora)
-    if parameters and refused:
+    wrapped = parameters + sorted({s.parameter for s in experts.values()} if form == "per-expert" else ())
+    if wrapped and refused:
         raise UnsupportedError(
-            f"this adapter needs target_parameters ({_short(parameters)}), which PEFT cannot combine with "
+            f"this adapter needs target_parameters ({_short(wrapped)}; PEFT converts per-expert LoRA to them), which "
+            f"PEFT cannot combine with "
             f"{', '.join(refused)} (its ParamWrapper refuses them); leave those out (e.g. --no-lora-bias) or "
             "exclude these modules")
     target_names = [n for n in layout.modules if (n not in layout.sources or n in description.experts)
