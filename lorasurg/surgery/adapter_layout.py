@@ -11,7 +11,8 @@ config fields, following PEFT 0.21.2 on transformers 5 (:mod:`lorasurg.consumers
   - ``per-expert`` (default where PEFT converts it: Mixtral, Qwen3-MoE, DeepSeek-V3, ...): one module per expert
     under the checkpoint's names. Every expert of every MoE layer of an adapted projection is present — an expert
     without factors gets zero factors, since PEFT adapts every layer's fused parameter and would otherwise miss
-    keys —, both parts of a fused ``gate_up_proj`` are (one without factors is zero), and every expert is at the
+    keys —, every projection of such a layer is (gate and up adapted without down load with missing keys: a
+    projection without factors is zero), and every expert is at the
     config's global ``r`` and ``lora_alpha``: lower ranks are zero-padded (exact), other scales folded into ``B``
     (exact to rounding). Plain layers whose leaf name PEFT's conversion would take for an expert projection
     (DeepSeek-V3's dense ``mlp.gate_proj``, a ``shared_experts.up_proj``) are listed in ``target_parameters`` as
@@ -233,6 +234,8 @@ def _per_expert(layout: PeftLayout, description: ModelDescription, experts: Mapp
     """Every expert of every adapted projection at one global (r, alpha); returns it."""
     leaves = {module.rsplit(".", 1)[-1] for module in experts}
     adapted = {s.parameter for m, s in description.experts.items() if m.rsplit(".", 1)[-1] in leaves}
+    holders = {p.rpartition(".")[0] for p in adapted}  # PEFT needs every projection of an adapted experts module
+    adapted |= {s.parameter for s in description.experts.values() if s.parameter.rpartition(".")[0] in holders}
     groups = _groups(description, sorted(adapted))
     rank = max(ranks[m][0] for m in experts)
     scales = {m: lora_scale(*ranks[m], use_rslora) for m in experts}

@@ -17,13 +17,14 @@ role            if the tensor changed
 
 Rules, in order:
 
-1. ``--exclude-modules`` wins: every tensor of an excluded module is ``drop`` ("excluded").
+1. ``--exclude-modules`` wins: every tensor of an excluded module is ``drop`` ("excluded"); the keys of rules 1a
+   and 1b are excluded by their own name too.
 1a. A key the model has no place for (:attr:`~lorasurg.io.architecture.ModelDescription.unplaced`), a tensor of a
    module the model does not have, or a tensor LoRA cannot carry on its layer is ``drop``, *lost* (below).
 1b. A 3-D expert parameter the checkpoint stores fused (gpt-oss's ``mlp.experts.gate_up_proj``; ``stored_experts``)
    is ``lora`` (kind ``experts``: one LoRA per expert), selected by its module's or its own name; any other tensor
-   of a module that holds such a target (gpt-oss's expert biases) is ``drop``, lost: PEFT can neither save the
-   module whole beside its LoRA nor give a ``target_parameters`` LoRA a bias.
+   of a module that holds such a target (gpt-oss's expert biases) is ``drop``, lost: PEFT refuses
+   ``modules_to_save`` on a module its ``ParamWrapper`` wraps, and a ``ParamWrapper`` takes no ``lora_bias``.
 2. Input embedding and output layer follow ``--embeddings``: ``skip`` -> ``drop``; ``full`` -> ``save``;
    ``lora`` -> ``lora`` when targeted, except that PEFT refuses ``lora_bias`` on an ``nn.Embedding``, so with
    ``lora_bias`` on an embedding is ``save`` instead (said in the report).
@@ -165,7 +166,8 @@ def plan_roles(
         if name in aliases:
             roles[name] = TensorRole(name, module, "alias", f"tied to {aliases[name]}", kind, aliases[name])
             continue
-        if matches_any(exclude_modules, module) or (name in stored and matches_any(exclude_modules, name)):
+        keyed = name in stored or name in unplaced  # no module of their own: selected by their key too
+        if matches_any(exclude_modules, module) or (keyed and matches_any(exclude_modules, name)):
             roles[name] = TensorRole(name, module, "drop", "excluded by --exclude-modules", kind)
             continue
         if name in unplaced:
@@ -196,8 +198,8 @@ def _beside_stored_experts(roles: dict[str, TensorRole]) -> None:
     for name, role in roles.items():
         if role.module in holders and role.kind != "experts" and role.role in ("save", "bias"):
             roles[name] = dataclasses.replace(role, role="drop", lost=True, reason=(
-                f"a tensor of {role.module}, whose fused expert parameters get LoRA (target_parameters): PEFT can "
-                "neither save that module whole beside them nor give them a lora_bias"))
+                f"a tensor of {role.module}, whose fused expert parameters get LoRA (target_parameters): PEFT refuses "
+                "modules_to_save on a module its ParamWrapper wraps, and a ParamWrapper takes no lora_bias"))
 
 
 def blocker(consumers: Sequence[Consumer], feature: str) -> Optional[Consumer]:

@@ -37,6 +37,28 @@ def _extract(arch: str, **options) -> Callable[[Path], Path]:
     return write
 
 
+def _family(name: str, **options) -> Callable[[Path], Path]:
+    """extract of a mixture-of-experts or multimodal family's pair (fixtures/moe, fixtures/vlm)."""
+
+    def write(out: Path) -> Path:
+        folder = next(p for p in (ROOT / "fixtures" / "moe" / name, ROOT / "fixtures" / "vlm" / name) if p.is_dir())
+        extract_to_dir(folder / "base", folder / "tuned", out, device="cpu", **options)
+        return folder / "base"
+
+    return write
+
+
+#: What validate does not read yet (issue 16's validate part): these writers' outputs load exactly in PEFT
+#: (tests/parity/test_extract_moe.py, test_extract_vlm.py) but validate reports findings on them.
+_VALIDATE_GAPS = {
+    "extract-mixtral-r4": "validate checks modules_to_save against checkpoint module names, not the model's",
+    "extract-qwen2_moe-r4": "validate does not check target_parameters adapters yet",
+    "extract-deepseek_v3-r4": "validate does not check target_parameters adapters yet (check-skipped)",
+    "extract-gpt_oss-r4": "validate does not check target_parameters adapters yet",
+    "extract-qwen2_vl-r8": "validate checks against checkpoint module names, not the model's",
+}
+
+
 def _input(out: Path, name: str, arch: str, **options) -> Path:
     """An extract of ``arch``'s pair written next to ``out`` (an input of rerank or merge)."""
     path = out.parent / f"{out.name}.in-{name}"
@@ -106,6 +128,14 @@ WRITERS: dict[str, Callable[[Path], Path]] = {
     "extract-gpt2-conv1d": _extract("gpt2", r=4),
     "extract-gpt2-embeddings-skip": _extract("gpt2", r=4, embeddings="skip", lora_bias=False),
     "extract-llama-energy-for-llama.cpp": _for("llama.cpp", _extract("llama", **ENERGY, consumers="llama.cpp")),
+    # extract on mixture-of-experts and multimodal models: per-expert and target_parameters layouts, model names
+    "extract-qwen3_moe-r4": _family("qwen3_moe", r=4),
+    "extract-qwen3_moe-energy": _family("qwen3_moe", r=16, rank_policy="energy:0.9"),
+    "extract-mixtral-r4": _family("mixtral", r=4),
+    "extract-qwen2_moe-r4": _family("qwen2_moe", r=4),
+    "extract-deepseek_v3-r4": _family("deepseek_v3", r=4),
+    "extract-gpt_oss-r4": _family("gpt_oss", r=4),
+    "extract-qwen2_vl-r8": _family("qwen2_vl", r=8),
     # residualize: the initial adapter on the residual model it wrote
     "residualize-llama-pissa": _residualize("llama", init="pissa", r=8),
     "residualize-llama-olora-clamped-rslora": _residualize("llama", init="olora", r=48, use_rslora=True,
@@ -150,7 +180,8 @@ WRITERS: dict[str, Callable[[Path], Path]] = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(WRITERS))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(reason=_VALIDATE_GAPS[n], strict=True))
+                                  if n in _VALIDATE_GAPS else n for n in sorted(WRITERS)])
 def test_written_adapter_validates_clean(tmp_path, name):
     writer = WRITERS[name]
     base = writer(tmp_path / name)
