@@ -41,6 +41,7 @@ from torch import Tensor
 from ...engine.ranks import RankPolicy
 from ...engine.sketch import operator_svd, sketch_matrix
 from ...engine.svd import split_factors
+from ...engine.threads import one_thread
 from ...io.adapter import AdapterModule
 from ...io.architecture import ModelDescription
 from ...io.checkpoint import Checkpoint
@@ -49,7 +50,6 @@ from ..adapter_layout import ExpertStack
 from .build import Collected
 from .fit import MEASURE_BELOW, PASSES, Fit, oversample, sketch_size
 from .plan import TensorRole, split_tensor_name
-from .process import subtract_into
 from .report import ModuleFit
 from .stream import check_delta, memory_needs
 
@@ -167,14 +167,14 @@ def fit_group(base: Checkpoint, tuned: Checkpoint, group: ExpertGroup, roles: Ma
         energies: list[float] = []
         for i in range(stop - start):
             is_changed, finite, energy = check_delta(batch[i])
+            key = group.members[0 if group.stored is not None else start + i]
             if group.stored is not None:
                 stored_bad = stored_bad or not finite
                 stored_energy += energy if finite else 0.0
             elif not finite:
-                run.non_finite.append(f"{group.members[start + i]} (shape {tuple(base.shape(group.members[start + i]))})")
+                run.non_finite.append(f"{key} (shape {tuple(base.shape(key))})")
             elif is_changed:
-                role = roles[group.members[start + i]]
-                run.record_change(role, base.shape(role.name), energy)
+                run.record_change(roles[key], base.shape(key), energy)
             else:
                 run.unchanged += 1
             if finite and is_changed:
@@ -206,19 +206,17 @@ def _read(base: Checkpoint, tuned: Checkpoint, group: ExpertGroup, start: int, s
     """``batch[i] = float32(tuned) - float32(base)`` for members (or stored experts) ``start .. stop-1``, each as
     its ``(out, in)`` matrix."""
     if group.stored is None:
-        for i, key in enumerate(group.members[start:stop]):
-            batch[i].copy_(tuned.get(key, device=device))
-            subtract_into(batch[i], base.get(key, device=device))
+        for i, key in enumerate(group.members[start:stop]):  # float32 copies of one expert's inputs at a time
+            with one_thread():
+                torch.sub(tuned.get(key, torch.float32, device), base.get(key, torch.float32, device), out=batch[i])
         return
     key, (_, d1, d2) = group.members[0], group.stored.shape
-    for ckpt, sign in ((tuned, 1.0), (base, -1.0)):
-        rows = _stored_rows(ckpt, key, start, stop).view(stop - start, d1, d2).to(device)  # stored (n, d1, d2)
-        rows = rows.mT if group.stored.transposed else rows  # (n, in, out) -> (n, out, in)
-        if sign > 0:
-            batch.copy_(rows)
-        else:
-            batch.sub_(rows.to(torch.float32))
-        del rows
+    tuned_rows, base_rows = (_stored_rows(ckpt, key, start, stop) for ckpt in (tuned, base))  # (n, d1 d2) as stored
+    for i in range(stop - start):  # expert i: (d1, d2), i.e. (in, out) when transposed
+        tuned_e, base_e = (rows[i].view(d1, d2).to(device, torch.float32) for rows in (tuned_rows, base_rows))
+        with one_thread():
+            torch.sub(tuned_e.mT if group.stored.transposed else tuned_e,
+                      base_e.mT if group.stored.transposed else base_e, out=batch[i])
 
 
 def _stored_rows(ckpt: Checkpoint, key: str, start: int, stop: int) -> Tensor:
@@ -242,8 +240,10 @@ def _fit_batch(batch: Tensor, changed: list[int], energies: list[float], group: 
         U, S_all, Vh = torch.linalg.svd(M, full_matrices=False)  # (n, out, p), (n, p), (n, p, in)
         U, S, Vh = U[..., :cap], S_all[..., :cap], Vh[..., :cap, :]
     else:
-        gens = [_generator(group.module(start + i), seed, device) for i in changed]
-        omega = torch.stack([sketch_matrix(shape, cap, oversample(cap), g, device) for g in gens])  # (n, in, l)
+        with one_thread():  # many small draws
+            omega = torch.stack([sketch_matrix(shape, cap, oversample(cap), _generator(group.module(start + i), seed,
+                                                                                        device), device)
+                                 for i in changed])  # (n, in, l): expert i's own draw
         U, S, Vh = operator_svd(lambda X: M @ X, lambda Y: M.mT @ Y, shape, cap, oversample=oversample(cap),
                                 passes=PASSES, device=device, batch=M.shape[0], sketch=M @ omega)  # (n, out, in) @ ...
         S_all = S
