@@ -15,7 +15,7 @@ def measure(cmds: dict[str, tuple[list[str], Path]], repeats: int, threads: int,
 
     Returns:
         ``{"loads": [1-min load average at each start], "tools": {tool: {rc, walls, wall_s (median), cpus, cpu_s
-        (median CPU seconds, user + system), peak_rss (largest)}}}``.
+        (median), peak_rss (largest)}}}`` (CPU seconds: user + system).
     """
     tools = list(cmds)
     runs: dict[str, list[dict]] = {tool: [] for tool in tools}

@@ -42,7 +42,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _measure import measure  # noqa: E402
-from extract import DATA, FLOOR, MERGEKIT, ROOT, _dir_bytes, _power_law_delta, run_measured, write_results  # noqa: E402
+from extract import DATA, FLOOR, MERGEKIT, _dir_bytes, _power_law_delta, run_measured, write_results  # noqa: E402
 
 from lorasurg.io.writer import ShardedWriter  # noqa: E402
 
