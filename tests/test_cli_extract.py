@@ -271,5 +271,5 @@ def test_for_vllm_on_moe_experts_is_refused_before_any_work(tmp_path):
     moe = [str(FIXTURES / "moe" / "mixtral" / "base"), str(FIXTURES / "moe" / "mixtral" / "tuned")]
     result = run(*moe, "-o", str(tmp_path / "ad"), "--for", "vllm")
     assert result.exit_code == 2 and "Traceback" not in result.output
-    assert "--for vllm: lorasurg does not know yet how vllm" in result.output
+    assert "written for vllm (--for, --to): lorasurg does not know yet how vllm" in result.output
     assert "block_sparse_moe.experts.0.w1" in result.output and not (tmp_path / "ad").exists()

@@ -24,6 +24,12 @@ once; the adapter then carries the change for both modules, since PEFT adapts th
 ``lora_embedding_A/B`` on the embedding and the same factors, transposed, as ``lm_head``'s ``lora_A/B`` (with
 ``--embeddings full``, a saved copy for each).
 
+Mixtures of experts: every expert's delta is fitted as its own LoRA, the experts of one projection and layer
+together by one batched randomized SVD, at one rank per group (:mod:`lorasurg.surgery.extract.experts`), and the
+adapter is laid out as PEFT loads it on the model transformers builds (per expert, or ``target_parameters`` on the
+fused parameters: :mod:`lorasurg.surgery.adapter_layout`). A changed tensor the adapter cannot carry for a reason
+other than the user's choice is refused unless ``allow_dropped`` (:mod:`lorasurg.surgery.extract.plan`).
+
 Memory: tensors are read one base/tuned pair at a time in shard order, in row blocks. ``max_memory`` (a
 :class:`~lorasurg.surgery.budget.MemoryBudget`; default half the available memory) decides per LoRA target whether
 its float32 delta is held in memory after one read or streamed from disk in row blocks over several passes
@@ -289,12 +295,13 @@ def _refuse_unknown_consumers(report: ExtractReport, description, targets) -> No
     experts = [t for t in targets if t in description.experts or t in stored]
     if not others or not experts:
         return
+    names = ", ".join(others)
     raise UnsupportedError(
-        f"--for {', '.join(others)}: lorasurg does not know yet how {', '.join(others)} read(s) LoRA on "
+        f"written for {names} (--for, --to): lorasurg does not know yet how {names} read(s) LoRA on "
         f"mixture-of-experts layers (which layout of the experts, which ranks, what is refused), and this adapter "
         f"adapts {len(experts)} expert matrices ({_short(experts, 3)}); it could be misread. Extract for PEFT "
-        "(--for peft), or leave the experts out with --exclude-modules '.*\\.experts(\\..*)?' (their changes are "
-        "then listed as dropped)")
+        "(--for peft, no --to), or leave the experts out with --exclude-modules '.*\\.experts(\\..*)?' (their "
+        "changes are then listed as dropped)")
 
 
 # ------------------------------------------------------------------------------------------------ helpers
