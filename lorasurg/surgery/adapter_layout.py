@@ -102,16 +102,18 @@ def parameter_targets(description: ModelDescription, modules: Sequence[str], *, 
     its conversion of per-expert keys) in an adapter of ``modules`` (checkpoint modules, experts included, and keys of
     expert parameters the checkpoint stores fused), as :func:`peft_layout` would lay it out; empty when none."""
     stored = {p.stored: p.name for p in description.parameters.values() if p.stored}
-    experts = [m for m in modules if m in description.experts]
-    fused = sorted({description.experts[m].parameter for m in experts} | {stored[m] for m in modules if m in stored})
-    if not fused:
-        return []
     form = form or expert_form(description, model_type, [m for m in modules if m in stored])
-    if form != "per-expert":
-        return fused
-    converted = CONVERTED_NAMES.get(peft_conversion_pattern(model_type) or "", frozenset())
+    fused = {description.experts[m].parameter for m in modules if m in description.experts}
+    fused |= {stored[m] for m in modules if m in stored}
     plain = [description.model_name(m) for m in modules if m not in description.experts and m not in stored]
-    return fused + sorted(f"{name}.weight" for name in plain if name.rsplit(".", 1)[-1] in converted)
+    return sorted(fused) + sorted(f"{name}.weight" for name in plain if _moved_by_conversion(name, form, model_type))
+
+
+def _moved_by_conversion(name: str, form: str, model_type: Optional[str]) -> bool:
+    """Whether PEFT's conversion of per-expert LoRA takes the plain layer ``name`` (model name) for an expert
+    projection, so that it must be listed in ``target_parameters`` to be adapted (PEFT converts by leaf name)."""
+    converted = CONVERTED_NAMES.get(peft_conversion_pattern(model_type) or "", frozenset())
+    return form == "per-expert" and name.rsplit(".", 1)[-1] in converted
 
 
 def peft_layout(
@@ -149,11 +151,10 @@ def peft_layout(
     layout = PeftLayout({}, {}, {}, form if (experts or stacks) else None)
     per_module: dict[str, tuple[int, float]] = {}
     parameters: list[str] = []
-    converted = CONVERTED_NAMES.get(peft_conversion_pattern(model_type) or "", frozenset())
     for module, mod in plain.items():
         name = description.model_name(module)
         layout.modules[name] = _renamed(mod, name)
-        if form == "per-expert" and name.rsplit(".", 1)[-1] in converted:  # PEFT converts by name, experts or not
+        if _moved_by_conversion(name, form, model_type):  # PEFT converts by name, experts or not
             parameters.append(f"{name}.weight")
             per_module[f"{name}.weight"] = ranks[module]  # PEFT looks a parameter's rank up by its own name
         else:
