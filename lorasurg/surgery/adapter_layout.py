@@ -45,7 +45,8 @@ from ..io.architecture import ModelDescription
 from ..io.keymap import ExpertSlot
 from ..targeting import alpha_value, anchored_pattern_key, exact_target_modules, rank_alpha_fields
 
-__all__ = ["FORMS", "ExpertStack", "PeftLayout", "peft_layout", "expert_form", "parameter_targets"]
+__all__ = ["FORMS", "ExpertStack", "PeftLayout", "peft_layout", "expert_form", "parameter_targets",
+           "model_tensor_name"]
 
 FORMS = ("per-expert", "target-parameters")
 
@@ -182,7 +183,7 @@ def peft_layout(
     fields["target_modules"] = exact_target_modules(target_names, description.all_module_names()) if target_names \
         else None
     fields["target_parameters"] = sorted(parameters) or None
-    layout.extra = {_tensor_name(description, k): v for k, v in (extra or {}).items()}
+    layout.extra = {model_tensor_name(description, k): v for k, v in (extra or {}).items()}
     fields["modules_to_save"] = sorted(description.model_name(m) for m in modules_to_save) or None
     layout.fields = fields
     return layout
@@ -192,7 +193,8 @@ def _renamed(mod: AdapterModule, name: str) -> AdapterModule:
     return AdapterModule(name, mod.A, mod.B, mod.bias, mod.magnitude, mod.embedding)
 
 
-def _tensor_name(description: ModelDescription, key: str) -> str:
+def model_tensor_name(description: ModelDescription, key: str) -> str:
+    """The model's name of checkpoint tensor ``key`` (its module renamed): how a saved copy is keyed."""
     module, _, leaf = key.rpartition(".")
     return f"{description.model_name(module)}.{leaf}" if module else key
 

@@ -32,7 +32,7 @@ from ...io.adapter import Adapter, AdapterModule
 from ...io.architecture import ModelDescription
 from ...io.checkpoint import Checkpoint
 from ...modules import ModuleInfo
-from ..adapter_layout import ExpertStack, peft_layout
+from ..adapter_layout import ExpertStack, model_tensor_name, peft_layout
 from ..options import short_list, task_type_of
 from .fit import Fit
 from .plan import TensorRole, split_tensor_name
@@ -149,7 +149,7 @@ def build_adapter(
     problems = adapter.problems()
     if problems:  # a bug in extract, not in the user's input
         raise AssertionError("extract built an inconsistent adapter: " + "; ".join(problems))
-    stored = {_model_tensor(description, k): k for k in run.saved}
+    stored = {model_tensor_name(description, k): k for k in run.saved}
     adapter, report.for_report = prepare_for(
         adapter, report.consumers, tied=[description.model_name(t) for t in tied], total_energy=report.total_energy,
         delta_energy={k: run.changed[stored[k]][1] if stored.get(k) in run.changed else 0.0 for k in adapter.extra},
@@ -171,12 +171,6 @@ def build_adapter(
 def _stored_parameter(description: ModelDescription, key: str) -> str:
     """The model's name of the 3-D expert parameter stored under checkpoint key ``key``."""
     return next(p.name for p in description.parameters.values() if p.stored == key)
-
-
-def _model_tensor(description: ModelDescription, key: str) -> str:
-    """The model's name of checkpoint tensor ``key`` (its module renamed)."""
-    module, leaf = split_tensor_name(key)
-    return f"{description.model_name(module)}.{leaf}" if module else key
 
 
 def _refuse_lost(report: ExtractReport, allow_dropped: bool) -> None:

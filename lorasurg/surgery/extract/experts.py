@@ -155,7 +155,7 @@ def fit_group(base: Checkpoint, tuned: Checkpoint, group: ExpertGroup, roles: Ma
     out_f, in_f = group.shape
     cap = min(r, out_f, in_f)
     whole = svd == "exact" or (policy is not None and policy.needs_full_spectrum)
-    pieces: list[tuple[list[int], Tensor, Tensor, Tensor, list[float], list[float], list[int]]] = []
+    pieces: list[GroupFit] = []
     stored_energy, stored_bad = 0.0, False
     for key in group.members:
         run.tuned_dtype[key] = tuned.dtype(key)
@@ -181,8 +181,11 @@ def fit_group(base: Checkpoint, tuned: Checkpoint, group: ExpertGroup, roles: Ma
                 changed.append(i)
                 energies.append(energy)
         if changed and not stored_bad:
-            pieces.append(_fit_batch(batch, changed, energies, group, start, run.scale, cap, whole, policy, seed,
-                                     device))
+            for j, i in enumerate(changed):  # the changed experts to the front, in place
+                if i != j:
+                    batch[j].copy_(batch[i])
+            pieces.append(_fit_batch(batch[:len(changed)], [start + i for i in changed], energies, group, run.scale,
+                                     cap, r > min(out_f, in_f), whole, policy, seed, device))
         del batch
     if group.stored is not None:
         key = group.members[0]
@@ -195,10 +198,12 @@ def fit_group(base: Checkpoint, tuned: Checkpoint, group: ExpertGroup, roles: Ma
         run.record_change(roles[key], base.shape(key), stored_energy)
     if not pieces:
         return None
-    return GroupFit(group, [p for piece in pieces for p in piece[0]], torch.cat([p[1] for p in pieces]),
-                    torch.cat([p[2] for p in pieces]), torch.cat([p[3] for p in pieces]),
-                    [e for p in pieces for e in p[4]], [e for p in pieces for e in p[5]],
-                    [k for p in pieces for k in p[6]], cap, r > min(out_f, in_f))
+    if len(pieces) == 1:
+        return pieces[0]
+    return GroupFit(group, [i for p in pieces for i in p.positions], torch.cat([p.A for p in pieces]),
+                    torch.cat([p.B for p in pieces]), torch.cat([p.S for p in pieces]),
+                    [e for p in pieces for e in p.energy], [e for p in pieces for e in p.residual],
+                    [k for p in pieces for k in p.ranks], cap, pieces[0].clamped)
 
 
 def _read(base: Checkpoint, tuned: Checkpoint, group: ExpertGroup, start: int, stop: int, batch: Tensor,
@@ -231,31 +236,31 @@ def _stored_rows(ckpt: Checkpoint, key: str, start: int, stop: int) -> Tensor:
         reader.close()
 
 
-def _fit_batch(batch: Tensor, changed: list[int], energies: list[float], group: ExpertGroup, start: int,
-               scale: float, cap: int, whole: bool, policy: Optional[RankPolicy], seed: int, device: torch.device):
-    """One batched SVD of the changed experts of a chunk; their factors at the cap rank (CPU) and figures."""
-    M = batch if len(changed) == batch.shape[0] else batch[changed]  # (n, out, in)
+def _fit_batch(M: Tensor, positions: list[int], energies: list[float], group: ExpertGroup, scale: float, cap: int,
+               clamped: bool, whole: bool, policy: Optional[RankPolicy], seed: int, device: torch.device) -> GroupFit:
+    """One batched SVD of changed experts ``M: (n, out, in)`` (members ``positions`` of the group, overwritten):
+    their factors at the cap rank (CPU) and figures."""
     shape = group.shape
     if whole:
         U, S_all, Vh = torch.linalg.svd(M, full_matrices=False)  # (n, out, p), (n, p), (n, p, in)
         U, S, Vh = U[..., :cap], S_all[..., :cap], Vh[..., :cap, :]
     else:
         with one_thread():  # many small draws
-            omega = torch.stack([sketch_matrix(shape, cap, oversample(cap), _generator(group.module(start + i), seed,
-                                                                                        device), device)
-                                 for i in changed])  # (n, in, l): expert i's own draw
+            omega = torch.stack([sketch_matrix(shape, cap, oversample(cap), _generator(group.module(i), seed, device),
+                                               device) for i in positions])  # (n, in, l): expert i's own draw
         U, S, Vh = operator_svd(lambda X: M @ X, lambda Y: M.mT @ Y, shape, cap, oversample=oversample(cap),
                                 passes=PASSES, device=device, batch=M.shape[0], sketch=M @ omega)  # (n, out, in) @ ...
         S_all = S
     A, B = split_factors(U, S, Vh, scale)  # (n, k, in), (n, out, k)
     left = [energy - float(s.double().pow(2).sum()) for energy, s in zip(energies, S)]
     if any(x < MEASURE_BELOW * e for x, e in zip(left, energies)):
-        measured = torch.baddbmm(M, B, A, alpha=-scale)  # dW - s (n, out, k) @ (n, k, in), in place of the batch
+        measured = torch.baddbmm(M, B, A, alpha=-scale)  # dW - s (n, out, k) @ (n, k, in)
         left = [float(torch.linalg.vector_norm(d)) ** 2 if x < MEASURE_BELOW * e else x
                 for d, x, e in zip(measured, left, energies)]
-    ranks = ([int(policy.choose(S_all[i], cap, total_sq=energies[i])) for i in range(len(changed))]
-             if policy is not None else [cap] * len(changed))
-    return ([start + i for i in changed], A.cpu(), B.cpu(), S.cpu(), energies, [max(x, 0.0) for x in left], ranks)
+    ranks = ([int(policy.choose(S_all[i], cap, total_sq=energies[i])) for i in range(len(positions))]
+             if policy is not None else [cap] * len(positions))
+    return GroupFit(group, positions, A.cpu(), B.cpu(), S.cpu(), energies, [max(x, 0.0) for x in left], ranks, cap,
+                    clamped)
 
 
 def _generator(module: str, seed: int, device: torch.device) -> torch.Generator:
