@@ -53,7 +53,8 @@ def family_adapter(family: str, r: int = 2, targets: Sequence[str] = TARGETS, se
             E = param.experts
             stacks[name] = ExpertStack(0.1 * torch.randn(E, r, param.in_features, generator=gen),
                                        0.1 * torch.randn(E, param.out_features, r, generator=gen), r, alpha)
-    layout = peft_layout(description, factors, ranks, model_type=model_type, stacks=stacks, form=form)
+    layout = peft_layout(description, factors, ranks, model_type=model_type, stacks=stacks, form=form,
+                         use_rslora=bool(config.get("use_rslora")))
     cfg = LoraConfig(**layout.fields, init_lora_weights=True, task_type="CAUSAL_LM", **config)
     return Adapter(cfg, layout.modules, layout.extra)
 
