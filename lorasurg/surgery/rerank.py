@@ -44,6 +44,7 @@ from ..engine.threads import threads_for
 from ..errors import ConfigError, InputError
 from ..io.adapter import Adapter, AdapterModule
 from ..io.writer import check_output_dir
+from .expert_ranks import peft_experts, split_parameter_loras
 from .patterns import derive_config, rank_scale_fields
 from .report import CLAMPED_FOOTNOTE, for_dict, format_bytes, format_count, format_for, format_list, format_table
 from .sources import AdapterSource, open_adapter, source_name
@@ -206,10 +207,11 @@ def rerank(adapter: AdapterSource, *, r: Optional[int] = None, rank_policy: Opti
     cfg = source.config
     report = RerankReport(name, r, None if policy is None else str(policy), consumers=list(names))
     report.old_parameters = source.num_parameters()
+    split = split_parameter_loras(source)
     modules: dict[str, AdapterModule] = {}
     ranks: dict[str, tuple[int, float]] = {}
-    for module, mod in source.modules.items():
-        rank, alpha = source.rank_alpha(module)
+    for module, mod in split.adapter.modules.items():
+        rank, alpha = split.adapter.rank_alpha(module)
         scale = lora_scale(rank, alpha, cfg.use_rslora)
         with threads_for((mod.B.shape[0] + mod.A[0].numel()) * mod.rank**2):
             new, row = _rerank_module(mod, scale, r, policy)
@@ -222,9 +224,17 @@ def rerank(adapter: AdapterSource, *, r: Optional[int] = None, rank_policy: Opti
             f"rank policy {policy} keeps no singular value of any module of {name} (every delta is zero or below the "
             "threshold): there is nothing to write. Use a fixed --r or a less strict policy."
         )
-    changes: dict[str, Any] = dict(rank_scale_fields(ranks, cfg.use_rslora))
+    layout = peft_experts(modules, ranks, split, source.modules)
+    modules = layout.modules
+    for row in report.modules:
+        if row.module in layout.zero_filled:  # kept with zero factors: PEFT needs every expert
+            row.new_rank, row.padded = layout.rank_of(row.module), True
+    report.notes += layout.notes
+    changes: dict[str, Any] = dict(rank_scale_fields(layout.ranks, cfg.use_rslora, base=layout.base))
     if report.dropped:
-        changes["target_modules"] = sorted(modules)
+        changes["target_modules"] = sorted(m for m in modules if m not in layout.paths) or None
+        if split.loras:
+            changes["target_parameters"] = sorted(layout.parameters) or None
         report.notes.append(
             f"{len(report.dropped)} module(s) got rank 0 from the rank policy and are left out of target_modules"
         )
