@@ -9,8 +9,9 @@ entry equal to, or ending in ``"." +``, a leaf of :data:`CONVERTED_TARGETS` leav
 parameter joins ``target_parameters`` (as the bare leaf, so it selects that parameter in *every* layer); when every
 part of a fused parameter is targeted (``gate_proj`` and ``up_proj``), ``rank_pattern`` and ``alpha_pattern`` get
 ``".*\\.gate_up_proj"`` at ``len(parts)`` times the global ``r`` and ``lora_alpha``, after the keys already there;
-when only some are, PEFT raises. A string ``target_modules`` (a regex, ``"all-linear"``) is first resolved to the leaf
-names it selects. :func:`peft_converted_config` does the same to a :class:`~lorasurg.config.LoraConfig`.
+when only some are, PEFT raises. A string ``target_modules`` (a regex, ``"all-linear"``) is first replaced by the
+leaf names it selects (so a regex that names one layer's ``q_proj`` selects every layer's).
+:func:`peft_converted_config` does the same to a :class:`~lorasurg.config.LoraConfig`.
 
 **Key renaming** (``convert_peft_adapter_state_dict_for_transformers``), for model types with a registered checkpoint
 conversion (``transformers.conversion_mapping.get_checkpoint_conversion_mapping``: Llava and its family, the MoE
@@ -79,11 +80,12 @@ def peft_converted_config(config: Any, model_type: Optional[str], module_names: 
     mapping = CONVERTED_TARGETS.get(pattern or "")
     if not mapping:
         return ConvertedConfig(config)
-    targets = config.target_modules
+    targets, resolved = config.target_modules, False
     if isinstance(targets, str):
         targets = _resolved_leaves(config, mapping, module_names, linear_names, parameter_names)
         if not targets:
             return ConvertedConfig(config, converted=True)
+        resolved = True
     fused = FUSED_TARGETS[pattern]
     moved: dict[str, str] = {}
     parameters = set(config.target_parameters or [])
@@ -107,7 +109,7 @@ def peft_converted_config(config: Any, model_type: Optional[str], module_names: 
         elif len(got) == len(parts) > 1:
             rank_pattern[rf".*\.{re.escape(name)}"] = config.r * len(parts)
             alpha_pattern[rf".*\.{re.escape(name)}"] = config.lora_alpha * len(parts)
-    if not moved:
+    if not moved and not resolved:
         return ConvertedConfig(config, converted=True)
     converted = dataclasses.replace(config, target_modules=remaining, target_parameters=sorted(parameters),
                                     rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
