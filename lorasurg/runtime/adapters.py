@@ -144,7 +144,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         ConfigError: the model has no adapter ``name``.
     """
     require_adapter(model, name)
-    for module_name, layer in lora_layers(model):
+    for module_name, layer in reversed(lora_layers(model)):  # nested parameter wrappers: innermost first
         layer.delete_adapter(name)
         if not layer.r:
             layer.unmerge()
@@ -182,7 +182,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     A modules_to_save wrapper is replaced by the active adapter's trained copy. Works for every layer type,
     including DoRA, ``lora_bias`` on a layer without a bias (the bias is created) and 1x1x1 Conv3d.
     """
-    for name, layer in lora_layers(model):
+    for name, layer in reversed(lora_layers(model)):  # nested parameter wrappers: innermost first
         if not layer.disabled:
             layer.merge()
         replace_module(model, name, layer.base_layer)
@@ -199,7 +199,7 @@ def unload(model: nn.Module) -> nn.Module:
     is the base model as it was before injection (PEFT 0.21.2 keeps merged weights and the trained copies). A
     base weight that a PiSSA/OLoRA init replaced by its residual stays the residual.
     """
-    for name, layer in lora_layers(model):
+    for name, layer in reversed(lora_layers(model)):  # nested parameter wrappers: innermost first
         layer.unmerge()
         replace_module(model, name, layer.base_layer)
     for name, wrapper in save_wrappers(model):

@@ -30,12 +30,15 @@ from .base import LoraLayer
 from .initialize import initialize_adapter
 from .layers import expected_shapes, wrap_layer
 from .modules_to_save import ModulesToSave
+from .param import LoraParameter
+from .param_plan import ParamTarget, apply_parameter_plan, plan_parameters, targets_only_parameters
 from .walk import adapter_configs, describe_unwrapped, replace_module, unwrapped
 
 __all__ = ["inject", "plan_injection", "Plan", "config_with"]
 
 # Config fields of PEFT's LoraConfig that select features lorasurg's runtime does not implement.
-# (target_parameters, layer_replication and ensure_weight_tying are refused by lorasurg.targeting.)
+# (layer_replication and ensure_weight_tying are refused by lorasurg.targeting; target_parameters is
+# lorasurg.runtime.param_plan's.)
 _UNSUPPORTED_FIELDS = (
     "megatron_config", "trainable_token_indices", "velora_config", "alora_invocation_tokens", "use_qalora",
     "monteclora_config", "use_bdlora", "arrow_config", "kasa_config",
@@ -59,10 +62,12 @@ class Plan:
     Attributes:
         targets: ``{module name: (ModuleInfo, r, alpha)}`` of the modules that get LoRA.
         to_save: names of the modules that get a trainable copy (modules_to_save).
+        parameters: the parameters that get LoRA (``target_parameters``), in PEFT's order.
     """
 
     targets: dict[str, tuple[ModuleInfo, int, float]]
     to_save: list[str]
+    parameters: tuple[ParamTarget, ...] = ()
 
 
 def _init_problem(method: InitMethod, info: ModuleInfo, r: int) -> Optional[str]:
@@ -108,13 +113,16 @@ def plan_injection(model: nn.Module, config: Any, adapter_name: str, *, check_in
         )
     method = parse_init_method(getattr(config, "init_lora_weights", True)) if check_init else None
     infos = describe_unwrapped(model)
-    names = targeting.select_modules(config, infos, output_layer_names(model, getattr(config, "task_type", None)))
+    names = [] if targets_only_parameters(config) else targeting.select_modules(
+        config_with(config, target_parameters=None), infos, output_layer_names(model, getattr(config, "task_type", None)))
     problems: list[str] = []
     targets: dict[str, tuple[ModuleInfo, int, float]] = {}
     for name in names:
         info = infos[name]
         if isinstance(model.get_submodule(name), ModulesToSave):
             problems.append(f"{name}: it is a modules_to_save module of another adapter")
+        elif isinstance(model.get_submodule(name), LoraParameter):
+            problems.append(f"{name}: its parameters carry LoRA of another adapter (target_parameters)")
         elif info.groups != 1:
             problems.append(f"{name}: grouped convolution (groups={info.groups})")
         elif info.kind == "embedding" and getattr(config, "lora_bias", False):
@@ -135,7 +143,8 @@ def plan_injection(model: nn.Module, config: Any, adapter_name: str, *, check_in
     if problems:
         raise UnsupportedError("cannot inject LoRA into these modules:\n  " + "\n  ".join(problems)
                                + "\nleave them out of target_modules (or use exclude_modules)")
-    return Plan(targets, to_save)
+    parameters = plan_parameters(model, config, adapter_name, targets, check_init=check_init)
+    return Plan(targets, to_save, tuple(parameters))
 
 
 def _stored_config(config: Any, plan: Plan) -> Any:
@@ -167,6 +176,7 @@ def apply_plan(model: nn.Module, config: Any, adapter_name: str, plan: Plan, *, 
         layer.lora_dropout[adapter_name].train(layer.training)
         if initialize:
             initialize_adapter(layer, adapter_name, getattr(config, "init_lora_weights", True), name)
+    apply_parameter_plan(model, config, adapter_name, list(plan.parameters), initialize=initialize)
     for name in plan.to_save:
         wrapper = model.get_submodule(name)
         if not isinstance(wrapper, ModulesToSave):
