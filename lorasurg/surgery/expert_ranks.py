@@ -27,12 +27,13 @@ import torch
 
 from ..engine.experts import join_experts, split_experts
 from ..engine.factors import pad_factors
+from ..errors import UnsupportedError
 from ..io.adapter import Adapter, AdapterModule
 from ..targeting import anchored_pattern_key
 from .expert_groups import ParameterLora, expert_groups, parameter_loras
 from .patterns import derive_config
 
-__all__ = ["SplitAdapter", "split_parameter_loras", "ExpertLayout", "peft_experts"]
+__all__ = ["SplitAdapter", "split_parameter_loras", "ExpertLayout", "peft_experts", "refuse_consumers"]
 
 
 @dataclass
@@ -65,7 +66,6 @@ def split_parameter_loras(adapter: Adapter) -> SplitAdapter:
             modules[name] = mod
             continue
         if lora.experts == 1:
-            modules[name] = mod
             experts = [(name, mod.A, mod.B)]
         else:
             A, B = split_experts(mod.A, mod.B, lora.experts)  # (E, r, in), (E, out, r)
@@ -78,6 +78,23 @@ def split_parameter_loras(adapter: Adapter) -> SplitAdapter:
     config = derive_config(cfg, rank_pattern={**ranks, **(cfg.rank_pattern or {})},
                            alpha_pattern={**alphas, **(cfg.alpha_pattern or {})})
     return SplitAdapter(Adapter(config, modules, dict(adapter.extra)), loras)
+
+
+def refuse_consumers(split: SplitAdapter, consumers: tuple[str, ...], name: str) -> None:
+    """Refuse ``--for`` other consumers than PEFT for an adapter with target_parameters LoRAs: the rewriting for
+    consumers (:func:`lorasurg.consumers.prepare_for`) reads every saved path as one module and would break PEFT's
+    ``r * E`` layout.
+
+    Raises:
+        UnsupportedError: naming the parameters.
+    """
+    if tuple(consumers) == ("peft",) or not split.loras:
+        return
+    params = sorted(lora.parameter for lora in split.loras.values())
+    raise UnsupportedError(
+        f"{name} has target_parameters LoRAs ({', '.join(params[:3])}{' ...' if len(params) > 3 else ''}), which "
+        f"--for {','.join(consumers)} cannot rewrite yet (it reads each saved path as one module, not r per expert); "
+        "write it for peft (the default) instead")
 
 
 @dataclass

@@ -22,6 +22,10 @@ that each named consumer (``vllm``, ``llama.cpp``) computes PEFT's per-module de
 and listed with its share of the re-ranked adapter's delta energy (a ``modules_to_save`` copy's share is unknown
 without the base model). A head tied to the input embedding is recognised in the input adapter.
 
+Mixtures of experts (:mod:`lorasurg.surgery.expert_ranks`): a target_parameters LoRA is re-ranked expert by expert
+and joined back at one rank; per-expert modules end at one rank and scale, the config's global ``r`` and
+``lora_alpha``, as PEFT on transformers 5 reads them.
+
 DoRA: the adapted weight is ``W' = m * (W + delta) / ||W + delta||_row``, whose per-output norms are ``m`` whatever
 the direction ``W + delta`` is. So the magnitude vector is kept as it is: the recomputed magnitude for the new
 direction is ``m`` again, and the adapted weight's per-output norms are kept exactly; only its direction changes,
@@ -44,7 +48,7 @@ from ..engine.threads import threads_for
 from ..errors import ConfigError, InputError
 from ..io.adapter import Adapter, AdapterModule
 from ..io.writer import check_output_dir
-from .expert_ranks import peft_experts, split_parameter_loras
+from .expert_ranks import peft_experts, refuse_consumers, split_parameter_loras
 from .patterns import derive_config, rank_scale_fields
 from .report import CLAMPED_FOOTNOTE, for_dict, format_bytes, format_count, format_for, format_list, format_table
 from .sources import AdapterSource, open_adapter, source_name
@@ -200,6 +204,7 @@ def rerank(adapter: AdapterSource, *, r: Optional[int] = None, rank_policy: Opti
             consumer.
         InputError: the adapter cannot be read or contradicts its config, the policy keeps no module, or nothing
             the named consumers can carry is left.
+        UnsupportedError: ``consumers`` other than PEFT for target_parameters LoRAs.
     """
     policy = _check_settings(r, rank_policy)
     names = parse_consumers(consumers)
@@ -208,6 +213,7 @@ def rerank(adapter: AdapterSource, *, r: Optional[int] = None, rank_policy: Opti
     report = RerankReport(name, r, None if policy is None else str(policy), consumers=list(names))
     report.old_parameters = source.num_parameters()
     split = split_parameter_loras(source)
+    refuse_consumers(split, names, name)
     modules: dict[str, AdapterModule] = {}
     ranks: dict[str, tuple[int, float]] = {}
     for module, mod in split.adapter.modules.items():

@@ -180,3 +180,13 @@ def test_cli_inspect_and_rerank_target_parameters(tmp_path):
     reranked = runner.invoke(main, ["rerank", str(path), "--r", "1", "-o", str(tmp_path / "r1")])
     assert reranked.exit_code == 0, reranked.output
     assert validate(tmp_path / "r1", base_of(QWEN3)) == []
+
+
+@pytest.mark.parametrize("command", ["rerank", "merge"])
+def test_cli_for_consumers_with_target_parameters_is_refused_by_name(tmp_path, command):
+    path = _save(family_adapter("gpt_oss"), tmp_path / "a")
+    args = [command, str(path)] + (["--r", "1"] if command == "rerank" else [str(path)])
+    result = CliRunner().invoke(main, args + ["--for", "vllm", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "model.layers.0.mlp.experts.down_proj" in result.output and "cannot rewrite yet" in result.output
+    assert not (tmp_path / "out").exists()

@@ -16,6 +16,9 @@ used. Beyond PEFT:
 * Conv1d/Conv3d: the svd methods work on every conv layout (PEFT reshapes only Conv2d).
 * DoRA is refused (:func:`lorasurg.surgery.merge.checks.check_adapters` says why).
 * One adapter: the method asked for is applied (PEFT silently switches to ``linear``).
+* Mixtures of experts (:mod:`lorasurg.surgery.expert_ranks`): every method applies expert by expert, a
+  target_parameters LoRA split per expert and joined back at one rank, per-expert modules at one rank and scale,
+  the config's global ``r`` and ``lora_alpha``; one layer's experts in two layouts across the inputs are refused.
 
 ``modules_to_save`` copies carry over from the one adapter that has them (a full copy cannot be weighted without
 the base model; two different copies of one module are refused, as PEFT does).
@@ -42,7 +45,7 @@ from ...engine.lowrank import lowrank_norm_sq
 from ...engine.threads import threads_for
 from ...io.adapter import Adapter, AdapterModule
 from ...io.writer import check_output_dir
-from ..expert_ranks import ExpertLayout, SplitAdapter, peft_experts, split_parameter_loras
+from ..expert_ranks import ExpertLayout, SplitAdapter, peft_experts, refuse_consumers, split_parameter_loras
 from ..patterns import derive_config, rank_scale_fields
 from ..sources import AdapterSource, open_adapter, source_name
 from .checks import Options, check_adapters, check_expert_layouts, check_options, default_rank, plan_modules
@@ -116,7 +119,7 @@ def merge_adapters(
     Raises:
         ConfigError: options that do not fit the method or the adapters (see :func:`checks.check_options`),
             unequal ranks for a factor-wise method, an unknown consumer.
-        UnsupportedError: DoRA adapters.
+        UnsupportedError: DoRA adapters; ``consumers`` other than PEFT for target_parameters LoRAs.
         InputError: unreadable adapters, adapters for different bases, clashing modules_to_save copies, nothing
             left that the named consumers can carry.
     """
@@ -125,6 +128,8 @@ def merge_adapters(
     opened = [open_adapter(a, f"adapter {i}") for i, a in enumerate(adapters)]
     originals, names = [a for a, _ in opened], [n for _, n in opened]
     splits = [split_parameter_loras(a) for a in originals]
+    for split, name in zip(splits, names):
+        refuse_consumers(split, names_for, name)
     check_expert_layouts(splits, originals, names)
     inputs = [s.adapter for s in splits]  # target_parameters LoRAs as one module per expert
     plan = plan_modules(inputs)

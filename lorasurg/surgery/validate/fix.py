@@ -92,14 +92,20 @@ def _fix_bias(subject: Subject, findings: list[Finding], plan: _Plan) -> None:
                 f"false -> true: {len(findings)} module(s) have lora_B.bias tensors, which PEFT dropped")
 
 
-def _fix_untargeted(subject: Subject, findings: list[Finding], plan: _Plan) -> None:
-    doomed = {f.where for f in findings}
-    dropped: dict[str, list[str]] = {}
-    for key in list(plan.state):
+def _parsed_keys(state: dict[str, Tensor]):
+    """``(key, module, part)`` for each PEFT key of ``state`` (a snapshot: the caller may change ``state``)."""
+    for key in list(state):
         try:
             module, part = parse_peft_key(key)
         except InputError:
             continue
+        yield key, module, part
+
+
+def _fix_untargeted(subject: Subject, findings: list[Finding], plan: _Plan) -> None:
+    doomed = {f.where for f in findings}
+    dropped: dict[str, list[str]] = {}
+    for key, module, part in _parsed_keys(plan.state):
         if part is not None and module in doomed:
             del plan.state[key]
             dropped.setdefault(module, []).append(part)
@@ -138,11 +144,7 @@ def _fix_checkpoint_names(subject: Subject, findings: list[Finding], plan: _Plan
     names = subject.base.checkpoint_names
     doomed = set(_concerned(findings))
     renamed: dict[str, str] = {}
-    for key in list(plan.state):
-        try:
-            module, part = parse_peft_key(key)
-        except InputError:
-            continue
+    for key, module, part in _parsed_keys(plan.state):
         if part is not None and module in doomed:
             renamed[module] = names[module]
             plan.state[peft_key(names[module], part)] = plan.state.pop(key)

@@ -97,10 +97,11 @@ def check_shapes(subject: Subject) -> list[Finding]:
     base, adapter = subject.base, subject.adapter
     fan_in_fan_out = bool(getattr(subject.config, "fan_in_fan_out", False))
     view = subject.peft_view()
+    holders = {p.module for p in base.parameters.values()}
     renamed: dict[str, str] = {}
     found = []
     for stored, mod in adapter.modules.items():
-        if view is not None and (stored in view.paths or _parameter_like(stored, base)):
+        if view is not None and (stored in view.paths or _parameter_like(stored, base, holders)):
             continue  # a target_parameters LoRA: expert_checks (or tensor-untargeted) judges it
         name = view.name(stored) if view is not None else stored
         info = base.modules.get(name)
@@ -150,12 +151,11 @@ def check_shapes(subject: Subject) -> list[Finding]:
     return found
 
 
-def _parameter_like(path: str, base: BaseModel) -> bool:
-    """A saved path that names a parameter wrapper (``...experts.base_layer``, or a module LoRA cannot wrap whose
-    own parameters a ``target_parameters`` LoRA can), not a layer."""
-    info = base.modules.get(wrapped_module(path))
-    return wrapped_module(path) != path or (info is not None and info.kind is None
-                                            and any(p.module == path for p in base.parameters.values()))
+def _parameter_like(path: str, base: BaseModel, holders: set[str]) -> bool:
+    """A saved path that names a parameter wrapper (``...experts.base_layer``, or a module LoRA cannot wrap that
+    holds parameters a ``target_parameters`` LoRA can wrap), not a layer."""
+    info = base.modules.get(path)
+    return wrapped_module(path) != path or (info is not None and info.kind is None and path in holders)
 
 
 def _checkpoint_names(renamed: dict[str, str], base: BaseModel) -> Finding:
