@@ -13,6 +13,8 @@ projection (``model.layers.0.mlp.experts.*.gate_proj``: the experts, their ranks
 adapter's delta energy); a ``target_parameters`` LoRA on fused experts (``lora_A (r E, in)``) is split per expert
 (:func:`lorasurg.engine.experts.split_experts`) and each expert reported as a module of its own,
 ``<parameter>[e]`` at rank ``r``, with its own spectrum.
+
+A llama.cpp GGUF LoRA file is summarised as llama.cpp reads it (:mod:`.gguf`).
 """
 
 from __future__ import annotations
@@ -25,22 +27,27 @@ from typing import Optional, Union
 from ...consumers import consumer_verdicts
 from ...engine.experts import split_experts
 from ...engine.factors import lora_scale
+from ...errors import InputError
 from ...io.adapter import Adapter, AdapterModule
 from ...io.checkpoint import Checkpoint
+from ...io.gguf import is_gguf
 from ..expert_groups import ParameterLora, expert_groups, parameter_loras
+from .gguf import GgufInspectReport, inspect_gguf
 from .plot import check_plot_path, write_plot
 from .report import ExpertGroupSummary, InspectReport, LayerTypeTotal, ModuleSummary
 from .spectra import BaseNorms, module_spectrum
 
-__all__ = ["ModuleSummary", "LayerTypeTotal", "ExpertGroupSummary", "InspectReport", "inspect_adapter"]
+__all__ = ["ModuleSummary", "LayerTypeTotal", "ExpertGroupSummary", "InspectReport", "GgufInspectReport",
+           "inspect_adapter"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 
 def inspect_adapter(
     path_or_repo: PathLike, base: Optional[PathLike] = None, *, plot: Optional[PathLike] = None, force: bool = False
-) -> InspectReport:
-    """Summarise the adapter at ``path_or_repo``; inconsistencies are reported, not raised.
+) -> Union[InspectReport, GgufInspectReport]:
+    """Summarise the adapter at ``path_or_repo``; inconsistencies are reported, not raised. A GGUF LoRA file gives a
+    :class:`GgufInspectReport` (:func:`.gguf.inspect_gguf`).
 
     Args:
         path_or_repo: an adapter directory or hub repo id.
@@ -55,6 +62,11 @@ def inspect_adapter(
         UnsupportedError: ``plot`` is given and matplotlib is not installed (checked before any work).
         OutputExistsError: ``plot`` exists and ``force`` is false (checked before any work).
     """
+    if is_gguf(path_or_repo):
+        if plot is not None or base is not None:
+            raise InputError(f"{path_or_repo} is a GGUF LoRA file: inspect shows it without --base or --plot (lorasurg "
+                             "validate FILE.gguf --base BASE checks it against its base model)")
+        return inspect_gguf(path_or_repo)
     if plot is not None:
         check_plot_path(plot, force)
     adapter = Adapter.load(path_or_repo, strict=False)

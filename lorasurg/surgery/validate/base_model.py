@@ -67,6 +67,8 @@ class BaseModel:
         model_type: ``config.json``'s ``model_type``.
         parameters: ``{parameter name: ParameterInfo}`` for every 2-D weight and 3-D expert parameter.
         checkpoint_names: ``{checkpoint module: model module}`` where they differ (renamed towers).
+        checkpoint_shapes: ``{checkpoint key: shape}``, tied aliases included: the checkpoint's own names (what
+            llama.cpp's converter maps to GGUF names).
     """
 
     source: str
@@ -79,6 +81,7 @@ class BaseModel:
     model_type: Optional[str] = None
     parameters: dict[str, ParameterInfo] = field(default_factory=dict)
     checkpoint_names: dict[str, str] = field(default_factory=dict)
+    checkpoint_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     @property
     def experts(self) -> dict:
@@ -97,12 +100,12 @@ def open_base(source: PathLike, task_type: Optional[str] = None) -> BaseModel:
         description = ckpt.describe(task_type)
         stored = {name: tuple(ckpt.shape(name)) for name in ckpt.names()}
         model_type = (ckpt.config or {}).get("model_type")
+    for alias, canonical in description.tied.items():
+        if alias not in stored and canonical in stored:
+            stored[alias] = stored[canonical]
     name = _namer(description)
     shapes = {name(key): shape for key, shape in stored.items()}
     tied = {name(alias): name(canonical) for alias, canonical in description.tied.items()}
-    for alias, canonical in tied.items():
-        if alias not in shapes and canonical in shapes:
-            shapes[alias] = shapes[canonical]
     modules = {description.model_name(m): info for m, info in description.modules.items()}
     buffers = {name(key) for key in stored if key in description.buffers}
     return BaseModel(
@@ -110,7 +113,7 @@ def open_base(source: PathLike, task_type: Optional[str] = None) -> BaseModel:
         description.source.startswith("architecture:"), tied, description,
         model_type if isinstance(model_type, str) else None,
         _parameters(description, modules, {k: s for k, s in shapes.items() if k not in buffers}),
-        {c: m for c, m in description.names.items() if c not in description.experts},
+        {c: m for c, m in description.names.items() if c not in description.experts}, stored,
     )
 
 
