@@ -20,8 +20,10 @@ from ._app import (
               help="lora_alpha; default R (scale 1).")
 @click.option("--rslora", "use_rslora", is_flag=True, help="Scale alpha/sqrt(r) instead of alpha/r.")
 @click.option("--target-modules", multiple=True, metavar="NAME",
-              help="Layers to factor (names or suffixes, repeatable or comma-separated; one value with regex "
-                   "characters is a regex). Default: every linear layer except the output head (all-linear).")
+              help="Layers to factor, by the model's names (names or suffixes, repeatable or comma-separated; one value "
+                   "with regex characters is a regex); experts by their checkpoint names, or a fused 3-D expert tensor "
+                   "(gpt-oss gate_up_proj) by its name. Default: every linear layer and expert except the output head "
+                   "(all-linear).")
 @click.option("--exclude-modules", multiple=True, metavar="NAME", help="Leave these modules out. Same syntax.")
 @click.option("-o", "--output", type=click.Path(file_okay=False), default=None,
               help="Directory to write (model/, adapter/, README.md). Default: ./<BASE name>-<init>-r<R>.")

@@ -8,6 +8,9 @@ For each LoRA module with weight ``W`` (matrix view ``(out, in)``, see :mod:`lor
 * ``lora_B.bias``: ``b' = b + s * b_B`` (a layer without a bias gets one where the config can say so, see
   :mod:`.plan`);
 * ``modules_to_save``: the adapter's copy replaces the module's tensors;
+* a ``target_parameters`` LoRA on 3-D experts (PEFT's ``ParamWrapper``): expert ``e`` gains ``s * B_e @ A_e``, in the
+  checkpoint keys that hold it (per-expert keys: their rows of it) or in the expert's slice of the 3-D tensor BASE
+  stores (gpt-oss ``(E, in, out)``: transposed), see :mod:`.place`;
 
 computed by :func:`lorasurg.engine.factors.merged_weight` and :func:`~lorasurg.engine.factors.delta_bias` (the
 functions the runtime's merge uses), in float32, cast to the tensor's dtype. Embedding LoRA, conv layers (Conv3d
@@ -35,6 +38,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from ...engine.experts import merged_experts
 from ...engine.factors import LoraFactors, delta_bias, factor_shapes, merged_weight
 from ...errors import ConfigError
 from ...io.adapter import Adapter
@@ -45,7 +49,7 @@ from ..budget import MemoryBudget, Size
 from ..options import source_name
 from ..rewrite_memory import MemoryUse, place_rewrite
 from .blocks import fuse_works, merged_blocks, touched
-from .plan import FusePlan, plan_fuse
+from .plan import ExpertFactors, FusePlan, plan_fuse
 from .report import FusedModule, FuseReport
 
 __all__ = ["fuse", "FuseReport"]
@@ -130,7 +134,10 @@ def _editor(modules, plan: FusePlan, device: torch.device, blocks: dict[str, int
         value = plan.replace[name].to(device, dtype) if name in plan.replace else stored
         module = plan.module_of.get(name)
         f = plan.factors.get(module) if module is not None else None
-        if f is not None and name == f"{module}.weight":
+        if name in plan.stacked:
+            e = _on(plan.stacked[name], device)
+            value = merged_experts(e.A, e.B, e.scale, value, 0, e.transposed)
+        elif f is not None and name == f"{module}.weight":
             value = merged_weight(_on(f, device), value)
         elif f is not None and name == f"{module}.bias" and f.bias is not None:
             value = value + delta_bias(_on(f, device), value.dtype)
@@ -149,7 +156,7 @@ def _editor(modules, plan: FusePlan, device: torch.device, blocks: dict[str, int
             out.append((plan.untie[name], final(plan.untie[name], stored, dtype)))
         return [(key, tensor.to("cpu")) for key, tensor in out]
 
-    def on_device(f: LoraFactors) -> LoraFactors:
+    def on_device(f):
         return _on(f, device)
 
     def _blocked(name: str, source: TensorSource):
@@ -177,11 +184,11 @@ def _editor(modules, plan: FusePlan, device: torch.device, blocks: dict[str, int
     return edit
 
 
-def _on(f: LoraFactors, device: torch.device) -> LoraFactors:
+def _on(f: Union[LoraFactors, ExpertFactors], device: torch.device) -> Union[LoraFactors, ExpertFactors]:
     """The factors on ``device`` (the same object when they are there already)."""
     if f.A.device == device:
         return f
-    move = {k: getattr(f, k).to(device) for k in ("A", "B", "bias", "magnitude") if getattr(f, k) is not None}
+    move = {k: getattr(f, k).to(device) for k in ("A", "B", "bias", "magnitude") if getattr(f, k, None) is not None}
     return dataclasses.replace(f, **move)
 
 
@@ -199,7 +206,10 @@ def _fill(report: FuseReport, plan: FusePlan, written) -> None:
             bias = "zero (not needed)"
         else:
             bias = "none"
-        report.modules.append(FusedModule(name, f.kind, f.rank, f.scale, f.magnitude is not None, bias))
+        report.modules.append(FusedModule(name, f.kind, f.rank, f.scale, f.magnitude is not None, bias,
+                                          plan.sources.get(name)))
+    for name, e in plan.stacked.items():
+        report.modules.append(FusedModule(name, "experts", e.rank, e.scale, False, "none", plan.sources.get(name)))
     report.replaced = sorted(plan.replace)
     report.dropped_biases = dropped
     report.config_updates = dict(written.config_updates)
