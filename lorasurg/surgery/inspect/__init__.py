@@ -31,6 +31,7 @@ from ...errors import InputError
 from ...io.adapter import Adapter, AdapterModule
 from ...io.checkpoint import Checkpoint
 from ...io.gguf import is_gguf
+from ...io.values import all_finite
 from ..expert_groups import ParameterLora, expert_groups, parameter_loras
 from .gguf import GgufInspectReport, inspect_gguf
 from .plot import check_plot_path, write_plot
@@ -109,6 +110,10 @@ def inspect_adapter(
         expert_groups=_expert_groups(groups, modules),
         saved_modules=len(adapter.modules),
     )
+    unmeasured = [m for m, mod in adapter.modules.items() if not _has_spectrum(mod)]
+    if unmeasured:
+        report.notes.append(f"{len(unmeasured)} module(s) have no spectrum (their factors do not chain or hold NaN/inf, "
+                            f"see the problems): {unmeasured[:5]}")
     if missing:
         report.notes.append(f"{len(missing)} module(s) have no weight in the base, so no relative norm: {missing[:5]}")
     if plot is not None:
@@ -123,7 +128,7 @@ def _summary(adapter: Adapter, name: str, lora: Optional[ParameterLora] = None, 
     mod = adapter.modules[name] if mod is None else mod
     r, alpha = (lora.rank, lora.alpha) if lora is not None else adapter.rank_alpha(name)
     scale = lora_scale(r, alpha, adapter.config.use_rslora)
-    spectrum = module_spectrum(mod, scale) if mod.A.shape[0] == mod.B.shape[1] else None
+    spectrum = module_spectrum(mod, scale) if _has_spectrum(mod) else None
     return ModuleSummary(
         name=name,
         layer_type=layer_type or name.rsplit(".", 1)[-1],
@@ -167,6 +172,11 @@ def _expert_groups(groups: list[tuple[str, str, list[ModuleSummary]]],
             zero=sum(1 for n in norms if n == 0), energy_share=energy / total if total > 0 else 0.0,
         ))
     return found
+
+
+def _has_spectrum(mod) -> bool:
+    """Factors that chain and hold finite values (the problems list says what is wrong with the others)."""
+    return mod.A.shape[0] == mod.B.shape[1] and all_finite(mod.A) and all_finite(mod.B)
 
 
 def _layer_types(modules: list[ModuleSummary]) -> list[LayerTypeTotal]:
