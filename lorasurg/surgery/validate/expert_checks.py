@@ -251,7 +251,7 @@ def _dense_converted(subject: Subject, view: PeftView) -> list[Finding]:
             if view.converted.config.target_modules else ([], [])
     except LorasurgError:
         return []
-    lost = [m for m in subject.adapter.modules
+    lost = [m for m in sorted(subject.adapter.modules)
             if m not in base.experts and view.name(m) in before and view.name(m) not in after
             and f"{view.name(m)}.weight" not in view.parameters]
     if not lost:
