@@ -263,26 +263,27 @@ def frobenius_sq(matrix: Tensor) -> float:
 def split_factors(U: Tensor, S: Tensor, Vh: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """Split a truncated SVD into LoRA factors with ``scale * B @ A == U @ diag(S) @ Vh``.
 
-    Balanced split (the one PEFT's PiSSA uses): with ``s = sqrt(S / scale)``,
+    Balanced split (the one PEFT's PiSSA uses): with ``s = sqrt(S / |scale|)``,
 
-        A = diag(s) @ Vh    (r, in)
-        B = U @ diag(s)     (out, r)
+        A = diag(s) @ Vh                  (r, in)
+        B = sign(scale) * U @ diag(s)     (out, r)
 
-    so A and B carry the same singular values, ``sqrt(S / scale)``.
+    so A and B carry the same singular values, ``sqrt(S / |scale|)``. A negative scale (a negative ``lora_alpha``,
+    which PEFT accepts: the adapter's delta is subtracted) flips the sign of ``B``.
 
     Args:
         U: ``(out, r)``; S: ``(r,)``, non-negative; Vh: ``(r, in)`` — or a batch of them, ``(E, out, r)``,
             ``(E, r)``, ``(E, r, in)``, giving ``(E, r, in)`` and ``(E, out, r)``.
-        scale: the LoRA scale ``alpha / r`` (or ``alpha / sqrt(r)``), > 0.
+        scale: the LoRA scale ``alpha / r`` (or ``alpha / sqrt(r)``), finite and not 0.
 
     Returns:
         ``(A, B)`` in the compute dtype of the inputs.
 
     Raises:
-        ValueError: ``scale <= 0`` or the shapes do not chain.
+        ValueError: ``scale`` is 0 or not finite, or the shapes do not chain.
     """
-    if not scale > 0:
-        raise ValueError(f"split_factors needs a positive LoRA scale, got {scale}")
+    if scale == 0 or not math.isfinite(scale):
+        raise ValueError(f"split_factors needs a finite, non-zero LoRA scale, got {scale}")
     r, lead = S.shape[-1], tuple(S.shape[:-1])
     if U.dim() != S.dim() + 1 or Vh.dim() != S.dim() + 1 or tuple(U.shape[:-2]) != lead \
             or tuple(Vh.shape[:-2]) != lead or U.shape[-1] != r or Vh.shape[-2] != r:
@@ -290,9 +291,9 @@ def split_factors(U: Tensor, S: Tensor, Vh: Tensor, scale: float) -> tuple[Tenso
             f"split_factors needs U (out, r), S (r,), Vh (r, in); got {tuple(U.shape)}, {tuple(S.shape)}, {tuple(Vh.shape)}"
         )
     work = compute_dtype(U, S, Vh)
-    root = torch.sqrt(S.to(work) / scale)  # ([E,] r)
+    root = torch.sqrt(S.to(work) / abs(scale))  # ([E,] r)
     A = root[..., :, None] * Vh.to(work)  # (r, 1) * (r, in) -> (r, in), per matrix
-    B = U.to(work) * root[..., None, :]  # (out, r) * (1, r) -> (out, r), per matrix
+    B = U.to(work) * (root if scale > 0 else -root)[..., None, :]  # (out, r) * (1, r) -> (out, r), per matrix
     return A.contiguous(), B.contiguous()
 
 

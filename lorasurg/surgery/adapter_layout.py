@@ -107,14 +107,15 @@ def parameter_targets(description: ModelDescription, modules: Sequence[str], *, 
     fused = {description.experts[m].parameter for m in modules if m in description.experts}
     fused |= {stored[m] for m in modules if m in stored}
     plain = [description.model_name(m) for m in modules if m not in description.experts and m not in stored]
-    return sorted(fused) + sorted(f"{name}.weight" for name in plain if _moved_by_conversion(name, form, model_type))
+    return sorted(fused) + sorted(f"{name}.weight" for name in plain if _moved_by_conversion(name, model_type))
 
 
-def _moved_by_conversion(name: str, form: str, model_type: Optional[str]) -> bool:
-    """Whether PEFT's conversion of per-expert LoRA takes the plain layer ``name`` (model name) for an expert
-    projection, so that it must be listed in ``target_parameters`` to be adapted (PEFT converts by leaf name)."""
+def _moved_by_conversion(name: str, model_type: Optional[str]) -> bool:
+    """Whether PEFT's MoE conversion takes the plain layer ``name`` (model name) for an expert projection, so that it
+    must be listed in ``target_parameters`` to be adapted. PEFT converts every config of such a model type by leaf
+    name, whatever form its experts (if any) take."""
     converted = CONVERTED_NAMES.get(peft_conversion_pattern(model_type) or "", frozenset())
-    return form == "per-expert" and name.rsplit(".", 1)[-1] in converted
+    return name.rsplit(".", 1)[-1] in converted
 
 
 def peft_layout(
@@ -155,7 +156,7 @@ def peft_layout(
     for module, mod in plain.items():
         name = description.model_name(module)
         layout.modules[name] = _renamed(mod, name)
-        if _moved_by_conversion(name, form, model_type):  # PEFT converts by name, experts or not
+        if _moved_by_conversion(name, model_type):  # PEFT converts by name, experts or not
             parameters.append(f"{name}.weight")
             per_module[f"{name}.weight"] = ranks[module]  # PEFT looks a parameter's rank up by its own name
         else:

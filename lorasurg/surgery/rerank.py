@@ -22,6 +22,10 @@ that each named consumer (``vllm``, ``llama.cpp``) computes PEFT's per-module de
 and listed with its share of the re-ranked adapter's delta energy (a ``modules_to_save`` copy's share is unknown
 without the base model). A head tied to the input embedding is recognised in the input adapter.
 
+Mixtures of experts (:mod:`lorasurg.surgery.expert_ranks`): a target_parameters LoRA is re-ranked expert by expert
+and joined back at one rank; per-expert modules end at one rank and scale, the config's global ``r`` and
+``lora_alpha``, as PEFT on transformers 5 reads them.
+
 DoRA: the adapted weight is ``W' = m * (W + delta) / ||W + delta||_row``, whose per-output norms are ``m`` whatever
 the direction ``W + delta`` is. So the magnitude vector is kept as it is: the recomputed magnitude for the new
 direction is ``m`` again, and the adapted weight's per-output norms are kept exactly; only its direction changes,
@@ -44,9 +48,13 @@ from ..engine.threads import threads_for
 from ..errors import ConfigError, InputError
 from ..io.adapter import Adapter, AdapterModule
 from .export.output import WithGguf, check_output, output_consumers, output_path, write_output
+from .expert_ranks import peft_experts, refuse_consumers, split_parameter_loras
 from .patterns import derive_config, rank_scale_fields
-from .report import CLAMPED_FOOTNOTE, for_dict, format_bytes, format_count, format_for, format_list, format_table
-from .sources import AdapterSource, open_adapter, source_name
+from .report import (
+    CLAMPED_FOOTNOTE, for_dict, format_bytes, format_count, format_for, format_list, format_table, left_out_mark,
+    written_modules,
+)
+from .sources import AdapterSource, open_adapter, refuse_zero_scales, source_name
 
 __all__ = ["ModuleRerank", "RerankReport", "rerank", "rerank_to_dir", "default_rerank_path"]
 
@@ -99,6 +107,12 @@ class RerankReport:
         return [m.module for m in self.modules if m.new_rank == 0]
 
     @property
+    def written(self) -> list[str]:
+        """The modules the written adapter holds: not given rank 0, not left out for a ``--for`` consumer."""
+        left = self.for_report.left_out_modules if self.for_report is not None else set()
+        return [m.module for m in self.modules if m.new_rank > 0 and m.module not in left]
+
+    @property
     def energy_kept(self) -> float:
         """Share of the adapter's total delta energy kept (modules left out count as lost)."""
         total = sum(m.energy for m in self.modules)
@@ -114,7 +128,7 @@ class RerankReport:
             "dropped": self.dropped,
             "notes": list(self.notes),
             "totals": {
-                "modules": len(self.modules) - len(self.dropped),
+                "modules": len(self.written),
                 "old_parameters": self.old_parameters,
                 "adapter_parameters": self.adapter_parameters,
                 "adapter_bytes": self.adapter_bytes,
@@ -129,7 +143,7 @@ class RerankReport:
         rows = [
             (m.module, m.kind, "x".join(map(str, m.shape)), m.old_rank,
              f"{m.new_rank}" + ("*" if m.clamped else "") + (" (padded)" if m.padded else "")
-             + (" (left out)" if m.new_rank == 0 else ""),
+             + (" (left out)" if m.new_rank == 0 else left_out_mark(m.module, self.for_report)),
              f"{m.scale:.4g}", f"{100 * m.energy_kept:.4f}%", f"{100 * m.rel_error:.3f}%")
             for m in self.modules
         ]
@@ -142,7 +156,8 @@ class RerankReport:
         if self.consumers != ["peft"]:
             parts.append(format_for(self.for_report))
         parts.append(
-            f"{len(self.modules) - len(self.dropped)} modules; parameters {format_count(self.old_parameters)} -> "
+            f"{written_modules([m.module for m in self.modules if m.new_rank > 0], self.for_report)}; parameters "
+            f"{format_count(self.old_parameters)} -> "
             f"{format_count(self.adapter_parameters)} ({format_bytes(self.adapter_bytes)}); energy kept "
             f"{100 * self.energy_kept:.4f}%"
         )
@@ -199,19 +214,23 @@ def rerank(adapter: AdapterSource, *, r: Optional[int] = None, rank_policy: Opti
     Raises:
         ConfigError: neither ``r`` nor ``rank_policy``, ``r < 1``, a policy that does not parse, an unknown
             consumer.
-        InputError: the adapter cannot be read or contradicts its config, the policy keeps no module, or nothing
-            the named consumers can carry is left.
+        InputError: the adapter cannot be read or contradicts its config, a module has scale 0 (``lora_alpha`` 0),
+            the policy keeps no module, or nothing the named consumers can carry is left.
+        UnsupportedError: ``consumers`` other than PEFT for target_parameters LoRAs.
     """
     policy = _check_settings(r, rank_policy)
     names = parse_consumers(consumers)
     source, name = open_adapter(adapter)
+    refuse_zero_scales(source, name, "rerank")
     cfg = source.config
     report = RerankReport(name, r, None if policy is None else str(policy), consumers=list(names))
     report.old_parameters = source.num_parameters()
+    split = split_parameter_loras(source)
+    refuse_consumers(split, names, name)
     modules: dict[str, AdapterModule] = {}
     ranks: dict[str, tuple[int, float]] = {}
-    for module, mod in source.modules.items():
-        rank, alpha = source.rank_alpha(module)
+    for module, mod in split.adapter.modules.items():
+        rank, alpha = split.adapter.rank_alpha(module)
         scale = lora_scale(rank, alpha, cfg.use_rslora)
         with threads_for((mod.B.shape[0] + mod.A[0].numel()) * mod.rank**2):
             new, row = _rerank_module(mod, scale, r, policy)
@@ -224,9 +243,17 @@ def rerank(adapter: AdapterSource, *, r: Optional[int] = None, rank_policy: Opti
             f"rank policy {policy} keeps no singular value of any module of {name} (every delta is zero or below the "
             "threshold): there is nothing to write. Use a fixed --r or a less strict policy."
         )
-    changes: dict[str, Any] = dict(rank_scale_fields(ranks, cfg.use_rslora))
+    layout = peft_experts(modules, ranks, split, source.modules)
+    modules = layout.modules
+    for row in report.modules:
+        if row.module in layout.zero_filled:  # kept with zero factors: PEFT needs every expert
+            row.new_rank, row.padded = layout.rank_of(row.module), True
+    report.notes += layout.notes
+    changes: dict[str, Any] = dict(rank_scale_fields(layout.ranks, cfg.use_rslora, base=layout.base))
     if report.dropped:
-        changes["target_modules"] = sorted(modules)
+        changes["target_modules"] = sorted(m for m in modules if m not in layout.paths) or None
+        if split.loras:
+            changes["target_parameters"] = sorted(layout.parameters) or None
         report.notes.append(
             f"{len(report.dropped)} module(s) got rank 0 from the rank policy and are left out of target_modules"
         )

@@ -38,7 +38,7 @@ from ...consumers.experts import peft_converts_experts
 from ...engine.experts import split_experts
 from ...engine.factors import LoraFactors, factor_shapes, lora_scale
 from ...engine.lowrank import lowrank_svd
-from ...errors import InputError, ShapeMismatchError, UnsupportedError
+from ...errors import InputError, ShapeMismatchError, UnsupportedError, option
 from ...io.adapter import Adapter
 from ...io.architecture import ModelDescription
 from ...io.meta_facts import bias_flags
@@ -305,8 +305,8 @@ def _biases(base: Checkpoint, modules: Mapping[str, ModuleInfo], plan: FusePlan,
         raise InputError(
             f"the adapter has a lora_B bias on {len(unfusable)} layer(s) that have no bias in BASE, and {arch}"
             f"{hint} cannot give them one: {listing}. Nothing was written. Drop those biases with "
-            "--drop-unfusable-bias (drop_unfusable_bias=True; the output then differs from the adapted model by "
-            "them), or keep the adapter unfused and load it with PEFT"
+            f"{option('--drop-unfusable-bias', 'drop_unfusable_bias=True')} (the output then differs from the adapted "
+            "model by them), or keep the adapter unfused and load it with PEFT"
         )
     for name in unfusable:
         plan.dropped.append(DroppedBias(name, needing[name]))

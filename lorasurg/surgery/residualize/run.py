@@ -66,11 +66,12 @@ from ..export.run import check_gguf_base
 from ...consumers.reading import Consumers
 from ...engine.factors import compute_dtype, delta_frobenius_sq, factor_shapes
 from ...engine.init import InitMethod, init_factors, make_init_draws, parse_init_method
-from ...errors import ConfigError, LorasurgError
+from ...errors import ConfigError, InputError, LorasurgError, option
 from ...io.adapter import Adapter, AdapterModule
 from ...io.checkpoint import Checkpoint
 from ...io.meta_facts import module_order
 from ...io.rewrite import TensorSource, rewrite_checkpoint
+from ...io.values import all_finite, describe_nonfinite
 from ...io.writer import atomic_output_dir, check_output_dir
 from ..adapter_layout import ExpertStack
 from ..options import Progress, Source, default_output, dtype_problem, open_checkpoint, output_dtype, parse_device
@@ -148,7 +149,8 @@ def residualize(
             carry the whole initial adapter; a ``max_memory`` that is not a size, or too small to hold a target whole
             or one row of another tensor (the message names the tensor, its working set and the smallest workable
             budget). All checked before any work; nothing is written then.
-        InputError: a target is an output layer tied to the input embedding; BASE cannot be read.
+        InputError: a target is an output layer tied to the input embedding; BASE cannot be read; a target weight
+            holds NaN or inf (named; nothing is written).
     """
     method = _check_options(init, r, alpha, dtype)
     names = output_consumers(consumers, to)
@@ -189,6 +191,12 @@ def residualize(
             if target.module in states:
                 generator.set_state(states[target.module])
             weight = source.read(name, work_device)
+            if target.info.kind != "embedding" and not all_finite(weight):  # factored; an embedding keeps its weight
+                raise InputError(
+                    f"{name} holds {describe_nonfinite(weight)}: {method.config_value} factors each target weight and "
+                    "needs finite values, and nothing was written. Fix the checkpoint, or leave the module out with "
+                    f"{option('--exclude-modules ' + target.module, f'exclude_modules=[{target.module!r}]')}"
+                )
             residual = _residualize_one(target, method, weight, generator, factors, stacks, report)
             return None if residual is None else [(name, residual)]
 
