@@ -158,6 +158,14 @@ WRITERS: dict[str, Callable[[Path], Path]] = {
     "extract-gpt2-conv1d": _extract("gpt2", r=4),
     "extract-gpt2-embeddings-skip": _extract("gpt2", r=4, embeddings="skip", lora_bias=False),
     "extract-llama-energy-for-llama.cpp": _for("llama.cpp", _extract("llama", **ENERGY, consumers="llama.cpp")),
+    # extract on mixture-of-experts and multimodal models: per-expert and target_parameters layouts, model names
+    "extract-qwen3-moe-r4": _extract("qwen3_moe", r=4),
+    "extract-qwen3-moe-energy": _extract("qwen3_moe", r=16, rank_policy="energy:0.9"),
+    "extract-mixtral-r4": _extract("mixtral", r=4),
+    "extract-qwen2-moe-r4": _extract("qwen2_moe", r=4),
+    "extract-deepseek-v3-r4": _extract("deepseek_v3", r=4),
+    "extract-gpt-oss-r4": _extract("gpt_oss", r=4),
+    "extract-qwen2-vl-r8": _extract("qwen2_vl", r=8),
     # residualize: the initial adapter on the residual model it wrote
     "residualize-llama-pissa": _residualize("llama", init="pissa", r=8),
     "residualize-llama-olora-clamped-rslora": _residualize("llama", init="olora", r=48, use_rslora=True,
