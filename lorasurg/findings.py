@@ -88,32 +88,37 @@ CODES: dict[str, Code] = {
         "error", "base", "a tensor does not fit its base layer (in/out features, vocabulary, kernel, fan_in_fan_out)"
     ),
     "extra-unmatched": Code("warning", "base", "a non-LoRA tensor (modules_to_save copy) the base model has no place for"),
+    "key-checkpoint-name": Code(
+        "error", "base", "a module or tensor keyed by the checkpoint's name, which the model names otherwise (PEFT misses it)"
+    ),
+    # mixtures of experts and target_parameters, as PEFT 0.21.2 loads them on transformers 5
+    "parameter-unmatched": Code("error", "experts", "a target_parameters entry matches no parameter of the base model"),
+    "parameter-refused": Code(
+        "error", "experts", "target_parameters (or per-expert LoRA PEFT converts to them) with a setting PEFT's "
+        "ParamWrapper refuses: lora_dropout, lora_bias, DoRA, fan_in_fan_out"
+    ),
+    "expert-unconverted": Code(
+        "error", "experts", "per-expert LoRA on a model type whose experts PEFT does not convert (Qwen2-MoE): dropped silently"
+    ),
+    "expert-fused-part": Code(
+        "error", "experts", "one part of a fused expert projection is targeted without the other (gate_proj, up_proj)"
+    ),
+    "expert-missing": Code("error", "experts", "an expert of an adapted MoE layer has no LoRA (PEFT's conversion fails)"),
+    "expert-layer-missing": Code(
+        "warning", "experts", "an MoE layer PEFT adapts has no expert LoRA at all (missing keys, zero delta)"
+    ),
+    "expert-rank": Code(
+        "error", "experts", "experts of a layer's projection differ in rank, or differ from the rank PEFT builds (r)"
+    ),
+    "expert-scale": Code(
+        "error", "experts", "PEFT's conversion reads experts at another scale than the adapter gives them"
+    ),
+    "dense-converted": Code(
+        "error", "experts", "a dense layer named like an expert projection, which PEFT's MoE conversion leaves unadapted"
+    ),
     # values
     "value-nonfinite": Code("error", "values", "a tensor holds NaN or inf"),
     "untrained": Code("warning", "values", "lora_B (and lora_B.bias) is zero on every module: the adapter is a no-op"),
-    # mixture-of-experts and multimodal layouts: what PEFT 0.21.2 on transformers 5 refuses, drops or misapplies
-    "moe-incomplete": Code(
-        "error", "layouts",
-        "per-expert LoRA with an expert or a projection missing in an MoE layer (PEFT on transformers 5, vLLM and "
-        "llama.cpp refuse it)",
-    ),
-    "moe-rank": Code("error", "layouts", "per-expert LoRA not all at the config's r (PEFT on transformers 5 refuses it)"),
-    "moe-scale": Code(
-        "error", "layouts", "per-expert alpha_pattern or use_rslora: PEFT on transformers 5 scales the experts otherwise"
-    ),
-    "moe-options": Code(
-        "error", "layouts",
-        "lora_dropout, use_dora, lora_bias or fan_in_fan_out with MoE expert LoRA (PEFT's ParamWrapper refuses them)",
-    ),
-    "moe-dropped": Code(
-        "error", "layouts", "gate/up/down LoRA outside the routed experts, which PEFT on transformers 5 drops silently"
-    ),
-    "moe-layer-missing": Code(
-        "warning", "layouts", "an MoE layer of the base without expert LoRA while others have it (PEFT warns, uses 0)"
-    ),
-    "tower-checkpoint-names": Code(
-        "error", "layouts", "vision-tower LoRA under checkpoint names (visual.*), which PEFT on transformers 5 ignores"
-    ),
     # the consumers named with --for (vLLM, llama.cpp): how each reads the adapter, compared with PEFT
     "consumer-refuses": Code(
         "error", "consumers", "a --for consumer refuses to load (or convert) part of the adapter"

@@ -66,7 +66,6 @@ __all__ = [
     "treatment_for",
     "VLLM_FUSED_MOE_TYPES",
     "checkpoint_experts",
-    "missing_layers",
 ]
 
 @dataclass
@@ -281,13 +280,6 @@ def checkpoint_experts(keys: Iterable[str]) -> dict[str, int]:
             block, index, _ = parsed
             counts[block] = max(counts.get(block, 0), index + 1)
     return counts
-
-
-def missing_layers(adapter: Adapter, experts: Mapping[str, int]) -> list[str]:
-    """MoE layers of the base (``experts``, from :func:`checkpoint_experts`) with no per-expert LoRA, when the
-    adapter adapts the experts of some layer: PEFT then warns of missing keys for them and applies zero."""
-    groups = expert_groups(adapter.modules)
-    return [block for block in experts if block not in groups] if groups else []
 
 
 def _ranges(values: list[int]) -> str:

@@ -38,9 +38,9 @@ def test_validate_for_reports_each_consumers_layout_conditions(tmp_path):
     result = run("validate", broken(tmp_path), "--for", "vllm,llama.cpp", "--json")
     assert result.exit_code == 1, result.output
     found = findings(result)
-    assert {("moe-incomplete", "model.layers.1.mlp.experts"),
-            ("moe-rank", "model.layers.0.mlp.experts.0.gate_proj and 1 more"),
-            ("moe-options", "model.layers.0.mlp.experts.0.down_proj and 20 more")} <= found
+    assert {("expert-missing", "model.layers.1.mlp.experts"),
+            ("expert-rank", "model.layers.0.mlp.experts.0.gate_proj and 1 more"),
+            ("parameter-refused", "model.layers.0.mlp.experts.0.down_proj and 20 more")} <= found
     assert {("consumer-refuses", "vllm"), ("consumer-refuses", "llama.cpp")} <= found
     text = run("validate", broken(tmp_path / "t"), "--for", "vllm")
     assert "model.layers.1.mlp.experts: expert(s) 3 of 4 missing" in text.output
@@ -53,8 +53,8 @@ def test_validate_with_a_qwen2_moe_base_reports_the_dropped_experts(tmp_path):
     mods = {f"{block}.{e}.{p}": (4, *shape) for block, n in blocks for e in range(n) for p, shape in
             {"gate_proj": (16, 32), "up_proj": (16, 32), "down_proj": (32, 16)}.items()}
     result = run("validate", write(tmp_path / "a", mods), "--base", base, "--json")
-    (dropped,) = [f for f in json.loads(result.stdout)["findings"] if f["code"] == "moe-dropped"]
-    assert "model_type 'qwen2_moe'" in dropped["message"] and len(dropped["modules"]) == len(mods)
+    (dropped,) = [f for f in json.loads(result.stdout)["findings"] if f["code"] == "expert-unconverted"]
+    assert "qwen2_moe" in dropped["message"] and len(dropped["modules"]) == len(mods)
 
 
 def test_prepared_adapter_validates_clean(tmp_path):

@@ -20,57 +20,14 @@ from ...config import CONFIG_NAME, ConfigReading, LoraConfig, read_config_json, 
 from ...errors import InputError
 from ...findings import Finding
 from ...io.adapter import BIN_WEIGHTS_NAME, WEIGHTS_NAME, Adapter, read_weights, weights_file
-from ...io.checkpoint import Checkpoint
 from ...io.hub import resolve_source
-from ...modules import ModuleInfo
-from ...targeting import match_modules
+from ...targeting import match_modules, without_parameters
+from .base_model import BaseModel, open_base
+from .peft_view import PeftView, peft_view
 
 __all__ = ["BaseModel", "Subject", "open_base", "load_subject"]
 
 PathLike = Union[str, "os.PathLike[str]"]
-
-
-@dataclass
-class BaseModel:
-    """The base model's modules and tensor shapes (no tensor is read).
-
-    Attributes:
-        source: what was given as ``--base``.
-        modules: ``{module name: ModuleInfo}`` (:meth:`~lorasurg.io.checkpoint.Checkpoint.module_infos`).
-        output_layers: the layers ``"all-linear"`` leaves out.
-        shapes: ``{tensor key: shape}``, tied aliases (a tied ``lm_head.weight``) included.
-        from_architecture: module kinds come from the transformers class (so GPT-2's ``Conv1D`` is known), not
-            from names and shapes alone.
-        tied: ``{alias key: canonical key}`` of tied weights (``{"lm_head.weight": "model.embed_tokens.weight"}``).
-        model_type: config.json's ``model_type`` (None without a config).
-    """
-
-    source: str
-    modules: dict[str, ModuleInfo]
-    output_layers: set[str]
-    shapes: dict[str, tuple[int, ...]]
-    from_architecture: bool
-    tied: dict[str, str] = field(default_factory=dict)
-    model_type: Optional[str] = None
-
-
-def open_base(source: PathLike, task_type: Optional[str] = None) -> BaseModel:
-    """Describe the checkpoint at ``source`` (a path or hub id) from its headers and config.json.
-
-    Raises:
-        InputError: the checkpoint cannot be opened (see :meth:`~lorasurg.io.checkpoint.Checkpoint.open`).
-    """
-    with Checkpoint.open(source) as ckpt:
-        description = ckpt.describe(task_type)
-        shapes = {name: tuple(ckpt.shape(name)) for name in ckpt.names()}
-        for alias, canonical in description.tied.items():
-            if alias not in shapes and canonical in shapes:
-                shapes[alias] = shapes[canonical]
-        return BaseModel(
-            os.fspath(source), dict(description.modules), set(description.output_layers), shapes,
-            description.source.startswith("architecture:"), dict(description.tied),
-            (ckpt.config or {}).get("model_type"),
-        )
 
 
 @dataclass
@@ -104,6 +61,7 @@ class Subject:
     consumers: tuple[str, ...] = ("peft",)
     read_findings: list[Finding] = field(default_factory=list)
     _selection: Optional[list[str]] = field(default=None, repr=False)
+    _view: Optional[PeftView] = field(default=None, repr=False)
 
     @property
     def config(self) -> Optional[LoraConfig]:
@@ -111,8 +69,8 @@ class Subject:
         return self.reading.config if self.reading is not None and self.reading.usable else None
 
     def selection(self) -> Optional[list[str]]:
-        """The modules the config selects in the base model (PEFT's rules), or None without a base or config.
-        Computed once.
+        """The modules the config's ``target_modules`` selects in the base model (PEFT's rules; per-expert modules
+        count as modules, see :mod:`.base_model`), or None without a base or config. Computed once.
 
         Raises:
             LorasurgError: the config's targeting cannot be evaluated (target_modules None, a bad regex, an
@@ -121,8 +79,21 @@ class Subject:
         if self.config is None or self.base is None:
             return None
         if self._selection is None:
-            self._selection = match_modules(self.config, self.base.modules, self.base.output_layers)[0]
+            config = without_parameters(self.config)  # target_parameters select parameters, not modules
+            if config.target_modules is None and self.config.target_parameters:
+                self._selection = []
+            else:
+                self._selection = match_modules(config, self.base.modules, self.base.output_layers)[0]
         return list(self._selection)
+
+    def peft_view(self) -> Optional[PeftView]:
+        """How PEFT on transformers 5 sees the config and the adapter's names on the base
+        (:func:`~.peft_view.peft_view`), or None without a base or config. Computed once."""
+        if self.config is None or self.base is None:
+            return None
+        if self._view is None:
+            self._view = peft_view(self.config, self.base, self.adapter.modules if self.adapter is not None else ())
+        return self._view
 
 
 def _locate(path: PathLike) -> tuple[Optional[Path], Optional[Path]]:
