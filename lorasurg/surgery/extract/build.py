@@ -153,6 +153,7 @@ def build_adapter(
     adapter, report.for_report = prepare_for(
         adapter, report.consumers, tied=[description.model_name(t) for t in tied], total_energy=report.total_energy,
         delta_energy={k: run.changed[stored[k]][1] if stored.get(k) in run.changed else 0.0 for k in adapter.extra},
+        model_type=(base.config or {}).get("model_type"),
     )
     report.fits = [f for m, f in run.fits.items() if m in run.stacks or description.model_name(m) in adapter.modules]
     renamed = [m for m in run.factors if description.model_name(m) != m]

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from lorasurg import Checkpoint, LoraConfig
 from lorasurg.io.adapter import CONFIG_NAME, WEIGHTS_NAME, Adapter, AdapterModule
-from lorasurg.targeting import select_modules
+from lorasurg.targeting import anchored_pattern_key, select_modules
 
 ROOT = Path(__file__).resolve().parents[3]
 LLAMA = ROOT / "fixtures" / "tiny-llama" / "base"
