@@ -267,9 +267,9 @@ def test_lost_tensors_exit_2_and_write_nothing_without_allow_dropped(tmp_path):
     assert "left out with --allow-dropped" in text and "model.layers.0.mlp.mystery" in text
 
 
-def test_for_vllm_on_moe_experts_is_refused_before_any_work(tmp_path):
+def test_for_vllm_on_moe_experts_writes_per_expert_lora(tmp_path):
     moe = [str(FIXTURES / "moe" / "mixtral" / "base"), str(FIXTURES / "moe" / "mixtral" / "tuned")]
     result = run(*moe, "-o", str(tmp_path / "ad"), "--for", "vllm")
-    assert result.exit_code == 2 and "Traceback" not in result.output
-    assert "written for vllm (--for, --to): lorasurg does not know yet how vllm" in result.output
-    assert "block_sparse_moe.experts.0.w1" in result.output and not (tmp_path / "ad").exists()
+    assert result.exit_code == 0 and "Traceback" not in result.output
+    written = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert written["target_parameters"] is None and "w1" in json.dumps(written["target_modules"])

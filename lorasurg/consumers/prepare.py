@@ -277,7 +277,12 @@ def _layout(new: Adapter, old: Adapter, layouts: set[str], report: ForReport, pe
     a PEFT adapter (``peft_file`` false: a GGUF file keeps each tensor's rank).
     """
     cfg = new.config
-    mods = list(new.modules)
+    wrapped = new.parameter_wrapped()  # target_parameters LoRAs: looked up by their parameters' names, kept as they are
+    kept = {p: old.rank_alpha(p) for p in (old.config.target_parameters or [])}
+    mods = [m for m in new.modules if m not in wrapped]
+    if not mods:
+        report.layout, report.r, report.lora_alpha, report.use_rslora = "patterns", cfg.r, cfg.lora_alpha, cfg.use_rslora
+        return
     scales = {m: peft_scale(old, m) for m in mods if m in old.modules}
     ranks = {m: new.modules[m].rank for m in mods}
     experts = {m for m in mods if expert_name(m) is not None} if peft_file else set()
@@ -330,8 +335,20 @@ def _layout(new: Adapter, old: Adapter, layouts: set[str], report: ForReport, pe
         if not math.isclose(c, 1.0, rel_tol=1e-12):
             rescale_module(new.modules[m], c)
             report.rescaled[m] = c
+    _keep_parameters(cfg, kept)
     cfg.validate()
     report.layout, report.r, report.lora_alpha, report.use_rslora = layout, cfg.r, cfg.lora_alpha, cfg.use_rslora
+
+
+def _keep_parameters(cfg, kept: Mapping[str, tuple[int, float]]) -> None:
+    """Pin each ``target_parameters`` entry to the ``(r, alpha)`` it had (anchored keys of the parameter's name, which
+    PEFT looks a ParamWrapper's rank up by) where the rewritten globals would change it."""
+    for parameter, (r, alpha) in kept.items():
+        key = anchored_pattern_key(parameter)
+        if r != cfg.r:
+            cfg.rank_pattern = {**(cfg.rank_pattern or {}), key: r}
+        if not math.isclose(alpha, cfg.lora_alpha, rel_tol=1e-12):
+            cfg.alpha_pattern = {**(cfg.alpha_pattern or {}), key: _number(alpha)}
 
 
 def _experts_at_globals(new: Adapter, experts: Collection[str]) -> bool:

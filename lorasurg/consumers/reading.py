@@ -356,7 +356,9 @@ def _scale_findings(adapter: Adapter, c: Consumer, features: dict[str, list[str]
 
 
 def _max_rank(adapter: Adapter) -> list[ConsumerFinding]:
-    top = max((m.rank for m in adapter.modules.values()), default=0)
+    wrapped = adapter.parameter_wrapped()  # a target_parameters LoRA stores r * experts rows: its r is the config's
+    top = max([m.rank for name, m in adapter.modules.items() if name not in wrapped]
+              + [adapter.rank_alpha(p)[0] for p in adapter.config.target_parameters or []], default=0)
     if top <= 16:
         return []
     allowed = [1, 8, 16, 32, 64, 128, 256, 320, 512]

@@ -284,7 +284,7 @@ class Adapter:
             parameters: the saved paths of the ``target_parameters`` LoRAs the config selects in the model (their
                 rank is ``r`` times the experts: the caller checks it); by default judged from names alone.
         """
-        wrapped = set(parameters) if parameters is not None else self._parameter_wrapped()
+        wrapped = set(parameters) if parameters is not None else self.parameter_wrapped()
         found: list[Finding] = self._untargeted_modules(selected, wrapped)
         ignored = {f.where for f in found}  # PEFT ignores their tensors: their rank does not matter
         for name, mod in self.modules.items():
@@ -366,7 +366,7 @@ class Adapter:
             if name not in chosen
         ]
 
-    def _parameter_wrapped(self) -> set[str]:
+    def parameter_wrapped(self) -> set[str]:
         """Modules whose tensors a ``target_parameters`` entry can account for, judged from names alone: a saved
         path with ``.base_layer`` in it, or a module an entry's module part is a ``.``-suffix of (an entry without
         a module part, ``gate_up_proj``, can name a parameter of any module)."""

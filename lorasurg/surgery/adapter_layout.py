@@ -169,6 +169,11 @@ def peft_layout(
     globals_: Optional[tuple[int, float]] = None
     if experts and form == "per-expert":
         globals_ = _per_expert(layout, description, experts, factors, ranks, per_module, use_rslora)
+        if not peft_converts_experts(model_type):
+            layout.notes.append(
+                f"per-expert LoRA for a model type PEFT 0.21.2 does not convert ({model_type!r}): PEFT loads this "
+                f"adapter without its {len(experts)} expert module(s); the consumers named read them "
+                f"({PEFT_MOE_SOURCE})")
     elif experts or stacks:
         parameters += _fused(layout, description, experts, factors, ranks, stacks, per_module, use_rslora)
     wrapped = parameters + sorted({s.parameter for s in experts.values()} if form == "per-expert" else ())

@@ -27,7 +27,8 @@ from torch import Tensor
 from ...config import LoraConfig
 from ...consumers.prepare import prepare_for
 from ...consumers.rules import CONSUMERS, Consumer
-from ...errors import InputError, option
+from ...consumers.experts import peft_converts_experts
+from ...errors import InputError, UnsupportedError, option
 from ...io.adapter import Adapter, AdapterModule
 from ...io.architecture import ModelDescription
 from ...io.checkpoint import Checkpoint
@@ -135,7 +136,7 @@ def build_adapter(
         description, run.factors, {m: (f.rank, run.scale * f.rank) for m, f in run.factors.items()},
         model_type=(base.config or {}).get("model_type"), extra=run.saved, modules_to_save=save_modules,
         stacks={_stored_parameter(description, key): stack for key, stack in run.stacks.items()},
-        refused=["lora_bias"] if use_bias else [],
+        refused=["lora_bias"] if use_bias else [], form=_experts_form(description, base, report.consumers),
     )
     config = LoraConfig(
         **layout.fields,
@@ -167,6 +168,28 @@ def build_adapter(
     report.adapter_parameters = adapter.num_parameters()
     report.adapter_bytes = adapter.num_bytes()
     return adapter
+
+
+def _experts_form(description: ModelDescription, base: Checkpoint, consumers) -> Optional[str]:
+    """``per-expert`` when a consumer other than PEFT is named and the checkpoint stores experts one by one: the form
+    vLLM and llama.cpp read, which PEFT converts too where it converts per-expert LoRA; else PEFT's own choice.
+
+    Raises:
+        UnsupportedError: PEFT and another consumer are both named for a model type PEFT does not convert
+            per-expert LoRA for (Qwen2-MoE): PEFT reads its experts only as ``target_parameters``, the others only
+            as per-expert keys, and no one file serves both.
+    """
+    others = [c for c in consumers if c != "peft"]
+    if not others or not description.experts or any(p.stored for p in description.parameters.values()):
+        return None
+    model_type = (base.config or {}).get("model_type")
+    if "peft" in consumers and not peft_converts_experts(model_type):
+        names = ", ".join(others)
+        raise UnsupportedError(
+            f"--for peft and {names}: PEFT 0.21.2 reads the experts of a {model_type!r} model only as "
+            f"target_parameters on the fused experts, {names} only as per-expert LoRA, so no one adapter serves "
+            f"both; extract twice, once --for peft and once --for {','.join(others)}, into two directories")
+    return "per-expert"
 
 
 def _stored_parameter(description: ModelDescription, key: str) -> str:

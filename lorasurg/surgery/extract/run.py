@@ -169,9 +169,7 @@ def extract(
         InputError: a delta holds NaN/inf (tensors named); the checkpoints are identical (without
             ``allow_empty``); nothing LoRA-able changed; a checkpoint cannot be read; a changed tensor would be
             left out, not by the user's choice, without ``allow_dropped`` (tensors and shares named).
-        UnsupportedError: ``--for`` names a consumer whose rules for mixture-of-experts LoRA lorasurg does not
-            know, for a model whose experts are LoRA targets; ``lora_bias=True`` for an adapter PEFT can only load
-            through ``target_parameters``.
+        UnsupportedError: ``lora_bias=True`` for an adapter PEFT can only load through ``target_parameters``.
         ConfigError: an invalid option value; a ``max_memory`` that is not a size, or below the smallest
             workable budget for these checkpoints (the message says what that is).
     """
@@ -223,7 +221,6 @@ def _run(base: Checkpoint, tuned: Checkpoint, report: ExtractReport, device: tor
     with_bias = plan_roles(names, modules, lora_bias=True, **plan)
     targets = [role.name if role.kind == "experts" else role.module for role in with_bias.values()
                if role.role == "lora"]
-    _refuse_unknown_consumers(report, description, targets)
     compared = [n for n, role in with_bias.items() if role.role == "bias"]
     for name in compared:
         compare(base, tuned, with_bias[name], run, device)
@@ -276,7 +273,8 @@ def _run(base: Checkpoint, tuned: Checkpoint, report: ExtractReport, device: tor
         work.release()
     run.raise_non_finite()
     finish_experts(run, fits, roles, policy=policy,
-                   one_rank=expert_form(description, model_type, stored) == "per-expert")
+                   one_rank=expert_form(description, model_type, stored) == "per-expert"
+                   or any(c != "peft" for c in report.consumers))
 
     report.lora_bias = use_bias
     report.tensors_compared = len([n for n in names if n not in aliases])
@@ -284,24 +282,6 @@ def _run(base: Checkpoint, tuned: Checkpoint, report: ExtractReport, device: tor
         run, report, base, tuned, modules, roles, use_bias=use_bias, r=r, allow_empty=allow_empty,
         base_name=report.base, allow_dropped=allow_dropped,
     )
-
-
-def _refuse_unknown_consumers(report: ExtractReport, description, targets) -> None:
-    """Refuse ``--for`` consumers other than PEFT when experts are LoRA targets: their rules for mixture-of-experts
-    LoRA (which layout, which ranks, what they refuse) are not written down in :mod:`lorasurg.consumers` yet, and an
-    adapter written without them could be misread."""
-    others = [c for c in report.consumers if c != "peft"]
-    stored = {p.stored for p in description.parameters.values() if p.stored}
-    experts = [t for t in targets if t in description.experts or t in stored]
-    if not others or not experts:
-        return
-    names = ", ".join(others)
-    raise UnsupportedError(
-        f"written for {names} (--for, --to): lorasurg does not know yet how {names} read(s) LoRA on "
-        f"mixture-of-experts layers (which layout of the experts, which ranks, what is refused), and this adapter "
-        f"adapts {len(experts)} expert matrices ({_short(experts, 3)}); it could be misread. Extract for PEFT "
-        "(--for peft, no --to), or leave the experts out with --exclude-modules '.*\\.experts(\\..*)?' (their "
-        "changes are then listed as dropped)")
 
 
 # ------------------------------------------------------------------------------------------------ helpers
