@@ -21,6 +21,7 @@ verbatim in :attr:`Adapter.extra`. Loading then saving is lossless: same keys, d
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,8 @@ __all__ = [
 WEIGHTS_NAME = "adapter_model.safetensors"
 BIN_WEIGHTS_NAME = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
+#: Where PEFT keeps the out_proj LoRA of a targeted ``nn.MultiheadAttention``, under the attention's name.
+NESTED_OUT_PROJ = "base_layer.out_proj"
 
 # part of a PEFT key -> (AdapterModule field, is an embedding LoRA)
 _LORA_PARTS: dict[str, tuple[str, bool]] = {
@@ -93,6 +96,15 @@ class AdapterModule:
     def rank(self) -> int:
         """r, the number of rows of A."""
         return int(self.A.shape[0])
+
+    @property
+    def groups(self) -> int:
+        """The convolution groups the tensors are laid out for: a grouped conv's ``lora_B`` has ``r / groups``
+        columns (PEFT's layout); 1 for every other layer."""
+        cols = int(self.B.shape[1]) if self.B.dim() > 1 else 0
+        if self.kind.startswith("conv") and cols and self.rank != cols and self.rank % cols == 0:
+            return self.rank // cols
+        return 1
 
     @property
     def kind(self) -> str:
@@ -235,8 +247,8 @@ class Adapter:
     def findings(self, selected: Optional[Collection[str]] = None) -> list[Finding]:
         """Every way the stored tensors contradict the config, as :class:`~lorasurg.findings.Finding` s.
 
-        Checks, per module: the config targets it (``tensor-untargeted``); A's rows equal B's columns
-        (``rank-inconsistent``); the rank equals the config's, rank_pattern applied (``rank-mismatch``);
+        Checks, per module: the config targets it (``tensor-untargeted``); A's rows equal B's columns, or are a
+        multiple of them for a grouped convolution (``rank-inconsistent``); the rank equals the config's, rank_pattern applied (``rank-mismatch``);
         ``lora_B.bias`` present exactly when ``lora_bias`` is set, never on an embedding, shaped ``(out,)``
         (``bias-*``); DoRA magnitude present exactly when ``use_dora`` is set, one entry per output
         (``magnitude-*``).
@@ -247,7 +259,7 @@ class Adapter:
         """
         found: list[Finding] = self._untargeted_modules(selected)
         for name, mod in self.modules.items():
-            if mod.A.shape[0] != mod.B.shape[1]:
+            if mod.A.shape[0] != mod.B.shape[1] * mod.groups:
                 found.append(Finding(
                     "rank-inconsistent", name, f"A has {mod.A.shape[0]} rows but B has {mod.B.shape[1]} columns",
                     "the factors do not belong together: save the adapter again",
@@ -308,11 +320,14 @@ class Adapter:
             if not self.modules or target is None or (isinstance(target, str) and target.lower() == ALL_LINEAR):
                 return []
             infos = {name: ModuleInfo(mod.kind, mod.kind) for name, mod in self.modules.items()}
+            config = copy.copy(self.config)
+            config.layer_replication = None  # the file's names are those of the replicated stack already
             try:
-                selected = select_modules(self.config, infos)
+                selected = select_modules(config, infos)
             except LorasurgError:
                 selected = ()
         chosen = set(selected)
+        chosen |= {f"{name}.{NESTED_OUT_PROJ}" for name in chosen}  # an attention's out_proj LoRA (PEFT's layout)
         return [
             Finding(
                 "tensor-untargeted", name,

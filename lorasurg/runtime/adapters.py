@@ -187,7 +187,7 @@ def merge_adapter(model: nn.Module) -> None:
     """Merge the active adapter into the base weights (forward then runs the base layers alone).
 
     Trainable tokens are written into their rows. Layers of a replicated stack whose base weights copies share
-    first get weights of their own (PEFT refuses to merge them).
+    first get weights of their own (PEFT merges every copy into the shared weight).
     """
     _prepare_merge(model)
     for _, layer in lora_layers(model):

@@ -6,9 +6,10 @@ is then re-registered from the source; buffers are copied), sets each clone's ``
 position, and sets ``config.num_hidden_layers`` to the new count. Targeting then sees the replicated names
 (:mod:`lorasurg.layer_replication`), so every copy gets its own LoRA while the base weights stay shared.
 
-Beyond PEFT, which refuses to merge a replicated model: before a merge the base weights of the LoRA layers that
-copies share are given to each copy as its own tensor (:func:`unshare_for_merge`), so merging one copy's adapter
-does not change the others; :func:`~lorasurg.runtime.adapters.unload` puts the original layer list (and
+Where PEFT is wrong: it means to refuse merging a replicated model, but its check never fires, and it merges every
+copy's delta into the weight the copies share. Here, before a merge the base weights of the LoRA layers that copies
+share are given to each copy as its own tensor (:func:`unshare_for_merge`), so merging one copy's adapter does not
+change the others; :func:`~lorasurg.runtime.adapters.unload` puts the original layer list (and
 ``num_hidden_layers``) back. The record of what was replaced lives on the model as a plain attribute
 (``model._lorasurg_replication``), like the adapter configs.
 """
