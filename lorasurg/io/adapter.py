@@ -14,9 +14,11 @@ part                           meaning                     shape
 ``lora_magnitude_vector``      DoRA magnitude              (out,) or (1, out, 1, ...) for conv
 =============================  ==========================  ================================
 
-Anything else (``modules_to_save`` copies saved as ``<module>.weight``, trainable-token deltas
-``<module>.token_adapter.trainable_tokens_delta``, an embedding's ``<module>.base_layer.weight``) is kept
-verbatim in :attr:`Adapter.extra`. Loading then saving is lossless: same keys, dtypes and tensors.
+Anything else (``modules_to_save`` copies saved as ``<module>.weight``, trainable-token rows
+``<module>.token_adapter.trainable_tokens_delta`` (:meth:`Adapter.token_rows`), an embedding's
+``<module>.base_layer.weight``) is kept verbatim in :attr:`Adapter.extra`. A grouped convolution's ``lora_B`` has
+``r / groups`` columns; an ``nn.MultiheadAttention``'s out_proj LoRA is the module ``<attention>.base_layer.out_proj``.
+Loading then saving is lossless: same keys, dtypes and tensors.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ __all__ = [
     "WEIGHTS_NAME",
     "BIN_WEIGHTS_NAME",
     "KEY_PREFIX",
+    "TOKENS_PART",
+    "NESTED_OUT_PROJ",
     "AdapterModule",
     "Adapter",
     "peft_key",
@@ -57,6 +61,8 @@ BIN_WEIGHTS_NAME = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
 #: Where PEFT keeps the out_proj LoRA of a targeted ``nn.MultiheadAttention``, under the attention's name.
 NESTED_OUT_PROJ = "base_layer.out_proj"
+#: The key part of a module's trainable-token rows (``trainable_token_indices``): ``<module>.<TOKENS_PART>``.
+TOKENS_PART = "token_adapter.trainable_tokens_delta"
 
 # part of a PEFT key -> (AdapterModule field, is an embedding LoRA)
 _LORA_PARTS: dict[str, tuple[str, bool]] = {
@@ -231,6 +237,26 @@ class Adapter:
             for module, parts in parsed.incomplete.items()
         ]
         return cls(config, parsed.modules, parsed.extra), found
+
+    # ----------------------------------------------------------------------------------------- tokens
+    def token_rows(self) -> dict[str, Tensor]:
+        """``{module: rows}`` of the trainable tokens in the file: the ``(k, dim)`` values PEFT writes into rows
+        ``trainable_token_indices`` of that module's weight (they replace the rows; they are not a difference)."""
+        tail = f".{TOKENS_PART}"
+        return {key[: -len(tail)]: t for key, t in self.extra.items() if key.endswith(tail)}
+
+    def token_indices(self) -> dict[str, list[int]]:
+        """``{module: indices}`` for each module with token rows, from ``trainable_token_indices``: a dict's first key
+        that ends the module's name (PEFT's suffix rule), or the list for every such module; [] when none fits."""
+        spec = self.config.trainable_token_indices
+        out = {}
+        for module in self.token_rows():
+            if isinstance(spec, dict):
+                key = next((k for k in spec if module.endswith(k)), None)
+                out[module] = list(spec[key]) if key is not None else []
+            else:
+                out[module] = list(spec or [])
+        return out
 
     # ----------------------------------------------------------------------------------------- checking
     def rank_alpha(self, module: str) -> tuple[int, float]:

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..io.adapter import TOKENS_PART
 from .base import LoraLayer
 from .modules_to_save import ModulesToSave
 
@@ -42,7 +43,7 @@ __all__ = ["TokenTarget", "TokenAdapter", "TrainableTokens", "plan_tokens", "tok
            "DELTA_KEY", "unshare_conflicting"]
 
 #: The saved key of a wrapper's trained rows, after the module name (adapter name removed, as PEFT saves it).
-DELTA_KEY = "token_adapter.trainable_tokens_delta"
+DELTA_KEY = TOKENS_PART
 
 
 @dataclass(frozen=True)

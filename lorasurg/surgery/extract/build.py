@@ -19,7 +19,7 @@ from ...config import LoraConfig
 from ...consumers.prepare import prepare_for
 from ...consumers.rules import CONSUMERS, Consumer
 from ...errors import InputError
-from ...io.adapter import Adapter, AdapterModule
+from ...io.adapter import TOKENS_PART, Adapter, AdapterModule
 from ...io.checkpoint import Checkpoint
 from ...modules import ModuleInfo
 from ...targeting import exact_target_modules, rank_alpha_fields
@@ -49,6 +49,10 @@ class Collected:
     fits: dict = field(default_factory=dict)
     zero_rank: dict[str, Fit] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    tokens: dict[str, tuple[list[int], Tensor]] = field(default_factory=dict)  # module -> (indices, tuned rows)
+    embedding_choices: list = field(default_factory=list)  # tokens.EmbeddingChoice per embedding-layer weight
+    resized: dict[str, tuple[int, int]] = field(default_factory=dict)  # tensor -> (BASE rows, TUNED rows)
+    row_roles: dict[str, TensorRole] = field(default_factory=dict)  # what a ``rows`` role became
 
     def record_change(self, role: TensorRole, shape, energy: float, *, delta: Optional[Tensor] = None,
                       tuned: Optional[Tensor] = None) -> None:
@@ -94,6 +98,7 @@ def build_adapter(
     Raises:
         InputError: the checkpoints are identical (without ``allow_empty``), or no LoRA-able weight changed.
     """
+    roles = {**roles, **run.row_roles}
     if not run.changed:
         if not allow_empty:
             raise InputError(
@@ -103,12 +108,23 @@ def build_adapter(
             )
         _zero_factors(run, modules, roles, r)
         report.notes.append("the checkpoints are identical: wrote a no-op adapter (every factor is zero)")
+    elif run.tokens and not run.factors and allow_empty:
+        _zero_factors(run, modules, roles, r)
+        report.notes.append("only trainable-token rows changed: wrote zero LoRA factors beside them (PEFT's LoraConfig "
+                            "needs a LoRA target; --allow-empty)")
     save_blocked = [c for c in (CONSUMERS[n] for n in report.consumers) if not c.carries("modules_to_save")]
     save_modules = _outcomes(run, report, roles, use_bias, save_blocked)
     _complete_saved(run, tuned, save_modules)
     tied = _tie(run, save_modules)
     if use_bias:
         _bias_factors(run, report, modules, roles)
+    if not run.factors and run.tokens:
+        raise InputError(
+            f"only the rows of {', '.join(run.tokens)} changed between {report.base} and {report.tuned}: PEFT's "
+            "LoraConfig needs at least one LoRA target beside trainable_token_indices, and no other LoRA-able weight "
+            "changed. Pass --allow-empty to add zero LoRA factors on the other layers (a no-op beside the tokens), "
+            "or use --embeddings lora or full."
+        )
     if not run.factors:
         kept = ", ".join(f"{o.name} ({o.outcome})" for o in report.outcomes[:10])
         raise InputError(
@@ -117,7 +133,9 @@ def build_adapter(
             "--exclude-modules, --embeddings and --rank-policy." + _for_hint(report)
         )
     config = _config(run, modules, save_modules, use_bias, base, base_name)
-    adapter = Adapter(config, dict(run.factors), dict(run.saved))
+    extra = {**run.saved, **{f"{m}.{TOKENS_PART}": rows for m, (_, rows) in run.tokens.items()}}
+    adapter = Adapter(config, dict(run.factors), extra)
+    _token_notes(run, report)
     problems = adapter.problems()
     if problems:  # a bug in extract, not in the user's input
         raise AssertionError("extract built an inconsistent adapter: " + "; ".join(problems))
@@ -183,6 +201,8 @@ def _outcomes(run: Collected, report: ExtractReport, roles: Mapping[str, TensorR
                           + save_blocked[0].rules["modules_to_save"].says)
         elif role.role == "save":
             outcome = "modules_to_save"
+        elif role.role == "tokens":
+            outcome = "trainable_tokens"
         if outcome == "modules_to_save":
             save[role.module] = None
         report.outcomes.append(TensorOutcome(name, shape, outcome, reason, energy))
@@ -248,6 +268,14 @@ def _tie(run: Collected, save_modules: list[str]) -> list[str]:
     return []
 
 
+def _token_notes(run: Collected, report: ExtractReport) -> None:
+    """The embedding choices into the report, and what loading trainable tokens needs (a resize, a tied head)."""
+    from .tokens import token_notes
+
+    report.embeddings = list(run.embedding_choices)
+    report.notes.extend(token_notes(run))
+
+
 def _bias_factors(run: Collected, report: ExtractReport, modules: Mapping[str, ModuleInfo],
                   roles: Mapping[str, TensorRole]) -> None:
     """``lora_B.bias = db / scale`` on every LoRA target (zero where the bias did not change or does not exist)."""
@@ -292,6 +320,7 @@ def _config(run: Collected, modules: Mapping[str, ModuleInfo], save_modules: lis
         target_modules=targets,
         lora_bias=use_bias,
         modules_to_save=sorted(save_modules) or None,
+        trainable_token_indices={m: list(i) for m, (i, _) in run.tokens.items()} or None,
         fan_in_fan_out=any(modules[m].fan_in_fan_out for m in selected if m in modules),
         init_lora_weights=True,
         task_type=task_type_of(base.config),

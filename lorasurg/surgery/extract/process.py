@@ -57,7 +57,7 @@ def placements(base: Checkpoint, tuned: Checkpoint, roles: Mapping[str, TensorRo
     whole = svd == "exact" or (policy is not None and policy.needs_full_spectrum)
     needs, result = [], {}
     for name, role in roles.items():
-        if role.role != "lora":
+        if role.role not in ("lora", "rows"):  # an embedding layer's rows may become a LoRA
             continue
         shape = tuple(base.shape(name))
         rows, cols = (shape[0] if shape else 1), math.prod(shape[1:])
@@ -93,7 +93,7 @@ def _reserved_bytes(base: Checkpoint, roles: Mapping[str, TensorRole], modules, 
     size = 4 if out_dtype is None else out_dtype.itemsize  # factors are cast to the output dtype (<= float32)
     for name, role in roles.items():
         shape = tuple(base.shape(name))
-        if role.role == "lora":
+        if role.role in ("lora", "rows"):
             rows, cols = (shape[0] if shape else 1), math.prod(shape[1:])
             total += min(r, rows, cols) * (rows + cols) * size
         elif role.role in ("save", "bias"):

@@ -36,7 +36,8 @@ __all__ = ["fuse_works", "merged_blocks", "touched"]
 
 def touched(plan: FusePlan, name: str) -> bool:
     """Whether the fuse writes BASE tensor ``name`` other than as a copy."""
-    return name in plan.module_of or name in plan.replace or name in plan.zero_bias or name in plan.untie
+    return (name in plan.module_of or name in plan.replace or name in plan.zero_bias or name in plan.untie
+            or name in plan.rows or name in plan.copies)
 
 
 def _merge_factors(plan: FusePlan, key: str) -> Optional[LoraFactors]:
@@ -59,7 +60,7 @@ def fuse_works(ckpt: Checkpoint, plan: FusePlan, out_dtype: Optional[torch.dtype
         stored = ckpt.dtype(name)
         out = out_dtype if out_dtype is not None and stored.is_floating_point else stored
         i, o = stored.itemsize, out.itemsize
-        keys = [name] + ([plan.untie[name]] if name in plan.untie else [])
+        keys = plan.outputs(name) + ([plan.untie[name]] if name in plan.untie else [])
         merges = [f for f in map(lambda k: _merge_factors(plan, k), keys) if f is not None]
         dora = any(f.magnitude is not None for f in merges)
         per = i + len(keys) * o + ((o + 12 + 4 * dora) if merges else 0)  # whole: merged_weight's temporaries
@@ -68,7 +69,9 @@ def fuse_works(ckpt: Checkpoint, plan: FusePlan, out_dtype: Optional[torch.dtype
         f = plan.factors.get(module) if module is not None else None
         if f is not None and name == f"{module}.bias":
             stream = "a bias with lora_B's bias added is processed whole"
-        elif shape and all(k in plan.replace for k in keys):
+        elif any(k in plan.rows for k in keys):
+            stream = "its trainable-token rows are written into it whole"
+        elif shape and keys and all(k in plan.replace for k in keys):
             stream = ""  # the adapter's saved copy, already in memory: sliced
         else:
             stream = copy.stream

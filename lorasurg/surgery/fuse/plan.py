@@ -8,7 +8,8 @@ An adapter is matched against BASE module by module:
 * every other tensor of the adapter is a module's own tensor (``modules_to_save``: ``<module>.weight``,
   ``<module>.bias``; a targeted embedding's ``<module>.base_layer.weight``; the biases PEFT saves for
   ``bias="all"``/``"lora_only"``, ``<module>.base_layer.bias``) and replaces BASE's tensor of that name and shape;
-  trainable-token deltas are refused;
+  trainable-token rows are written into their rows, and replicated layers written out one copy each
+  (:mod:`.layout`);
 * a ``lora_B.bias`` that is not zero on a layer without a bias in BASE needs a bias tensor: where the architecture's
   config has a flag that gives the layer one (:func:`lorasurg.io.meta_facts.bias_flags`, e.g. Llama's
   ``attention_bias``), the flag is set and every other layer it governs gets a zero bias; where none exists
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Mapping, Optional
 
 import torch
 from torch import Tensor
@@ -34,11 +35,13 @@ from torch import Tensor
 from ...engine.factors import LoraFactors, factor_shapes, lora_scale
 from ...engine.lowrank import lowrank_svd
 from ...errors import InputError, ShapeMismatchError, UnsupportedError
-from ...io.adapter import Adapter
+from ...io.adapter import TOKENS_PART, Adapter
 from ...io.meta_facts import bias_flags
 from ...io.checkpoint import Checkpoint
 from ...modules import ModuleInfo
+from ...layer_replication import LayerStack
 from ..options import short_list
+from .layout import plan_copies, plan_token_rows, replicated_stack
 
 __all__ = ["FusePlan", "DroppedBias", "plan_fuse"]
 
@@ -66,9 +69,13 @@ class FusePlan:
         untie: ``{canonical tensor: alias tensor}`` written separately (the alias's module is in ``module_of``).
         module_of: ``{tensor name: module}`` for the weights of LoRA modules (aliases included), the biases in
             ``bias_of`` and the tensors in ``replace``.
-        config_updates: keys set in config.json (bias flags, ``tie_word_embeddings``).
+        config_updates: keys set in config.json (bias flags, ``tie_word_embeddings``, ``vocab_size``,
+            ``num_hidden_layers``).
         dropped: lora_B biases left out (``drop_unfusable_bias``).
         notes: what the report should say.
+        rows: ``{weight: (indices, rows, row count)}`` of trainable tokens (:func:`.layout.with_rows`).
+        copies: ``{BASE tensor: output names}`` of the tensors of a replicated stack (``layer_replication``).
+        stack: the replicated stack, or None.
     """
 
     factors: dict[str, LoraFactors] = field(default_factory=dict)
@@ -81,6 +88,17 @@ class FusePlan:
     config_updates: dict[str, object] = field(default_factory=dict)
     dropped: list[DroppedBias] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    rows: dict[str, tuple[Tensor, Tensor, int]] = field(default_factory=dict)
+    copies: dict[str, list[str]] = field(default_factory=dict)
+    stack: Optional[LayerStack] = None
+
+    def base_name(self, name: str) -> str:
+        """BASE's name of an adapter module or output tensor (a replicated layer: the layer it copies)."""
+        return self.stack.source_of(name) if self.stack is not None else name
+
+    def outputs(self, name: str) -> list[str]:
+        """The tensors written for BASE tensor ``name``: itself, its copies in a replicated stack, or none."""
+        return self.copies.get(name, [name])
 
 
 def plan_fuse(base: Checkpoint, adapter: Adapter, *, drop_unfusable_bias: bool = False) -> FusePlan:
@@ -90,13 +108,21 @@ def plan_fuse(base: Checkpoint, adapter: Adapter, *, drop_unfusable_bias: bool =
         ShapeMismatchError: modules missing from BASE, or factors whose shapes do not fit BASE (all listed).
         InputError: adapter tensors BASE has no place for; lora_B biases the architecture cannot express (without
             ``drop_unfusable_bias``).
-        UnsupportedError: trainable-token deltas.
+        UnsupportedError: a lora_B bias that needs a new bias together with replicated layers.
     """
-    plan = FusePlan()
+    plan = FusePlan(stack=replicated_stack(base, adapter))
     modules = base.module_infos()
     aliases = base.tied_weights()
+    if plan.stack is not None:
+        plan.copies, updates = plan_copies(base, plan.stack)
+        plan.config_updates.update(updates)
+        plan.notes.append(f"layer_replication={adapter.config.layer_replication}: {plan.stack.prefix} written as "
+                          f"{len(plan.stack.sources)} layers (from {plan.stack.count}), each copy with its own merge")
     _factors(base, adapter, modules, aliases, plan)
     _extras(base, adapter, aliases, plan)
+    plan.rows, updates, notes = plan_token_rows(base, adapter, aliases, plan.base_name)
+    plan.config_updates.update(updates)
+    plan.notes.extend(notes)
     _biases(base, modules, plan, drop_unfusable_bias)
     _ties(base, aliases, plan)
     return plan
@@ -110,9 +136,10 @@ def _factors(base: Checkpoint, adapter: Adapter, modules: Mapping[str, ModuleInf
     missing, wrong = [], []
     cfg = adapter.config
     for name, mod in adapter.modules.items():
-        info = modules.get(name)
+        info = modules.get(plan.base_name(name))
         weight = f"{name}.weight"
-        if info is None or info.kind is None or (weight not in base and weight not in aliases):
+        stored = plan.base_name(weight)
+        if info is None or info.kind is None or (stored not in base and stored not in aliases):
             near = difflib.get_close_matches(name, list(modules), n=2, cutoff=0.6)
             missing.append(f"{name}" + (f" (nearest in BASE: {', '.join(near)})" if near else ""))
             continue
@@ -145,20 +172,18 @@ def _factors(base: Checkpoint, adapter: Adapter, modules: Mapping[str, ModuleInf
 
 
 def _extras(base: Checkpoint, adapter: Adapter, aliases: Mapping[str, str], plan: FusePlan) -> None:
-    """Non-LoRA adapter tensors replace BASE's tensor of the same name (``.base_layer`` removed)."""
-    tokens = [k for k in adapter.extra if ".token_adapter." in k]
-    if tokens:
-        raise UnsupportedError(
-            f"the adapter has trainable-token deltas ({short_list(tokens)}); fusing them is not supported yet. Use "
-            "PEFT's merge_and_unload for this adapter"
-        )
+    """Non-LoRA adapter tensors replace BASE's tensor of the same name (``.base_layer`` removed); trainable-token
+    rows are :func:`.layout.plan_token_rows`'s."""
     unplaced, wrong = [], []
     for key, tensor in adapter.extra.items():
+        if key.endswith(f".{TOKENS_PART}"):
+            continue
         name = key.replace(".base_layer.", ".")
-        if name not in base and name not in aliases:
+        source = plan.base_name(name)
+        if source not in base and source not in aliases:
             unplaced.append(key)
             continue
-        stored = tuple(base.shape(aliases.get(name, name)))
+        stored = tuple(base.shape(aliases.get(source, source)))
         if tuple(tensor.shape) != stored:
             wrong.append(f"{key}: adapter {tuple(tensor.shape)}, BASE {stored}")
             continue
@@ -183,13 +208,18 @@ def _biases(base: Checkpoint, modules: Mapping[str, ModuleInfo], plan: FusePlan,
     for name, f in plan.factors.items():
         if f.bias is None:
             continue
-        if f"{name}.bias" in base:
+        if plan.base_name(f"{name}.bias") in base:
             plan.bias_of[f"{name}.bias"] = name
             plan.module_of[f"{name}.bias"] = name
         elif bool(torch.any(f.bias != 0)):
             needing[name] = float(torch.linalg.vector_norm(f.bias.double())) * f.scale
     if not needing:
         return
+    if plan.stack is not None:
+        raise UnsupportedError(
+            f"the adapter has a lora_B bias on {len(needing)} layer(s) without a bias in BASE ({short_list(list(needing))}) "
+            "and replicates layers; fusing that is not supported. Drop the biases (--drop-unfusable-bias is not "
+            "available here either): keep the adapter unfused")
     flags = bias_flags(base.config, {n: base.shape(n) for n in base.names()})
     chosen: dict[str, frozenset[str]] = {}
     unfusable = []
@@ -237,8 +267,10 @@ def _ties(base: Checkpoint, aliases: Mapping[str, str], plan: FusePlan) -> None:
     """Keep each tie when both sides change alike; else write the alias as its own tensor and untie."""
     for alias, canonical in aliases.items():
         a_mod, c_mod = alias.rsplit(".", 1)[0], canonical.rsplit(".", 1)[0]
-        a_touched = alias in plan.module_of or alias in plan.replace
-        c_touched = canonical in plan.module_of or canonical in plan.replace
+        if canonical in plan.rows and alias not in plan.rows:
+            plan.rows[alias] = plan.rows[canonical]  # PEFT ties the head's trainable tokens to the embedding's
+        a_touched = alias in plan.module_of or alias in plan.replace or alias in plan.rows
+        c_touched = canonical in plan.module_of or canonical in plan.replace or canonical in plan.rows
         if not (a_touched or c_touched):
             continue
         if _same_change(plan, alias, canonical, a_mod, c_mod):
@@ -257,6 +289,10 @@ def _same_change(plan: FusePlan, alias: str, canonical: str, a_mod: str, c_mod: 
     fa, fc = plan.factors.get(a_mod), plan.factors.get(c_mod)
     ra, rc = plan.replace.get(alias), plan.replace.get(canonical)
     if (ra is None) != (rc is None) or (ra is not None and not torch.equal(ra, rc)):
+        return False
+    ta, tc = plan.rows.get(alias), plan.rows.get(canonical)
+    if (ta is None) != (tc is None) or (ta is not None and (ta is not tc and not all(
+            torch.equal(x, y) if isinstance(x, Tensor) else x == y for x, y in zip(ta, tc)))):
         return False
     if fa is None or fc is None:
         return fa is None and fc is None

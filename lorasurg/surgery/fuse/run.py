@@ -8,6 +8,8 @@ For each LoRA module with weight ``W`` (matrix view ``(out, in)``, see :mod:`lor
 * ``lora_B.bias``: ``b' = b + s * b_B`` (a layer without a bias gets one where the config can say so, see
   :mod:`.plan`);
 * ``modules_to_save``: the adapter's copy replaces the module's tensors;
+* trainable tokens: their rows replace the weight's rows (the vocabulary grows when the indices say so), and a
+  replicated stack of layers is written out one copy each, renumbered (:mod:`.layout`);
 
 computed by :func:`lorasurg.engine.factors.merged_weight` and :func:`~lorasurg.engine.factors.delta_bias` (the
 functions the runtime's merge uses), in float32, cast to the tensor's dtype. Embedding LoRA, conv layers (Conv3d
@@ -45,6 +47,7 @@ from ..budget import MemoryBudget, Size
 from ..options import source_name
 from ..rewrite_memory import MemoryUse, place_rewrite
 from .blocks import fuse_works, merged_blocks, touched
+from .layout import with_rows
 from .plan import FusePlan, plan_fuse
 from .report import FusedModule, FuseReport
 
@@ -91,7 +94,7 @@ def fuse(
         ShapeMismatchError: the adapter was made for another base (modules and both shapes named).
         InputError: unfusable lora_B biases (without ``drop_unfusable_bias``); adapter tensors BASE has no place
             for; unreadable inputs.
-        UnsupportedError: trainable-token deltas.
+        UnsupportedError: a lora_B bias that needs a new bias together with replicated layers.
         ConfigError: a ``max_memory`` that is not a size, or below the smallest workable budget (one row of the
             widest tensor besides the adapter; the message says what that is).
     """
@@ -134,6 +137,8 @@ def _editor(modules, plan: FusePlan, device: torch.device, blocks: dict[str, int
             value = merged_weight(_on(f, device), value)
         elif f is not None and name == f"{module}.bias" and f.bias is not None:
             value = value + delta_bias(_on(f, device), value.dtype)
+        if name in plan.rows:
+            value = with_rows(value, *plan.rows[name])
         return value
 
     def edit(name: str, source: TensorSource):
@@ -142,9 +147,10 @@ def _editor(modules, plan: FusePlan, device: torch.device, blocks: dict[str, int
         if name in blocks:
             return _blocked(name, source)
         dtype = source.output_dtype(name)
-        needs_base = name not in plan.replace or name in plan.untie
+        keys = plan.outputs(name)
+        needs_base = any(k not in plan.replace for k in keys) or name in plan.untie
         stored = source.read(name, device) if needs_base else None
-        out = [(name, final(name, stored, dtype))] + _extras(name, dtype)
+        out = [(key, final(key, stored, dtype)) for key in keys] + _extras(name, dtype)
         if name in plan.untie:
             out.append((plan.untie[name], final(plan.untie[name], stored, dtype)))
         return [(key, tensor.to("cpu")) for key, tensor in out]
@@ -155,7 +161,8 @@ def _editor(modules, plan: FusePlan, device: torch.device, blocks: dict[str, int
     def _blocked(name: str, source: TensorSource):
         """Tensor ``name`` (and its untied alias) merged or copied in row blocks, then its biases."""
         dtype = source.output_dtype(name)
-        out = [(name, merged_blocks(name, name, plan, source, blocks[name], device, on_device))]
+        out = [(key, merged_blocks(key, name, plan, source, blocks[name], device, on_device))
+               for key in plan.outputs(name)]
         out += [(key, tensor.to("cpu")) for key, tensor in _extras(name, dtype)]
         if name in plan.untie:
             alias = plan.untie[name]
