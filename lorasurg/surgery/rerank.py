@@ -46,7 +46,7 @@ from ..io.adapter import Adapter, AdapterModule
 from ..io.writer import check_output_dir
 from .patterns import derive_config, rank_scale_fields
 from .report import CLAMPED_FOOTNOTE, for_dict, format_bytes, format_count, format_for, format_list, format_table
-from .sources import AdapterSource, open_adapter, source_name
+from .sources import AdapterSource, open_adapter, refuse_grouped, source_name
 
 __all__ = ["ModuleRerank", "RerankReport", "rerank", "rerank_to_dir", "default_rerank_path"]
 
@@ -197,12 +197,14 @@ def rerank(adapter: AdapterSource, *, r: Optional[int] = None, rank_policy: Opti
     Raises:
         ConfigError: neither ``r`` nor ``rank_policy``, ``r < 1``, a policy that does not parse, an unknown
             consumer.
+        UnsupportedError: a LoRA on a grouped convolution.
         InputError: the adapter cannot be read or contradicts its config, the policy keeps no module, or nothing
             the named consumers can carry is left.
     """
     policy = _check_settings(r, rank_policy)
     names = parse_consumers(consumers)
     source, name = open_adapter(adapter)
+    refuse_grouped(source, name, "re-ranked")
     cfg = source.config
     report = RerankReport(name, r, None if policy is None else str(policy), consumers=list(names))
     report.old_parameters = source.num_parameters()
@@ -294,5 +296,9 @@ def _notes(report: RerankReport, source: Adapter) -> None:
         )
     if source.config.lora_bias:
         report.notes.append("lora_B.bias carried over unchanged (every module keeps its scale)")
-    if source.extra:
-        report.notes.append(f"{len(source.extra)} other tensor(s) (modules_to_save, ...) carried over unchanged")
+    tokens = source.token_rows()
+    if tokens:
+        report.notes.append(f"trainable tokens of {', '.join(tokens)} carried over unchanged (rows, not a LoRA)")
+    if len(source.extra) > len(tokens):
+        report.notes.append(f"{len(source.extra) - len(tokens)} other tensor(s) (modules_to_save, ...) carried over "
+                            "unchanged")

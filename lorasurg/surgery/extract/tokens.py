@@ -127,12 +127,7 @@ def choose(change: RowChange, role: TensorRole, mode: str, *, r: int, itemsize: 
     lora = None if change.added else min(r, change.rows, dim) * (change.rows + dim) * itemsize
     full = change.tuned_rows * dim * itemsize
     if change.added and mode == "lora":
-        raise InputError(
-            f"{role.name}: TUNED has {change.tuned_rows} rows, BASE {change.rows} ({change.added} added): the added "
-            "rows have no base value, so a LoRA of this layer cannot be extracted. Use --embeddings tokens (the "
-            f"changed and added rows, exact; load it after model.resize_token_embeddings({change.tuned_rows})), "
-            "--embeddings full, or --embeddings skip"
-        )
+        _refuse_lora(change, role)
     tokens_ok = not has_bias and not blocked
     why_not = (f"--for {', '.join(c.name for c in blocked)}: {blocked[0].title} {blocked[0].rules['trainable_tokens'].says}"
                if blocked else "the layer has a bias, which PEFT's trainable tokens on a head drop" if has_bias else "")
@@ -150,6 +145,15 @@ def choose(change: RowChange, role: TensorRole, mode: str, *, r: int, itemsize: 
         chosen, reason = "dropped", role.reason
     return EmbeddingChoice(role.name, change.tuned_rows, dim, k - change.added, change.added, tokens, lora, full,
                            chosen, reason)
+
+
+def _refuse_lora(change: RowChange, role: TensorRole) -> None:
+    raise InputError(
+        f"{role.name}: TUNED has {change.tuned_rows} rows, BASE {change.rows} ({change.added} added): the added "
+        "rows have no base value, so a LoRA of this layer cannot be extracted. Use --embeddings tokens (the "
+        f"changed and added rows, exact; load it after model.resize_token_embeddings({change.tuned_rows})), "
+        "--embeddings full, or --embeddings skip"
+    )
 
 
 def as_role(role: TensorRole, chosen: str, reason: str) -> TensorRole:
@@ -179,6 +183,8 @@ def extract_rows(base: Checkpoint, tuned: Checkpoint, role: TensorRole, run: Col
     if change.added:
         run.resized[role.name] = (change.rows, change.tuned_rows)
     itemsize = (run.out_dtype or tuned.dtype(role.name)).itemsize
+    if role.role == "lora" and change.added:
+        _refuse_lora(change, role)
     if role.role == "rows":
         choice = choose(change, role, mode, r=r, itemsize=itemsize, lora_bias=lora_bias, has_bias=has_bias,
                         blocked=blocked)

@@ -16,10 +16,13 @@ import os
 from contextlib import ExitStack
 from typing import Optional, Union
 
+import torch
+
 from ...consumers import consumer_verdicts
 from ...engine.factors import lora_scale
 from ...io.adapter import Adapter
 from ...io.checkpoint import Checkpoint
+from ...layer_replication import find_layer_stack, source_name
 from .plot import check_plot_path, write_plot
 from .report import InspectReport, LayerTypeTotal, ModuleSummary
 from .spectra import base_weight_norm, module_spectrum
@@ -53,16 +56,20 @@ def inspect_adapter(
     cfg = adapter.config
     with ExitStack() as stack:
         checkpoint = stack.enter_context(Checkpoint.open(base)) if base is not None else None
+        replication = _replication(adapter, checkpoint)
+        to_base = (lambda n: n) if not replication or not replication["stack"] else \
+            (lambda n: source_name(n, replication["stack"], replication["sources"]))
         modules, missing = [], []
         for name, mod in adapter.modules.items():
             summary = _summary(adapter, name)
             if checkpoint is not None:
-                weight_norm = base_weight_norm(checkpoint, name)
+                weight_norm = base_weight_norm(checkpoint, to_base(name))
                 if weight_norm is None:
                     missing.append(name)
                 elif weight_norm > 0:
                     summary.relative_norm = summary.delta_norm / weight_norm
             modules.append(summary)
+        tokens = _tokens(adapter, checkpoint)
     state = adapter.to_state_dict()
     report = InspectReport(
         source=os.fspath(path_or_repo),
@@ -75,6 +82,8 @@ def inspect_adapter(
         base=None if base is None else os.fspath(base),
         layer_types=_layer_types(modules),
         consumers=[v.to_dict() for v in consumer_verdicts(adapter)],
+        tokens=tokens,
+        replication=replication,
     )
     if missing:
         report.notes.append(f"{len(missing)} module(s) have no weight in the base, so no relative norm: {missing[:5]}")
@@ -82,6 +91,37 @@ def inspect_adapter(
         write_plot(report, plot)
         report.plot = os.fspath(plot)
     return report
+
+
+def _tokens(adapter: Adapter, checkpoint: Optional[Checkpoint]) -> list[dict]:
+    """Per module with trainable tokens: its rows, their indices, and with a base ``||rows - base rows||_F``."""
+    out = []
+    indices = adapter.token_indices()
+    for module, rows in adapter.token_rows().items():
+        item = dict(module=module, rows=int(rows.shape[0]), indices=indices[module], shape=list(rows.shape),
+                    dtype=str(rows.dtype).removeprefix("torch."), changed_norm=None)
+        weight = f"{module}.weight"
+        if checkpoint is not None and weight in checkpoint and len(indices[module]) == rows.shape[0]:
+            stored = checkpoint.get(weight, dtype=torch.float64)
+            inside = [k for k, i in enumerate(indices[module]) if i < stored.shape[0]]
+            base_rows = stored[[indices[module][k] for k in inside]]  # (k, dim); added rows count whole
+            diff = rows.double().clone()
+            diff[inside] -= base_rows
+            item["changed_norm"] = float(torch.linalg.vector_norm(diff))
+        out.append(item)
+    return out
+
+
+def _replication(adapter: Adapter, checkpoint: Optional[Checkpoint]) -> Optional[dict]:
+    """The layer map and, with a base, the stack it replicates and which layer each copy is (else the map alone)."""
+    layer_map = adapter.config.layer_replication
+    if not layer_map:
+        return None
+    stack, sources = None, [i for start, end in layer_map for i in range(start, end)]
+    if checkpoint is not None:
+        infos = checkpoint.module_infos()
+        stack = find_layer_stack({n: i.type_name for n, i in infos.items()})
+    return dict(map=[list(p) for p in layer_map], stack=stack, layers=len(sources), sources=sources)
 
 
 def _summary(adapter: Adapter, name: str) -> ModuleSummary:

@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 from ...errors import LorasurgError
 from ...findings import SEVERITIES, Finding
 from .config_checks import check_config
+from .layout_checks import check_layout, check_tokens
 from .consumer_checks import check_consumers
 from .subject import Subject
 from .target_checks import check_patterns, check_targets
@@ -49,6 +50,8 @@ CHECKS: tuple[Check, ...] = (
     Check("dtypes", check_dtypes, ("tensors",)),
     Check("shapes", check_shapes, ("tensors", "base")),
     Check("values", check_values, ("tensors",)),
+    Check("layout", check_layout),
+    Check("tokens", check_tokens, ("config", "tensors")),
     Check("consumers", check_consumers),  # checks its own inputs: it needs the tensors only with --for
 )
 """The checks ``validate`` runs by default, in order."""

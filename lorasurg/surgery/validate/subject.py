@@ -87,6 +87,7 @@ class Subject:
         base: the base model, or None.
         consumers: the consumers named with ``--for`` (``("peft",)``: PEFT's own rules only).
         read_findings: what reading found (``file-*``, ``key-foreign``, ``module-incomplete``).
+        layout_findings: what replicating the base's layers found (``replication-invalid``).
     """
 
     source: str
@@ -100,6 +101,7 @@ class Subject:
     base: Optional[BaseModel] = None
     consumers: tuple[str, ...] = ("peft",)
     read_findings: list[Finding] = field(default_factory=list)
+    layout_findings: list[Finding] = field(default_factory=list)
     _selection: Optional[list[str]] = field(default=None, repr=False)
 
     @property
@@ -118,7 +120,10 @@ class Subject:
         if self.config is None or self.base is None:
             return None
         if self._selection is None:
-            self._selection = match_modules(self.config, self.base.modules, self.base.output_layers)[0]
+            from .layout_checks import selecting_config
+
+            config = selecting_config(self.config) if not self.layout_findings else self.config
+            self._selection = match_modules(config, self.base.modules, self.base.output_layers)[0]
         return list(self._selection)
 
 
@@ -178,6 +183,10 @@ def load_subject(path: PathLike, base: Union[PathLike, BaseModel, None] = None,
     if base is not None:
         task_type = _task_type(subject)
         subject.base = base if isinstance(base, BaseModel) else open_base(base, task_type)
+        if subject.config is not None:  # judged as PEFT builds it: the stack replicated (layer_replication)
+            from .layout_checks import replicate_base
+
+            subject.base, subject.layout_findings = replicate_base(subject.base, subject.config)
     return subject
 
 

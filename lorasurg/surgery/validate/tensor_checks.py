@@ -14,14 +14,15 @@ from typing import Optional
 
 from ...errors import LorasurgError
 from ...findings import Finding
-from ...io.adapter import AdapterModule
+from ...io.adapter import TOKENS_PART, AdapterModule
 from ...modules import ModuleInfo
 from ...targeting import nearest_names, select_modules_to_save
+from .layout_checks import lora_modules
 from .subject import BaseModel, Subject
 
 __all__ = ["check_tensors", "check_dtypes", "check_shapes"]
 
-_TOKEN_DELTA = "token_adapter.trainable_tokens_delta"
+_TOKEN_DELTA = TOKENS_PART
 
 
 def check_tensors(subject: Subject) -> list[Finding]:
@@ -88,9 +89,10 @@ def check_shapes(subject: Subject) -> list[Finding]:
     against the base model's layers."""
     base, adapter = subject.base, subject.adapter
     fan_in_fan_out = bool(getattr(subject.config, "fan_in_fan_out", False))
+    modules = lora_modules(base)
     found = []
     for name, mod in adapter.modules.items():
-        info = base.modules.get(name)
+        info = modules.get(name)
         if info is None:
             close = nearest_names(name, base.modules, n=2)
             found.append(Finding(
@@ -107,7 +109,7 @@ def check_shapes(subject: Subject) -> list[Finding]:
                 f"the base layer is a {info.type_name} of kind {info.kind!r} (weight {info.weight_shape})",
                 "validate against the base model the adapter was trained on" + _made_for(subject),
             ))
-        elif mod.A.shape[0] == mod.B.shape[1]:
+        elif mod.A.shape[0] == mod.B.shape[1] * mod.groups:
             found += _shape_findings(name, mod, _layout(info, fan_in_fan_out, base))
     for key, tensor in adapter.extra.items():
         if key.endswith(_TOKEN_DELTA):

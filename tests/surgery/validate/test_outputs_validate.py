@@ -45,6 +45,19 @@ def _input(out: Path, name: str, arch: str, **options) -> Path:
     return path
 
 
+def _extract_resized(**options) -> Callable[[Path], Path]:
+    """An extract of a pair whose tuned model added tokens: validated against BASE (it warns that BASE needs a
+    resize first), so the writer returns the tuned model, whose vocabulary the adapter fits."""
+    from tests.surgery.resized import resized_pair
+
+    def write(out: Path) -> Path:
+        base, tuned = resized_pair(out.parent)
+        extract_to_dir(base, tuned, out, device="cpu", **options)
+        return tuned
+
+    return write
+
+
 def _rerank(arch: str, extract: dict, **options) -> Callable[[Path], Path]:
     def write(out: Path) -> Path:
         rerank_to_dir(_input(out, "src", arch, **extract), out, **options)
@@ -106,6 +119,8 @@ WRITERS: dict[str, Callable[[Path], Path]] = {
     "extract-gpt2-conv1d": _extract("gpt2", r=4),
     "extract-gpt2-embeddings-skip": _extract("gpt2", r=4, embeddings="skip", lora_bias=False),
     "extract-llama-energy-for-llama.cpp": _for("llama.cpp", _extract("llama", **ENERGY, consumers="llama.cpp")),
+    "extract-llama-tokens-lm-head": _extract("llama", r=4, embeddings="tokens"),
+    "extract-resized-vocabulary": _extract_resized(r=4),
     # residualize: the initial adapter on the residual model it wrote
     "residualize-llama-pissa": _residualize("llama", init="pissa", r=8),
     "residualize-llama-olora-clamped-rslora": _residualize("llama", init="olora", r=48, use_rslora=True,
@@ -143,9 +158,12 @@ WRITERS: dict[str, Callable[[Path], Path]] = {
     "merge-llama-dare-linear-svd": _merge("llama", MIXED, method="dare_linear_svd", **DENSE),
     "merge-llama-dare-ties-svd": _merge("llama", MIXED, method="dare_ties_svd", **DENSE),
     "merge-llama-magnitude-prune-svd": _merge("llama", MIXED, method="magnitude_prune_svd", **DENSE),
-    "merge-qwen2-svd-bias": _merge("qwen2", [ENERGY, dict(r=4)], method="svd"),
+    # embeddings="lora" with lora_bias: the embedding saved whole in both (trainable tokens in one and a whole copy in
+    # the other is refused: PEFT refuses both on one module)
+    "merge-qwen2-svd-bias": _merge("qwen2", [dict(ENERGY, embeddings="lora"), dict(r=4)], method="svd"),
     "merge-gpt2-cat-conv1d": _merge("gpt2", [dict(r=4), dict(r=2)], method="cat"),
-    "merge-qwen2-svd-for-vllm": _for("vllm", _merge("qwen2", [ENERGY, dict(r=4)], method="svd", consumers="vllm")),
+    "merge-qwen2-svd-for-vllm": _for("vllm", _merge("qwen2", [dict(ENERGY, embeddings="lora"), dict(r=4)], method="svd",
+                                                    consumers="vllm")),
     "merge-llama-cat-for-llama.cpp": _for("llama.cpp", _merge("llama", MIXED, method="cat", consumers="llama.cpp")),
 }
 
