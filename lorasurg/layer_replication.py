@@ -97,17 +97,25 @@ def find_layer_stack(type_names: Mapping[str, str]) -> Optional[str]:
     """The name of the stack PEFT replicates, from ``{module name: class name}``; None when there is none.
 
     PEFT's rule (module docstring): follow ``model`` down, then ``bert``, then ``layers``, ``encoder.layer`` or ``h``,
-    which must be a ``ModuleList``.
+    which must be a ``ModuleList``. Containers may be missing from ``type_names`` (a checkpoint described from its
+    tensor names lists leaves only): a name counts as a module when some name lies under it, and a stack whose class
+    is unknown must have numbered children.
     """
+    present = set(type_names)
+    for name in type_names:
+        parts = name.split(".")
+        present.update(".".join(parts[:i]) for i in range(1, len(parts)))
     root = ""
-    while _join(root, "model") in type_names:
+    while _join(root, "model") in present:
         root = _join(root, "model")
-    if _join(root, "bert") in type_names:
+    if _join(root, "bert") in present:
         root = _join(root, "bert")
     for tail in ("layers", "encoder.layer", "h"):
         name = _join(root, tail)
-        if name in type_names:
-            return name if type_names[name] in _LIST_TYPES else None
+        if name in present:
+            kind = type_names.get(name)
+            numbered = any(re.match(rf"{re.escape(name)}\.\d+(\.|$)", n) for n in type_names)
+            return name if (kind in _LIST_TYPES if kind is not None else numbered) else None
     return None
 
 

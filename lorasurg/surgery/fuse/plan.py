@@ -135,6 +135,7 @@ def _factors(base: Checkpoint, adapter: Adapter, modules: Mapping[str, ModuleInf
              plan: FusePlan) -> None:
     missing, wrong = [], []
     cfg = adapter.config
+    _refuse_unmergeable(adapter, modules, plan)
     for name, mod in adapter.modules.items():
         info = modules.get(plan.base_name(name))
         weight = f"{name}.weight"
@@ -169,6 +170,22 @@ def _factors(base: Checkpoint, adapter: Adapter, modules: Mapping[str, ModuleInf
             f"adapter does not fit BASE {base.source}:\n  - " + "\n  - ".join(problems)
             + "\nIt was trained for another base model: fuse it into the model it was trained on."
         )
+
+
+def _refuse_unmergeable(adapter: Adapter, modules: Mapping[str, ModuleInfo], plan: FusePlan) -> None:
+    """LoRA that no weight of BASE can hold: on a grouped convolution (a dense delta), on an nn.MultiheadAttention."""
+    grouped = [n for n, m in adapter.modules.items() if m.groups > 1]
+    attention = [n for n in adapter.modules if n.endswith(".base_layer.out_proj") or getattr(
+        modules.get(plan.base_name(n)), "type_name", None) == "MultiheadAttention"]
+    if grouped:
+        raise UnsupportedError(
+            f"the adapter has LoRA on grouped convolutions ({short_list(grouped)}): its delta reaches every input "
+            "channel, which a grouped weight cannot hold, so it cannot be fused (PEFT cannot merge it either). Keep "
+            "the adapter unfused")
+    if attention:
+        raise UnsupportedError(
+            f"the adapter has LoRA on nn.MultiheadAttention ({short_list(attention)}), which fuse does not write yet; "
+            "merge it at runtime (lorasurg.merge_and_unload) and save that model")
 
 
 def _extras(base: Checkpoint, adapter: Adapter, aliases: Mapping[str, str], plan: FusePlan) -> None:
