@@ -121,7 +121,7 @@ def plan_injection(model: nn.Module, config: Any, adapter_name: str, *, check_in
     replication = plan_replication(model, config)
     infos = planned_infos(model, replication)
     module_at = module_lookup(model, replication)
-    select = config_with(config, layer_replication=None) if replication is not None else config
+    select = config_with(config, layer_replication=None) if getattr(config, "layer_replication", None) else config
     names = targeting.select_modules(select, infos, output_layer_names(model, getattr(config, "task_type", None)))
     problems: list[str] = []
     targets: dict[str, tuple[ModuleInfo, int, float]] = {}
