@@ -58,6 +58,8 @@ __all__ = [
     "rank_alpha",
     "unused_pattern_keys",
     "exact_target_modules",
+    "select_parameters",
+    "without_parameters",
     "anchored_pattern_key",
     "rank_alpha_fields",
     "alpha_value",
@@ -232,7 +234,8 @@ def anchored_pattern_key(module_name: str) -> str:
     return "^" + re.escape(module_name)
 
 
-def rank_alpha_fields(per_module: Mapping[str, tuple[int, float]]) -> dict[str, Any]:
+def rank_alpha_fields(per_module: Mapping[str, tuple[int, float]],
+                      base: Optional[tuple[int, float]] = None) -> dict[str, Any]:
     """Config fields ``r``, ``lora_alpha``, ``rank_pattern``, ``alpha_pattern`` that give each module exactly its
     ``(rank, alpha)`` under PEFT's rules (:func:`rank_alpha`).
 
@@ -241,6 +244,9 @@ def rank_alpha_fields(per_module: Mapping[str, tuple[int, float]]) -> dict[str, 
     differs gets an anchored key (:func:`anchored_pattern_key`, one module each) in ``rank_pattern`` /
     ``alpha_pattern``, separately (PEFT looks the two up separately). Alphas equal to 1e-12 relative count as
     equal; integral alphas are written as ints (:func:`alpha_value`).
+
+    ``base`` forces ``(r, lora_alpha)`` instead (PEFT reads MoE experts at the config's global values, see
+    :mod:`lorasurg.consumers.experts`); the patterns then cover every module that differs from it.
 
     Raises:
         ConfigError: ``per_module`` is empty, or a rank is below 1.
@@ -251,8 +257,11 @@ def rank_alpha_fields(per_module: Mapping[str, tuple[int, float]]) -> dict[str, 
     if bad:
         raise ConfigError(f"ranks must be >= 1, got {bad}")
     alphas = {m: alpha_value(a) for m, (_, a) in per_module.items()}
-    r = max(rank for rank, _ in per_module.values())
-    alpha = Counter(alphas[m] for m, (rank, _) in per_module.items() if rank == r).most_common(1)[0][0]
+    if base is not None:
+        r, alpha = int(base[0]), alpha_value(base[1])
+    else:
+        r = max(rank for rank, _ in per_module.values())
+        alpha = Counter(alphas[m] for m, (rank, _) in per_module.items() if rank == r).most_common(1)[0][0]
     return {
         "r": int(r),
         "lora_alpha": alpha,
@@ -328,6 +337,26 @@ def _target_match(config: Any, targets: Union[str, set[str]], name: str) -> bool
     if index is None:
         return False
     return index == layers if isinstance(layers, int) else index in layers
+
+
+def select_parameters(config: Any, parameters: Iterable[str]) -> list[str]:
+    """The parameters PEFT 0.21.2 wraps for ``config.target_parameters``, in the order of ``parameters``.
+
+    A parameter's full name (``model.layers.0.mlp.experts.gate_up_proj``) is selected when it equals an entry or
+    ends with ``"." + entry`` (PEFT's ``BaseTuner._inject_parameters``); no regex, no ``layers_to_transform``.
+    """
+    entries = list(getattr(config, "target_parameters", None) or [])
+    return [name for name in parameters if any(name == t or name.endswith("." + t) for t in entries)]
+
+
+def without_parameters(config: Any) -> Any:
+    """``config`` with ``target_parameters`` cleared, for selecting its ``target_modules`` alone (the parameters
+    are selected by :func:`select_parameters`)."""
+    if not getattr(config, "target_parameters", None):
+        return config
+    import dataclasses
+
+    return dataclasses.replace(config, target_parameters=None)
 
 
 def _refuse_unsupported(config: Any) -> None:
@@ -480,7 +509,8 @@ def exact_target_modules(selected: Sequence[str], all_names: Sequence[str]) -> U
     (with no exclude_modules, layers_to_transform or modules_to_save interfering).
 
     Prefers, per leaf name (last segment), the leaf itself when it selects only modules in ``selected``, else
-    the full names of that leaf's selected modules; returns the sorted list. If that still selects something
+    the full names of that leaf's selected modules; returns the sorted list. A numeric leaf (``mlp.2`` in a
+    ``Sequential``) is never used alone: ``"2"`` would also select layer 2 of any model with three layers. If that still selects something
     else (one module name being a ``.``-suffix of another), returns a regex string matching exactly the names.
     ``all_names`` must hold every module of the model, containers included, or a leaf may match a module the
     caller did not list.
@@ -504,7 +534,7 @@ def exact_target_modules(selected: Sequence[str], all_names: Sequence[str]) -> U
         by_leaf.setdefault(name.rsplit(".", 1)[-1], []).append(name)
     entries: set[str] = set()
     for leaf, names in by_leaf.items():
-        if all(n in wanted_set for n in all_names if _matches_entry(leaf, n)):
+        if not leaf.isdigit() and all(n in wanted_set for n in all_names if _matches_entry(leaf, n)):
             entries.add(leaf)
         else:
             entries.update(names)

@@ -14,6 +14,13 @@ part                           meaning                     shape
 ``lora_magnitude_vector``      DoRA magnitude              (out,) or (1, out, 1, ...) for conv
 =============================  ==========================  ================================
 
+A LoRA on an ``nn.Parameter`` (``target_parameters``: PEFT's ``ParamWrapper``, e.g. on the fused 3-D experts of a
+transformers-5 MoE layer, see :mod:`lorasurg.engine.experts` for the layout) is saved like a module's, under the
+module that holds the parameter; several targeted parameters of one module nest, one ``base_layer`` each, in the
+order of the module's own parameters, the first innermost (:func:`wrapper_paths`): Qwen3-MoE's
+``mlp.experts.gate_up_proj`` is ``mlp.experts.base_layer.lora_A.weight`` when ``down_proj`` is targeted too
+(``mlp.experts.lora_A.weight``).
+
 Anything else (``modules_to_save`` copies saved as ``<module>.weight``, trainable-token rows
 ``<module>.token_adapter.trainable_tokens_delta`` (:meth:`Adapter.token_rows`), an embedding's
 ``<module>.base_layer.weight``) is kept verbatim in :attr:`Adapter.extra`. A grouped convolution's ``lora_B`` has
@@ -27,7 +34,7 @@ import copy
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Collection, Mapping, Optional, Union
+from typing import Collection, Mapping, Optional, Sequence, Union
 
 from safetensors.torch import save_file
 from torch import Tensor
@@ -36,7 +43,7 @@ from ..config import CONFIG_NAME, LoraConfig
 from ..errors import InputError, LorasurgError
 from ..findings import Finding
 from ..modules import ModuleInfo
-from ..targeting import ALL_LINEAR, anchored_pattern_key, rank_alpha, select_modules
+from ..targeting import ALL_LINEAR, anchored_pattern_key, rank_alpha, select_modules, without_parameters
 from ._shards import open_shard
 from .hub import resolve_source
 from .writer import atomic_output_dir
@@ -52,6 +59,8 @@ __all__ = [
     "Adapter",
     "peft_key",
     "parse_peft_key",
+    "wrapper_paths",
+    "wrapped_module",
     "weights_file",
     "read_weights",
 ]
@@ -131,6 +140,29 @@ class AdapterModule:
         if self.magnitude is not None:
             parts["lora_magnitude_vector"] = self.magnitude
         return parts
+
+
+def wrapper_paths(module: str, targeted: Sequence[str]) -> dict[str, str]:
+    """The module path PEFT saves each targeted parameter's LoRA under (``target_parameters``).
+
+    Args:
+        module: the module holding the parameters (``model.layers.0.mlp.experts``).
+        targeted: the targeted parameters' leaf names, in the order of the module's own ``named_parameters``.
+
+    Returns:
+        ``{leaf: path}``: with ``k`` targeted parameters, the ``j``-th is ``module`` followed by ``k - 1 - j`` times
+        ``.base_layer`` (PEFT wraps them in that order, each wrapper around the previous one).
+    """
+    count = len(targeted)
+    return {leaf: module + ".base_layer" * (count - 1 - j) for j, leaf in enumerate(targeted)}
+
+
+def wrapped_module(path: str) -> str:
+    """The module a saved path names, without the ``.base_layer`` parts PEFT's wrappers add."""
+    while ".base_layer" in path:
+        head, _, tail = path.rpartition(".base_layer")
+        path = head + tail
+    return path
 
 
 def peft_key(module: str, part: str) -> str:
@@ -284,6 +316,7 @@ class Adapter:
                 judged among the adapter's own module names (so ``"all-linear"`` is not checked).
         """
         found: list[Finding] = self._untargeted_modules(selected)
+        wrapped = self._parameter_wrapped()
         for name, mod in self.modules.items():
             if mod.A.shape[0] != mod.B.shape[1] * mod.groups:
                 found.append(Finding(
@@ -292,7 +325,7 @@ class Adapter:
                 ))
                 continue
             expected_r, _ = self.rank_alpha(name)
-            if mod.rank != expected_r:
+            if mod.rank != expected_r and name not in wrapped:  # a parameter's LoRA stores r * experts rows
                 found.append(Finding(
                     "rank-mismatch", name, f"stored rank {mod.rank}, config gives r={expected_r} (r / rank_pattern)",
                     f"set rank_pattern {{{anchored_pattern_key(name)!r}: {mod.rank}}} (and alpha_pattern to keep "
@@ -342,17 +375,20 @@ class Adapter:
         model) is not checked; nor is ``target_modules`` None (PEFT's default targets per model type).
         """
         target = self.config.target_modules
+        wrapped = self._parameter_wrapped()
         if selected is None:
-            if not self.modules or target is None or (isinstance(target, str) and target.lower() == ALL_LINEAR):
+            if not self.modules or (isinstance(target, str) and target.lower() == ALL_LINEAR):
                 return []
-            infos = {name: ModuleInfo(mod.kind, mod.kind) for name, mod in self.modules.items()}
-            config = copy.copy(self.config)
+            if target is None and not self.config.target_parameters:
+                return []
+            infos = {name: ModuleInfo(mod.kind, mod.kind) for name, mod in self.modules.items() if name not in wrapped}
+            config = copy.copy(without_parameters(self.config))
             config.layer_replication = None  # the file's names are those of the replicated stack already
             try:
-                selected = select_modules(config, infos)
+                selected = select_modules(config, infos) if target is not None and infos else ()
             except LorasurgError:
                 selected = ()
-        chosen = set(selected)
+        chosen = set(selected) | wrapped
         chosen |= {f"{name}.{NESTED_OUT_PROJ}" for name in chosen}  # an attention's out_proj LoRA (PEFT's layout)
         return [
             Finding(
@@ -363,6 +399,21 @@ class Adapter:
             for name in self.modules
             if name not in chosen
         ]
+
+    def _parameter_wrapped(self) -> set[str]:
+        """Modules whose tensors a ``target_parameters`` entry can account for, judged from names alone: a saved
+        path with ``.base_layer`` in it, or a module an entry's module part is a ``.``-suffix of (an entry without
+        a module part, ``gate_up_proj``, can name a parameter of any module)."""
+        entries = list(self.config.target_parameters or [])
+        if not entries:
+            return set()
+        owners = [entry.rpartition(".")[0] for entry in entries]
+        found = set()
+        for name in self.modules:
+            module = wrapped_module(name)
+            if module != name or any(not o or module == o or module.endswith("." + o) for o in owners):
+                found.add(name)
+        return found
 
     # ----------------------------------------------------------------------------------------- writing
     def to_state_dict(self) -> dict[str, Tensor]:

@@ -32,16 +32,18 @@ transformers versions registered and the current classes dropped; from the names
 :data:`FAST_PATH_BUFFERS` (what the meta model gives, checked per type by the tests) and the same legacy table.
 Without a config (or for an architecture transformers lacks) no name is known to be a buffer.
 
-Module names are checkpoint key prefixes (``<name>.weight`` is a key). A checkpoint saved from the base model
-(keys without the ``base_model_prefix``, e.g. ``h.0.attn`` for GPT-2 rather than ``transformer.h.0.attn``) is
-matched by stripping or adding that prefix, whichever matches more keys. Other renamings (transformers'
-per-model checkpoint conversion tables) are not applied.
+Module names are checkpoint key prefixes (``<name>.weight`` is a key). With the architecture, checkpoint keys are
+placed among the model's parameters by transformers' own conversion rules (:mod:`lorasurg.io.keymap`: renamed
+towers of multimodal models, per-expert matrices fused into 3-D expert parameters, the ``base_model_prefix``
+stripped or added), and the description says where the model names a module otherwise (``names``), which modules
+are experts inside fused parameters (``experts``), which 3-D expert parameters LoRA can target (``parameters``) and
+which keys have no place in the model (``unplaced``): see :mod:`lorasurg.io.model_layout`. The names-and-shapes
+path knows none of this; it is only taken for the types above, which have no conversion rules.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Mapping, Optional, Sequence
@@ -49,7 +51,9 @@ from typing import Callable, Iterator, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from ..modules import ModuleInfo, describe_model, output_layer_names
+from ..modules import ModuleInfo
+from .keymap import ExpertSlot
+from .model_layout import ExpertParameter, model_layout
 
 __all__ = [
     "BufferNames",
@@ -145,6 +149,14 @@ class ModelDescription:
             An alias may be absent from the checkpoint (save_pretrained drops tied copies) or present.
         source: ``"architecture:<class name>"`` or ``"names and shapes"``.
         buffers: which names are buffers of the architecture (see the module docstring); ``name in buffers``.
+        names: ``{checkpoint module name: the model's module name}`` where they differ (renamed towers).
+        experts: ``{per-expert checkpoint module: ExpertSlot}`` for experts the model fuses into 3-D parameters.
+        parameters: ``{model parameter name: ExpertParameter}``: 3-D expert parameters, ``target_parameters``
+            targets.
+        model_modules: every module name of the model (containers included, model namespace) and the per-expert
+            names; empty for the names-and-shapes path.
+        unplaced: ``{checkpoint key: why the model has no place for it}``.
+        input_embedding: the token embedding module (the model's ``get_input_embeddings()``), when known.
     """
 
     modules: dict[str, ModuleInfo]
@@ -152,6 +164,36 @@ class ModelDescription:
     tied: dict[str, str] = field(default_factory=dict)
     source: str = "names and shapes"
     buffers: BufferNames = field(default_factory=BufferNames)
+    names: dict[str, str] = field(default_factory=dict)
+    experts: dict[str, ExpertSlot] = field(default_factory=dict)
+    parameters: dict[str, ExpertParameter] = field(default_factory=dict)
+    model_modules: tuple[str, ...] = ()
+    unplaced: dict[str, str] = field(default_factory=dict)
+    input_embedding: Optional[str] = None
+
+    def model_name(self, module: str) -> str:
+        """The model's name for checkpoint module ``module`` (the name adapters use): itself unless renamed."""
+        return self.names.get(module, module)
+
+    def checkpoint_module(self, name: str) -> Optional[str]:
+        """The checkpoint module a model (adapter) module name stands for, or None when the model has no such
+        LoRA-able module: the inverse of :meth:`model_name`."""
+        inverse = self._inverse_names()
+        if name in inverse:
+            return inverse[name]
+        return name if name in self.modules and name not in self.names else None
+
+    def _inverse_names(self) -> dict[str, str]:
+        cached = self.__dict__.get("_inverse")
+        if cached is None:
+            cached = {model: key for key, model in self.names.items()}
+            object.__setattr__(self, "_inverse", cached)
+        return cached
+
+    def all_module_names(self) -> list[str]:
+        """Every module name a ``target_modules`` entry can select, in the model's namespace (containers included,
+        per-expert modules by their checkpoint names); without a model, the checkpoint's module names."""
+        return list(self.model_modules) if self.model_modules else list(self.modules)
 
 
 @contextlib.contextmanager
@@ -228,49 +270,13 @@ def is_shape_describable(config: Mapping) -> bool:
     )
 
 
-def _key_mapper(model: nn.Module, keys: Mapping[str, object]) -> Callable[[str], Optional[str]]:
-    """A map from the model's names to checkpoint names: identity, or the base_model_prefix stripped or added."""
-    prefix = getattr(model, "base_model_prefix", "") or ""
-    params = [name for name, _ in model.named_parameters(remove_duplicate=False)]
-
-    def identity(name: str) -> Optional[str]:
-        return name
-
-    def strip(name: str) -> Optional[str]:
-        if name == prefix:
-            return None  # the saved base model is the checkpoint's root
-        return name[len(prefix) + 1 :] if name.startswith(prefix + ".") else name
-
-    def add(name: str) -> Optional[str]:
-        return f"{prefix}.{name}"
-
-    candidates = [identity, strip, add] if prefix else [identity]
-    return max(candidates, key=lambda fn: sum(fn(p) in keys for p in params))  # first best wins: identity
-
-
 def _from_model(model: nn.Module, shapes: Mapping[str, Sequence[int]], task_type: Optional[str]) -> ModelDescription:
-    to_key = _key_mapper(model, shapes)
-    modules: dict[str, ModuleInfo] = {}
-    for name, info in describe_model(model).items():
-        key = to_key(name)
-        if key is None:
-            continue
-        stored = shapes.get(f"{key}.weight")
-        modules[key] = dataclasses.replace(info, weight_shape=tuple(stored)) if stored is not None else info
-    outputs = {key for key in (to_key(n) for n in output_layer_names(model, task_type)) if key is not None}
-    order = {key: i for i, key in enumerate(shapes)}
-    groups: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        key = to_key(name)
-        if key is not None:
-            groups.setdefault(id(param), []).append(key)
-    tied: dict[str, str] = {}
-    for keys in groups.values():
-        if len(keys) > 1:
-            canonical = min(keys, key=lambda k: order.get(k, len(order)))
-            tied.update({k: canonical for k in keys if k != canonical})
-    return ModelDescription(modules, outputs, tied, f"architecture:{type(model).__name__}",
-                            _model_buffers(model, to_key))
+    layout = model_layout(model, shapes, task_type)
+    return ModelDescription(
+        layout.modules, layout.output_layers, layout.tied, f"architecture:{type(model).__name__}",
+        _model_buffers(model, layout.to_checkpoint), layout.names, layout.experts, layout.parameters,
+        layout.model_modules, layout.unplaced, layout.input_embedding,
+    )
 
 
 def _model_buffers(model: nn.Module, to_key: Callable[[str], Optional[str]]) -> BufferNames:

@@ -20,7 +20,9 @@ import re
 from typing import Iterable, Mapping, Optional, Sequence
 
 from ..modules import describe_model
-from .architecture import _key_mapper, is_shape_describable, meta_model
+from .architecture import is_shape_describable, meta_model
+from .keymap import build_keymap
+from .model_layout import checkpoint_namer
 
 __all__ = ["bias_flags", "module_order"]
 
@@ -41,7 +43,7 @@ def bias_flags(config: Optional[Mapping], shapes: Mapping[str, Sequence[int]]) -
     plain = meta_model(config)
     if plain is None:
         return {}
-    to_key = _key_mapper(plain, shapes)
+    to_key = checkpoint_namer(plain, build_keymap(plain, shapes))
     with_bias = {name for name, info in describe_model(plain).items() if info.has_bias}
     flags: dict[str, frozenset[str]] = {}
     for key, value in _full_config(plain, config).items():
@@ -87,7 +89,7 @@ def module_order(config: Optional[Mapping], shapes: Mapping[str, Sequence[int]],
             return [n for _, n in sorted(zip(keys, wanted))]
     model = meta_model(config) if config else None
     if model is not None:
-        to_key = _key_mapper(model, shapes)
+        to_key = checkpoint_namer(model, build_keymap(model, shapes))
         rank = {}
         for position, (name, _) in enumerate(model.named_modules()):
             key = to_key(name)

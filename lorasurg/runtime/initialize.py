@@ -2,9 +2,10 @@
 
 The tensors come from :func:`lorasurg.engine.init.init_factors`, the same pure functions the offline tools use:
 ``True`` (kaiming-uniform A, zero B), ``False``, ``"gaussian"``, ``"orthogonal"``, ``"pissa"``,
-``"pissa_niter_N"``, ``"olora"``. Randomness comes from torch's global generator in PEFT's order, so from the same
-seed a model gets PEFT's tensors. PiSSA and OLoRA also return a residual base weight, which replaces the layer's
-weight here (as PEFT does). A DoRA magnitude then starts at ``||W + delta||_row`` of the (possibly residual) weight.
+``"pissa_niter_N"``, ``"olora"`` (for a parameter wrapper, :func:`lorasurg.runtime.param.initialize_parameter_adapter`).
+Randomness comes from torch's global generator in PEFT's order, so from the same seed a model gets PEFT's tensors.
+PiSSA and OLoRA also return a residual base weight, which replaces the layer's weight here (as PEFT does). A DoRA
+magnitude then starts at ``||W + delta||_row`` of the (possibly residual) weight.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 from ..engine.init import init_factors
 from .base import LoraLayer
+from .param import LoraParameter, initialize_parameter_adapter
 
 __all__ = ["initialize_adapter", "default_initialize"]
 
@@ -31,6 +33,9 @@ def initialize_adapter(layer: LoraLayer, name: str, method: Union[bool, str], mo
         UnsupportedError: an init method lorasurg does not implement (eva, corda, loftq, lora_ga, mica).
         ConfigError: an invalid method for this layer (odd rank for orthogonal, r > min(out, in) for PiSSA).
     """
+    if isinstance(layer, LoraParameter):
+        initialize_parameter_adapter(layer, name, method)
+        return
     custom = getattr(type(layer), "initialize", None)  # a layer whose tensors PEFT draws otherwise (grouped conv, MHA)
     if custom is not None:
         custom(layer, name, method, module_name)

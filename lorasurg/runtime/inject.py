@@ -36,12 +36,14 @@ from .grouped_conv import grouped_problem
 from .modules_to_save import ModulesToSave
 from .replication import Replication, apply_replication, plan_replication
 from .tokens import TokenTarget, TrainableTokens, plan_tokens
+from .param import LoraParameter
+from .param_plan import ParamTarget, apply_parameter_plan, plan_parameters, targets_only_parameters
 from .walk import adapter_configs, describe_unwrapped, replace_module, unwrapped
 
 __all__ = ["inject", "plan_injection", "Plan", "config_with"]
 
 # Config fields of PEFT's LoraConfig that select features lorasurg's runtime does not implement.
-# (target_parameters and ensure_weight_tying are refused by lorasurg.targeting.)
+# (ensure_weight_tying is refused by lorasurg.targeting; target_parameters is lorasurg.runtime.param_plan's.)
 _UNSUPPORTED_FIELDS = (
     "megatron_config", "velora_config", "alora_invocation_tokens", "use_qalora",
     "monteclora_config", "use_bdlora", "arrow_config", "kasa_config",
@@ -65,12 +67,14 @@ class Plan:
     Attributes:
         targets: ``{module name: (ModuleInfo, r, alpha)}`` of the modules that get LoRA.
         to_save: names of the modules that get a trainable copy (modules_to_save).
+        parameters: the parameters that get LoRA (``target_parameters``), in PEFT's order.
         tokens: ``{module name: TokenTarget}`` of the modules that get trainable tokens.
         replication: the layer replication to apply first (``layer_replication``), or None.
     """
 
     targets: dict[str, tuple[ModuleInfo, int, float]]
     to_save: list[str]
+    parameters: tuple[ParamTarget, ...] = ()
     tokens: dict[str, TokenTarget] = dataclasses.field(default_factory=dict)
     replication: Optional[Replication] = None
 
@@ -121,14 +125,17 @@ def plan_injection(model: nn.Module, config: Any, adapter_name: str, *, check_in
     replication = plan_replication(model, config)
     infos = planned_infos(model, replication)
     module_at = module_lookup(model, replication)
-    select = config_with(config, layer_replication=None) if getattr(config, "layer_replication", None) else config
-    names = targeting.select_modules(select, infos, output_layer_names(model, getattr(config, "task_type", None)))
+    select = config_with(config, target_parameters=None, layer_replication=None)
+    names = [] if targets_only_parameters(config) else targeting.select_modules(
+        select, infos, output_layer_names(model, getattr(config, "task_type", None)))
     problems: list[str] = []
     targets: dict[str, tuple[ModuleInfo, int, float]] = {}
     for name in names:
         info = infos[name]
         if isinstance(module_at(name), ModulesToSave):
             problems.append(f"{name}: it is a modules_to_save module of another adapter")
+        elif isinstance(module_at(name), LoraParameter):
+            problems.append(f"{name}: its parameters carry LoRA of another adapter (target_parameters)")
         elif isinstance(module_at(name.rpartition(".")[0]), nn.MultiheadAttention) and name.endswith(".out_proj"):
             problems.append(f"{name}: the out_proj of a MultiheadAttention, whose forward is never called; target "
                             f"{name.rpartition('.')[0]!r} (its LoRA covers in_proj and out_proj, as in PEFT)")
@@ -160,9 +167,10 @@ def plan_injection(model: nn.Module, config: Any, adapter_name: str, *, check_in
     if problems:
         raise UnsupportedError("cannot inject LoRA into these modules:\n  " + "\n  ".join(problems)
                                + "\nleave them out of target_modules (or use exclude_modules)")
+    parameters = plan_parameters(model, config, adapter_name, targets, check_init=check_init)
     tokens = plan_tokens(model, config, infos, targets, to_save)
     _warn_bias_less(config, targets)
-    return Plan(targets, to_save, tokens, replication)
+    return Plan(targets, to_save, tuple(parameters), tokens, replication)
 
 
 def planned_infos(model: nn.Module, replication: Optional[Replication]) -> dict[str, ModuleInfo]:
@@ -237,6 +245,7 @@ def apply_plan(model: nn.Module, config: Any, adapter_name: str, plan: Plan, *, 
         layer.lora_dropout[adapter_name].train(layer.training)
         if initialize:
             initialize_adapter(layer, adapter_name, getattr(config, "init_lora_weights", True), name)
+    apply_parameter_plan(model, config, adapter_name, list(plan.parameters), initialize=initialize)
     for name in plan.to_save:
         wrapper = model.get_submodule(name)
         if not isinstance(wrapper, ModulesToSave):

@@ -16,6 +16,7 @@ already is the residual.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import warnings
 from typing import Any, Optional
@@ -26,13 +27,15 @@ from torch import Tensor, nn
 from ..errors import InputError, ShapeMismatchError
 from ..io import adapter as adapter_io
 from .adapters import delete_adapter
+from .experts import fuse_expert_modules
 from .initialize import initialize_adapter
 from .attention import attention_infos
 from .inject import Plan, apply_plan, config_with, module_lookup, plan_injection, planned_infos, warn_unrun_init
 from .replication import plan_replication
 from .tokens import DELTA_KEY, token_tensors
 from .layers import expected_shapes
-from .walk import lora_layers, require_adapter, save_wrappers
+from .param_plan import check_parameter_fits, parameter_wrappers
+from .walk import describe_unwrapped, lora_layers, require_adapter, save_wrappers
 
 __all__ = ["adapter_from_model", "save_adapter", "load_adapter"]
 
@@ -229,7 +232,9 @@ def load_adapter(model: nn.Module, path_or_repo: str, adapter_name: str = "defau
     Like PEFT's ``from_pretrained``: an adapter whose config says ``init_lora_weights`` "pissa", "pissa_niter_N" or
     "olora" first runs that init on ``model`` (each targeted base weight becomes its residual), then the saved
     tensors replace the initial ones, so on the original base the trained outputs come back. The adapter is frozen
-    unless ``trainable``; the first adapter of a model becomes active.
+    unless ``trainable``; the first adapter of a model becomes active. An adapter written with per-expert module keys
+    for a transformers-5 MoE model, whose experts are fused parameters, is converted to ``target_parameters`` first
+    (:func:`lorasurg.runtime.experts.fuse_expert_modules`), as PEFT does.
 
     Args:
         base_is_residual: ``model`` already holds the residual weights (the model PEFT trained on, saved after its
@@ -237,18 +242,23 @@ def load_adapter(model: nn.Module, path_or_repo: str, adapter_name: str = "defau
             its adapter says ``init_lora_weights: true``.)
 
     Raises:
-        InputError: the adapter cannot be read, or was made for another model (its modules are not in this one).
+        InputError: the adapter cannot be read, or was made for another model (its modules are not in this one),
+            or its per-expert LoRA cannot be fused (a missing expert, ranks differing between experts, ...).
         ShapeMismatchError: its tensors do not fit this model (every module and both shapes are listed).
         ConfigError: ``adapter_name`` is already taken.
     """
     source = f"adapter {path_or_repo!r}"
-    adapter = adapter_io.Adapter.load(path_or_repo)
+    adapter = fuse_expert_modules(adapter_io.Adapter.load(path_or_repo), model, source)
     config = config_with(adapter.config, inference_mode=not trainable)
     reinit = not base_is_residual and _mutates_base(config)
     warn_unrun_init(config, source)
-    _check_modules_exist(adapter, model, source)
+    on_parameters = set(parameter_wrappers(model, config).values())  # LoRA on nn.Parameters, checked by param_plan
+    on_modules = dataclasses.replace(adapter, modules={n: m for n, m in adapter.modules.items()
+                                                       if n not in on_parameters})
+    _check_modules_exist(on_modules, model, source)
     plan = plan_injection(model, config, adapter_name, check_init=reinit)
-    _check_fits(adapter, plan, source)
+    _check_fits(on_modules, plan, source)
+    check_parameter_fits(adapter, list(plan.parameters), source)
     requires_grad = {p: p.requires_grad for p in model.parameters()}
     apply_plan(model, config, adapter_name, plan, initialize=reinit)
     try:

@@ -55,7 +55,7 @@ def describe_unwrapped(model: nn.Module) -> dict[str, ModuleInfo]:
         for child_name, child in module.named_children():
             name = f"{prefix}{child_name}"
             if isinstance(child, LoraLayer):
-                infos[name] = describe_module(child.base_layer)
+                infos[name] = describe_module(unwrapped(child))
             elif isinstance(child, ModulesToSave):
                 infos[name] = describe_module(child.original_module)
             elif isinstance(child, TrainableTokens):
@@ -69,11 +69,11 @@ def describe_unwrapped(model: nn.Module) -> dict[str, ModuleInfo]:
 
 
 def unwrapped(module: nn.Module) -> nn.Module:
-    """The layer a wrapper wraps (the module itself when it is no wrapper)."""
-    if isinstance(module, LoraLayer):
-        return module.base_layer
+    """The layer a wrapper wraps (the module itself when it is no wrapper; through nested parameter wrappers)."""
     if isinstance(module, ModulesToSave):
         return module.original_module
+    while isinstance(module, LoraLayer):
+        module = module.base_layer
     if isinstance(module, TrainableTokens):
         return module.base_layer
     return module

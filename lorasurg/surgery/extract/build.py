@@ -132,18 +132,28 @@ def build_adapter(
             f"got rank 0), so there is no adapter to write. Changed tensors: {kept}. Check --target-modules, "
             "--exclude-modules, --embeddings and --rank-policy." + _for_hint(report)
         )
-    config = _config(run, modules, save_modules, use_bias, base, base_name)
-    extra = {**run.saved, **{f"{m}.{TOKENS_PART}": rows for m, (_, rows) in run.tokens.items()}}
-    adapter = Adapter(config, dict(run.factors), extra)
+    names = _ModelNames(base)
+    config = _config(run, modules, save_modules, use_bias, base, base_name, names)
+    extra = {names.tensor(k): v for k, v in run.saved.items()}
+    extra.update({f"{names.module(m)}.{TOKENS_PART}": rows for m, (_, rows) in run.tokens.items()})
+    adapter = Adapter(config, {names.module(m): dataclasses.replace(f, name=names.module(m))
+                               for m, f in run.factors.items()}, extra)
     _token_notes(run, report)
     problems = adapter.problems()
     if problems:  # a bug in extract, not in the user's input
         raise AssertionError("extract built an inconsistent adapter: " + "; ".join(problems))
+    stored = {names.tensor(k): k for k in run.saved}
     adapter, report.for_report = prepare_for(
-        adapter, report.consumers, tied=tied, total_energy=report.total_energy,
-        delta_energy={k: run.changed[k][1] if k in run.changed else 0.0 for k in adapter.extra},
+        adapter, report.consumers, tied=[names.module(t) for t in tied], total_energy=report.total_energy,
+        delta_energy={k: run.changed[stored[k]][1] if stored.get(k) in run.changed else 0.0 for k in adapter.extra},
     )
-    report.fits = [run.fits[m] for m in run.factors if m in adapter.modules and m in run.fits]
+    report.fits = [run.fits[m] for m in run.factors if names.module(m) in adapter.modules and m in run.fits]
+    renamed = [m for m in run.factors if names.module(m) != m]
+    if renamed:
+        run.notes.append(
+            f"the model names {len(renamed)} of the adapted modules otherwise than the checkpoint (transformers' "
+            f"conversion rules for this architecture): the adapter uses the model's names, which PEFT loads, e.g. "
+            f"{renamed[0]} -> {names.module(renamed[0])}")
     report.notes[:0] = run.notes
     report.adapter_parameters = adapter.num_parameters()
     report.adapter_bytes = adapter.num_bytes()
@@ -310,18 +320,38 @@ def _bias_factors(run: Collected, report: ExtractReport, modules: Mapping[str, M
         run.notes.append("PEFT refuses lora_bias on Embedding layers: the changed embedding is saved in full instead")
 
 
-def _config(run: Collected, modules: Mapping[str, ModuleInfo], save_modules: list[str], use_bias: bool, base: Checkpoint, base_name: str) -> LoraConfig:
-    """The adapter_config: exactly the modules with factors, each at its own rank with the common scale."""
-    fields = rank_alpha_fields({m: (f.rank, run.scale * f.rank) for m, f in run.factors.items()})
-    selected = list(run.factors)
-    targets = exact_target_modules(selected, list(modules))
+class _ModelNames:
+    """Checkpoint names (what extract reads and reports) to the model's names (what the adapter is keyed by,
+    the namespace PEFT loads it in): the same except where transformers renames (multimodal towers)."""
+
+    def __init__(self, base: Checkpoint) -> None:
+        self._description = base.describe()
+
+    def module(self, name: str) -> str:
+        return self._description.model_name(name)
+
+    def tensor(self, key: str) -> str:
+        module, leaf = split_tensor_name(key)
+        return f"{self.module(module)}.{leaf}" if module else key
+
+    def all_modules(self) -> list[str]:
+        return self._description.all_module_names()
+
+
+def _config(run: Collected, modules: Mapping[str, ModuleInfo], save_modules: list[str], use_bias: bool,
+            base: Checkpoint, base_name: str, names: _ModelNames) -> LoraConfig:
+    """The adapter_config: exactly the modules with factors, each at its own rank with the common scale, named
+    as the model names them; ``target_modules`` selects exactly those among every module of the model."""
+    fields = rank_alpha_fields({names.module(m): (f.rank, run.scale * f.rank) for m, f in run.factors.items()})
+    selected = [names.module(m) for m in run.factors]
+    targets = exact_target_modules(selected, names.all_modules())
     return LoraConfig(
         **fields,
         target_modules=targets,
         lora_bias=use_bias,
-        modules_to_save=sorted(save_modules) or None,
-        trainable_token_indices={m: list(i) for m, (i, _) in run.tokens.items()} or None,
-        fan_in_fan_out=any(modules[m].fan_in_fan_out for m in selected if m in modules),
+        modules_to_save=sorted(names.module(m) for m in save_modules) or None,
+        trainable_token_indices={names.module(m): list(i) for m, (i, _) in run.tokens.items()} or None,
+        fan_in_fan_out=any(modules[m].fan_in_fan_out for m in run.factors if m in modules),
         init_lora_weights=True,
         task_type=task_type_of(base.config),
         base_model_name_or_path=base_name,

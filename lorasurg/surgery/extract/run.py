@@ -294,8 +294,12 @@ def _embedding_weights(ckpt: Checkpoint) -> set[str]:
 
 
 def _input_embedding(ckpt: Checkpoint, modules, aliases) -> Optional[str]:
-    """The input (token) embedding module: the canonical side of a tied output layer, else the first
-    embedding whose row count is the config's ``vocab_size``, else the first embedding."""
+    """The input (token) embedding module: the model's own (its ``get_input_embeddings()``, when the architecture
+    is known), else the canonical side of a tied output layer, else the first embedding whose row count is the
+    config's ``vocab_size``, else the first embedding."""
+    known = ckpt.describe().input_embedding
+    if known is not None and modules.get(known) is not None and modules[known].kind == "embedding":
+        return known
     for canonical in aliases.values():
         module = split_tensor_name(canonical)[0]
         if modules.get(module) is not None and modules[module].kind == "embedding":
