@@ -13,14 +13,13 @@ from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import skip_init
 
 from ..engine.grouped_conv import grouped_init, peft_dora_norm
 from ..engine.init import parse_init_method
 from ..errors import UnsupportedError
 from ..modules import ModuleInfo
 from .base import LoraLayer
-from .layers import _CONV_TYPES, LoraConv
+from .layers import LoraConv
 
 __all__ = ["GroupedLoraConv", "grouped_problem"]
 
@@ -35,21 +34,13 @@ def grouped_problem(info: ModuleInfo, init: Union[bool, str, None]) -> Optional[
 
 
 class GroupedLoraConv(LoraConv):
-    """LoRA on a grouped conv: ``lora_B`` is grouped, ``B: (out, r / groups, 1, ...)``."""
+    """LoRA on a grouped conv: ``lora_B`` is grouped (:class:`LoraConv` builds it with the base's ``groups``),
+    ``B: (out, r / groups, 1, ...)``."""
 
     def __init__(self, base_layer: nn.Module, info: ModuleInfo) -> None:
         LoraLayer.__init__(self, base_layer, info)
         self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
         self.groups = int(base_layer.groups)
-
-    def _allocate(self, name: str, r: int, lora_bias: bool) -> None:
-        base = self.base_layer
-        conv = _CONV_TYPES[self.info.kind]
-        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
-        self.lora_A[name] = skip_init(conv, self.in_features, r, base.kernel_size, stride=base.stride,
-                                      padding=base.padding, dilation=base.dilation, padding_mode=base.padding_mode,
-                                      bias=False, **kw)
-        self.lora_B[name] = skip_init(conv, r, self.out_features, 1, groups=self.groups, bias=lora_bias, **kw)
 
     def _dora_factor(self, name: str, dtype: torch.dtype) -> Tensor:
         norm = self._peft_norm(name).to(dtype)  # (out,)

@@ -112,7 +112,7 @@ class LoraConv(_ModuleLora):
         self.lora_A[name] = skip_init(conv, self.in_features, r, base.kernel_size, stride=base.stride,
                                       padding=base.padding, dilation=base.dilation, padding_mode=base.padding_mode,
                                       bias=False, **kw)
-        self.lora_B[name] = skip_init(conv, r, self.out_features, 1, bias=lora_bias, **kw)
+        self.lora_B[name] = skip_init(conv, r, self.out_features, 1, groups=base.groups, bias=lora_bias, **kw)
 
     def _base_without_bias(self, x: Tensor) -> Tensor:
         return self.base_layer._conv_forward(x, self.base_layer.weight.to(x.dtype), None)

@@ -32,7 +32,7 @@ from .initialize import initialize_adapter
 from .attention import attention_infos
 from .inject import Plan, apply_plan, config_with, module_lookup, plan_injection, planned_infos, warn_unrun_init
 from .replication import plan_replication
-from .tokens import DELTA_KEY, token_tensors
+from .tokens import token_tensors
 from .layers import expected_shapes
 from .param_plan import check_parameter_fits, parameter_wrappers
 from .walk import describe_unwrapped, lora_layers, require_adapter, save_wrappers
@@ -173,7 +173,7 @@ def _check_fits(adapter: Any, plan: Plan, source: str) -> None:
 
 def _extra_target(key: str, adapter_name: str, state: dict[str, Tensor], wrappers: list[str]) -> Optional[str]:
     """Which key of the model's state_dict an extra tensor of the adapter goes to, or None."""
-    if key.endswith(f".{DELTA_KEY}"):
+    if key.endswith(f".{adapter_io.TOKENS_PART}"):
         return f"{key}.{adapter_name}"
     for name in sorted(wrappers, key=len, reverse=True):
         if key.startswith(f"{name}."):

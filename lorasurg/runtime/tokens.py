@@ -40,10 +40,7 @@ from .base import LoraLayer
 from .modules_to_save import ModulesToSave
 
 __all__ = ["TokenTarget", "TokenAdapter", "TrainableTokens", "plan_tokens", "token_wrappers", "token_tensors",
-           "DELTA_KEY", "unshare_conflicting"]
-
-#: The saved key of a wrapper's trained rows, after the module name (adapter name removed, as PEFT saves it).
-DELTA_KEY = TOKENS_PART
+           "unshare_conflicting"]
 
 
 @dataclass(frozen=True)
@@ -213,7 +210,7 @@ def token_wrappers(model: nn.Module) -> list[tuple[str, TrainableTokens]]:
 def token_tensors(model: nn.Module, adapter_name: str) -> dict[str, Tensor]:
     """``{"<module>.token_adapter.trainable_tokens_delta": rows}`` of adapter ``adapter_name``, as PEFT saves them
     (tied wrappers hold nothing of their own and save nothing)."""
-    return {f"{name}.{DELTA_KEY}": w.token_adapter.trainable_tokens_delta[adapter_name]
+    return {f"{name}.{TOKENS_PART}": w.token_adapter.trainable_tokens_delta[adapter_name]
             for name, w in token_wrappers(model)
             if not w.token_adapter.tied and adapter_name in w.token_adapter.trainable_tokens_delta}
 
