@@ -48,6 +48,7 @@ try:
     from .modules import ModuleInfo, describe_model
     from .consumers import ConsumerFinding, ForReport, consumer_delta, consumer_findings, prepare_for
     from .surgery.convert import ConvertReport, convert, convert_to_dir
+    from .surgery.export import ExportReport, export_gguf
     from .surgery.extract import ExtractReport, extract, extract_to_dir
     from .surgery.fuse import FuseReport, fuse
     from .surgery.residualize import ResidualizeReport, residualize
@@ -90,6 +91,8 @@ __all__ = [
     "MemoryBudget",
     "parse_size",
     "prepare_for",
+    "export_gguf",
+    "ExportReport",
     "ForReport",
     "consumer_delta",
     "consumer_findings",

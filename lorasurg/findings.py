@@ -125,6 +125,15 @@ CODES: dict[str, Code] = {
         "warning", "consumers", "vLLM before 0.32 (one scale for the adapter) applies another scale than PEFT"
     ),
     "consumer-max-rank": Code("warning", "consumers", "a rank above vLLM's default --max-lora-rank of 16"),
+    # GGUF LoRA files (llama.cpp's format), as llama.cpp's loader reads them
+    "gguf-metadata": Code(
+        "error", "gguf", "general.type is not adapter, adapter.type not lora, or general.architecture missing"
+    ),
+    "gguf-architecture": Code("error", "gguf", "the file's general.architecture is not the base model's"),
+    "gguf-tensor-unexpected": Code(
+        "error", "gguf", "a tensor that is neither half of a .lora_a/.lora_b pair nor a norm (llama.cpp stops)"
+    ),
+    "gguf-alpha": Code("warning", "gguf", "adapter.lora.alpha missing or 0: llama.cpp applies scale 1, not alpha / r"),
     # the run itself
     "check-skipped": Code("info", "run", "a check could not run (no --base, or the config is unusable)"),
 }

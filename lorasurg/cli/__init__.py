@@ -10,7 +10,7 @@ with ``--json``). :mod:`._app` holds the group, the shared options and the error
 from __future__ import annotations
 
 from . import (  # noqa: F401  (each module registers its command on ``main``)
-    convert, extract, fuse, inspect, merge, rerank, residualize, validate,
+    convert, export, extract, fuse, inspect, merge, rerank, residualize, validate,
 )
 from ._app import main
 

@@ -20,7 +20,7 @@ from ..surgery.report import Report
 
 __all__ = [
     "main", "emit", "json_option", "force_option", "device_option", "dtype_option", "max_memory_option",
-    "for_option", "selection", "progress_bar", "parse_for",
+    "for_option", "selection", "progress_bar", "parse_for", "to_option", "gguf_base_option",
 ]
 
 F = Callable[..., Any]
@@ -113,7 +113,7 @@ def parse_for(ctx: click.Context, param: click.Parameter, value: str) -> tuple[s
     from ..errors import ConfigError
 
     try:
-        return parse_consumers(value)
+        return parse_consumers(value, hidden=False)
     except ConfigError as err:
         raise click.BadParameter(str(err), ctx=ctx, param=param) from err
 
@@ -128,6 +128,29 @@ def for_option(f: F) -> F:
         "--for", "consumers", default="peft", show_default=True, metavar="CONSUMERS", callback=parse_for,
         help="Who will load the adapter: peft, vllm, llama.cpp or all (comma-separated for several). The output is "
              "written so that each computes PEFT's per-module delta; what one cannot carry is left out and listed.",
+    )(f)
+
+
+def to_option(f: F) -> F:
+    """``--to peft|gguf`` -> parameter ``to``, with ``--outtype`` -> ``outtype`` (see
+    :mod:`lorasurg.surgery.export.output`)."""
+    f = click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default="f32", show_default=True,
+                     help="With --to gguf: the tensor type of the GGUF file (q8_0 writes rows that are not a multiple "
+                          "of 32 as f16, as llama.cpp's converter does).")(f)
+    return click.option(
+        "--to", "to", type=click.Choice(["peft", "gguf"]), default="peft", show_default=True,
+        help="Output format: a PEFT adapter directory, or gguf: a llama.cpp GGUF LoRA file at -o (written for "
+             "llama.cpp: what it cannot carry is left out and listed).",
+    )(f)
+
+
+def gguf_base_option(f: F) -> F:
+    """``--base BASE`` for commands that read adapters only: what a GGUF file needs to know of the base model."""
+    return click.option(
+        "--base", "base", metavar="BASE", default=None,
+        help="With --to gguf: the base model (directory, file or hub id), only its config.json is read, for what the "
+             "adapter does not say (architecture, head tying, heads, experts). Default: the adapter's "
+             "base_model_name_or_path when it is a local directory.",
     )(f)
 
 

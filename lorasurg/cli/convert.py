@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ._app import emit, for_option, force_option, json_option, main
+from ._app import emit, for_option, force_option, gguf_base_option, json_option, main, to_option
 
 
 @main.command("convert")
@@ -17,9 +17,11 @@ from ._app import emit, for_option, force_option, json_option, main
               help="Re-rank every module to R by the exact SVD of its stacked factors (energy kept is reported). "
                    "Default: the exact conversion, rank 2r.")
 @for_option
+@to_option
+@gguf_base_option
 @force_option
 @json_option
-def convert_command(trained, initial, output, r, consumers, force, as_json) -> None:
+def convert_command(trained, initial, output, r, consumers, to, outtype, base, force, as_json) -> None:
     """Turn a trained PiSSA/OLoRA adapter into a plain LoRA that gives the trained model's outputs on the
     ORIGINAL base: dW = s (B A - B0 A0) = s [B | -B0] [A ; A0], rank 2r, alpha adjusted so the scale is
     unchanged (rsLoRA and rank/alpha patterns included; DoRA magnitudes kept). With --for, it is written so
@@ -32,4 +34,5 @@ def convert_command(trained, initial, output, r, consumers, force, as_json) -> N
     """
     from ..surgery.convert import convert_to_dir
 
-    emit(convert_to_dir(trained, initial, output, r=r, force=force, consumers=consumers), as_json)
+    emit(convert_to_dir(trained, initial, output, r=r, force=force, consumers=consumers, to=to, base=base,
+                        outtype=outtype), as_json)

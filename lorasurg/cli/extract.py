@@ -6,7 +6,7 @@ import click
 
 from ._app import (
     device_option, dtype_option, emit, for_option, force_option, json_option, main, max_memory_option,
-    progress_bar, selection,
+    progress_bar, selection, to_option,
 )
 
 
@@ -41,13 +41,14 @@ from ._app import (
 @max_memory_option
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized SVD.")
 @for_option
+@to_option
 @click.option("--serving", is_flag=True, help="An alias of --for vllm (added to --for when both are given).")
 @click.option("--allow-empty", is_flag=True, help="For identical checkpoints, write a no-op adapter instead of failing.")
 @force_option
 @json_option
 def extract_command(base: str, tuned: str, output, r, alpha, rank_policy, target_modules, exclude_modules,
-                    embeddings, lora_bias, svd, device, dtype, max_memory, seed, consumers, serving, allow_empty,
-                    force, as_json) -> None:
+                    embeddings, lora_bias, svd, device, dtype, max_memory, seed, consumers, to, outtype, serving,
+                    allow_empty, force, as_json) -> None:
     """Extract a LoRA adapter from a full fine-tune: TUNED ~ BASE + adapter, by truncated SVD of each delta.
 
     BASE and TUNED are checkpoints (a directory, a sharded checkpoint, a .safetensors or .bin file, or a
@@ -60,6 +61,7 @@ def extract_command(base: str, tuned: str, output, r, alpha, rank_policy, target
     Examples:
       lorasurg extract fixtures/tiny-llama/base fixtures/tiny-llama/tuned -o out/extracted --r 8
       lorasurg extract fixtures/tiny-llama/base fixtures/tiny-llama/tuned -o out/gguf-ready --for llama.cpp
+      lorasurg extract fixtures/tiny-llama/base fixtures/tiny-llama/tuned -o out/extracted.gguf --to gguf
     """
     from ..surgery.extract import extract_to_dir
 
@@ -68,6 +70,6 @@ def extract_command(base: str, tuned: str, output, r, alpha, rank_policy, target
         target_modules=selection(target_modules), exclude_modules=selection(exclude_modules),
         embeddings=embeddings, lora_bias=lora_bias, svd=svd, device=device, dtype=dtype, seed=seed,
         consumers=consumers, serving=serving, allow_empty=allow_empty,
-        progress=None if as_json else progress_bar("extract"), max_memory=max_memory,
+        progress=None if as_json else progress_bar("extract"), max_memory=max_memory, to=to, outtype=outtype,
     )
     emit(report, as_json)

@@ -6,7 +6,7 @@ import click
 
 from ..engine.combine import METHODS
 from ..errors import ConfigError
-from ._app import emit, for_option, force_option, json_option, main
+from ._app import emit, for_option, force_option, gguf_base_option, json_option, main, to_option
 
 
 def _weights(text):
@@ -36,10 +36,12 @@ def _weights(text):
               help="How ties and dare_ties elect the sign of an entry. Default: total.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the dare methods' random drops.")
 @for_option
+@to_option
+@gguf_base_option
 @force_option
 @json_option
-def merge_command(adapters, output, weights, method, r, density, majority_sign, seed, consumers, force,
-                  as_json) -> None:
+def merge_command(adapters, output, weights, method, r, density, majority_sign, seed, consumers, to, outtype, base,
+                  force, as_json) -> None:
     """Merge adapters A B [C ...] into one, offline, from the adapter files alone (no base model).
 
     Each input is read at its own scale (alpha/r or alpha/sqrt(r), rank and alpha patterns applied); a module
@@ -56,5 +58,6 @@ def merge_command(adapters, output, weights, method, r, density, majority_sign, 
     from ..surgery.merge import merge_to_dir
 
     report = merge_to_dir(list(adapters), output, _weights(weights), force=force, method=method, r=r,
-                          density=density, majority_sign=majority_sign, seed=seed, consumers=consumers)
+                          density=density, majority_sign=majority_sign, seed=seed, consumers=consumers, to=to,
+                          base=base, outtype=outtype)
     emit(report, as_json)

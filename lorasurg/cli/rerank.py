@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ._app import emit, for_option, force_option, json_option, main
+from ._app import emit, for_option, force_option, gguf_base_option, json_option, main, to_option
 
 
 @main.command("rerank")
@@ -18,9 +18,11 @@ from ._app import emit, for_option, force_option, json_option, main
               help="Per-module rank from each module's spectrum: energy:F, sv_ratio:X, sv_fro:F, sv_cumulative:F, "
                    "sv_epsilon:E (capped by --r, default the module's rank).")
 @for_option
+@to_option
+@gguf_base_option
 @force_option
 @json_option
-def rerank_command(adapter: str, output, r, rank_policy, consumers, force, as_json) -> None:
+def rerank_command(adapter: str, output, r, rank_policy, consumers, to, outtype, base, force, as_json) -> None:
     """Change an adapter's rank: the best rank-N approximation of every module's delta (Eckart-Young),
     computed exactly from the factors, with every module keeping its scale.
 
@@ -32,7 +34,9 @@ def rerank_command(adapter: str, output, r, rank_policy, consumers, force, as_js
     Examples:
       lorasurg rerank out/llama-r8 --r 4 -o out/llama-r4
       lorasurg rerank out/qwen2-energy --rank-policy energy:0.9 --for llama.cpp -o out/qwen2-gguf
+      lorasurg rerank out/llama-r8 --r 4 --to gguf -o out/llama-r4.gguf
     """
     from ..surgery.rerank import rerank_to_dir
 
-    emit(rerank_to_dir(adapter, output, force=force, r=r, rank_policy=rank_policy, consumers=consumers), as_json)
+    emit(rerank_to_dir(adapter, output, force=force, r=r, rank_policy=rank_policy, consumers=consumers, to=to,
+                       base=base, outtype=outtype), as_json)

@@ -6,7 +6,7 @@ import click
 
 from ._app import (
     device_option, dtype_option, emit, for_option, force_option, json_option, main, max_memory_option, progress_bar,
-    selection,
+    selection, to_option,
 )
 
 
@@ -31,10 +31,11 @@ from ._app import (
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of pissa_niter_N's random sketches (and of embedding inits).")
 @for_option
+@to_option
 @force_option
 @json_option
 def residualize_command(base, init, r, alpha, use_rslora, target_modules, exclude_modules, output, dtype, device,
-                        max_memory, seed, consumers, force, as_json) -> None:
+                        max_memory, seed, consumers, to, outtype, force, as_json) -> None:
     """Write OUT/model (BASE with each target weight replaced by its PiSSA/OLoRA residual) and OUT/adapter (the
     initial adapter): together they compute what BASE computes; train the adapter on the residual model.
 
@@ -59,6 +60,6 @@ def residualize_command(base, init, r, alpha, use_rslora, target_modules, exclud
         target_modules=selection(target_modules), exclude_modules=selection(exclude_modules), dtype=dtype,
         device=device, seed=seed, force=force, progress=None if as_json else progress_bar("residualize"),
         consumers=consumers,
-        max_memory=max_memory,
+        max_memory=max_memory, to=to, outtype=outtype,
     )
     emit(report, as_json)

@@ -49,7 +49,7 @@ from .reading import (
 )
 from .rules import CONSUMERS, FEATURES, Consumer, parse_consumers
 
-__all__ = ["LeftOut", "ForReport", "prepare_for", "blocked_parts"]
+__all__ = ["LeftOut", "ForReport", "prepare_for", "blocked_parts", "module_energies", "rescale_module"]
 
 _MODULE_FEATURES = ("embedding_lora", "output_layer_lora", "tied_head_lora", "conv_lora", "fan_in_fan_out_lora")
 _SCALE_FEATURES = ("rank_pattern", "alpha_pattern", "rslora")
@@ -160,6 +160,7 @@ def prepare_for(
     tied: Optional[Collection[str]] = None,
     delta_energy: Optional[Mapping[str, float]] = None,
     total_energy: Optional[float] = None,
+    energies: Optional[Mapping[str, float]] = None,
 ) -> tuple[Adapter, ForReport]:
     """A copy of ``adapter`` that every named consumer reads as PEFT reads ``adapter`` (see the module docstring).
 
@@ -171,6 +172,9 @@ def prepare_for(
             share can be given when they are left out (``extract`` knows them).
         total_energy: the denominator of the shares; default the adapter's own delta energy under PEFT
             (``extract`` gives the energy of every changed tensor, so shares match its report).
+        energies: ``{module: ||scale * B @ A||_F**2, module + ".lora_B.bias": ||scale * bias||**2}`` (what
+            :func:`module_energies` gives) when the caller computed them: the adapter's tensors are then not read,
+            so they may be placeholders on the meta device (``export`` streams the factors afterwards).
 
     Returns:
         ``(adapter, report)``.
@@ -181,7 +185,7 @@ def prepare_for(
     """
     names = parse_consumers(consumers)
     chosen = [CONSUMERS[n] for n in names]
-    total, energies = _energies(adapter, delta_energy)
+    total, energies = _energies(adapter, delta_energy, energies)
     total = total if total_energy is None else float(total_energy)
     new = Adapter(copy.deepcopy(adapter.config), {n: copy.copy(m) for n, m in adapter.modules.items()},
                   dict(adapter.extra))
@@ -238,12 +242,18 @@ def blocked_parts(adapter: Adapter, consumers: Union[str, Iterable[str], None],
 # ------------------------------------------------------------------------------------------------ leaving out
 
 
-def _energies(adapter: Adapter, delta_energy: Optional[Mapping[str, float]]) -> tuple[float, dict[str, float]]:
+def module_energies(adapter: Adapter, name: str) -> dict[str, float]:
+    """``{name: ||scale * B @ A||_F**2, name + ".lora_B.bias": ||scale * bias||**2}`` of one module under PEFT."""
+    return {name: module_energy(adapter, name), f"{name}.lora_B.bias": bias_energy(adapter, name)}
+
+
+def _energies(adapter: Adapter, delta_energy: Optional[Mapping[str, float]],
+              given: Optional[Mapping[str, float]] = None) -> tuple[float, dict[str, float]]:
     """Total delta energy and the energy of each module (``m``), bias (``m.bias``) and known extra tensor."""
     energies: dict[str, float] = {}
     for name in adapter.modules:
-        energies[name] = module_energy(adapter, name)
-        energies[f"{name}.lora_B.bias"] = bias_energy(adapter, name)
+        energies.update(module_energies(adapter, name) if given is None else
+                        {name: given[name], f"{name}.lora_B.bias": given.get(f"{name}.lora_B.bias", 0.0)})
     for key, value in (delta_energy or {}).items():
         if key in adapter.extra:
             energies[f"extra:{key}"] = float(value)
@@ -359,14 +369,16 @@ def _layout(new: Adapter, old: Adapter, layouts: set[str], report: ForReport) ->
     for m in mods:
         c = scales[m] / written[m]
         if not math.isclose(c, 1.0, rel_tol=1e-12):
-            _rescale(new.modules[m], c)
+            rescale_module(new.modules[m], c)
             report.rescaled[m] = c
     cfg.validate()
     report.layout, report.r, report.lora_alpha, report.use_rslora = layout, cfg.r, cfg.lora_alpha, cfg.use_rslora
 
 
-def _rescale(mod: AdapterModule, c: float) -> None:
-    """Multiply ``B @ A`` by ``c``: ``A`` and ``B`` each by ``sqrt(|c|)`` (``B`` by the sign too); bias by ``c``."""
+def rescale_module(mod: AdapterModule, c: float) -> None:
+    """Multiply ``B @ A`` by ``c``: ``A`` and ``B`` each by ``sqrt(|c|)`` (``B`` by the sign too); bias by ``c``.
+
+    In float32 (float64 for float64 tensors), cast back to each tensor's dtype; ``mod`` is changed in place."""
     root = math.sqrt(abs(c))
     mod.A = (mod.A.to(_work(mod.A)) * root).to(mod.A.dtype)
     mod.B = (mod.B.to(_work(mod.B)) * (root if c > 0 else -root)).to(mod.B.dtype)

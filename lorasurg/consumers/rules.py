@@ -43,6 +43,7 @@ __all__ = [
     "Consumer",
     "CONSUMERS",
     "CHOICES",
+    "HIDDEN",
     "parse_consumers",
     "with_serving",
 ]
@@ -272,9 +273,41 @@ LLAMA_CPP = Consumer(
     notes=("llama.cpp reads the config's lora_alpha only; target_modules, r and the patterns are not read",),
 )
 
-CONSUMERS: dict[str, Consumer] = {c.name: c for c in (PEFT, VLLM, VLLM_LEGACY, LLAMA_CPP)}
+#: llama.cpp reading a GGUF LoRA file that ``lorasurg export --to gguf`` wrote (``--to gguf`` names it): the loader's
+#: rules, without the converter's. The factors of a layer stored ``(in, out)`` (GPT-2 ``Conv1D``) are PEFT's, in
+#: ``nn.Linear`` orientation, and GGUF stores every such weight ``(out, in)``: written as they are, they are read as
+#: PEFT reads them (the converter transposes them like the base weight).
+LLAMA_CPP_GGUF = Consumer(
+    name="llama.cpp-gguf",
+    title="llama.cpp (GGUF)",
+    version=_L,
+    scale_rule="tensor-rank",
+    scale_source=LLAMA_CPP.scale_source,
+    layout="tensor-rank",
+    rules={
+        **LLAMA_CPP.rules,
+        "lora_bias": Rule("lora_bias", "refuses", "has no GGUF form for lora_B.bias (the loader takes only "
+                          "lora_a/lora_b pairs and norms)", Source("llama.cpp", _L, "src/llama-adapter.cpp",
+                                                     "llama_adapter_lora_init_impl (unexpected suffix)")),
+        "dora": Rule("dora", "refuses", "has no GGUF form for DoRA magnitudes (lora_a/lora_b pairs only)",
+                     Source("llama.cpp", _L, "src/llama-adapter.cpp", "llama_adapter_lora_init_impl")),
+        "modules_to_save": Rule("modules_to_save", "refuses",
+                                "has no GGUF adapter form for whole saved modules (lora_a/lora_b pairs only)",
+                                Source("llama.cpp", _L, "src/llama-adapter.cpp", "llama_adapter_lora_init_impl")),
+        "fan_in_fan_out_lora": Rule(
+            "fan_in_fan_out_lora", "reads",
+            "reads LoRA on (in, out) layers as PEFT does: lorasurg writes PEFT's nn.Linear-oriented factors against "
+            "the (out, in) weight the GGUF holds",
+            Source("llama.cpp", _L, "src/llama-adapter.cpp", "llama_adapter_lora_init_impl (shape checks)")),
+    },
+    notes=LLAMA_CPP.notes,
+)
+
+CONSUMERS: dict[str, Consumer] = {c.name: c for c in (PEFT, VLLM, VLLM_LEGACY, LLAMA_CPP, LLAMA_CPP_GGUF)}
 #: what ``--for`` accepts (``all`` is every one of them).
 CHOICES = ("peft", "vllm", "llama.cpp")
+#: consumers a caller may name that ``--for`` does not offer: ``llama.cpp-gguf`` is what ``--to gguf`` writes for.
+HIDDEN = ("llama.cpp-gguf",)
 
 
 def with_serving(spec: Union[str, Iterable[str], None], serving: bool) -> tuple[str, ...]:
@@ -286,9 +319,12 @@ def with_serving(spec: Union[str, Iterable[str], None], serving: bool) -> tuple[
     return ("vllm",) if names == ("peft",) else parse_consumers([*names, "vllm"])
 
 
-def parse_consumers(spec: Union[str, Iterable[str], None]) -> tuple[str, ...]:
+def parse_consumers(spec: Union[str, Iterable[str], None], *, hidden: bool = True) -> tuple[str, ...]:
     """``"vllm,llama.cpp"``, ``"all"``, a list of names, or None (``peft``) -> the consumer names, in
-    :data:`CHOICES` order, without repeats.
+    :data:`CHOICES` order (then :data:`HIDDEN`), without repeats.
+
+    Args:
+        hidden: accept the names of :data:`HIDDEN` too (``--for`` passes False: they are not its to offer).
 
     Raises:
         ConfigError: an unknown name (the message lists the choices).
@@ -301,10 +337,11 @@ def parse_consumers(spec: Union[str, Iterable[str], None]) -> tuple[str, ...]:
         return ("peft",)
     if "all" in names:
         names = (names - {"all"}) | set(CHOICES)
-    unknown = sorted(n for n in names if n not in CHOICES)
+    known = (*CHOICES, *HIDDEN) if hidden else CHOICES
+    unknown = sorted(n for n in names if n not in known)
     if unknown:
         raise ConfigError(
             f"unknown consumer(s) {', '.join(map(repr, unknown))} for --for; choose from "
             f"{', '.join(CHOICES)} or all (comma-separated for several)"
         )
-    return tuple(c for c in CHOICES if c in names)
+    return tuple(c for c in known if c in names)

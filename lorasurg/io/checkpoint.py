@@ -29,9 +29,10 @@ from ..errors import InputError
 from ..modules import ModuleInfo
 from ._locate import Layout, locate
 from ._shards import RowReader, ShardReader, TensorEntry, open_shard
+from .hub import looks_like_repo_id, resolve_source
 from .architecture import ModelDescription, describe_checkpoint
 
-__all__ = ["Checkpoint", "RowReader"]
+__all__ = ["Checkpoint", "RowReader", "read_model_config"]
 
 
 class Checkpoint:
@@ -248,15 +249,28 @@ class Checkpoint:
         return f"Checkpoint({self.source!r}, {len(self._entries)} tensors in {len(self.files)} file(s))"
 
 
-def _read_config(root: Path) -> Optional[dict]:
-    """The parsed ``config.json`` in ``root``, or None when there is none.
+def read_model_config(source: Union[str, "os.PathLike[str]"], revision: Optional[str] = None) -> tuple[dict, Path]:
+    """``(config, path of config.json)`` of a model, reading nothing else: ``source`` is a model directory, a file in
+    it (a weights file or its ``config.json``), or a hub repo id (only its ``config.json`` is fetched).
 
     Raises:
-        InputError: the file exists but is not a JSON object.
+        InputError: no such path or repo, no config.json there, or one that is not a JSON object.
     """
-    path = root / "config.json"
-    if not path.is_file():
-        return None
+    text = os.fspath(source)
+    path = Path(text).expanduser()
+    if path.exists():
+        root = path if path.is_dir() else path.parent
+    elif looks_like_repo_id(text):
+        root = resolve_source(text, revision, ["config.json"])
+    else:
+        raise InputError(f"{text} does not exist (neither a local path nor a hub repo id)")
+    config = _read_config(root)
+    if config is None:
+        raise InputError(f"{root} has no config.json; give the base model's directory (or its config.json)")
+    return config, root / "config.json"
+
+
+def _read_json(path: Path) -> dict:
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as err:
@@ -264,3 +278,13 @@ def _read_config(root: Path) -> Optional[dict]:
     if not isinstance(config, dict):
         raise InputError(f"{path} must hold a JSON object, found {type(config).__name__}")
     return config
+
+
+def _read_config(root: Path) -> Optional[dict]:
+    """The parsed ``config.json`` in ``root``, or None when there is none.
+
+    Raises:
+        InputError: the file exists but is not a JSON object.
+    """
+    path = root / "config.json"
+    return _read_json(path) if path.is_file() else None

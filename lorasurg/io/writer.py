@@ -33,7 +33,9 @@ from .sizes import UNITS, split_size
 
 __all__ = [
     "atomic_output_dir",
+    "atomic_output_file",
     "check_output_dir",
+    "check_output_file",
     "parse_size",
     "ShardedWriter",
     "write_checkpoint",
@@ -99,6 +101,47 @@ def atomic_output_dir(path: PathLike, force: bool = False) -> Iterator[Path]:
             os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def check_output_file(path: PathLike, force: bool = False) -> Path:
+    """Refuse an output file path that would clobber something, before any work is done.
+
+    Raises:
+        OutputExistsError: ``path`` exists and ``force`` is false.
+        InputError: ``path`` is a directory.
+    """
+    out = Path(path)
+    if out.is_dir():
+        raise InputError(f"output path {out} is a directory; give a file path")
+    if out.exists() and not force:
+        raise OutputExistsError(f"output file {out} exists; choose another path or pass --force (force=True) to "
+                                "replace it")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_output_file(path: PathLike, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary file path next to ``path``; on success it replaces ``path`` (a rename), on error it is
+    removed, so ``path`` is never half-written and an existing one is only replaced with ``force``.
+
+    Raises:
+        OutputExistsError / InputError: see :func:`check_output_file`.
+    """
+    out = check_output_file(path, force).absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    while True:  # a new file with the permissions the umask gives (mkstemp's are 0o600)
+        tmp = out.parent / f".{out.name}.tmp-{secrets.token_hex(4)}"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            break
+        except FileExistsError:
+            continue
+    try:
+        yield tmp
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
         raise
 
 

@@ -43,7 +43,7 @@ from ..engine.lowrank import lowrank_svd
 from ..engine.svd import split_factors
 from ..errors import ConfigError, InputError
 from ..io.adapter import Adapter, AdapterModule
-from ..io.writer import check_output_dir
+from .export.output import WithGguf, check_output, output_consumers, output_path, write_output
 from ..targeting import alpha_value, rank_alpha_fields
 from .options import default_output, short_list
 from .provenance import provenance_metadata, read_provenance
@@ -125,25 +125,28 @@ class ConvertReport:
 
 
 def convert_to_dir(trained: AdapterSource, initial: AdapterSource, output: Union[str, os.PathLike, None] = None, *,
-                   r: Optional[int] = None, force: bool = False, consumers: Consumers = "peft") -> ConvertReport:
+                   r: Optional[int] = None, force: bool = False, consumers: Consumers = "peft", to: str = "peft",
+                   base=None, outtype: str = "f32") -> ConvertReport:
     """:func:`convert`, then save the plain LoRA to ``output`` (default ``./<TRAINED name>-lora``) atomically.
 
     The output is checked before any work: an existing non-empty directory is refused without ``force``.
+    ``to="gguf"``: written for llama.cpp as a GGUF LoRA file (``base``: the ORIGINAL base model, only its config.json
+    read; ``outtype``), and the report gains the export's (:mod:`lorasurg.surgery.export.output`).
 
     Raises:
         OutputExistsError: ``output`` exists, is not empty, and ``force`` is false.
         and everything :func:`convert` raises.
     """
-    parse_consumers(consumers)
+    names = output_consumers(consumers, to)
     if output is None:
-        output = default_output(trained, "-lora")
-    check_output_dir(output, force)
-    adapter, report = convert(trained, initial, r=r, consumers=consumers)
+        output = output_path(default_output(trained, "-lora"), to)
+    check_output(output, to, force, base)
+    adapter, report = convert(trained, initial, r=r, consumers=names)
     meta = provenance_metadata(method="convert", trained=report.trained, initial=report.initial, r=r,
                                base=report.base_model)
-    adapter.save(output, force=force, metadata=meta)
+    gguf = write_output(adapter, output, to=to, force=force, base=base, outtype=outtype, metadata=meta)
     report.output = os.fspath(output)
-    return report
+    return report if gguf is None else WithGguf(report, gguf)
 
 
 def convert(trained: AdapterSource, initial: AdapterSource, *, r: Optional[int] = None,

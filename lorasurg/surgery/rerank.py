@@ -43,7 +43,7 @@ from ..engine.ranks import parse_rank_policy
 from ..engine.threads import threads_for
 from ..errors import ConfigError, InputError
 from ..io.adapter import Adapter, AdapterModule
-from ..io.writer import check_output_dir
+from .export.output import WithGguf, check_output, output_consumers, output_path, write_output
 from .patterns import derive_config, rank_scale_fields
 from .report import CLAMPED_FOOTNOTE, for_dict, format_bytes, format_count, format_for, format_list, format_table
 from .sources import AdapterSource, open_adapter, refuse_grouped, source_name
@@ -161,23 +161,25 @@ def default_rerank_path(source: AdapterSource, r: Optional[int], rank_policy: Op
 
 def rerank_to_dir(adapter: AdapterSource, output: Union[str, os.PathLike, None] = None, *, force: bool = False,
                   r: Optional[int] = None, rank_policy: Optional[str] = None,
-                  consumers: Consumers = "peft") -> RerankReport:
+                  consumers: Consumers = "peft", to: str = "peft", base=None, outtype: str = "f32"):
     """:func:`rerank`, then write the adapter to ``output`` (default :func:`default_rerank_path`) atomically.
 
     The output is checked before any work: an existing non-empty directory is refused without ``force``.
+    ``to="gguf"``: written for llama.cpp as a GGUF LoRA file (``base``: the base model, only its config.json read;
+    ``outtype``), and the report gains the export's (:mod:`lorasurg.surgery.export.output`).
 
     Raises:
         OutputExistsError: ``output`` exists, is not empty, and ``force`` is false; and everything :func:`rerank`
             raises.
     """
     _check_settings(r, rank_policy)
-    parse_consumers(consumers)
-    output = default_rerank_path(adapter, r, rank_policy) if output is None else output
-    check_output_dir(output, force)
-    result, report = rerank(adapter, r=r, rank_policy=rank_policy, consumers=consumers)
-    result.save(output, force=force)
+    names = output_consumers(consumers, to)
+    output = output_path(default_rerank_path(adapter, r, rank_policy), to) if output is None else output
+    check_output(output, to, force, base)
+    result, report = rerank(adapter, r=r, rank_policy=rank_policy, consumers=names)
+    gguf = write_output(result, output, to=to, force=force, base=base, outtype=outtype)
     report.output = str(output)
-    return report
+    return report if gguf is None else WithGguf(report, gguf)
 
 
 def rerank(adapter: AdapterSource, *, r: Optional[int] = None, rank_policy: Optional[str] = None,

@@ -46,7 +46,7 @@ from ...engine.ranks import parse_rank_policy
 from ...errors import ConfigError
 from ...io.adapter import Adapter
 from ...io.checkpoint import Checkpoint
-from ...io.writer import check_output_dir
+from ..export.output import WithGguf, check_output, output_consumers, output_path, write_output
 from ..budget import MemoryBudget, Size
 from ..options import DTYPES, Progress, Source, dtype_problem, numel as _numel, open_checkpoint as _open
 from ..options import parse_device as _device, source_name as _source_name
@@ -72,24 +72,30 @@ def default_output_path(tuned: Union[str, os.PathLike], r: int, rank_policy: Opt
 
 def extract_to_dir(
     base: Source, tuned: Source, output: Union[str, os.PathLike, None] = None, *, force: bool = False,
-    **options,
+    to: str = "peft", outtype: str = "f32", **options,
 ) -> ExtractReport:
     """:func:`extract`, then write the adapter to ``output`` (default :func:`default_output_path`) atomically.
 
     The output is checked before any work: an existing non-empty directory is refused without ``force``.
-    Nothing is written when extraction fails or is interrupted.
+    Nothing is written when extraction fails or is interrupted. ``to="gguf"``: extracted for llama.cpp and written
+    as a GGUF LoRA file (BASE's config.json gives its architecture; ``outtype``), and the report gains the export's
+    (:mod:`lorasurg.surgery.export.output`).
 
     Raises:
         OutputExistsError: ``output`` exists, is not empty, and ``force`` is false.
         and everything :func:`extract` raises.
     """
+    if to != "peft":
+        named = with_serving(options.get("consumers"), options.pop("serving", False))
+        options["consumers"] = output_consumers(named, to)
     if output is None:
-        output = default_output_path(_source_name(tuned), options.get("r", 16), options.get("rank_policy"))
-    check_output_dir(output, force)
+        default = default_output_path(_source_name(tuned), options.get("r", 16), options.get("rank_policy"))
+        output = output_path(default, to)
+    check_output(output, to, force, base)
     adapter, report = extract(base, tuned, **options)
-    adapter.save(output, force=force)
+    gguf = write_output(adapter, output, to=to, force=force, base=base, outtype=outtype)
     report.output = str(output)
-    return report
+    return report if gguf is None else WithGguf(report, gguf)
 
 
 def extract(

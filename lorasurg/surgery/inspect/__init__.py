@@ -7,6 +7,7 @@ the config gives it, tensor shapes, dtype and parameter count; the norm of its d
 type, the non-LoRA tensors, totals, every way the tensors contradict the config
 (:meth:`lorasurg.io.adapter.Adapter.problems`), per consumer (PEFT, vLLM, llama.cpp) whether it reads the
 adapter as PEFT does (:func:`lorasurg.consumers.consumer_verdicts`), and optionally a PNG of the spectra and norms (:mod:`.plot`).
+A llama.cpp GGUF LoRA file is summarised as llama.cpp reads it (:mod:`.gguf`).
 """
 
 from __future__ import annotations
@@ -21,21 +22,25 @@ import torch
 from ...consumers import consumer_verdicts
 from ...engine.factors import lora_scale
 from ...io.adapter import Adapter
+from ...errors import InputError
 from ...io.checkpoint import Checkpoint
+from ...io.gguf import is_gguf
 from ...layer_replication import find_layer_stack, source_name
+from .gguf import GgufInspectReport, inspect_gguf
 from .plot import check_plot_path, write_plot
 from .report import InspectReport, LayerTypeTotal, ModuleSummary
 from .spectra import base_weight_norm, module_spectrum
 
-__all__ = ["ModuleSummary", "LayerTypeTotal", "InspectReport", "inspect_adapter"]
+__all__ = ["ModuleSummary", "LayerTypeTotal", "InspectReport", "GgufInspectReport", "inspect_adapter"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 
 def inspect_adapter(
     path_or_repo: PathLike, base: Optional[PathLike] = None, *, plot: Optional[PathLike] = None, force: bool = False
-) -> InspectReport:
-    """Summarise the adapter at ``path_or_repo``; inconsistencies are reported, not raised.
+) -> Union[InspectReport, GgufInspectReport]:
+    """Summarise the adapter at ``path_or_repo``; inconsistencies are reported, not raised. A GGUF LoRA file gives a
+    :class:`GgufInspectReport` (:func:`.gguf.inspect_gguf`).
 
     Args:
         path_or_repo: an adapter directory or hub repo id.
@@ -50,6 +55,11 @@ def inspect_adapter(
         UnsupportedError: ``plot`` is given and matplotlib is not installed (checked before any work).
         OutputExistsError: ``plot`` exists and ``force`` is false (checked before any work).
     """
+    if is_gguf(path_or_repo):
+        if plot is not None or base is not None:
+            raise InputError(f"{path_or_repo} is a GGUF LoRA file: inspect shows it without --base or --plot (lorasurg "
+                             "validate FILE.gguf --base BASE checks it against its base model)")
+        return inspect_gguf(path_or_repo)
     if plot is not None:
         check_plot_path(plot, force)
     adapter = Adapter.load(path_or_repo, strict=False)

@@ -12,11 +12,11 @@ object-oriented API is used (no pyplot, no global backend state).
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Union
 
 from ...errors import InputError, OutputExistsError, UnsupportedError
+from ...io.writer import atomic_output_file
 from .report import InspectReport
 
 __all__ = ["FIGSIZE", "DPI", "check_plot_path", "write_plot"]
@@ -84,16 +84,8 @@ def write_plot(report: InspectReport, path: PathLike) -> None:
                      fontsize="x-small")
     norms.set_ylabel("||dW||_F / ||W||_F" if relative else "||dW||_F")
     norms.set_title("delta norm per module" + (" (relative to the base weight)" if relative else ""))
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".png", dir=out.parent)
-    os.close(fd)
-    try:
+    with atomic_output_file(path, force=True) as tmp:
         fig.savefig(tmp, format="png", dpi=DPI)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _short(name: str) -> str:

@@ -42,7 +42,7 @@ from ...engine.factors import factors_from_matrices, lora_scale
 from ...engine.lowrank import lowrank_norm_sq
 from ...engine.threads import threads_for
 from ...io.adapter import Adapter, AdapterModule
-from ...io.writer import check_output_dir
+from ..export.output import WithGguf, check_output, output_consumers, output_path, write_output
 from ..patterns import derive_config, rank_scale_fields
 from ..sources import AdapterSource, open_adapter, refuse_grouped, source_name
 from .checks import Options, check_adapters, check_options, default_rank, plan_modules
@@ -61,11 +61,13 @@ def default_merge_path(adapters: Sequence[AdapterSource], method: str) -> Path:
 
 def merge_to_dir(adapters: Sequence[AdapterSource], output: Union[str, os.PathLike, None] = None,
                  weights: Optional[Sequence[float]] = None, *, force: bool = False, method: str = "svd",
-                 consumers: Consumers = "peft", **options: Any) -> MergeReport:
+                 consumers: Consumers = "peft", to: str = "peft", base=None, outtype: str = "f32",
+                 **options: Any) -> MergeReport:
     """:func:`merge_adapters`, then write the result to ``output`` (default :func:`default_merge_path`) atomically.
 
     The options and the output are checked before any adapter is read: an existing non-empty directory is refused
-    without ``force``.
+    without ``force``. ``to="gguf"``: written for llama.cpp as a GGUF LoRA file (``base``: the base model, only its
+    config.json read; ``outtype``), and the report gains the export's (:mod:`lorasurg.surgery.export.output`).
 
     Raises:
         OutputExistsError: ``output`` exists, is not empty, and ``force`` is false; and everything
@@ -73,13 +75,13 @@ def merge_to_dir(adapters: Sequence[AdapterSource], output: Union[str, os.PathLi
     """
     check_options(method, len(adapters), weights, options.get("r"), options.get("density"),
                   options.get("majority_sign"), options.get("seed", 0))
-    parse_consumers(consumers)
-    output = default_merge_path(adapters, method) if output is None else output
-    check_output_dir(output, force)
-    merged, report = merge_adapters(adapters, weights, method=method, consumers=consumers, **options)
-    merged.save(output, force=force)
+    names = output_consumers(consumers, to)
+    output = output_path(default_merge_path(adapters, method), to) if output is None else output
+    check_output(output, to, force, base)
+    merged, report = merge_adapters(adapters, weights, method=method, consumers=names, **options)
+    gguf = write_output(merged, output, to=to, force=force, base=base, outtype=outtype)
     report.output = str(output)
-    return report
+    return report if gguf is None else WithGguf(report, gguf)
 
 
 def merge_adapters(

@@ -52,7 +52,10 @@ from typing import Optional, Sequence, Union
 import torch
 
 from ...config import LoraConfig
-from ...consumers import ForReport, blocked_parts, parse_consumers, prepare_for
+from ...consumers import ForReport, blocked_parts, prepare_for
+from ...io.gguf import tensor_type
+from ..export.output import WithGguf, output_consumers, write_output
+from ..export.run import check_gguf_base
 from ...consumers.reading import Consumers
 from ...engine.factors import compute_dtype, delta_frobenius_sq, factor_shapes, lora_alpha_for, lora_scale
 from ...engine.init import InitMethod, init_factors, make_init_draws, parse_init_method
@@ -113,6 +116,8 @@ def residualize(
     progress: Optional[Progress] = None,
     consumers: Consumers = "peft",
     max_memory: Optional[Size] = None,
+    to: str = "peft",
+    outtype: str = "f32",
 ) -> ResidualizeReport:
     """Write ``output/model`` (BASE with residual target weights) and ``output/adapter`` (the initial adapter).
 
@@ -138,6 +143,10 @@ def residualize(
             or several; the adapter is rewritten losslessly for them, or refused (see the module docstring).
         max_memory: the memory budget for the tensors processed at once, besides the adapter being built (bytes, or
             text such as ``"2GB"``, ``"500MB"``, ``"50%"``); None: half the available memory.
+        to: ``peft`` (``output/adapter``) or ``gguf``: the initial adapter as ``output/adapter.gguf``, a llama.cpp
+            GGUF LoRA file for the residual model (converted to GGUF in turn), written losslessly as for ``--for
+            llama.cpp``; the report gains the export's.
+        outtype: the GGUF tensor type (``f32``, ``f16``, ``bf16``, ``q8_0``).
 
     Returns:
         :class:`ResidualizeReport`.
@@ -151,7 +160,8 @@ def residualize(
         InputError: a target is an output layer tied to the input embedding; BASE cannot be read.
     """
     method = _check_options(init, r, alpha, dtype)
-    names = parse_consumers(consumers)
+    names = output_consumers(consumers, to)
+    tensor_type(outtype, (1, 1))
     work_device = parse_device(device)
     budget = MemoryBudget.resolve(max_memory, work_device)
     alpha = float(alpha if alpha is not None else r)
@@ -163,6 +173,8 @@ def residualize(
                                consumers=list(names))
     with contextlib.ExitStack() as opened:
         ckpt = open_checkpoint(base, opened)
+        if to == "gguf":
+            check_gguf_base(ckpt)
         targets = _plan(ckpt, method, r, alpha, use_rslora, target_modules, exclude_modules, report)
         _check_consumers(ckpt, targets, use_rslora, names)
         works, reserved = residualize_works(ckpt, targets, method, output_dtype(dtype)), adapter_bytes(targets, ckpt)
@@ -194,11 +206,15 @@ def residualize(
             adapter, report.for_report = _for_consumers(adapter, names)
             meta = dict(method=method.config_value, r=r, alpha=f"{alpha:g}", use_rslora=use_rslora or None,
                         base=report.base, seed=seed if _uses_rng(method, targets) else None)
-            adapter.save(tmp / "adapter", metadata=provenance_metadata(**meta))
+            gguf = write_output(adapter, tmp / ("adapter" if to == "peft" else "adapter.gguf"), to=to, base=ckpt,
+                                outtype=outtype, metadata=provenance_metadata(**meta))
             (tmp / "README.md").write_text(_readme(meta, report), encoding="utf-8")
     report.model = written
     report.adapter_parameters = adapter.num_parameters()
     report.adapter_bytes = adapter.num_bytes()
+    if gguf is not None:
+        gguf.output = str(Path(output) / "adapter.gguf")
+        return WithGguf(report, gguf)
     return report
 
 

@@ -12,6 +12,9 @@ The adapter (a directory, its ``adapter_config.json`` alone, or a hub id) is rea
 * the consumers named with ``--for`` (:mod:`.consumer_checks`): what vLLM or llama.cpp refuse, drop silently,
   misread, or scale differently from PEFT.
 
+A GGUF LoRA file (llama.cpp's format, recognised by its magic bytes) is checked as llama.cpp's loader reads it
+instead (:mod:`.gguf_checks`): metadata, pairs, ranks, values and, with a base model, architecture and shapes.
+
 Each finding has a code from :data:`lorasurg.findings.CODES`. ``--fix`` (:mod:`.fix`) writes a corrected copy
 for the fixes that cannot change what the adapter does; it does not rewrite an adapter for a consumer (that changes
 tensor values: ``--for`` on the writing commands, or :func:`lorasurg.prepare_for`, does).
@@ -26,10 +29,12 @@ from typing import Optional, Sequence, Union
 from ...consumers import parse_consumers
 from ...consumers.reading import Consumers
 from ...errors import InputError
-from ...findings import Finding
+from ...findings import SEVERITIES, Finding
+from ...io.gguf import is_gguf
 from ...io.writer import check_output_dir
 from .consumer_checks import CONSUMER_CODES
 from .fix import FIXERS, write_fixed_copy
+from .gguf_checks import check_gguf
 from .report import Change, FixResult, ValidationReport
 from .run import CHECKS, Check, run_checks
 from .subject import BaseModel, Subject, load_subject, open_base
@@ -60,7 +65,13 @@ def validate(path: PathLike, base: Optional[PathLike] = None, consumers: Consume
         InputError: validation cannot run: ``path`` does not exist or holds no adapter, the base model cannot
             be opened.
     """
+    if is_gguf(path):
+        return _by_severity(check_gguf(path, base))
     return run_checks(load_subject(path, base, parse_consumers(consumers)), checks)
+
+
+def _by_severity(findings: list[Finding]) -> list[Finding]:
+    return sorted(findings, key=lambda f: SEVERITIES.index(f.severity))
 
 
 def validate_adapter(
@@ -82,6 +93,12 @@ def validate_adapter(
         OutputExistsError: ``fix_output`` is not empty and ``force`` is false (checked before any work).
     """
     names = parse_consumers(consumers)
+    if is_gguf(path):
+        if fix_output is not None:
+            raise InputError(f"--fix writes corrected PEFT adapters; {path} is a GGUF file: export it again instead "
+                             "(lorasurg export ADAPTER --to gguf)")
+        return ValidationReport(os.fspath(path), None if base is None else os.fspath(base),
+                                _by_severity(check_gguf(path, base)), consumers=("llama.cpp",))
     if fix_output is not None:
         _refuse_in_place(path, fix_output)
         check_output_dir(fix_output, force)

@@ -84,6 +84,32 @@ def _key(module: str, part: str) -> str:
     return f"base_model.model.{module}.{part}"
 
 
+def gguf_file(d: Path, *, general_type: str = "adapter", adapter_type: str = "lora", alpha: Optional[float] = 8.0,
+              arch: str = "llama", extra: Optional[str] = None) -> Path:
+    """A GGUF LoRA file for the tiny Llama written with the gguf package itself: one pair on blk.0.attn_v.weight
+    (lora_a (4, 64), lora_b (32, 4)), the given metadata, and optionally one more tensor named ``extra``."""
+    import gguf
+    import numpy as np
+
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / "adapter.gguf"
+    writer = gguf.GGUFWriter(path, arch)
+    writer.add_type(general_type)
+    writer.add_string(gguf.Keys.Adapter.TYPE, adapter_type)
+    if alpha is not None:
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+    rng = np.random.default_rng(0)
+    writer.add_tensor("blk.0.attn_v.weight.lora_a", rng.standard_normal((4, 64)).astype(np.float32))
+    writer.add_tensor("blk.0.attn_v.weight.lora_b", rng.standard_normal((32, 4)).astype(np.float32))
+    if extra:
+        writer.add_tensor(extra, rng.standard_normal((4, 64)).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
 # ----------------------------------------------------------------------------------------------- the cases
 
 
@@ -319,6 +345,14 @@ CASES: dict[str, Case] = {
                                   r"adapter, lora_alpha/r = 8/4", consumers="vllm"),
     "consumer-max-rank": Case(_configured({}, targets=("q_proj",), r=32), "vllm",
                               r"this adapter's largest rank is 32", consumers="vllm"),
+    "gguf-metadata": Case(lambda d: gguf_file(d, general_type="model"), "general.type",
+                          r"is 'model'; llama.cpp's loader refuses a LoRA file unless it is 'adapter'"),
+    "gguf-architecture": Case(lambda d: gguf_file(d, arch="qwen2"), "general.architecture",
+                              r"is 'qwen2' but BASE \(LlamaForCausalLM\) is 'llama' in GGUF"),
+    "gguf-tensor-unexpected": Case(lambda d: gguf_file(d, extra="blk.0.attn_q.weight.lora_c"),
+                                   "blk.0.attn_q.weight.lora_c", r"neither a .lora_a/.lora_b tensor nor a \*_norm"),
+    "gguf-alpha": Case(lambda d: gguf_file(d, alpha=None), "adapter.lora.alpha",
+                       r"is None: llama.cpp then applies scale 1 to every pair"),
     "check-skipped": Case(lambda d: save(clean_adapter(), d), "--base",
                           r"no base model was given: the targets, shapes check\(s\) did not run", base=False),
 }

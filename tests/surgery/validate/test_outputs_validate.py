@@ -19,7 +19,7 @@ import pytest
 
 import shutil
 
-from lorasurg import convert_to_dir, extract_to_dir, merge_to_dir, rerank_to_dir, residualize, validate
+from lorasurg import convert_to_dir, export_gguf, extract_to_dir, merge_to_dir, rerank_to_dir, residualize, validate
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -111,6 +111,28 @@ SAME_RANK = [dict(r=8), dict(r=8, alpha=16, target_modules=["q_proj", "v_proj", 
 MIXED = [dict(r=8), ENERGY]
 DENSE = dict(density=0.5, r=8)
 
+def _gguf_residualize(arch: str, **options) -> Callable[[Path], Path]:
+    """residualize --to gguf's ``OUT/adapter.gguf`` moved to ``out``; validated against the residual model."""
+
+    def write(out: Path) -> Path:
+        written = out.parent / f"{out.name}.residualize"
+        residualize(_pair(arch)[0], written, device="cpu", to="gguf", **options)
+        shutil.move(written / "adapter.gguf", out)
+        return written / "model"
+
+    return write
+
+
+def _export(arch: str, extract: dict, **options) -> Callable[[Path], Path]:
+    """``lorasurg export --to gguf`` of an extract: the file (at ``out``) validated against BASE."""
+
+    def write(out: Path) -> Path:
+        export_gguf(_input(out, "src", arch, **extract), out, **options)
+        return _pair(arch)[0]
+
+    return write
+
+
 WRITERS: dict[str, Callable[[Path], Path]] = {
     "extract-llama-r8": _extract("llama", r=8),
     "extract-llama-r64-clamped": _extract("llama", r=64, embeddings="full"),
@@ -165,6 +187,15 @@ WRITERS: dict[str, Callable[[Path], Path]] = {
     "merge-qwen2-svd-for-vllm": _for("vllm", _merge("qwen2", [dict(ENERGY, embeddings="lora"), dict(r=4)], method="svd",
                                                     consumers="vllm")),
     "merge-llama-cat-for-llama.cpp": _for("llama.cpp", _merge("llama", MIXED, method="cat", consumers="llama.cpp")),
+    # GGUF LoRA files (export --to gguf, and --to gguf on the writers): validated as llama.cpp's loader reads them
+    "export-llama-gguf": _export("llama", R8),
+    "export-qwen2-gguf-q8_0": _export("qwen2", dict(r=8, lora_bias=False), outtype="q8_0"),
+    "extract-gpt2-to-gguf": _extract("gpt2", r=4, to="gguf"),
+    "extract-qwen2-energy-to-gguf": _extract("qwen2", **ENERGY, to="gguf"),
+    "rerank-llama-to-gguf": _rerank("llama", ENERGY, r=6, to="gguf", outtype="f16"),
+    "merge-llama-cat-to-gguf": _merge("llama", MIXED, method="cat", to="gguf"),
+    "convert-pissa-to-gguf": _convert(r=6, to="gguf", base=ROOT / "fixtures" / "tiny-llama" / "base"),
+    "residualize-llama-pissa-to-gguf": _gguf_residualize("llama", init="pissa", r=8),
 }
 
 
