@@ -63,7 +63,8 @@ class LayerStack:
         return int(found.group(1)) if found else None
 
 
-def expand_layer_map(layer_map: Sequence[Sequence[int]], count: int, *, where: str = "layer_replication") -> tuple[int, ...]:
+def expand_layer_map(layer_map: Sequence[Sequence[int]], count: int, *,
+                     where: str = "layer_replication") -> tuple[int, ...]:
     """The original layer index of every layer of the replicated stack.
 
     Args:

@@ -26,8 +26,9 @@ PEFT's rules, as mirrored here (``peft/tuners/tuners_utils.py``: ``check_target_
 
 Not modelled (refused with :class:`~lorasurg.errors.UnsupportedError`): ``target_parameters``,
 ``layer_replication`` (callers select among the replicated names, :mod:`lorasurg.layer_replication`, with the
-field cleared), ``ensure_weight_tying`` together with an embedding layer. Not modelled silently: PEFT's default ``target_modules`` per model type (``None`` is a
-:class:`~lorasurg.errors.ConfigError` here) and transformers-v5 MoE config conversion.
+field cleared), ``ensure_weight_tying`` together with an embedding layer. Not modelled silently: PEFT's default
+``target_modules`` per model type (``None`` is a :class:`~lorasurg.errors.ConfigError` here) and transformers-v5
+MoE config conversion.
 """
 
 from __future__ import annotations
@@ -488,8 +489,8 @@ def _check_wrappable(config: Any, selected: Sequence[str], modules: Mapping[str,
         examples = f" ({', '.join(str(k * min(groups)) for k in (1, 2, 4))}, ...)" if len(groups) == 1 else ""
         raise ConfigError(
             f"LoRA on a grouped convolution needs a rank that is a multiple of its groups{examples}, as in PEFT: "
-            f"{'; '.join(text for text, _ in ranks)}. Set r, or a rank_pattern entry for each of them, to such a multiple, or do not "
-            "target them."
+            f"{'; '.join(text for text, _ in ranks)}. Set r, or a rank_pattern entry for each of them, to such a "
+            "multiple, or do not target them."
         )
     if getattr(config, "ensure_weight_tying", False):
         tied = [n for n in list(selected) + select_modules_to_save(config, modules) if modules[n].kind == "embedding"]

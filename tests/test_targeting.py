@@ -315,7 +315,8 @@ def test_grouped_conv_needs_rank_divisible_by_groups():
     mods = {"conv": ModuleInfo("Conv2d", "conv2d", False, (4, 2, 3, 3), True, groups=2)}
     assert select_modules(cfg(target_modules=["conv"], r=4), mods) == ["conv"]
     assert select_modules(cfg(target_modules=["conv"], r=3, rank_pattern={"conv": 2}), mods) == ["conv"]
-    with pytest.raises(ConfigError, match=r"multiple of its groups \(2, 4, 8, ...\).*'conv' \(Conv2d, groups=2\) has rank 3"):
+    with pytest.raises(ConfigError,
+                       match=r"multiple of its groups \(2, 4, 8, ...\).*'conv' \(Conv2d, groups=2\) has rank 3"):
         select_modules(cfg(target_modules=["conv"], r=3), mods)
 
 

@@ -294,6 +294,9 @@ LLAMA_CPP_GGUF = Consumer(
         "modules_to_save": Rule("modules_to_save", "refuses",
                                 "has no GGUF adapter form for whole saved modules (lora_a/lora_b pairs only)",
                                 Source("llama.cpp", _L, "src/llama-adapter.cpp", "llama_adapter_lora_init_impl")),
+        "trainable_tokens": Rule("trainable_tokens", "refuses",
+                                 "has no GGUF adapter form for trainable-token rows (lora_a/lora_b pairs only)",
+                                 Source("llama.cpp", _L, "src/llama-adapter.cpp", "llama_adapter_lora_init_impl")),
         "fan_in_fan_out_lora": Rule(
             "fan_in_fan_out_lora", "reads",
             "reads LoRA on (in, out) layers as PEFT does: lorasurg writes PEFT's nn.Linear-oriented factors against "

@@ -34,7 +34,8 @@ from .factors import compute_dtype
 __all__ = ["grouped_factor_shapes", "grouped_delta_kernel", "peft_dora_norm", "grouped_init"]
 
 
-def grouped_factor_shapes(weight_shape: tuple[int, ...], groups: int, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def grouped_factor_shapes(weight_shape: tuple[int, ...], groups: int, r: int
+                          ) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """``(A shape, B shape)`` of a rank-``r`` LoRA on a grouped conv weight ``(out, in / g, *k)``."""
     out, per_group, *kernel = (int(d) for d in weight_shape)
     ones = (1,) * len(kernel)

@@ -306,7 +306,8 @@ class Adapter:
         """Every way the stored tensors contradict the config, as :class:`~lorasurg.findings.Finding` s.
 
         Checks, per module: the config targets it (``tensor-untargeted``); A's rows equal B's columns, or are a
-        multiple of them for a grouped convolution (``rank-inconsistent``); the rank equals the config's, rank_pattern applied (``rank-mismatch``);
+        multiple of them for a grouped convolution (``rank-inconsistent``); the rank equals the config's,
+        rank_pattern applied (``rank-mismatch``);
         ``lora_B.bias`` present exactly when ``lora_bias`` is set, never on an embedding, shaped ``(out,)``
         (``bias-*``); DoRA magnitude present exactly when ``use_dora`` is set, one entry per output
         (``magnitude-*``).

@@ -155,7 +155,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         ConfigError: the model has no adapter ``name``.
     """
     require_adapter(model, name)
-    for module_name, layer in reversed(lora_layers(model)):  # nested wrappers (parameter, attention out_proj): innermost first
+    for module_name, layer in reversed(lora_layers(model)):  # nested wrappers innermost first
         layer.delete_adapter(name)
         if not layer.r:
             layer.unmerge()
@@ -222,7 +222,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     """
     _refuse_unmergeable(model)
     _prepare_merge(model)
-    for name, layer in reversed(lora_layers(model)):  # nested wrappers (parameter, attention out_proj): innermost first
+    for name, layer in reversed(lora_layers(model)):  # nested wrappers innermost first
         if not layer.disabled:
             layer.merge()
         replace_module(model, name, layer.base_layer)
@@ -254,7 +254,7 @@ def unload(model: nn.Module) -> nn.Module:
     before injection (PEFT 0.21.2 keeps merged weights, the trained copies and the replicated layers). A base weight
     that a PiSSA/OLoRA init replaced by its residual stays the residual.
     """
-    for name, layer in reversed(lora_layers(model)):  # nested wrappers (parameter, attention out_proj): innermost first
+    for name, layer in reversed(lora_layers(model)):  # nested wrappers innermost first
         layer.unmerge()
         replace_module(model, name, layer.base_layer)
     for name, wrapper in save_wrappers(model):

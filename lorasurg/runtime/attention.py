@@ -40,7 +40,8 @@ OUT_PROJ = "base_layer.out_proj"
 
 def _in_proj_info(mha: nn.MultiheadAttention) -> ModuleInfo:
     """The in-projection described as the linear layer it is: weight ``(3E, E)``."""
-    return ModuleInfo(type(mha).__name__, "linear", False, tuple(mha.in_proj_weight.shape), mha.in_proj_bias is not None)
+    shape = tuple(mha.in_proj_weight.shape)
+    return ModuleInfo(type(mha).__name__, "linear", False, shape, mha.in_proj_bias is not None)
 
 
 def attention_targets(module: nn.Module, name: str, r: int, alpha: float, config: Any, *, check_init: bool
@@ -49,7 +50,8 @@ def attention_targets(module: nn.Module, name: str, r: int, alpha: float, config
     mha = module.base_layer if isinstance(module, LoraLayer) else module
     problems = []
     if not getattr(mha, "_qkv_same_embed_dim", True) or mha.in_proj_weight is None:
-        problems.append(f"{name}: MultiheadAttention with kdim/vdim other than embed_dim (PEFT supports only equal ones)")
+        problems.append(f"{name}: MultiheadAttention with kdim/vdim other than embed_dim (PEFT supports only equal "
+                        "ones)")
     for field, what in (("use_dora", "DoRA"), ("lora_bias", "lora_bias")):
         if getattr(config, field, False):
             problems.append(f"{name}: {what} on a MultiheadAttention (PEFT refuses DoRA there and ignores the "

@@ -72,7 +72,8 @@ def test_a_resized_vocabulary_becomes_tokens_with_the_added_rows(tmp_path):
 
 def test_a_resized_vocabulary_is_refused_for_lora_by_name(tmp_path):
     base, tuned = resized_pair(tmp_path)
-    with pytest.raises(InputError, match=r"(lm_head|model.embed_tokens).weight: TUNED has 53 rows, BASE 50 \(3 added\).*"
+    with pytest.raises(InputError, match=r"(lm_head|model.embed_tokens).weight: TUNED has 53 rows, BASE 50 "
+                                         r"\(3 added\).*"
                                          r"--embeddings tokens"):
         extract(base, tuned, r=4, embeddings="lora")
     result = CliRunner().invoke(main, ["extract", str(base), str(tuned), "--embeddings", "lora", "-o",

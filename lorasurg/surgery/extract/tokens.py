@@ -129,7 +129,8 @@ def choose(change: RowChange, role: TensorRole, mode: str, *, r: int, itemsize: 
     if change.added and mode == "lora":
         _refuse_lora(change, role)
     tokens_ok = not has_bias and not blocked
-    why_not = (f"--for {', '.join(c.name for c in blocked)}: {blocked[0].title} {blocked[0].rules['trainable_tokens'].says}"
+    why_not = (f"--for {', '.join(c.name for c in blocked)}: {blocked[0].title} "
+               f"{blocked[0].rules['trainable_tokens'].says}"
                if blocked else "the layer has a bias, which PEFT's trainable tokens on a head drop" if has_bias else "")
     if mode == "tokens":
         chosen, reason = ("tokens", "--embeddings tokens") if tokens_ok else ("dropped", why_not)
@@ -140,7 +141,7 @@ def choose(change: RowChange, role: TensorRole, mode: str, *, r: int, itemsize: 
     elif lora_bias and role.kind == "embedding":
         chosen, reason = "full", "lora_bias is on and PEFT refuses lora_bias on Embedding layers, so saved in full"
     else:
-        chosen, reason = "lora", why_not or "smaller than the trainable tokens"
+        chosen, reason = "lora", "smaller than the trainable tokens" if lora < tokens or not why_not else why_not
     if chosen == "lora" and role.reason:  # a --for consumer cannot read this layer's LoRA either
         chosen, reason = "dropped", role.reason
     return EmbeddingChoice(role.name, change.tuned_rows, dim, k - change.added, change.added, tokens, lora, full,

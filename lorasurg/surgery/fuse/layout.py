@@ -41,8 +41,8 @@ def replicated_stack(base: Checkpoint, adapter: Adapter) -> Optional[LayerStack]
     infos = base.module_infos()
     prefix = find_layer_stack({n: i.type_name for n, i in infos.items()})
     if prefix is None:
-        raise InputError(f"the adapter's layer_replication={layer_map} needs a stack of layers, which PEFT looks for at "
-                         f"model(.model)*.layers, .encoder.layer or .h; BASE {base.source} has none")
+        raise InputError(f"the adapter's layer_replication={layer_map} needs a stack of layers, which PEFT looks "
+                         f"for at model(.model)*.layers, .encoder.layer or .h; BASE {base.source} has none")
     count = int((base.config or {}).get("num_hidden_layers") or layer_count(list(infos), prefix))
     try:
         sources = expand_layer_map(layer_map, count)
@@ -101,8 +101,8 @@ def plan_token_rows(base: Checkpoint, adapter: Adapter, aliases: Mapping[str, st
         count = max(shape[0], max(indices) + 1) if indices else shape[0]
         missing = sorted(set(range(shape[0], count)) - set(indices))
         if missing:
-            problems.append(f"{module}: rows {missing[0]}..{missing[-1]} ({len(missing)}) are past BASE's {shape[0]} rows "
-                            "and have no value in the adapter")
+            problems.append(f"{module}: rows {missing[0]}..{missing[-1]} ({len(missing)}) are past BASE's "
+                            f"{shape[0]} rows and have no value in the adapter")
             continue
         out[weight] = (torch.tensor(indices, dtype=torch.long), rows, count)
         notes.append(f"{module}: {len(indices)} trainable-token row(s) written into {weight}"

@@ -234,9 +234,9 @@ def _biases(base: Checkpoint, modules: Mapping[str, ModuleInfo], plan: FusePlan,
         return
     if plan.stack is not None:
         raise UnsupportedError(
-            f"the adapter has a lora_B bias on {len(needing)} layer(s) without a bias in BASE ({short_list(list(needing))}) "
-            "and replicates layers; fusing that is not supported. Drop the biases (--drop-unfusable-bias is not "
-            "available here either): keep the adapter unfused")
+            f"the adapter has a lora_B bias on {len(needing)} layer(s) without a bias in BASE "
+            f"({short_list(list(needing))}) and replicates layers; fusing that is not supported: keep the adapter "
+            "unfused")
     flags = bias_flags(base.config, {n: base.shape(n) for n in base.names()})
     chosen: dict[str, frozenset[str]] = {}
     unfusable = []

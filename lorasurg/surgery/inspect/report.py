@@ -120,8 +120,8 @@ class InspectReport:
                 rows, ["module", "rows", "indices", "shape", "dtype", "||rows - base rows||"]))
         if self.replication:
             rep = self.replication
-            parts.append(f"layer_replication {rep['map']}: {rep['stack'] or 'the layer stack'} of {rep['layers']} layers, "
-                         f"copies of layers {_indices(rep['sources'], 32)}")
+            parts.append(f"layer_replication {rep['map']}: {rep['stack'] or 'the layer stack'} of {rep['layers']} "
+                         f"layers, copies of layers {_indices(rep['sources'], 32)}")
         extra = {k: v for k, v in self.extra.items() if not any(k.startswith(f"{t['module']}.") for t in self.tokens)}
         if extra:
             parts.append("other tensors:\n" + "\n".join(f"  {k}  {'x'.join(map(str, s))}" for k, s in extra.items()))

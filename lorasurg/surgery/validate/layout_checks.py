@@ -129,7 +129,8 @@ def _against_base(module: str, tensor, indices: list[int], base: BaseModel, subj
         found.append(Finding(
             "tokens-conflict", module,
             f"has trainable tokens and is also {'a LoRA target' if module in selected else 'in modules_to_save'}: "
-            "PEFT refuses the adapter", "drop it from target_modules / modules_to_save, or from trainable_token_indices"))
+            "PEFT refuses the adapter",
+            "drop it from target_modules / modules_to_save, or from trainable_token_indices"))
     return found
 
 
