@@ -4,6 +4,23 @@ The public API is what ``__all__`` lists; everything else is internal.
 """
 
 import gc as _gc
+import sys as _sys
+
+
+def _quiet_interrupt(interrupt: BaseException) -> None:
+    """Ctrl-C while this package imports (torch: the first second or two of every ``lorasurg`` command): if nothing
+    catches ``interrupt``, print one line instead of the import machinery's traceback; any other uncaught exception
+    is shown as before."""
+    previous = _sys.excepthook
+
+    def hook(kind, value, traceback) -> None:
+        if value is interrupt:
+            _sys.stderr.write("interrupted while starting: nothing was written\n")
+        else:
+            previous(kind, value, traceback)
+
+    _sys.excepthook = hook
+
 
 # Importing torch and this package creates about 180,000 objects that the collector tracks; every full collection
 # that runs meanwhile traverses all of them (about 0.1 s each on a laptop-class CPU). None of them is garbage, so the collector is paused for the
@@ -17,6 +34,8 @@ try:
         ConfigTypeError,
         InputError,
         LorasurgError,
+        LorasurgWarning,
+        OutputError,
         OutputExistsError,
         ShapeMismatchError,
         UnsupportedError,
@@ -65,6 +84,9 @@ try:
         rank_alpha,
         select_modules,
     )
+except KeyboardInterrupt as _interrupt:
+    _quiet_interrupt(_interrupt)
+    raise
 finally:
     if _collecting:
         _gc.enable()
@@ -142,7 +164,9 @@ __all__ = [
     "ConfigError",
     "ConfigTypeError",
     "ShapeMismatchError",
+    "OutputError",
     "OutputExistsError",
     "UnsupportedError",
     "ValidationFailed",
+    "LorasurgWarning",
 ]

@@ -30,7 +30,6 @@ import enum
 import json
 import os
 import sys
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +39,7 @@ from . import _subconfigs
 from ._config_checks import field_problems
 from ._subconfigs import Problem
 from .errors import ConfigError, ConfigTypeError, InputError
+from .io.atomic import atomic_output_file
 from .io.hub import looks_like_repo_id, resolve_source
 
 __all__ = [
@@ -250,15 +250,8 @@ class LoraConfig:
         if out.exists() and not out.is_dir():
             raise InputError(f"cannot save the config into {out}: it is a file; give a directory")
         text = self.to_json_string()
-        out.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{CONFIG_NAME}.", suffix=".tmp", dir=out)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(text)
-            os.replace(tmp, out / CONFIG_NAME)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_output_file(out / CONFIG_NAME, force=True) as tmp:
+            tmp.write_text(text, encoding="utf-8")
         return out / CONFIG_NAME
 
     # ------------------------------------------------------------------------- normalisation and checks

@@ -5,9 +5,15 @@ The CLI turns a :class:`LorasurgError` into a one-paragraph message and its ``ex
 reaches a user for a bad input.
 
 Exit codes (``lorasurg`` CLI): 0 ok, 1 validation findings, 2 usage or input error.
+
+A message names an option the way its reader types it: :func:`option` marks ``--force`` / ``force=True`` in the
+text, ``str(err)`` gives the library's form with the flag (``--force (force=True)``), and
+:meth:`LorasurgError.cli_message` the command line's alone (``--force``).
 """
 
 from __future__ import annotations
+
+import re
 
 __all__ = [
     "LorasurgError",
@@ -15,10 +21,25 @@ __all__ = [
     "ConfigError",
     "ConfigTypeError",
     "ShapeMismatchError",
+    "OutputError",
     "OutputExistsError",
     "UnsupportedError",
     "ValidationFailed",
+    "LorasurgWarning",
+    "option",
 ]
+
+# An option in a message: _OPEN cli _SEP api _CLOSE (private-use characters, never in a user's text).
+_OPEN, _SEP, _CLOSE = "\ue000", "\ue001", "\ue002"
+_MARKED = re.compile(f"{_OPEN}([^{_SEP}]*){_SEP}([^{_CLOSE}]*){_CLOSE}")
+
+
+def option(cli: str, api: str) -> str:
+    """An option named in an error message: ``option("--force", "force=True")``.
+
+    The command line shows ``--force``, the library ``--force (force=True)`` (see :meth:`LorasurgError.cli_message`).
+    """
+    return f"{_OPEN}{cli}{_SEP}{api}{_CLOSE}"
 
 
 class LorasurgError(Exception):
@@ -29,6 +50,13 @@ class LorasurgError(Exception):
     """
 
     exit_code: int = 2
+
+    def __str__(self) -> str:
+        return _MARKED.sub(r"\1 (\2)", super().__str__())
+
+    def cli_message(self) -> str:
+        """The message as the command line shows it: options by their flags only."""
+        return _MARKED.sub(r"\1", super().__str__())
 
 
 class InputError(LorasurgError):
@@ -50,7 +78,12 @@ class ShapeMismatchError(LorasurgError, ValueError):
     """Tensors that must agree in shape do not (adapter vs model, base vs tuned checkpoint, ...)."""
 
 
-class OutputExistsError(LorasurgError):
+class OutputError(LorasurgError):
+    """An output cannot be written: its directory cannot be created or written to, the disk is full, a file
+    would pass the process's file-size limit. The message names the output, the file and the numbers."""
+
+
+class OutputExistsError(OutputError):
     """The output path exists and is not empty; pass ``force=True`` (``--force``) to replace it."""
 
 
@@ -62,3 +95,8 @@ class ValidationFailed(LorasurgError):
     """``lorasurg validate`` found problems; the message lists every one of them."""
 
     exit_code = 1
+
+
+class LorasurgWarning(UserWarning):
+    """Something lorasurg did on its own that the user should know about (e.g. it removed a temporary directory a
+    killed run left behind); the CLI prints it as one ``warning:`` line."""

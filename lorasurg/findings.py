@@ -51,6 +51,9 @@ CODES: dict[str, Code] = {
         "warning", "config",
         "a saved adapter names an init (pissa, olora, corda, loftq, lora_ga, eva) that PEFT runs again on load",
     ),
+    "alpha-sign": Code(
+        "warning", "config", "lora_alpha (or an alpha_pattern value) is 0 or negative: the delta vanishes or is subtracted"
+    ),
     # the config against the base model
     "target-unmatched": Code("error", "targets", "a target_modules entry matches no module of the base model"),
     "target-none-selected": Code(

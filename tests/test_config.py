@@ -407,4 +407,4 @@ def test_hub_repo_id_not_cached_offline(tmp_path, monkeypatch):
     with pytest.raises(InputError) as info:
         LoraConfig.from_pretrained("someone/absent-adapter", revision="v1")
     message = str(info.value)
-    assert "someone/absent-adapter is not a local path" in message and "HF_HUB_OFFLINE=1" in message
+    assert "someone/absent-adapter does not exist as a local path" in message and "HF_HUB_OFFLINE=1" in message

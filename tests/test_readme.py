@@ -53,11 +53,18 @@ def test_readme_cli_examples_run(tmp_path, monkeypatch):
         assert result.stdout.endswith("\n") and not result.stdout.endswith("\n\n"), f"{command}: {result.stdout[-80:]!r}"
 
 
+_PYTHON_BLOCKS = re.findall(r"```python\n(.*?)```", README, re.S)
+
+
 @pytest.mark.filterwarnings("ignore")
-def test_readme_python_examples_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("index", range(len(_PYTHON_BLOCKS)))
+def test_readme_python_block_runs_on_its_own(index, tmp_path, monkeypatch):
+    """Each python block runs as a user would paste it: in a fresh interpreter namespace and a fresh directory, with
+    no name or file from another block."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "fixtures").symlink_to(ROOT / "fixtures")
-    code = "\n".join(re.findall(r"```python\n(.*?)```", README, re.S))
-    exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
-    assert (tmp_path / "out" / "my-adapter" / "adapter_model.safetensors").is_file()
-    assert (tmp_path / "out" / "copy" / "adapter_config.json").is_file()
+    code = _PYTHON_BLOCKS[index]
+    exec(compile(code, f"README.md (python block {index + 1})", "exec"), {"__name__": "readme"})
+    for written in re.findall(r'\.save(?:_adapter)?\((?:model, )?"([^"]+)"', code):  # what it saved is complete
+        assert (tmp_path / written / "adapter_model.safetensors").is_file(), written
+        assert (tmp_path / written / "adapter_config.json").is_file(), written

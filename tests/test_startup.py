@@ -29,8 +29,9 @@ def test_console_script_freezes_before_the_command(monkeypatch):
     calls = []
     monkeypatch.setattr(gc, "freeze", lambda: calls.append("freeze"))
     monkeypatch.setattr(cli, "main", lambda: calls.append("main"))
+    monkeypatch.setattr(cli, "ignore_signals", lambda: calls.append("ignore signals"))  # the command is over
     cli.run()
-    assert calls == ["freeze", "main"]
+    assert calls == ["freeze", "main", "ignore signals"]
 
 
 def test_both_entry_points_run_the_console_script():

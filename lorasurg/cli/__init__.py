@@ -12,7 +12,7 @@ from __future__ import annotations
 from . import (  # noqa: F401  (each module registers its command on ``main``)
     convert, export, extract, fuse, inspect, merge, rerank, residualize, validate,
 )
-from ._app import main
+from ._app import ignore_signals, main
 
 __all__ = ["main", "run"]
 
@@ -24,9 +24,13 @@ def run() -> None:
     collector's generations, so the full collections a command triggers (extract allocates tensors by the
     thousand) no longer traverse the ~180,000 start-up objects (0.1 s) each time: 0.3-0.7 s of a 4 s extract of a 600 MB pair.
     Only the console script does this; :func:`main` called from Python (tests, ``CliRunner``) leaves the collector
-    alone.
+    alone. Once the command is over, Ctrl-C and SIGTERM are ignored (:func:`ignore_signals`): the process is
+    exiting, and a signal during the interpreter's shutdown would only print a traceback.
     """
     import gc
 
     gc.freeze()
-    main()
+    try:
+        main()
+    finally:
+        ignore_signals()

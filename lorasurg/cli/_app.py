@@ -3,14 +3,19 @@
 Each command parses its options, calls one function of :mod:`lorasurg.surgery`, and prints the report it
 returns (``render()``, or ``to_dict()`` as JSON with ``--json``). A :class:`~lorasurg.errors.LorasurgError`
 becomes a one-paragraph message on stderr and the error's exit code (2 for bad input or usage, 1 for
-validation findings); no traceback reaches the user for a bad input.
+validation findings); no traceback reaches the user for a bad input. So does a failed ``OSError`` (exit 2), Ctrl-C
+(exit 130) and SIGTERM (exit 143), after the outputs being written were removed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 import sys
-from typing import Any, Callable
+import threading
+import warnings
+from typing import Any, Callable, Iterator, Optional
 
 import click
 
@@ -20,24 +25,77 @@ from ..surgery.report import Report
 
 __all__ = [
     "main", "emit", "json_option", "force_option", "device_option", "dtype_option", "max_memory_option",
-    "for_option", "selection", "progress_bar", "parse_for", "to_option", "gguf_base_option",
+    "for_option", "selection", "progress_bar", "parse_for", "to_option", "gguf_base_option", "ignore_signals",
+    "Terminated",
 ]
 
 F = Callable[..., Any]
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the signal arrives (as SIGINT raises ``KeyboardInterrupt``), so that every cleanup that
+    runs on Ctrl-C (the atomic outputs' removal of what was half-written) runs for it too."""
+
+
 class _Group(click.Group):
-    """Turns lorasurg errors and Ctrl-C into clean messages and exit codes."""
+    """Turns lorasurg errors, failed I/O, Ctrl-C and SIGTERM into one-line messages and exit codes (2, 2, 130, 143);
+    warnings are printed as one ``warning:`` line each."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except LorasurgError as err:
-            click.echo(f"error: {err}", err=True)
-            ctx.exit(err.exit_code)
-        except KeyboardInterrupt:
-            click.echo("interrupted: nothing was written", err=True)
-            ctx.exit(130)
+        with _sigterm_raises(), _warnings_as_lines():
+            try:
+                return super().invoke(ctx)
+            except LorasurgError as err:
+                click.echo(f"error: {err.cli_message()}", err=True)
+                ctx.exit(err.exit_code)
+            except OSError as err:  # the machine's I/O failed (EIO, a file gone meanwhile): not a bug to trace
+                where = f"{err.filename}: " if err.filename is not None else ""
+                click.echo(f"error: {where}{err.strerror or err}", err=True)
+                ctx.exit(2)
+            except KeyboardInterrupt as err:
+                terminated = isinstance(err, Terminated)
+                click.echo(f"{'terminated' if terminated else 'interrupted'}: nothing was written", err=True)
+                ctx.exit(128 + (signal.SIGTERM if terminated else signal.SIGINT))
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """While a command runs, SIGTERM raises :class:`Terminated` (main thread only; the previous handler is put back)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_terminated(signum: int, frame: object) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _warnings_as_lines() -> Iterator[None]:
+    """While a command runs, a warning is printed as ``warning: MESSAGE`` on stderr (not Python's two lines with the
+    file and the source line)."""
+    previous = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        click.echo(f"warning: {message}", err=True)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
+
+
+def ignore_signals() -> None:
+    """Ignore Ctrl-C and SIGTERM from now on: the command is over, and one arriving while the interpreter shuts down
+    (atexit callbacks) could only print a traceback."""
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, signal.SIG_IGN)
 
 
 def json_option(f: F) -> F:
@@ -86,8 +144,9 @@ class _SizeType(click.ParamType):
         return WholeProcess(str(value))
 
 
-def max_memory_option(f: F) -> F:
-    """``--max-memory SIZE``: the memory budget (see :mod:`lorasurg.surgery.budget`).
+def max_memory_option(f: Optional[F] = None, *, help: Optional[str] = None) -> Any:
+    """``--max-memory SIZE``: the memory budget (see :mod:`lorasurg.surgery.budget`); ``help`` replaces the text
+    where a command uses the budget differently (``@max_memory_option(help=...)``).
 
     The value is a :class:`~lorasurg.surgery.budget.WholeProcess` (or None for the default); a command passes it
     on unchanged as its surgery function's ``max_memory=``, which resolves it with
@@ -95,16 +154,21 @@ def max_memory_option(f: F) -> F:
     """
     from ..surgery.budget import DEFAULT_MAX_MEMORY
 
+    if f is None:
+        return lambda g: max_memory_option(g, help=help)
+    text = help or (
+        "Peak memory of the whole process, Python and torch included (they take about 0.25 GB of it): a tensor whose "
+        "work fits in the rest is processed in memory from one read, a larger one is streamed from disk in row "
+        "blocks."
+    )
     return click.option(
         "--max-memory",
         "max_memory",
         type=_SizeType(),
         default=None,
         metavar="SIZE",
-        help="Peak memory of the whole process, Python and torch included (they take about 0.25 GB of it): a "
-             "tensor whose work fits in the rest is processed in memory from one read, a larger one is streamed "
-             "from disk in row blocks. SIZE: 500MB, 2GB, 1.5GiB, a number of bytes, or N% (a share of the memory "
-             f"available at start, for the tensors). Default: {DEFAULT_MAX_MEMORY} of the memory available at start.",
+        help=f"{text} SIZE: 500MB, 2GB, 1.5GiB, a number of bytes, or N% (a share of the memory available at start, "
+             f"for the tensors). Default: {DEFAULT_MAX_MEMORY} of the memory available at start.",
     )(f)
 
 
@@ -118,29 +182,36 @@ def parse_for(ctx: click.Context, param: click.Parameter, value: str) -> tuple[s
         raise click.BadParameter(str(err), ctx=ctx, param=param) from err
 
 
-def for_option(f: F) -> F:
-    """``--for peft|vllm|llama.cpp|all`` (comma lists allowed) -> parameter ``consumers``: a tuple of names.
+def for_option(f: Optional[F] = None, *, help: Optional[str] = None) -> Any:
+    """``--for peft|vllm|llama.cpp|all`` (comma lists allowed) -> parameter ``consumers``: a tuple of names; ``help``
+    replaces the text where a command treats what a consumer cannot carry differently (``@for_option(help=...)``).
 
     A command that writes an adapter passes it to :func:`lorasurg.consumers.prepare_for` (or to a surgery
     function that does) and puts the returned report's ``render()``/``to_dict()`` into its own.
     """
+    if f is None:
+        return lambda g: for_option(g, help=help)
     return click.option(
         "--for", "consumers", default="peft", show_default=True, metavar="CONSUMERS", callback=parse_for,
-        help="Who will load the adapter: peft, vllm, llama.cpp or all (comma-separated for several). The output is "
-             "written so that each computes PEFT's per-module delta; what one cannot carry is left out and listed.",
+        help=help or "Who will load the adapter: peft, vllm, llama.cpp or all (comma-separated for several). The "
+                     "output is written so that each computes PEFT's per-module delta; what one cannot carry is left "
+                     "out and listed.",
     )(f)
 
 
-def to_option(f: F) -> F:
+def to_option(f: Optional[F] = None, *, help: Optional[str] = None) -> Any:
     """``--to peft|gguf`` -> parameter ``to``, with ``--outtype`` -> ``outtype`` (see
-    :mod:`lorasurg.surgery.export.output`)."""
+    :mod:`lorasurg.surgery.export.output`); ``help`` replaces ``--to``'s text where a command treats what llama.cpp
+    cannot carry differently (``@to_option(help=...)``)."""
+    if f is None:
+        return lambda g: to_option(g, help=help)
     f = click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default="f32", show_default=True,
                      help="With --to gguf: the tensor type of the GGUF file (q8_0 writes rows that are not a multiple "
                           "of 32 as f16, as llama.cpp's converter does).")(f)
     return click.option(
         "--to", "to", type=click.Choice(["peft", "gguf"]), default="peft", show_default=True,
-        help="Output format: a PEFT adapter directory, or gguf: a llama.cpp GGUF LoRA file at -o (written for "
-             "llama.cpp: what it cannot carry is left out and listed).",
+        help=help or "Output format: a PEFT adapter directory, or gguf: a llama.cpp GGUF LoRA file at -o (written "
+                     "for llama.cpp: what it cannot carry is left out and listed).",
     )(f)
 
 

@@ -29,8 +29,9 @@ def convert_command(trained, initial, output, r, consumers, to, outtype, base, f
 
     \b
     Examples:
-      lorasurg convert out/pissa-trained --initial out/pissa/adapter -o out/pissa-lora
-      lorasurg convert out/pissa-trained --initial out/pissa/adapter --r 8 --for all -o out/pissa-lora-served
+      lorasurg convert fixtures/tiny-llama/pissa/trained --initial fixtures/tiny-llama/pissa/adapter -o out/pissa-lora
+      lorasurg convert fixtures/tiny-llama/pissa/trained --initial fixtures/tiny-llama/pissa/adapter --r 4 --for all \
+          -o out/pissa-lora-served
     """
     from ..surgery.convert import convert_to_dir
 

@@ -27,9 +27,14 @@ def fuse_command(base, adapter, output, dtype, device, max_memory, drop_unfusabl
     layer_replication (the replicated layers written out and renumbered, num_hidden_layers updated). Transformers
     loads the result with from_pretrained.
 
+    Mixtures of experts and multimodal models: adapters in every layout PEFT loads on transformers 5 (the model's
+    names, per-expert LoRA, target_parameters on fused 3-D experts), merged into BASE's own keys (per-expert keys,
+    gpt-oss's fused tensors, renamed towers). A module or expert BASE has no place for is refused, named.
+
     \b
     Example:
       lorasurg fuse fixtures/tiny-llama/base out/llama-r8 -o out/llama-fused
+      lorasurg fuse out/gpt-oss-pissa/model out/gpt-oss-pissa/adapter -o out/gpt-oss-fused
     """
     from ..surgery.fuse import fuse
 

@@ -19,7 +19,7 @@ def _weights(text):
 
 
 @main.command("merge")
-@click.argument("adapters", nargs=-1, required=True, metavar="A B [C ...]")
+@click.argument("adapters", nargs=-1, required=True, metavar="A [B ...]")
 @click.option("-o", "--output", type=click.Path(file_okay=False), default=None,
               help="Adapter directory to write. Default: ./<A>+<B>...-<method> (printed).")
 @click.option("--weights", default=None, metavar="W1,W2,...",
@@ -34,7 +34,9 @@ def _weights(text):
               help="Fraction of entries each adapter keeps, in (0, 1]: ties, dare_*, magnitude_prune* need it.")
 @click.option("--majority-sign", type=click.Choice(["total", "frequency"]), default=None,
               help="How ties and dare_ties elect the sign of an entry. Default: total.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the dare methods' random drops.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the dare methods' random drops; the other methods draw nothing, and their report's seed "
+                   "is null.")
 @for_option
 @to_option
 @gguf_base_option
@@ -42,7 +44,9 @@ def _weights(text):
 @json_option
 def merge_command(adapters, output, weights, method, r, density, majority_sign, seed, consumers, to, outtype, base,
                   force, as_json) -> None:
-    """Merge adapters A B [C ...] into one, offline, from the adapter files alone (no base model).
+    """Merge adapters A B [C ...] into one, offline, from the adapter files alone (no base model). One adapter is
+    taken too, as PEFT's add_weighted_adapter takes it: --weights W scales its delta (default 1: the same delta at
+    scale 1, re-expressed by the method).
 
     Each input is read at its own scale (alpha/r or alpha/sqrt(r), rank and alpha patterns applied); a module
     missing from an input counts as zero there; lora_B.bias deltas add with the same weights. The result has

@@ -20,18 +20,29 @@ from ._app import (
               help="lora_alpha; default R (scale 1).")
 @click.option("--rslora", "use_rslora", is_flag=True, help="Scale alpha/sqrt(r) instead of alpha/r.")
 @click.option("--target-modules", multiple=True, metavar="NAME",
-              help="Layers to factor (names or suffixes, repeatable or comma-separated; one value with regex "
-                   "characters is a regex). Default: every linear layer except the output head (all-linear).")
+              help="Layers to factor, by the model's names (names or suffixes, repeatable or comma-separated; one value "
+                   "with regex characters is a regex); experts by their checkpoint names, or a fused 3-D expert tensor "
+                   "(gpt-oss gate_up_proj) by its name. Default: every linear layer and expert except the output head "
+                   "(all-linear).")
 @click.option("--exclude-modules", multiple=True, metavar="NAME", help="Leave these modules out. Same syntax.")
 @click.option("-o", "--output", type=click.Path(file_okay=False), default=None,
               help="Directory to write (model/, adapter/, README.md). Default: ./<BASE name>-<init>-r<R>.")
 @dtype_option
 @device_option
-@max_memory_option
+@max_memory_option(help=(
+    "Peak memory of the whole process, Python and torch included (they take about 0.25 GB of it): it bounds the "
+    "tensors held at once besides the adapter being built. The SVD/QR needs a target weight whole: a target whose "
+    "working set does not fit is refused before anything is written, naming it, its working set and the smallest "
+    "workable budget; other tensors larger than the budget are copied in row blocks, byte for byte."))
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of pissa_niter_N's random sketches (and of embedding inits).")
-@for_option
-@to_option
+@for_option(help=(
+    "Who will load OUT/adapter: peft, vllm, llama.cpp or all (comma-separated for several). Lossless only: the scale "
+    "is rewritten (factors rescaled, or zero-padded to one rank for all); a consumer that cannot carry the whole "
+    "initial adapter is refused before any work, naming the modules to --exclude-modules."))
+@to_option(help=(
+    "Output format of the initial adapter: a PEFT directory (OUT/adapter), or gguf: a llama.cpp GGUF LoRA file "
+    "(OUT/adapter.gguf), written losslessly as for --for llama.cpp (what it cannot carry is refused before any work)."))
 @force_option
 @json_option
 def residualize_command(base, init, r, alpha, use_rslora, target_modules, exclude_modules, output, dtype, device,

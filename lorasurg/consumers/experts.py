@@ -40,7 +40,7 @@ from __future__ import annotations
 from typing import Optional
 
 __all__ = ["PEFT_MOE_SOURCE", "CONVERTED_NAMES", "peft_conversion_pattern", "peft_converts_experts",
-           "PARAM_WRAPPER_REFUSES"]
+           "PARAM_WRAPPER_REFUSES", "peft_renames_adapter_keys"]
 
 PEFT_MOE_SOURCE = "peft 0.21.2, peft/utils/transformers_weight_conversion.py (_convert_peft_config_moe)"
 
@@ -71,3 +71,20 @@ def peft_conversion_pattern(model_type: Optional[str]) -> Optional[str]:
 def peft_converts_experts(model_type: Optional[str]) -> bool:
     """Whether PEFT 0.21.2 converts a per-expert adapter of ``model_type`` to the fused parameters on load."""
     return peft_conversion_pattern(model_type) in CONVERTED_NAMES
+
+
+def peft_renames_adapter_keys(model_type: Optional[str]) -> bool:
+    """Whether PEFT 0.21.2 renames a loaded adapter's LoRA keys by transformers' conversion rules for ``model_type``
+    (``convert_peft_adapter_state_dict_for_transformers``: for every type with a checkpoint conversion mapping, e.g.
+    Llava's ``language_model.`` -> ``model.language_model.``, Mixtral's ``block_sparse_moe`` -> ``mlp``), so that
+    LoRA keys under the checkpoint's module names load too. Types without one (Qwen2-VL) load only the model's names.
+    Saved copies (``modules_to_save``) are never renamed. Measured exception: where the model's name ends with the
+    checkpoint's (Llava's ``vision_tower.`` -> ``model.vision_tower.``), PEFT takes the key as renamed already, undoes
+    the rename and reports those keys missing; a checkpoint-named adapter is still meant for those modules."""
+    if not model_type:
+        return False
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    except ImportError:  # transformers 4.x: the checkpoint's names are the model's
+        return False
+    return get_checkpoint_conversion_mapping(model_type) is not None

@@ -100,6 +100,11 @@ class ForReport:
         """Sum of the known shares of what was left out."""
         return sum(x.share or 0.0 for x in self.left_out)
 
+    @property
+    def left_out_modules(self) -> set[str]:
+        """The LoRA modules left out whole (not written at all), for whichever named consumer."""
+        return {x.name for x in self.left_out if x.feature in _MODULE_FEATURES}
+
     def left_out_for(self, consumer: str) -> list[LeftOut]:
         """What ``consumer`` cannot carry."""
         return [x for x in self.left_out if consumer in x.consumers]

@@ -18,6 +18,9 @@ r_u, in)``) and ``B = blockdiag(B_gate, B_up)`` (``(I_g + I_u, r_g + r_u)``), so
 (:func:`stack_parts`; :func:`unstack_parts` reads the parts back from such block-diagonal factors). This is how PEFT
 converts per-expert ``gate_proj``/``up_proj`` adapters for transformers 5 (``PeftConcatenate``), and why the fused
 rank is the sum of the parts' ranks.
+
+:func:`merged_experts` adds the deltas of a run of experts to those experts' weights (``fuse`` of a 3-D expert tensor
+a checkpoint stores whole, gpt-oss's, in blocks of experts).
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["join_experts", "split_experts", "stack_parts", "unstack_parts", "expert_deltas"]
+from .factors import compute_dtype
+
+__all__ = ["join_experts", "split_experts", "stack_parts", "unstack_parts", "expert_deltas", "merged_experts"]
 
 
 def join_experts(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
@@ -95,3 +100,20 @@ def expert_deltas(A: Tensor, B: Tensor, scale: float, transposed: bool = False) 
     """``scale * B_e @ A_e`` for every expert: ``(E, out, in)``, or ``(E, in, out)`` when ``transposed``."""
     delta = torch.bmm(B, A) * scale  # (E, out, r) @ (E, r, in) -> (E, out, in)
     return delta.transpose(1, 2) if transposed else delta
+
+
+def merged_experts(A: Tensor, B: Tensor, scale: float, weight: Tensor, start: int = 0,
+                   transposed: bool = False) -> Tensor:
+    """Experts ``[start, start + n)`` of a 3-D expert weight with their LoRA merged in.
+
+    ``weight[i] + scale * B_e @ A_e`` for ``e = start + i`` (``+ (scale * B_e @ A_e).T`` when ``transposed``:
+    ``weight`` is ``(n, in, out)``), computed in float32 (float64 stays float64), cast to ``weight``'s dtype.
+
+    Args:
+        A: ``(E, r, in)``; B: ``(E, out, r)``: every expert's factors.
+        weight: ``(n, out, in)``, or ``(n, in, out)`` when ``transposed``: the stored rows of experts ``start..``.
+    """
+    n = weight.shape[0]
+    work = compute_dtype(weight, A)
+    delta = expert_deltas(A[start:start + n].to(work), B[start:start + n].to(work), scale, transposed)  # like weight
+    return (weight.to(work) + delta).to(weight.dtype)

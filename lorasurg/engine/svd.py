@@ -263,34 +263,35 @@ def frobenius_sq(matrix: Tensor) -> float:
 def split_factors(U: Tensor, S: Tensor, Vh: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """Split a truncated SVD into LoRA factors with ``scale * B @ A == U @ diag(S) @ Vh``.
 
-    Balanced split (the one PEFT's PiSSA uses): with ``s = sqrt(S / scale)``,
+    Balanced split (the one PEFT's PiSSA uses): with ``s = sqrt(S / |scale|)``,
 
-        A = diag(s) @ Vh    (r, in)
-        B = U @ diag(s)     (out, r)
+        A = diag(s) @ Vh                  (r, in)
+        B = sign(scale) * U @ diag(s)     (out, r)
 
-    so A and B carry the same singular values, ``sqrt(S / scale)``.
+    so A and B carry the same singular values, ``sqrt(S / |scale|)``. A negative scale (a negative ``lora_alpha``,
+    which PEFT accepts: the adapter's delta is subtracted) flips the sign of ``B``.
 
     Args:
         U: ``(out, r)``; S: ``(r,)``, non-negative; Vh: ``(r, in)``.
-        scale: the LoRA scale ``alpha / r`` (or ``alpha / sqrt(r)``), > 0.
+        scale: the LoRA scale ``alpha / r`` (or ``alpha / sqrt(r)``), finite and not 0.
 
     Returns:
         ``(A, B)`` in the compute dtype of the inputs.
 
     Raises:
-        ValueError: ``scale <= 0`` or the shapes do not chain.
+        ValueError: ``scale`` is 0 or not finite, or the shapes do not chain.
     """
-    if not scale > 0:
-        raise ValueError(f"split_factors needs a positive LoRA scale, got {scale}")
+    if scale == 0 or not math.isfinite(scale):
+        raise ValueError(f"split_factors needs a finite, non-zero LoRA scale, got {scale}")
     r = S.shape[0]
     if U.dim() != 2 or Vh.dim() != 2 or U.shape[1] != r or Vh.shape[0] != r:
         raise ValueError(
             f"split_factors needs U (out, r), S (r,), Vh (r, in); got {tuple(U.shape)}, {tuple(S.shape)}, {tuple(Vh.shape)}"
         )
     work = compute_dtype(U, S, Vh)
-    root = torch.sqrt(S.to(work) / scale)  # (r,)
+    root = torch.sqrt(S.to(work) / abs(scale))  # (r,)
     A = root[:, None] * Vh.to(work)  # (r, 1) * (r, in) -> (r, in)
-    B = U.to(work) * root[None, :]  # (out, r) * (1, r) -> (out, r)
+    B = U.to(work) * (root if scale > 0 else -root)[None, :]  # (out, r) * (1, r) -> (out, r)
     return A.contiguous(), B.contiguous()
 
 

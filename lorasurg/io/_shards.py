@@ -21,7 +21,7 @@ from typing import Optional, Protocol
 import torch
 
 from ..errors import InputError
-from ._dtypes import dtype_of_code
+from ._dtypes import DTYPE_OF_CODE, dtype_of_code
 
 __all__ = ["TensorEntry", "ShardReader", "SafetensorsShard", "BinShard", "RowReader", "open_shard"]
 
@@ -168,7 +168,8 @@ class RowReader:
 
 
 def _diagnose_safetensors(path: Path) -> str:
-    """Say in words what is wrong with a safetensors file that ``safe_open`` refused."""
+    """Say in words what is wrong with a safetensors file that ``safe_open`` refused, naming the tensor when one
+    entry of the header is at fault."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         prefix = f.read(8)
@@ -182,15 +183,55 @@ def _diagnose_safetensors(path: Path) -> str:
         raw = f.read(header_len)
     try:
         header = json.loads(raw)
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    except (ValueError, KeyError, TypeError, IndexError):
-        return "its JSON header does not parse"
-    expected = 8 + header_len + end
-    if size < expected:
-        return f"its header describes {expected} bytes but the file has only {size} bytes"
-    if size > expected:
-        return f"its header describes {expected} bytes but the file has {size} bytes"
+    except ValueError:  # UnicodeDecodeError included
+        return "its header is not valid JSON"
+    if not isinstance(header, dict):
+        kind = {list: "array", str: "string", type(None): "null", bool: "boolean"}.get(type(header), "number")
+        return (f"its header is a JSON {kind} ({raw[:40].decode('utf-8', 'replace').strip()!r}), not an object of "
+                "tensor entries")
+    spans = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
+                return f"its __metadata__ is {json.dumps(entry)[:60]}, not an object of strings"
+            continue
+        problem = _entry_problem(entry)
+        if problem:
+            return f"tensor {name!r}: {problem}"
+        spans.append((entry["data_offsets"][0], entry["data_offsets"][1], name))
+    at, previous = 0, None
+    for begin, stop, name in sorted(spans):
+        if begin != at:
+            where = f"the previous tensor {previous!r} ends" if previous else "the data starts"
+            return f"tensor {name!r} starts at data byte {begin} but {where} at byte {at} (overlap or gap)"
+        at, previous = stop, name
+    expected = 8 + header_len + at
+    if size != expected:
+        only = "only " if size < expected else ""
+        return f"its header describes {expected} bytes but the file has {only}{size} bytes"
     return "its header is inconsistent"
+
+
+def _entry_problem(entry: object) -> Optional[str]:
+    """What is wrong with one tensor's header entry ``{"dtype", "shape", "data_offsets"}``, or None."""
+    if not isinstance(entry, dict):
+        return f"its entry is {json.dumps(entry)[:60]}, not an object with dtype, shape and data_offsets"
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in DTYPE_OF_CODE:
+        return f"dtype {dtype!r} is not a safetensors dtype lorasurg reads ({', '.join(sorted(DTYPE_OF_CODE))})"
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        return f"shape {shape!r} is not a list of non-negative integers"
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+        return f"data_offsets {offsets!r} are not two non-negative integers"
+    nbytes = math.prod(shape) * DTYPE_OF_CODE[dtype].itemsize
+    if offsets[1] - offsets[0] != nbytes:
+        return (f"shape {shape} in {dtype} takes {nbytes} bytes but its data_offsets {offsets} span "
+                f"{offsets[1] - offsets[0]}")
+    return None
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 class BinShard:

@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Collection, Mapping, Optional, Sequence, Union
 
-from safetensors.torch import save_file
 from torch import Tensor
 
 from ..config import CONFIG_NAME, LoraConfig
@@ -46,7 +45,8 @@ from ..modules import ModuleInfo
 from ..targeting import ALL_LINEAR, anchored_pattern_key, rank_alpha, select_modules, without_parameters
 from ._shards import open_shard
 from .hub import resolve_source
-from .writer import atomic_output_dir
+from .values import nonfinite_findings
+from .writer import atomic_output_dir, write_file
 
 __all__ = [
     "CONFIG_NAME",
@@ -213,16 +213,19 @@ class Adapter:
 
         Args:
             path_or_repo: a directory with ``adapter_config.json`` and ``adapter_model.safetensors``
-                (or ``adapter_model.bin``, read with ``torch.load(weights_only=True)``), or a hub repo id.
+                (or ``adapter_model.bin``, read with ``torch.load(weights_only=True)``), that directory's
+                ``adapter_config.json``, or a hub repo id.
             revision: hub revision, for a repo id.
             strict: raise when the tensors do not match the config (see :meth:`problems`); with False the
                 adapter is returned as stored and the caller inspects ``problems()``.
 
         Raises:
             InputError: missing files, unreadable weights, keys that are not PEFT's, or (strict) tensors that
-                contradict the config — every problem listed.
+                contradict the config or hold NaN/inf — every problem listed.
         """
         directory = resolve_source(path_or_repo, revision, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, BIN_WEIGHTS_NAME])
+        if directory.name == CONFIG_NAME and directory.is_file():  # DIR/adapter_config.json stands for DIR
+            directory = directory.parent
         config_path = directory / CONFIG_NAME
         if not config_path.is_file():
             raise InputError(f"{directory} has no {CONFIG_NAME}; is this a PEFT adapter directory?")
@@ -234,7 +237,8 @@ class Adapter:
             if found:
                 listing = "\n  - ".join(found)
                 raise InputError(
-                    f"adapter at {directory} does not match its {CONFIG_NAME}:\n  - {listing}\n"
+                    f"adapter at {directory} cannot be used as it is (its tensors contradict its {CONFIG_NAME} or "
+                    f"hold NaN/inf):\n  - {listing}\n"
                     "Fix the config or the tensors (lorasurg validate shows the same list)."
                 )
         return adapter
@@ -310,7 +314,7 @@ class Adapter:
         rank_pattern applied (``rank-mismatch``);
         ``lora_B.bias`` present exactly when ``lora_bias`` is set, never on an embedding, shaped ``(out,)``
         (``bias-*``); DoRA magnitude present exactly when ``use_dora`` is set, one entry per output
-        (``magnitude-*``).
+        (``magnitude-*``); and every tensor holds finite values (``value-nonfinite``, :func:`nonfinite_findings`).
 
         Args:
             selected: the modules the config selects in the model, when the caller knows the model; by default
@@ -334,7 +338,7 @@ class Adapter:
                 ))
             found.extend(self._bias_findings(name, mod))
             found.extend(self._magnitude_findings(name, mod))
-        return found
+        return found + nonfinite_findings(self.to_state_dict())
 
     def _bias_findings(self, name: str, mod: AdapterModule) -> list[Finding]:
         lora_bias, out, found = self.config.lora_bias, mod.B.shape[0], []
@@ -437,10 +441,9 @@ class Adapter:
         Raises:
             OutputExistsError: ``directory`` exists, is not empty, and ``force`` is false.
         """
-        state = {k: v.detach().contiguous() for k, v in self.to_state_dict().items()}
         with atomic_output_dir(directory, force) as tmp:
             self.config.save_pretrained(tmp)
-            save_file(state, str(tmp / WEIGHTS_NAME), metadata={**(metadata or {}), "format": "pt"})
+            write_file(tmp, self.to_state_dict(), WEIGHTS_NAME.removesuffix(".safetensors"), metadata)
         return Path(directory)
 
     @staticmethod

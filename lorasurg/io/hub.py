@@ -31,6 +31,10 @@ def resolve_source(
 ) -> Path:
     """The local directory holding ``path_or_repo``: the path itself, or the hub snapshot of a repo id.
 
+    A repo id whose first part is an existing local directory (``out/nope`` with ``out/`` here) is taken as a
+    path first: only the local hub cache is asked, never the network; so is every repo id with ``HF_HUB_OFFLINE``.
+    Each failure says first that the path does not exist.
+
     Raises:
         InputError: the path does not exist and is not a repo id, or the repo cannot be fetched (offline and
             not cached, unknown repo, no network).
@@ -41,19 +45,27 @@ def resolve_source(
         return path
     if not looks_like_repo_id(text):
         raise InputError(f"{text} does not exist (neither a local path nor a hub repo id)")
+    parent = path.parent if path.parent != Path(".") and path.parent.is_dir() else None
+    offline = _offline()
     try:
         from huggingface_hub import snapshot_download
 
-        local = snapshot_download(repo_id=text, revision=revision, allow_patterns=list(allow_patterns or []) or None)
+        local = snapshot_download(repo_id=text, revision=revision, allow_patterns=list(allow_patterns or []) or None,
+                                  local_files_only=offline or parent is not None)
     except Exception as err:  # huggingface_hub raises many types: offline, not found, auth, network
+        if parent is not None:
+            raise InputError(f"{text} does not exist: {parent} has no {path.name} (and no hub repo {text} is in the "
+                             "local cache); check the path") from err
         hint = (
-            "HF_HUB_OFFLINE=1 is set and the repo is not in the local cache: download it first or unset HF_HUB_OFFLINE"
-            if _offline()
-            else "check the repo id, the revision, your network and your token (huggingface-cli login)"
+            "HF_HUB_OFFLINE=1 is set and the repo is not in the local cache: check the path, or download the repo "
+            "first or unset HF_HUB_OFFLINE"
+            if offline
+            else "check the path, or the repo id, the revision, your network and your token (huggingface-cli login)"
         )
+        why = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise InputError(
-            f"{text} is not a local path and could not be fetched from the Hugging Face Hub "
-            f"({type(err).__name__}: {err}); {hint}"
+            f"{text} does not exist as a local path, and as a hub repo id it could not be fetched "
+            f"({type(err).__name__}{': ' + why if why else ''}); {hint}"
         ) from err
     return Path(local)
 

@@ -48,9 +48,11 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequenc
 import torch
 from torch import Tensor
 
+from ..errors import InputError
 from ._memory import return_freed_memory
 from .checkpoint import Checkpoint
-from .writer import SIDE_FILES, ShardedWriter, copy_side_files
+from .values import all_finite, describe_nonfinite
+from .writer import SIDE_FILES, ShardedWriter, copy_side_files, ensure_room
 
 __all__ = [
     "TensorSource", "RowBlocks", "Edit", "RewriteResult", "rewrite_checkpoint", "WEIGHT_FILE_PATTERNS", "DTYPE_NAMES",
@@ -200,7 +202,10 @@ def rewrite_checkpoint(
 
     Raises:
         OutputExistsError: ``directory`` already holds weight files of that name.
+        OutputError: the filesystem has no room for the weights (one shard's spool included), or a shard would pass
+            the file-size limit (checked before anything is written, :func:`~lorasurg.io.writer.ensure_room`).
         UnsupportedError: a dtype safetensors cannot store.
+        InputError: a tensor the rewrite made (an edit or a cast) holds NaN or inf (:func:`_check_finite` says why).
         and whatever ``edit`` raises (nothing is cleaned up here: use an atomic output directory).
     """
     out = Path(directory)
@@ -208,6 +213,12 @@ def rewrite_checkpoint(
     source = TensorSource(base, dtype)
     result = RewriteResult()
     names = base.names()
+    shards: dict[Path, int] = {}
+    for name in names:
+        nbytes = math.prod(base.shape(name)) * torch.empty((), dtype=source.output_dtype(name)).element_size()
+        shards[base.shard_of(name)] = shards.get(base.shard_of(name), 0) + nbytes
+    largest = max(shards.values(), default=0)
+    ensure_room(out, sum(shards.values()) + largest, largest, "the model's weights")  # + the spool of one shard
     total = sum(math.prod(base.shape(n)) for n in names)
     done = 0
     writer = ShardedWriter(out, max_shard_size=2**62, prefix=_output_prefix(base.files))
@@ -219,6 +230,7 @@ def rewrite_checkpoint(
                 writer.end_shard()  # BASE's shard boundaries
             current = shard
             replacement = edit(name, source)
+            made = replacement is not None or source.output_dtype(name) != base.dtype(name)  # computed or cast
             if replacement is None:
                 rows = (copy_blocks or {}).get(name)
                 copy = source.read(name) if rows is None else RowBlocks(
@@ -229,9 +241,12 @@ def rewrite_checkpoint(
                 result.edited += 1
             for key, tensor in replacement:
                 if isinstance(tensor, RowBlocks):
-                    writer.add_rows(key, tensor.shape, tensor.dtype, tensor.blocks)
+                    blocks = _finite_blocks(key, tensor.blocks, base, source) if made else tensor.blocks
+                    writer.add_rows(key, tensor.shape, tensor.dtype, blocks)
                     result.bytes += tensor.nbytes
                 else:
+                    if made:
+                        _check_finite(key, tensor, base, source)
                     writer.add(key, tensor)
                     result.bytes += tensor.numel() * tensor.element_size()
                 result.written += 1
@@ -246,6 +261,46 @@ def rewrite_checkpoint(
     result.config_updates = {k: v for k, v in updates.items() if (base.config or {}).get(k, object()) != v}
     result.side_files, result.left_out = _copy_side_files(base, out, result.config_updates)
     return result
+
+
+def _check_finite(key: str, tensor: Tensor, base: Checkpoint, source: TensorSource) -> None:
+    """Refuse to write a tensor the rewrite made (an edit, or a cast to ``dtype``) that holds NaN or inf, saying where
+    they come from: BASE's own tensor, the cast, or the edit's arithmetic.
+
+    Raises:
+        InputError: naming the tensor, the counts and what to do.
+    """
+    if all_finite(tensor):
+        return
+    found = describe_nonfinite(tensor)
+    if key in base and not _stored_finite(base, key):
+        raise InputError(f"{key} in BASE ({base.path}) holds NaN or inf, so the rewritten tensor would hold {found}: "
+                         "nothing was written. Fix the checkpoint (or leave this module out)")
+    if key in base and source.output_dtype(key) != base.dtype(key):
+        dtype = str(source.output_dtype(key)).removeprefix("torch.")
+        raise InputError(f"{key} would hold {found} once cast to {dtype}: its values exceed that dtype's range. "
+                         "Nothing was written; keep the stored dtype (--dtype auto) or use bfloat16")
+    raise InputError(f"{key} would hold {found} (as {str(tensor.dtype).removeprefix('torch.')}): the arithmetic "
+                     "overflowed. Nothing was written; check the inputs' values (lorasurg validate), or write a "
+                     "wider --dtype")
+
+
+def _finite_blocks(key: str, blocks: Iterable[Tensor], base: Checkpoint, source: TensorSource) -> Iterator[Tensor]:
+    """``blocks``, each checked as :func:`_check_finite` checks a whole tensor."""
+    for block in blocks:
+        _check_finite(key, block, base, source)
+        yield block
+
+
+def _stored_finite(base: Checkpoint, name: str) -> bool:
+    """Whether BASE's stored ``name`` holds only finite values (read in row blocks of about 64 MB)."""
+    shape = tuple(base.shape(name))
+    row = math.prod(shape[1:]) * torch.empty((), dtype=base.dtype(name)).element_size() if shape else 1
+    pairs = TensorSource(base, None).row_blocks(name, max(1, (64 << 20) // max(row, 1)))
+    try:
+        return all(all_finite(block) for _, block in pairs)
+    finally:
+        pairs.close()
 
 
 def _blocks_only(pairs: Iterator[tuple[int, Tensor]]) -> Iterator[Tensor]:

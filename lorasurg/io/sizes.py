@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from typing import Optional
 
-__all__ = ["UNITS", "split_size"]
+__all__ = ["UNITS", "split_size", "format_size"]
 
 #: Bytes per unit, by the unit's lower-case spelling.
 UNITS = {
@@ -33,3 +33,12 @@ def split_size(text: str) -> Optional[tuple[float, str]]:
     if found is None or (found.group(2) != "%" and found.group(2).lower() not in UNITS):
         return None
     return float(found.group(1)), found.group(2)
+
+
+def format_size(n: float) -> str:
+    """Bytes in the units the grammar above reads back, powers of 1000: ``'412 MB'``, ``'1.5 GB'``."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" or abs(n) >= 100 else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"

@@ -1,8 +1,10 @@
 """Writing checkpoints: atomic, non-clobbering output directories and a streaming sharded safetensors writer.
 
 Every directory lorasurg writes is first built in a temporary sibling directory and moved into place with
-``os.replace`` once complete, so an interrupted run leaves no half-written output, and a directory being
-read (e.g. ``fuse`` writing over its own input with ``--force``) is only replaced after the last read.
+``os.replace`` once complete (:mod:`.atomic`, re-exported here: :func:`atomic_output_dir`,
+:func:`atomic_output_file`, :func:`check_output_dir`), so an interrupted run leaves no half-written output, a
+directory being read (e.g. ``fuse`` writing over its own input with ``--force``) is only replaced after the last
+read, every file gets the umask's mode, and a write that fails says which file and why.
 
 :class:`ShardedWriter` writes the Hugging Face layout: ``model.safetensors`` (one shard), or
 ``model-00001-of-0000N.safetensors`` shards plus ``model.safetensors.index.json`` (written last), each shard
@@ -13,22 +15,23 @@ with ``{"format": "pt"}`` metadata. It holds about one tensor in memory (one row
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import secrets
 import shutil
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterable, Iterator, Mapping, Optional, Sequence, Union
+from typing import BinaryIO, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 
 from ..errors import InputError, OutputExistsError
 from ._dtypes import code_of_dtype
+from .atomic import (
+    atomic_output_dir, atomic_output_file, check_output_dir, check_output_file, check_writable, ensure_room,
+    named_errors,
+)
 from .sizes import UNITS, split_size
 
 __all__ = [
@@ -36,125 +39,18 @@ __all__ = [
     "atomic_output_file",
     "check_output_dir",
     "check_output_file",
+    "check_writable",
+    "ensure_room",
     "parse_size",
     "ShardedWriter",
     "write_checkpoint",
+    "write_file",
     "copy_side_files",
     "SIDE_FILES",
     "DEFAULT_MAX_SHARD_SIZE",
 ]
 
 PathLike = Union[str, os.PathLike]
-
-
-def check_output_dir(path: PathLike, force: bool = False) -> Path:
-    """Refuse an output path that would clobber something, before any work is done.
-
-    A missing path or an empty directory is fine; a non-empty directory needs ``force``; a file is refused.
-
-    Raises:
-        OutputExistsError: ``path`` is a non-empty directory and ``force`` is false.
-        InputError: ``path`` is an existing file.
-    """
-    out = Path(path)
-    if out.is_file():
-        raise InputError(f"output path {out} is a file; give a directory path")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise OutputExistsError(
-            f"output directory {out} exists and is not empty; choose another path or pass --force (force=True) "
-            "to replace it"
-        )
-    return out
-
-
-@contextlib.contextmanager
-def atomic_output_dir(path: PathLike, force: bool = False) -> Iterator[Path]:
-    """Yield a fresh temporary directory; on success it replaces ``path``, on error it is removed.
-
-    The temporary directory is a sibling of ``path`` (same filesystem, so the final move is a rename) and gets
-    the permissions a new directory would get (umask). An existing ``path`` is only removed after the new
-    content is complete, and only with ``force``; if the final move fails, the old content is put back.
-
-    Raises:
-        OutputExistsError / InputError: see :func:`check_output_dir`.
-    """
-    out = check_output_dir(path, force).absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _fresh_dir(out.parent, f".{out.name}.tmp-")
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    try:
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, trash / "old")
-            try:
-                os.replace(tmp, out)
-            except BaseException:
-                os.replace(trash / "old", out)
-                raise
-            finally:
-                shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def check_output_file(path: PathLike, force: bool = False) -> Path:
-    """Refuse an output file path that would clobber something, before any work is done.
-
-    Raises:
-        OutputExistsError: ``path`` exists and ``force`` is false.
-        InputError: ``path`` is a directory.
-    """
-    out = Path(path)
-    if out.is_dir():
-        raise InputError(f"output path {out} is a directory; give a file path")
-    if out.exists() and not force:
-        raise OutputExistsError(f"output file {out} exists; choose another path or pass --force (force=True) to "
-                                "replace it")
-    return out
-
-
-@contextlib.contextmanager
-def atomic_output_file(path: PathLike, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary file path next to ``path``; on success it replaces ``path`` (a rename), on error it is
-    removed, so ``path`` is never half-written and an existing one is only replaced with ``force``.
-
-    Raises:
-        OutputExistsError / InputError: see :func:`check_output_file`.
-    """
-    out = check_output_file(path, force).absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    while True:  # a new file with the permissions the umask gives (mkstemp's are 0o600)
-        tmp = out.parent / f".{out.name}.tmp-{secrets.token_hex(4)}"
-        try:
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            break
-        except FileExistsError:
-            continue
-    try:
-        yield tmp
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _fresh_dir(parent: Path, prefix: str) -> Path:
-    """A new empty directory ``parent/prefix<random>``, with the permissions the umask gives (unlike mkdtemp's
-    0o700, which would make the final output unreadable to others)."""
-    while True:
-        candidate = parent / f"{prefix}{secrets.token_hex(4)}"
-        try:
-            candidate.mkdir()
-            return candidate
-        except FileExistsError:
-            continue
 
 
 # --- sharded safetensors ----------------------------------------------------------------------------------
@@ -307,7 +203,8 @@ class ShardedWriter:
                     raise ValueError(f"row block of {name!r} has dtype {block.dtype} and shape {tuple(block.shape)}; "
                                      f"the tensor is {dtype} {shape}")
                 data = block.detach().to("cpu").contiguous()
-                self._spool.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))  # flat bytes: (block bytes,)
+                with named_errors(self._spool.name):
+                    self._spool.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))  # (block bytes,)
                 written += data.numel()
                 del data, block
             if written != numel:
@@ -353,11 +250,12 @@ class ShardedWriter:
         raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
         raw += b" " * (-len(raw) % 8)
         part = self.directory / f".{self.prefix}-{len(self._parts) + 1:05d}.part"
-        self._spool.flush()
-        with open(part, "wb", buffering=0) as out:
-            out.write(struct.pack("<Q", len(raw)) + raw)
-            for e in order:
-                _copy_range(self._spool.fileno(), out.fileno(), e.offset, e.nbytes)
+        with named_errors(part):
+            self._spool.flush()
+            with open(part, "wb", buffering=0) as out:
+                out.write(struct.pack("<Q", len(raw)) + raw)
+                for e in order:
+                    _copy_range(self._spool.fileno(), out.fileno(), e.offset, e.nbytes)
         self._parts.append(part)
         self._spool.seek(0)
         self._spool.truncate()
@@ -384,7 +282,8 @@ class ShardedWriter:
             }
             index_path = self.directory / f"{self.prefix}.safetensors.index.json"
             tmp = index_path.with_name(f".{index_path.name}.tmp")
-            tmp.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            with named_errors(tmp):
+                tmp.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
             os.replace(tmp, index_path)
             self.files.append(index_path)
         return list(self.files)
@@ -461,6 +360,22 @@ def write_checkpoint(
         copied = copy_side_files(side_files_from, tmp) if side_files_from is not None else []
         names = [f.name for f in writer.files] + copied
     return [Path(path) / name for name in names]
+
+
+def write_file(directory: PathLike, tensors: Mapping[str, torch.Tensor], prefix: str,
+               metadata: Optional[Mapping[str, str]] = None) -> Path:
+    """Write ``tensors`` as one ``{prefix}.safetensors`` in ``directory`` (an atomic output's temporary directory),
+    after checking there is room for it (:func:`ensure_room`: the spool, then the file). Returns the file.
+
+    Raises:
+        OutputError: no room, or the write fails (from :func:`atomic_output_dir`, naming the file).
+    """
+    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    ensure_room(directory, 2 * nbytes, nbytes, f"{prefix}.safetensors")
+    with ShardedWriter(directory, max_shard_size=2**62, prefix=prefix, metadata=metadata) as writer:
+        for name, tensor in tensors.items():
+            writer.add(name, tensor)
+    return writer.files[0]
 
 
 def copy_side_files(src_dir: PathLike, dst_dir: PathLike, names: Sequence[str] = SIDE_FILES) -> list[str]:

@@ -133,7 +133,7 @@ def peft_layout(
     for module, mod in plain.items():
         name = description.model_name(module)
         layout.modules[name] = _renamed(mod, name)
-        if experts and form == "per-expert" and name.rsplit(".", 1)[-1] in converted:
+        if form == "per-expert" and name.rsplit(".", 1)[-1] in converted:  # PEFT converts by name, experts or not
             parameters.append(f"{name}.weight")
             per_module[f"{name}.weight"] = ranks[module]  # PEFT looks a parameter's rank up by its own name
         else:

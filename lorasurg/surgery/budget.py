@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 from ..errors import ConfigError
-from ..io.sizes import UNITS, split_size
+from ..io.sizes import UNITS, format_size, split_size
 
 if TYPE_CHECKING:
     import torch
@@ -87,15 +87,6 @@ def parse_size(value: Size, *, available: Optional[int] = None, what: str = "--m
     if size <= 0:
         raise ConfigError(f"{what} {value!r} must be a positive size; accepted forms: {SIZE_FORMS}")
     return size
-
-
-def format_size(n: float) -> str:
-    """Bytes in the units :func:`parse_size` reads back, powers of 1000: ``'412 MB'``, ``'1.5 GB'``."""
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000:
-            return f"{n:.0f} {unit}" if unit == "B" or abs(n) >= 100 else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
 
 
 def _round_up_size(n: int) -> str:

@@ -47,7 +47,10 @@ from .export.output import WithGguf, check_output, output_consumers, output_path
 from ..targeting import alpha_value, rank_alpha_fields
 from .options import default_output, short_list
 from .provenance import provenance_metadata, read_provenance
-from .report import for_dict, format_bytes, format_count, format_for, format_list, format_table
+from .report import (
+    for_dict, format_bytes, format_count, format_for, format_list, format_table, left_out_mark, written_modules,
+)
+from .sources import refuse_zero_scales
 
 __all__ = ["convert", "convert_to_dir", "ConvertReport", "ConvertedModule"]
 
@@ -92,9 +95,14 @@ class ConvertReport:
             **for_dict(self.for_report),
             "modules": [asdict(m) for m in self.modules],
             "notes": list(self.notes),
-            "totals": {"modules": len(self.modules), "adapter_parameters": self.adapter_parameters,
+            "totals": {"modules": len(self.modules) - len(self._left_out),
+                       "adapter_parameters": self.adapter_parameters,
                        "adapter_bytes": self.adapter_bytes, "energy_kept": self.energy_kept},
         }
+
+    @property
+    def _left_out(self) -> set[str]:
+        return {m.module for m in self.modules} & (self.for_report.left_out_modules if self.for_report else set())
 
     @property
     def energy_kept(self) -> float:
@@ -106,8 +114,9 @@ class ConvertReport:
         how = f"re-ranked to r={self.r} (exact SVD of the stacked factors)" if self.r else "exact (rank 2r)"
         parts = [f"convert: {self.trained} (initial state {self.initial}) -> plain LoRA, {how}"
                  + (" rslora" if self.use_rslora else "") + f"; for={','.join(self.consumers)}"]
-        rows = [(m.module, m.kind, m.trained_rank, f"{m.rank}" + ("*" if m.clamped else ""), f"{m.delta_norm:.4g}",
-                 f"{100 * m.energy_kept:.2f}%") for m in self.modules]
+        rows = [(m.module, m.kind, m.trained_rank,
+                 f"{m.rank}" + ("*" if m.clamped else "") + left_out_mark(m.module, self.for_report),
+                 f"{m.delta_norm:.4g}", f"{100 * m.energy_kept:.2f}%") for m in self.modules]
         table = format_table(rows, ["module", "kind", "trained r", "r", "||dW||", "energy kept"])
         if any(m.clamped for m in self.modules):
             table += "\n* rank clamped to min(2r, out, in), the rank of the module's dW"
@@ -116,7 +125,8 @@ class ConvertReport:
             parts.append(format_list("notes", self.notes))
         if self.consumers != ["peft"]:
             parts.append(format_for(self.for_report))
-        parts.append(f"{len(self.modules)} modules; adapter: {format_count(self.adapter_parameters)} parameters, "
+        parts.append(f"{written_modules([m.module for m in self.modules], self.for_report)}; adapter: "
+                     f"{format_count(self.adapter_parameters)} parameters, "
                      f"{format_bytes(self.adapter_bytes)}; energy of dW kept {100 * self.energy_kept:.2f}%; "
                      f"base model: {self.base_model or 'unknown'}")
         if self.output:
@@ -176,6 +186,8 @@ def convert(trained: AdapterSource, initial: AdapterSource, *, r: Optional[int] 
     report = ConvertReport(trained=os.fspath(trained), initial=os.fspath(initial), r=r, use_rslora=t.config.use_rslora,
                            consumers=list(names))
     _check_pair(t, i, report)
+    if r is not None:
+        refuse_zero_scales(t, report.trained, "convert --r")
     origin = read_provenance(initial).get("base") if os.path.isdir(os.fspath(initial)) else None
     report.base_model = origin or t.config.base_model_name_or_path
     if origin is None:

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Report", "CLAMPED_FOOTNOTE", "format_table", "format_bytes", "format_count", "format_list", "model_summary",
-    "format_for", "for_dict",
+    "format_for", "for_dict", "written_modules", "left_out_mark",
 ]
 
 
@@ -99,6 +99,18 @@ _PART = {"lora_bias": ".lora_B.bias", "dora": ".lora_magnitude_vector"}
 def _item(item: Mapping[str, Any]) -> str:
     name = item["name"]
     return name if name.startswith("config.") else name + _PART.get(item.get("feature"), "")
+
+
+def written_modules(names: Sequence[str], for_report: Optional["ForReport"]) -> str:
+    """``"14 modules (2 more left out for the --for consumers)"``: how many of the report's modules ``names`` the
+    written adapter holds (``--for`` leaves out whole modules a named consumer cannot carry)."""
+    left = len(set(names) & (for_report.left_out_modules if for_report is not None else set()))
+    return f"{len(names) - left} modules" + (f" ({left} more left out for the --for consumers)" if left else "")
+
+
+def left_out_mark(name: str, for_report: Optional["ForReport"]) -> str:
+    """``" (left out)"`` for a module of a report's table that ``--for`` left out of the written adapter, else ``""``."""
+    return " (left out)" if for_report is not None and name in for_report.left_out_modules else ""
 
 
 def for_dict(for_report: Optional["ForReport"]) -> dict[str, Any]:

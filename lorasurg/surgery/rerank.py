@@ -45,8 +45,11 @@ from ..errors import ConfigError, InputError
 from ..io.adapter import Adapter, AdapterModule
 from .export.output import WithGguf, check_output, output_consumers, output_path, write_output
 from .patterns import derive_config, rank_scale_fields
-from .report import CLAMPED_FOOTNOTE, for_dict, format_bytes, format_count, format_for, format_list, format_table
-from .sources import AdapterSource, open_adapter, refuse_grouped, source_name
+from .report import (
+    CLAMPED_FOOTNOTE, for_dict, format_bytes, format_count, format_for, format_list, format_table, left_out_mark,
+    written_modules,
+)
+from .sources import AdapterSource, open_adapter, refuse_grouped, refuse_zero_scales, source_name
 
 __all__ = ["ModuleRerank", "RerankReport", "rerank", "rerank_to_dir", "default_rerank_path"]
 
@@ -99,6 +102,12 @@ class RerankReport:
         return [m.module for m in self.modules if m.new_rank == 0]
 
     @property
+    def written(self) -> list[str]:
+        """The modules the written adapter holds: not given rank 0, not left out for a ``--for`` consumer."""
+        left = self.for_report.left_out_modules if self.for_report is not None else set()
+        return [m.module for m in self.modules if m.new_rank > 0 and m.module not in left]
+
+    @property
     def energy_kept(self) -> float:
         """Share of the adapter's total delta energy kept (modules left out count as lost)."""
         total = sum(m.energy for m in self.modules)
@@ -114,7 +123,7 @@ class RerankReport:
             "dropped": self.dropped,
             "notes": list(self.notes),
             "totals": {
-                "modules": len(self.modules) - len(self.dropped),
+                "modules": len(self.written),
                 "old_parameters": self.old_parameters,
                 "adapter_parameters": self.adapter_parameters,
                 "adapter_bytes": self.adapter_bytes,
@@ -129,7 +138,7 @@ class RerankReport:
         rows = [
             (m.module, m.kind, "x".join(map(str, m.shape)), m.old_rank,
              f"{m.new_rank}" + ("*" if m.clamped else "") + (" (padded)" if m.padded else "")
-             + (" (left out)" if m.new_rank == 0 else ""),
+             + (" (left out)" if m.new_rank == 0 else left_out_mark(m.module, self.for_report)),
              f"{m.scale:.4g}", f"{100 * m.energy_kept:.4f}%", f"{100 * m.rel_error:.3f}%")
             for m in self.modules
         ]
@@ -142,7 +151,8 @@ class RerankReport:
         if self.consumers != ["peft"]:
             parts.append(format_for(self.for_report))
         parts.append(
-            f"{len(self.modules) - len(self.dropped)} modules; parameters {format_count(self.old_parameters)} -> "
+            f"{written_modules([m.module for m in self.modules if m.new_rank > 0], self.for_report)}; parameters "
+            f"{format_count(self.old_parameters)} -> "
             f"{format_count(self.adapter_parameters)} ({format_bytes(self.adapter_bytes)}); energy kept "
             f"{100 * self.energy_kept:.4f}%"
         )
@@ -200,13 +210,14 @@ def rerank(adapter: AdapterSource, *, r: Optional[int] = None, rank_policy: Opti
         ConfigError: neither ``r`` nor ``rank_policy``, ``r < 1``, a policy that does not parse, an unknown
             consumer.
         UnsupportedError: a LoRA on a grouped convolution.
-        InputError: the adapter cannot be read or contradicts its config, the policy keeps no module, or nothing
-            the named consumers can carry is left.
+        InputError: the adapter cannot be read or contradicts its config, a module has scale 0 (``lora_alpha`` 0),
+            the policy keeps no module, or nothing the named consumers can carry is left.
     """
     policy = _check_settings(r, rank_policy)
     names = parse_consumers(consumers)
     source, name = open_adapter(adapter)
     refuse_grouped(source, name, "re-ranked")
+    refuse_zero_scales(source, name, "rerank")
     cfg = source.config
     report = RerankReport(name, r, None if policy is None else str(policy), consumers=list(names))
     report.old_parameters = source.num_parameters()

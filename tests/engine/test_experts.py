@@ -54,3 +54,22 @@ def test_transposed_deltas_are_in_out_per_expert(gen):
     A = torch.randn(2, 1, 3, generator=gen)
     B = torch.randn(2, 4, 1, generator=gen)
     assert torch.equal(expert_deltas(A, B, 2.0, transposed=True), expert_deltas(A, B, 2.0).transpose(1, 2))
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_merged_experts_in_blocks_equal_the_whole_merge(gen, transposed):
+    from tests.conftest import assert_close_ulps
+
+    from lorasurg.engine.experts import merged_experts
+
+    E, r, out_f, in_f = 5, 2, 6, 4
+    A = torch.randn(E, r, in_f, generator=gen)
+    B = torch.randn(E, out_f, r, generator=gen)
+    W = torch.randn(E, *((in_f, out_f) if transposed else (out_f, in_f)), generator=gen)
+    whole = merged_experts(A, B, 0.5, W, transposed=transposed)
+    reference = W.double() + expert_deltas(A.double(), B.double(), 0.5, transposed)
+    assert_close_ulps(whole, reference.float(), 8, magnitude=W.abs() + 1)  # float32 sums of O(1) terms
+    blocks = torch.cat([merged_experts(A, B, 0.5, W[i:i + 2], i, transposed) for i in range(0, E, 2)])
+    assert torch.equal(blocks, whole)  # each expert's arithmetic is the same whatever the block
+    half = merged_experts(A, B, 0.5, W.to(torch.bfloat16), transposed=transposed)
+    assert half.dtype == torch.bfloat16

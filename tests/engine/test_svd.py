@@ -161,10 +161,22 @@ def test_split_factors_reproduces_the_product_balanced(gen):
     torch.testing.assert_close(torch.linalg.vector_norm(B, dim=0), torch.sqrt(S / scale), **tol(torch.float64))
 
 
+def test_split_factors_negative_scale_flips_b(gen):
+    """A negative scale (negative lora_alpha, which PEFT accepts) keeps the product: B takes the sign, A is the
+    positive scale's A."""
+    M = torch.randn(12, 20, generator=gen, dtype=torch.float64)
+    U, S, Vh = truncated_svd(M, 5, method="exact")
+    A, B = split_factors(U, S, Vh, -0.25)
+    A_pos, B_pos = split_factors(U, S, Vh, 0.25)
+    assert torch.equal(A, A_pos) and torch.equal(B, -B_pos)
+    torch.testing.assert_close(-0.25 * B @ A, (U * S) @ Vh, **tol(torch.float64))
+
+
 def test_split_factors_bad_input():
     U, S, Vh = torch.zeros(4, 2), torch.ones(2), torch.zeros(2, 3)
-    with pytest.raises(ValueError, match="positive LoRA scale, got 0"):
-        split_factors(U, S, Vh, 0.0)
+    for scale in (0.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match=f"finite, non-zero LoRA scale, got {scale}"):
+            split_factors(U, S, Vh, scale)
     with pytest.raises(ValueError, match=r"got \(4, 2\), \(3,\), \(2, 3\)"):
         split_factors(U, torch.ones(3), Vh, 1.0)
 

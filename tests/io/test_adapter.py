@@ -171,7 +171,7 @@ def test_interrupted_save_leaves_nothing(tmp_path, gen, monkeypatch):
     def boom(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("lorasurg.io.adapter.save_file", boom)
+    monkeypatch.setattr("lorasurg.io.adapter.write_file", boom)
     with pytest.raises(KeyboardInterrupt):
         adapter.save(tmp_path / "out")
     assert list(tmp_path.iterdir()) == []

@@ -182,7 +182,7 @@ def test_hub_revision_selects_the_snapshot(tmp_path, monkeypatch):
 def test_hub_repo_not_cached_while_offline(tmp_path, monkeypatch):
     save_file({"x": torch.zeros(2)}, tmp_path / "model.safetensors")
     _fake_hub_cache(tmp_path, monkeypatch, tmp_path)
-    with pytest.raises(InputError, match=r"org/other is not a local path.*HF_HUB_OFFLINE"):
+    with pytest.raises(InputError, match=r"org/other does not exist as a local path.*HF_HUB_OFFLINE"):
         Checkpoint.open("org/other")
     with pytest.raises(InputError, match="org/tiny"):
         Checkpoint.open("org/tiny", revision="no-such-branch")
@@ -323,7 +323,7 @@ def _valid_bytes() -> bytes:
         (lambda d: d[:30], r"header is \d+ bytes long but the file has only 30 bytes"),
         (lambda d: d[:5], "fewer than the 8-byte header length"),
         (lambda d: b"\xff" * 8 + d[8:], "not a safetensors file"),
-        (lambda d: d[:8] + b"[" + d[9:], "JSON header does not parse"),
+        (lambda d: d[:8] + b"[" + d[9:], "header is not valid JSON"),
         (lambda d: d + b"extra", r"the file has \d+ bytes"),
     ],
     ids=["truncated-data", "truncated-header", "tiny", "garbage-length", "bad-json", "trailing-bytes"],

@@ -72,6 +72,8 @@ CASES = {
     "lora_bias_with_base_bias": ("qwen2", dict(r=4, target_modules=["q_proj", "k_proj", "v_proj"], lora_bias=True)),
     "qwen2_tied_untouched": ("qwen2", dict(r=4, target_modules="all-linear")),
     "gpt2_conv1d": ("gpt2", dict(r=4, lora_alpha=16, target_modules=["c_attn", "c_fc", "c_proj"])),
+    "negative_alpha": ("llama", dict(r=4, lora_alpha=-8, target_modules=["q_proj", "v_proj", "embed_tokens"],
+                                     alpha_pattern={"v_proj": -3})),
 }
 
 

@@ -38,10 +38,11 @@ def exact_factors(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (root[:, None] * Vh[:keep]).float(), (U[:, :keep] * root).float()
 
 
-def changed_factors(family: str):
+def changed_factors(family: str, root: Path = FIXTURES):
     """Per checkpoint module: exact factors of every changed 2-D weight the description calls linear; per stored
-    3-D expert parameter: an ExpertStack; the other changed tensors as modules_to_save copies."""
-    base, tuned = Checkpoint.open(FIXTURES / family / "base"), Checkpoint.open(FIXTURES / family / "tuned")
+    3-D expert parameter: an ExpertStack; the other changed tensors as modules_to_save copies (``root``: the
+    families' directory, fixtures/moe or fixtures/vlm)."""
+    base, tuned = Checkpoint.open(root / family / "base"), Checkpoint.open(root / family / "tuned")
     description = base.describe()
     infos = description.modules
     factors, ranks, stacks, extra, saved = {}, {}, {}, {}, set()
@@ -131,3 +132,14 @@ def test_lora_bias_with_target_parameters_is_refused():
     description, factors, ranks, stacks, extra, saved, model_type = changed_factors("qwen2_moe")
     with pytest.raises(UnsupportedError, match="lora_bias"):
         peft_layout(description, factors, ranks, model_type=model_type, refused=["lora_bias"])
+
+
+def test_dense_layers_go_to_target_parameters_without_any_expert_factors():
+    """PEFT converts target_modules by name on a converted type, experts or not: without expert factors, DeepSeek-V3's
+    dense gate_proj must still be a target_parameters entry (as a target_modules entry PEFT refuses the config)."""
+    description, factors, ranks, stacks, extra, saved, model_type = changed_factors("deepseek_v3")
+    dense = {m: f for m, f in factors.items() if m not in description.experts}
+    layout = peft_layout(description, dense, {m: ranks[m] for m in dense}, model_type=model_type)
+    assert layout.form is None
+    assert "model.layers.0.mlp.gate_proj.weight" in layout.fields["target_parameters"]
+    assert not any(name.endswith("gate_proj") for name in layout.fields["target_modules"])

@@ -67,18 +67,20 @@ def _peft_saved(tmp_path, config: dict, base_factory=llama):
     return model
 
 
-def test_replicated_layers_fuse_into_a_checkpoint_transformers_loads_with_the_adapted_outputs(tmp_path):
-    theirs = _peft_saved(tmp_path, REPLICATION)
+@pytest.mark.parametrize("layer_map, sources", [([[0, 1], [0, 2], [1, 2]], [0, 0, 1, 1]), ([[1, 2]], [1])])
+def test_replicated_layers_fuse_into_a_checkpoint_transformers_loads_with_the_adapted_outputs(tmp_path, layer_map,
+                                                                                              sources):
+    """The second map leaves layer 0 out: layer 0 of the fused model is BASE's layer 1."""
+    theirs = _peft_saved(tmp_path, dict(REPLICATION, layer_replication=layer_map))
     assert validate(tmp_path / "adapter", tmp_path / "base") == []
     report = inspect_adapter(tmp_path / "adapter", base=tmp_path / "base")
-    assert report.replication == dict(map=[[0, 1], [0, 2], [1, 2]], stack="model.layers", layers=4,
-                                      sources=[0, 0, 1, 1])
+    assert report.replication == dict(map=layer_map, stack="model.layers", layers=len(sources), sources=sources)
     fused = fuse(tmp_path / "base", tmp_path / "adapter", tmp_path / "fused")
-    assert fused.config_updates["num_hidden_layers"] == 4
+    assert fused.config_updates["num_hidden_layers"] == len(sources)
     x = token_input()
     with torch.no_grad():
         model = _causal_lm(tmp_path / "fused")
-        assert len(model.model.layers) == 4
+        assert len(model.model.layers) == len(sources)
         assert _rel(model(x).logits, theirs(x).logits) < 1e-5
 
 
@@ -90,6 +92,13 @@ def test_a_replication_map_past_the_base_is_refused_by_name(tmp_path):
 
     with pytest.raises(InputError, match=r"\[1, 3\) is not a range of the model's 2 layers"):
         fuse(tmp_path / "base", bad, tmp_path / "fused")
+    assert not (tmp_path / "fused").exists()
+
+
+def test_a_new_lora_bias_beside_replicated_layers_is_refused_by_name(tmp_path):
+    _peft_saved(tmp_path, dict(REPLICATION, lora_bias=True))  # no MLP bias in Llama: 2 x 4 copies need one
+    with pytest.raises(UnsupportedError, match=r"lora_B bias on 8 layer\(s\).*replicates layers"):
+        fuse(tmp_path / "base", tmp_path / "adapter", tmp_path / "fused")
     assert not (tmp_path / "fused").exists()
 
 

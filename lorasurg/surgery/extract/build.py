@@ -18,7 +18,7 @@ from torch import Tensor
 from ...config import LoraConfig
 from ...consumers.prepare import prepare_for
 from ...consumers.rules import CONSUMERS, Consumer
-from ...errors import InputError
+from ...errors import InputError, option
 from ...io.adapter import TOKENS_PART, Adapter, AdapterModule
 from ...io.checkpoint import Checkpoint
 from ...modules import ModuleInfo
@@ -103,8 +103,8 @@ def build_adapter(
         if not allow_empty:
             raise InputError(
                 f"{report.base} and {report.tuned} are identical ({report.tensors_compared} tensors compared): "
-                "there is nothing to extract and nothing was written. Pass --allow-empty (allow_empty=True) to "
-                "write a no-op adapter anyway."
+                f"there is nothing to extract and nothing was written. Pass {option('--allow-empty', 'allow_empty=True')}"
+                " to write a no-op adapter anyway."
             )
         _zero_factors(run, modules, roles, r)
         report.notes.append("the checkpoints are identical: wrote a no-op adapter (every factor is zero)")

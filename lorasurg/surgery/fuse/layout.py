@@ -15,18 +15,18 @@ numbers it, one layer per entry of the replicated stack: ``<stack>.<j>.*`` is a 
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 import torch
 from torch import Tensor
 
 from ...errors import InputError, UnsupportedError
 from ...io.adapter import Adapter
-from ...io.checkpoint import Checkpoint
+from ...io.checkpoint import Checkpoint, RowReader
 from ...layer_replication import LayerStack, expand_layer_map, find_layer_stack, layer_count
 from ..options import short_list
 
-__all__ = ["replicated_stack", "plan_copies", "plan_token_rows", "with_rows"]
+__all__ = ["replicated_stack", "ReplicatedCheckpoint", "replicated", "plan_token_rows", "with_rows"]
 
 
 def replicated_stack(base: Checkpoint, adapter: Adapter) -> Optional[LayerStack]:
@@ -51,25 +51,71 @@ def replicated_stack(base: Checkpoint, adapter: Adapter) -> Optional[LayerStack]
     return LayerStack(prefix, count, sources)
 
 
-def plan_copies(base: Checkpoint, stack: LayerStack) -> tuple[dict[str, list[str]], dict[str, object]]:
-    """``{BASE tensor: output names}`` for the tensors of the stack, and the config.json updates."""
-    copies = {}
-    for name in base.names():
-        index = stack.layer_of(name)
-        if index is not None:
-            copies[name] = [stack.rename(name, j) for j in stack.copies_of(index)]
+class ReplicatedCheckpoint(Checkpoint):
+    """``base`` as PEFT's replicated model would be saved (a read-only view, no tensor copied): the stack's tensors
+    under every copy's name (``<stack>.<j>.*`` reads BASE's ``<stack>.<i>.*``, ``i = sources[j]``), in BASE's shard
+    order, the layers the map leaves out absent; :meth:`describe` sees the replicated ``num_hidden_layers``.
+    ``config`` stays BASE's, so the rewrite writes the new count as an update. Reads go to ``base`` (which owns the
+    files and closes them)."""
+
+    def __init__(self, base: Checkpoint, stack: LayerStack, layer_config: dict) -> None:
+        self.__dict__.update(base.__dict__)  # source, path, files, config: BASE's
+        self._base, self._stack, self._layer_config = base, stack, layer_config
+        self._source: dict[str, str] = {}  # view name -> BASE name
+        entries = {}
+        for name, entry in base._entries.items():
+            index = stack.layer_of(name)
+            for new in ([name] if index is None else [stack.rename(name, j) for j in stack.copies_of(index)]):
+                entries[new] = entry
+                self._source[new] = name
+        self._entries = entries
+        self._description = None
+
+    def get(self, name: str, dtype: Optional[torch.dtype] = None, device=None) -> Tensor:
+        self._entry(name)  # an unknown name is refused with this view's names
+        return self._base.get(self._source[name], dtype=dtype, device=device)
+
+    def row_reader(self, name: str) -> Optional[RowReader]:
+        self._entry(name)
+        return self._base.row_reader(self._source[name])
+
+    def describe(self, task_type: Optional[str] = None):
+        config, self.config = self.config, self._layer_config
+        try:
+            return super().describe(task_type)
+        finally:
+            self.config = config
+
+    def close(self) -> None:
+        """Nothing: BASE owns the files."""
+
+
+def replicated(base: Checkpoint, adapter: Adapter) -> tuple[Checkpoint, dict[str, object], list[str]]:
+    """``(BASE, {}, [])`` for an adapter without ``layer_replication``; else the :class:`ReplicatedCheckpoint` the
+    fuse runs on, the config.json updates (``num_hidden_layers``, a per-layer ``layer_types``) and a note.
+
+    Raises:
+        InputError: see :func:`replicated_stack`.
+    """
+    stack = replicated_stack(base, adapter)
+    if stack is None:
+        return base, {}, []
     updates: dict[str, object] = {"num_hidden_layers": len(stack.sources)}
     layer_types = (base.config or {}).get("layer_types")
     if isinstance(layer_types, list) and len(layer_types) == stack.count:
         updates["layer_types"] = [layer_types[i] for i in stack.sources]
-    return copies, updates
+    note = (f"layer_replication={adapter.config.layer_replication}: {stack.prefix} written as {len(stack.sources)} "
+            f"layers (from {stack.count}), each copy with its own merge")
+    return ReplicatedCheckpoint(base, stack, {**(base.config or {}), **updates}), updates, [note]
 
 
-def plan_token_rows(base: Checkpoint, adapter: Adapter, aliases: Mapping[str, str], base_name
+def plan_token_rows(base: Checkpoint, adapter: Adapter, aliases: Mapping[str, str],
+                    checkpoint_module: Callable[[str], Optional[str]]
                     ) -> tuple[dict[str, tuple[Tensor, Tensor, int]], dict[str, object], list[str]]:
-    """``{output weight: (indices, rows, row count)}`` of the adapter's trainable tokens, config updates and notes.
+    """``{BASE weight: (indices, rows, row count)}`` of the adapter's trainable tokens, config updates and notes.
 
-    ``base_name(name)`` maps an adapter name to BASE's (replicated layers).
+    ``checkpoint_module(name)``: BASE's checkpoint module for an adapter (model) module name, or None where they are
+    the same (:meth:`~lorasurg.io.architecture.ModelDescription.checkpoint_module`: a VLM's renamed tower).
 
     Raises:
         InputError: a module BASE lacks, rows of another width or count than the indices, added rows without
@@ -80,8 +126,8 @@ def plan_token_rows(base: Checkpoint, adapter: Adapter, aliases: Mapping[str, st
     problems, notes = [], []
     indices_of = adapter.token_indices()
     for module, rows in adapter.token_rows().items():
-        weight = f"{module}.weight"
-        stored = aliases.get(base_name(weight), base_name(weight))
+        weight = f"{checkpoint_module(module) or module}.weight"
+        stored = aliases.get(weight, weight)
         if module in adapter.modules or any(k.startswith(f"{module}.") and ".token_adapter." not in k
                                             for k in adapter.extra):
             raise UnsupportedError(f"{module} has trainable tokens and a LoRA or a saved copy (PEFT refuses both on "
@@ -111,7 +157,7 @@ def plan_token_rows(base: Checkpoint, adapter: Adapter, aliases: Mapping[str, st
         raise InputError("the adapter's trainable tokens do not fit BASE " + base.source + ":\n  - "
                          + "\n  - ".join(problems))
     updates: dict[str, object] = {}
-    grown = {w: c for w, (_, _, c) in out.items() if c > base.shape(aliases.get(base_name(w), base_name(w)))[0]}
+    grown = {w: c for w, (_, _, c) in out.items() if c > base.shape(aliases.get(w, w))[0]}
     if grown:
         vocab = (base.config or {}).get("vocab_size")
         rows = {c for c in grown.values()}

@@ -14,7 +14,12 @@ __all__ = ["FusedModule", "FuseReport"]
 
 @dataclass
 class FusedModule:
-    """One LoRA module merged into BASE: ``W' = W + scale * B @ A`` (DoRA: row-rescaled), bias ``b + scale * b_B``."""
+    """One LoRA module merged into BASE: ``W' = W + scale * B @ A`` (DoRA: row-rescaled), bias ``b + scale * b_B``.
+
+    ``module`` is BASE's name (a checkpoint module, or for kind ``experts`` a 3-D tensor BASE stores, each expert
+    merged with its own factors of rank ``rank``); ``source`` the adapter's module path where it differs (a renamed
+    tower, a ``target_parameters`` LoRA split per expert key).
+    """
 
     module: str
     kind: str
@@ -22,6 +27,7 @@ class FusedModule:
     scale: float
     dora: bool
     bias: str  # "none", "added to BASE's bias", "new bias", "dropped"
+    source: Optional[str] = None
 
 
 @dataclass
@@ -60,7 +66,11 @@ class FuseReport:
         parts = [f"fuse: {self.adapter} into {self.base}\ndevice={self.device} dtype={self.dtype}"]
         if self.modules:
             rows = [(m.module, m.kind, m.rank, f"{m.scale:.4g}", "yes" if m.dora else "", m.bias) for m in self.modules]
-            parts.append(format_table(rows, ["module", "kind", "r", "scale", "DoRA", "lora_B bias"]))
+            header = ["module", "kind", "r", "scale", "DoRA", "lora_B bias"]
+            if any(m.source for m in self.modules):
+                rows = [row + (m.source or "",) for row, m in zip(rows, self.modules)]
+                header.append("adapter module")
+            parts.append(format_table(rows, header))
         if self.config_updates:
             parts.append("config.json: " + ", ".join(f"{k} = {v!r}" for k, v in self.config_updates.items()))
         parts.append(format_list("notes", self.notes))

@@ -10,6 +10,9 @@ For each LoRA module with weight ``W`` (matrix view ``(out, in)``, see :mod:`lor
 * ``modules_to_save``: the adapter's copy replaces the module's tensors;
 * trainable tokens: their rows replace the weight's rows (the vocabulary grows when the indices say so), and a
   replicated stack of layers is written out one copy each, renumbered (:mod:`.layout`);
+* a ``target_parameters`` LoRA on 3-D experts (PEFT's ``ParamWrapper``): expert ``e`` gains ``s * B_e @ A_e``, in the
+  checkpoint keys that hold it (per-expert keys: their rows of it) or in the expert's slice of the 3-D tensor BASE
+  stores (gpt-oss ``(E, in, out)``: transposed), see :mod:`.place`;
 
 computed by :func:`lorasurg.engine.factors.merged_weight` and :func:`~lorasurg.engine.factors.delta_bias` (the
 functions the runtime's merge uses), in float32, cast to the tensor's dtype. Embedding LoRA, conv layers (Conv3d
@@ -37,6 +40,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from ...engine.experts import merged_experts
 from ...engine.factors import LoraFactors, delta_bias, factor_shapes, merged_weight
 from ...errors import ConfigError
 from ...io.adapter import Adapter
@@ -47,8 +51,8 @@ from ..budget import MemoryBudget, Size
 from ..options import source_name
 from ..rewrite_memory import MemoryUse, place_rewrite
 from .blocks import fuse_works, merged_blocks, touched
-from .layout import with_rows
-from .plan import FusePlan, plan_fuse
+from .layout import replicated, with_rows
+from .plan import ExpertFactors, FusePlan, plan_fuse
 from .report import FusedModule, FuseReport
 
 __all__ = ["fuse", "FuseReport"]
@@ -93,8 +97,10 @@ def fuse(
         OutputExistsError: ``output`` exists and is not empty, without ``force``.
         ShapeMismatchError: the adapter was made for another base (modules and both shapes named).
         InputError: unfusable lora_B biases (without ``drop_unfusable_bias``); adapter tensors BASE has no place
-            for; unreadable inputs.
-        UnsupportedError: a lora_B bias that needs a new bias together with replicated layers.
+            for (trainable tokens that do not fit it included); a layer_replication BASE has no stack for;
+            unreadable inputs.
+        UnsupportedError: LoRA on a grouped convolution or an nn.MultiheadAttention; a lora_B bias that needs a new
+            bias together with replicated layers.
         ConfigError: a ``max_memory`` that is not a size, or below the smallest workable budget (one row of the
             widest tensor besides the adapter; the message says what that is).
     """
@@ -110,8 +116,10 @@ def fuse(
     report = FuseReport(base=source_name(base), adapter="<Adapter>" if isinstance(adapter, Adapter) else
                         os.fspath(adapter), device=str(work_device), dtype=dtype, output=str(output))
     with contextlib.ExitStack() as opened:
-        ckpt = open_checkpoint(base, opened)
+        ckpt, updates, notes = replicated(open_checkpoint(base, opened), loaded)
         plan = plan_fuse(ckpt, loaded, drop_unfusable_bias=drop_unfusable_bias)
+        plan.config_updates.update(updates)
+        plan.notes[:0] = notes
         works = fuse_works(ckpt, plan, output_dtype(dtype))
         reserved = loaded.num_bytes()
         places = place_rewrite(budget, ckpt, works, reserved=reserved, reserved_for="the adapter")
@@ -133,7 +141,10 @@ def _editor(modules, plan: FusePlan, device: torch.device, blocks: dict[str, int
         value = plan.replace[name].to(device, dtype) if name in plan.replace else stored
         module = plan.module_of.get(name)
         f = plan.factors.get(module) if module is not None else None
-        if f is not None and name == f"{module}.weight":
+        if name in plan.stacked:
+            e = _on(plan.stacked[name], device)
+            value = merged_experts(e.A, e.B, e.scale, value, 0, e.transposed)
+        elif f is not None and name == f"{module}.weight":
             value = merged_weight(_on(f, device), value)
         elif f is not None and name == f"{module}.bias" and f.bias is not None:
             value = value + delta_bias(_on(f, device), value.dtype)
@@ -147,22 +158,20 @@ def _editor(modules, plan: FusePlan, device: torch.device, blocks: dict[str, int
         if name in blocks:
             return _blocked(name, source)
         dtype = source.output_dtype(name)
-        keys = plan.outputs(name)
-        needs_base = any(k not in plan.replace for k in keys) or name in plan.untie
+        needs_base = name not in plan.replace or name in plan.untie
         stored = source.read(name, device) if needs_base else None
-        out = [(key, final(key, stored, dtype)) for key in keys] + _extras(name, dtype)
+        out = [(name, final(name, stored, dtype))] + _extras(name, dtype)
         if name in plan.untie:
             out.append((plan.untie[name], final(plan.untie[name], stored, dtype)))
         return [(key, tensor.to("cpu")) for key, tensor in out]
 
-    def on_device(f: LoraFactors) -> LoraFactors:
+    def on_device(f):
         return _on(f, device)
 
     def _blocked(name: str, source: TensorSource):
         """Tensor ``name`` (and its untied alias) merged or copied in row blocks, then its biases."""
         dtype = source.output_dtype(name)
-        out = [(key, merged_blocks(key, name, plan, source, blocks[name], device, on_device))
-               for key in plan.outputs(name)]
+        out = [(name, merged_blocks(name, name, plan, source, blocks[name], device, on_device))]
         out += [(key, tensor.to("cpu")) for key, tensor in _extras(name, dtype)]
         if name in plan.untie:
             alias = plan.untie[name]
@@ -184,11 +193,11 @@ def _editor(modules, plan: FusePlan, device: torch.device, blocks: dict[str, int
     return edit
 
 
-def _on(f: LoraFactors, device: torch.device) -> LoraFactors:
+def _on(f: Union[LoraFactors, ExpertFactors], device: torch.device) -> Union[LoraFactors, ExpertFactors]:
     """The factors on ``device`` (the same object when they are there already)."""
     if f.A.device == device:
         return f
-    move = {k: getattr(f, k).to(device) for k in ("A", "B", "bias", "magnitude") if getattr(f, k) is not None}
+    move = {k: getattr(f, k).to(device) for k in ("A", "B", "bias", "magnitude") if getattr(f, k, None) is not None}
     return dataclasses.replace(f, **move)
 
 
@@ -206,7 +215,10 @@ def _fill(report: FuseReport, plan: FusePlan, written) -> None:
             bias = "zero (not needed)"
         else:
             bias = "none"
-        report.modules.append(FusedModule(name, f.kind, f.rank, f.scale, f.magnitude is not None, bias))
+        report.modules.append(FusedModule(name, f.kind, f.rank, f.scale, f.magnitude is not None, bias,
+                                          plan.sources.get(name)))
+    for name, e in plan.stacked.items():
+        report.modules.append(FusedModule(name, "experts", e.rank, e.scale, False, "none", plan.sources.get(name)))
     report.replaced = sorted(plan.replace)
     report.dropped_biases = dropped
     report.config_updates = dict(written.config_updates)

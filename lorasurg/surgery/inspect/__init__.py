@@ -25,6 +25,7 @@ from ...io.adapter import Adapter
 from ...errors import InputError
 from ...io.checkpoint import Checkpoint
 from ...io.gguf import is_gguf
+from ...io.values import all_finite
 from ...layer_replication import find_layer_stack, source_name
 from .gguf import GgufInspectReport, inspect_gguf
 from .plot import check_plot_path, write_plot
@@ -95,6 +96,10 @@ def inspect_adapter(
         tokens=tokens,
         replication=replication,
     )
+    unmeasured = [m for m, mod in adapter.modules.items() if not _has_spectrum(mod)]
+    if unmeasured:
+        report.notes.append(f"{len(unmeasured)} module(s) have no spectrum (their factors do not chain or hold NaN/inf, "
+                            f"see the problems): {unmeasured[:5]}")
     if missing:
         report.notes.append(f"{len(missing)} module(s) have no weight in the base, so no relative norm: {missing[:5]}")
     if plot is not None:
@@ -138,7 +143,7 @@ def _summary(adapter: Adapter, name: str) -> ModuleSummary:
     mod = adapter.modules[name]
     r, alpha = adapter.rank_alpha(name)
     scale = lora_scale(r, alpha, adapter.config.use_rslora)
-    spectrum = module_spectrum(mod, scale) if mod.A.shape[0] == mod.B.shape[1] else None
+    spectrum = module_spectrum(mod, scale) if _has_spectrum(mod) else None
     return ModuleSummary(
         name=name,
         layer_type=name.rsplit(".", 1)[-1],
@@ -157,6 +162,11 @@ def _summary(adapter: Adapter, name: str) -> ModuleSummary:
             rank_99=spectrum.rank_99, spectrum=spectrum.singular_values,
         )),
     )
+
+
+def _has_spectrum(mod) -> bool:
+    """Factors that chain and hold finite values (the problems list says what is wrong with the others)."""
+    return mod.A.shape[0] == mod.B.shape[1] and all_finite(mod.A) and all_finite(mod.B)
 
 
 def _layer_types(modules: list[ModuleSummary]) -> list[LayerTypeTotal]:

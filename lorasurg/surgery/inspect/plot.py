@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Union
 
 from ...errors import InputError, OutputExistsError, UnsupportedError
-from ...io.writer import atomic_output_file
+from ...io.writer import atomic_output_file, check_writable
 from .report import InspectReport
 
 __all__ = ["FIGSIZE", "DPI", "check_plot_path", "write_plot"]
@@ -43,6 +43,7 @@ def check_plot_path(path: PathLike, force: bool) -> None:
         UnsupportedError: matplotlib is not installed.
         OutputExistsError: ``path`` exists and ``force`` is false.
         InputError: ``path`` is a directory, or does not end in ``.png``.
+        OutputError: nothing can be created where ``path`` would go (a parent that is a file, ``/proc``, ...).
     """
     _require_matplotlib()
     out = Path(path)
@@ -52,6 +53,7 @@ def check_plot_path(path: PathLike, force: bool) -> None:
         raise InputError(f"--plot {out} is a directory; give a file name ending in .png")
     if out.exists() and not force:
         raise OutputExistsError(f"{out} exists; choose another --plot file or pass --force to replace it")
+    check_writable(out)
 
 
 def write_plot(report: InspectReport, path: PathLike) -> None:
@@ -84,7 +86,7 @@ def write_plot(report: InspectReport, path: PathLike) -> None:
                      fontsize="x-small")
     norms.set_ylabel("||dW||_F / ||W||_F" if relative else "||dW||_F")
     norms.set_title("delta norm per module" + (" (relative to the base weight)" if relative else ""))
-    with atomic_output_file(path, force=True) as tmp:
+    with atomic_output_file(path, force=True) as tmp:  # check_plot_path refused an existing file without --force
         fig.savefig(tmp, format="png", dpi=DPI)
 
 

@@ -16,7 +16,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 from ...consumers.prepare import ForReport
-from ..report import CLAMPED_FOOTNOTE, for_dict, format_bytes, format_count, format_for, format_list, format_table
+from ..report import (
+    CLAMPED_FOOTNOTE, for_dict, format_bytes, format_count, format_for, format_list, format_table, left_out_mark,
+    written_modules,
+)
 
 __all__ = ["InputSummary", "ModuleMerge", "MergeReport"]
 
@@ -76,6 +79,12 @@ class MergeReport:
     consumers: list[str] = field(default_factory=lambda: ["peft"])
     for_report: Optional[ForReport] = None
 
+    @property
+    def written(self) -> list[str]:
+        """The merged modules the written adapter holds (``--for`` may leave some out)."""
+        left = self.for_report.left_out_modules if self.for_report is not None else set()
+        return [m.module for m in self.modules if m.module not in left]
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "output": self.output,
@@ -89,7 +98,7 @@ class MergeReport:
             "modules": [asdict(m) for m in self.modules],
             "notes": list(self.notes),
             "totals": {
-                "modules": len(self.modules),
+                "modules": len(self.written),
                 "adapter_parameters": self.adapter_parameters,
                 "adapter_bytes": self.adapter_bytes,
                 "max_rel_diff": max((m.rel_diff for m in self.modules), default=0.0),
@@ -115,7 +124,8 @@ class MergeReport:
         )
         rows = [
             (m.module, m.kind, "x".join(map(str, m.shape)), ",".join("-" if r is None else str(r) for r in m.ranks),
-             f"{m.rank}" + ("*" if m.clamped else ""), f"{100 * m.energy_kept:.3f}%", f"{100 * m.rel_diff:.3f}%")
+             f"{m.rank}" + ("*" if m.clamped else "") + left_out_mark(m.module, self.for_report),
+             f"{100 * m.energy_kept:.3f}%", f"{100 * m.rel_diff:.3f}%")
             for m in self.modules
         ]
         table = format_table(rows, ["module", "kind", "shape", "input r", "new r", "energy kept", "vs exact sum"])
@@ -127,7 +137,8 @@ class MergeReport:
         if self.consumers != ["peft"]:
             parts.append(format_for(self.for_report))
         parts.append(
-            f"{len(self.modules)} modules; adapter: {format_count(self.adapter_parameters)} parameters, "
+            f"{written_modules([m.module for m in self.modules], self.for_report)}; adapter: "
+            f"{format_count(self.adapter_parameters)} parameters, "
             f"{format_bytes(self.adapter_bytes)}"
         )
         if self.output:

@@ -118,10 +118,9 @@ def merge_adapters(
     Raises:
         ConfigError: options that do not fit the method or the adapters (see :func:`checks.check_options`),
             unequal ranks for a factor-wise method, an unknown consumer.
-        UnsupportedError: DoRA adapters.
+        UnsupportedError: DoRA, or a LoRA on a grouped convolution.
         InputError: unreadable adapters, adapters for different bases, clashing modules_to_save copies or
             trainable tokens, different layer_replication, nothing left that the named consumers can carry.
-        UnsupportedError: DoRA, or a LoRA on a grouped convolution.
     """
     options = check_options(method, len(adapters), weights, r, density, majority_sign, seed)
     names_for = parse_consumers(consumers)

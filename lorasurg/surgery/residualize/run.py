@@ -14,6 +14,15 @@ replaced by its residual) plus ``OUT/adapter`` (the factors) computes what BASE 
 starts from the weight's principal part. Embeddings keep their weight and get PEFT's default embedding init (PEFT
 does the same); conv layers use the flattened kernel (PEFT refuses them); both are said in the report.
 
+Mixtures of experts and multimodal models (:mod:`.targets`): every expert matrix of a selected projection is factored
+on its own, under its checkpoint key where the checkpoint stores experts one by one, and expert by expert in the 3-D
+tensor where it stores them fused (gpt-oss, ``(E, in, out)``: expert ``e`` is ``W[e].T``); ``OUT/model`` keeps
+BASE's layout and keys. The initial adapter is laid out as PEFT loads it on transformers 5
+(:func:`lorasurg.surgery.adapter_layout.peft_layout`: the model's names for renamed towers, experts per expert or as
+``target_parameters``). PEFT 0.21.2 itself cannot initialise PiSSA/OLoRA on fused experts (its ``ParamWrapper`` reads
+the ``weight`` of an experts module, which has none), so there the invariant ``OUT/model + OUT/adapter == BASE`` is the
+check.
+
 The adapter's config says ``init_lora_weights: true``: PEFT re-runs the init named in a config when it loads it, so
 ``"pissa"`` there would decompose the residual a second time. Where it came from (method, r, alpha, BASE,
 lorasurg's version) is in ``OUT/README.md`` and in the adapter file's safetensors metadata.
@@ -45,35 +54,34 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
 
-from ...config import LoraConfig
 from ...consumers import ForReport, blocked_parts, prepare_for
 from ...io.gguf import tensor_type
 from ..export.output import WithGguf, output_consumers, write_output
 from ..export.run import check_gguf_base
 from ...consumers.reading import Consumers
-from ...engine.factors import compute_dtype, delta_frobenius_sq, factor_shapes, lora_alpha_for, lora_scale
+from ...engine.factors import compute_dtype, delta_frobenius_sq, factor_shapes
 from ...engine.init import InitMethod, init_factors, make_init_draws, parse_init_method
-from ...errors import ConfigError, InputError, LorasurgError
+from ...errors import ConfigError, InputError, LorasurgError, option
 from ...io.adapter import Adapter, AdapterModule
 from ...io.checkpoint import Checkpoint
 from ...io.meta_facts import module_order
 from ...io.rewrite import TensorSource, rewrite_checkpoint
+from ...io.values import all_finite, describe_nonfinite
 from ...io.writer import atomic_output_dir, check_output_dir
-from ...modules import ModuleInfo
-from ...targeting import ALL_LINEAR, exact_target_modules, rank_alpha_fields, select_modules
+from ..adapter_layout import ExpertStack
 from ..options import Progress, Source, default_output, dtype_problem, open_checkpoint, output_dtype, parse_device
-from ..options import short_list, source_name, task_type_of
+from ..options import short_list, source_name
 from ..budget import MemoryBudget, Size
 from ..provenance import lorasurg_version, provenance_lines, provenance_metadata
 from ..rewrite_memory import MemoryUse, place_rewrite
 from .memory import adapter_bytes, residualize_works
 from .report import ResidualizeReport, ResidualModule
+from .targets import Target, initial_adapter, plan_targets
 
 __all__ = ["residualize", "INIT_CHOICES", "ResidualizeReport"]
 
@@ -81,22 +89,6 @@ INIT_CHOICES = "pissa, pissa_niter_N (N >= 0) or olora"
 #: Exact PiSSA's SVD: the Gram eigendecomposition (engine.svd.gram_svd), several times faster than LAPACK's SVD on
 #: the CPU and at least as accurate for the residual's dtype (float64 Gram for float32 residuals).
 EXACT_SVD = "gram"
-
-
-@dataclass(frozen=True)
-class _Target:
-    """One target module: its rank (``asked``, clamped to what the module allows) and the alpha keeping ``scale``."""
-
-    module: str
-    info: ModuleInfo
-    rank: int
-    alpha: float
-    scale: float
-    asked: int
-
-    @property
-    def clamped(self) -> bool:
-        return self.rank < self.asked
 
 
 def residualize(
@@ -157,7 +149,8 @@ def residualize(
             carry the whole initial adapter; a ``max_memory`` that is not a size, or too small to hold a target whole
             or one row of another tensor (the message names the tensor, its working set and the smallest workable
             budget). All checked before any work; nothing is written then.
-        InputError: a target is an output layer tied to the input embedding; BASE cannot be read.
+        InputError: a target is an output layer tied to the input embedding; BASE cannot be read; a target weight
+            holds NaN or inf (named; nothing is written).
     """
     method = _check_options(init, r, alpha, dtype)
     names = output_consumers(consumers, to)
@@ -175,7 +168,7 @@ def residualize(
         ckpt = open_checkpoint(base, opened)
         if to == "gguf":
             check_gguf_base(ckpt)
-        targets = _plan(ckpt, method, r, alpha, use_rslora, target_modules, exclude_modules, report)
+        targets = plan_targets(ckpt, r, alpha, use_rslora, target_modules, exclude_modules, report)
         _check_consumers(ckpt, targets, use_rslora, names)
         works, reserved = residualize_works(ckpt, targets, method, output_dtype(dtype)), adapter_bytes(targets, ckpt)
         places = place_rewrite(budget, ckpt, works, reserved=reserved, reserved_for="the adapter being built")
@@ -184,25 +177,33 @@ def residualize(
         if _uses_rng(method, targets):
             reading = TensorSource(ckpt, output_dtype(dtype))  # the dtype each target weight is read in
             states = _draw_states(ckpt, method, targets, generator,
-                                  {m: reading.output_dtype(f"{m}.weight") for m in targets})
+                                  {m: reading.output_dtype(t.key) for m, t in targets.items()})
         else:
             states = {}
         factors: dict[str, AdapterModule] = {}
+        stacks: dict[str, ExpertStack] = {}
+        by_key = {t.key: t for t in targets.values()}
 
         def edit(name: str, source: TensorSource):
-            module = name[: -len(".weight")] if name.endswith(".weight") else None
-            target = targets.get(module) if module is not None else None
+            target = by_key.get(name)
             if target is None:
                 return None
-            if module in states:
-                generator.set_state(states[module])
-            residual = _residualize_one(target, method, source.read(name, work_device), generator, factors, report)
+            if target.module in states:
+                generator.set_state(states[target.module])
+            weight = source.read(name, work_device)
+            if target.info.kind != "embedding" and not all_finite(weight):  # factored; an embedding keeps its weight
+                raise InputError(
+                    f"{name} holds {describe_nonfinite(weight)}: {method.config_value} factors each target weight and "
+                    "needs finite values, and nothing was written. Fix the checkpoint, or leave the module out with "
+                    f"{option('--exclude-modules ' + target.module, f'exclude_modules=[{target.module!r}]')}"
+                )
+            residual = _residualize_one(target, method, weight, generator, factors, stacks, report)
             return None if residual is None else [(name, residual)]
 
         with atomic_output_dir(output, force) as tmp:
             written = rewrite_checkpoint(ckpt, tmp / "model", edit, dtype=output_dtype(dtype), progress=progress,
                                          copy_blocks={n: p.block_rows for n, p in places.items() if not p.hold})
-            adapter = _adapter(ckpt, targets, factors, use_rslora, Path(output) / "model")
+            adapter = initial_adapter(ckpt, targets, factors, stacks, use_rslora, Path(output) / "model", report.notes)
             adapter, report.for_report = _for_consumers(adapter, names)
             meta = dict(method=method.config_value, r=r, alpha=f"{alpha:g}", use_rslora=use_rslora or None,
                         base=report.base, seed=seed if _uses_rng(method, targets) else None)
@@ -241,54 +242,28 @@ def _check_options(init: str, r: int, alpha: Optional[float], dtype: str) -> Ini
     return method
 
 
-def _plan(ckpt: Checkpoint, method: InitMethod, r: int, alpha: float, use_rslora: bool, target_modules,
-          exclude_modules, report: ResidualizeReport) -> dict[str, _Target]:
-    """The target modules, each with its (clamped) rank and the alpha that keeps the common scale."""
-    modules = ckpt.module_infos()
-    selection = LoraConfig(r=r, lora_alpha=alpha, target_modules=target_modules or ALL_LINEAR,
-                           exclude_modules=exclude_modules)
-    selected = select_modules(selection, modules, ckpt.output_layer_names())
-    tied = {alias.rsplit(".", 1)[0]: canonical for alias, canonical in ckpt.tied_weights().items()}
-    shared = [f"{m} (its weight is {tied[m]})" for m in selected if m in tied]
-    if shared:
-        raise InputError(
-            f"target(s) {', '.join(shared)} share their weight with another module: replacing it by a residual "
-            "would change both layers. Leave them out with --exclude-modules (or untie the weights first)"
-        )
-    absent = [m for m in selected if f"{m}.weight" not in ckpt]
-    if absent:  # the architecture has them (e.g. BERT's pooler) but this checkpoint was saved without them
-        report.notes.append(f"{len(absent)} selected module(s) of the architecture have no weight in BASE and are not "
-                            f"targets: {short_list(absent)}")
-    scale = lora_scale(r, alpha, use_rslora)
-    targets: dict[str, _Target] = {}
-    for name in (m for m in selected if m not in absent):
-        info = modules[name]
-        _, _, out = factor_shapes(info.kind, info.weight_shape, 1, info.fan_in_fan_out)
-        limit = min(out, math.prod(info.weight_shape) // out)
-        rank = r if info.kind == "embedding" else min(r, limit)
-        module_alpha = lora_alpha_for(scale, rank, use_rslora)
-        targets[name] = _Target(name, info, rank, module_alpha, scale, r)
-    clamped = [f"{t.module} (r={t.rank})" for t in targets.values() if t.clamped]
-    if clamped:
-        report.notes.append(f"r={r} exceeds min(out, in) of {len(clamped)} module(s); their rank was clamped to it "
-                            f"(same scale): {short_list(clamped)}")
-    return targets
-
-
-def _check_consumers(ckpt: Checkpoint, targets: dict[str, _Target], use_rslora: bool, names: tuple[str, ...]) -> None:
+def _check_consumers(ckpt: Checkpoint, targets: dict[str, Target], use_rslora: bool, names: tuple[str, ...]) -> None:
     """Refuse, before any work, consumers that cannot carry the whole initial adapter (see the module docstring).
 
     The adapter is built with placeholder factors on the meta device: which parts a consumer cannot carry depends
-    on the modules' names, kinds and layouts only.
+    on the modules' names, kinds and layouts only. Expert LoRA is written for PEFT only (the other consumers' MoE
+    layouts are not written by residualize yet).
     """
     if names == ("peft",):
         return
+    experts = ckpt.describe().experts
+    moe = [t.module for t in targets.values() if t.parameter is not None or t.module in experts]
+    if moe:
+        raise ConfigError(
+            f"--for {','.join(names)}: residualize writes expert LoRA ({short_list(moe)}) for PEFT only so far. "
+            "Leave the experts out of the targets (--exclude-modules, e.g. a regex on 'experts'), or write the "
+            "adapter for peft. Nothing was written.")
     probe = {}
     for m, t in targets.items():
         a_shape, b_shape, _ = factor_shapes(t.info.kind, t.info.weight_shape, t.rank, t.info.fan_in_fan_out)
         probe[m] = AdapterModule(m, torch.empty(a_shape, device="meta"), torch.empty(b_shape, device="meta"),
                                  embedding=t.info.kind == "embedding")
-    blocked = blocked_parts(_adapter(ckpt, targets, probe, use_rslora, Path("model")), names, tied=())
+    blocked = blocked_parts(initial_adapter(ckpt, targets, probe, {}, use_rslora, Path("model")), names, tied=())
     if not blocked:
         return
     lines, modules = [], []
@@ -315,71 +290,64 @@ def _for_consumers(adapter: Adapter, names: tuple[str, ...]) -> tuple[Adapter, F
     return written, for_report
 
 
-def _draw_states(ckpt: Checkpoint, method: InitMethod, targets: dict[str, _Target], generator: torch.Generator,
+def _draw_states(ckpt: Checkpoint, method: InitMethod, targets: dict[str, Target], generator: torch.Generator,
                  weight_dtypes: dict[str, torch.dtype]) -> dict[str, torch.Tensor]:
     """The generator's state at the start of each target, were the targets initialised in PEFT's order.
 
     PEFT initialises modules in ``named_modules()`` order (:func:`lorasurg.io.meta_facts.module_order`); BASE is
     streamed in file order. :func:`~lorasurg.engine.init.make_init_draws` makes exactly each init's random draws
     and no arithmetic (for a weight in the dtype it will be read in), so the states come at almost no cost; each
-    target then restarts from its own state.
+    target then restarts from its own state. Experts (which PEFT cannot initialise this way) take the place of the
+    module holding them, in expert order.
     """
     shapes = {n: ckpt.shape(n) for n in ckpt.names()}
+    position = {m: i for i, m in enumerate(module_order(ckpt.config, shapes, dict.fromkeys(t.order for t in
+                                                                                         targets.values())))}
     states = {}
-    for name in module_order(ckpt.config, shapes, targets):
+    for name in sorted(targets, key=lambda n: position[targets[n].order]):
         t = targets[name]
         states[name] = generator.get_state()
-        make_init_draws(method, t.info.kind, tuple(t.info.weight_shape), t.rank, weight_dtype=weight_dtypes[name],
-                        fan_in_fan_out=t.info.fan_in_fan_out, generator=generator)
+        for _ in range(t.parameter.experts if t.parameter is not None else 1):
+            make_init_draws(method, t.info.kind, tuple(t.info.weight_shape), t.rank, weight_dtype=weight_dtypes[name],
+                            fan_in_fan_out=t.info.fan_in_fan_out, generator=generator)
     return states
 
 
-def _residualize_one(target: _Target, method: InitMethod, weight: torch.Tensor, generator: torch.Generator,
-                     factors: dict[str, AdapterModule], report: ResidualizeReport) -> Optional[torch.Tensor]:
-    """Factor one weight; record its adapter tensors and report row; return the residual (None: unchanged)."""
-    info = target.info
+def _residualize_one(target: Target, method: InitMethod, weight: torch.Tensor, generator: torch.Generator,
+                     factors: dict[str, AdapterModule], stacks: dict[str, ExpertStack],
+                     report: ResidualizeReport) -> Optional[torch.Tensor]:
+    """Factor one target weight, or each expert of a stored 3-D expert tensor (``(E, in, out)`` when transposed:
+    expert ``e``'s matrix is ``weight[e].T``); record its adapter tensors (``factors``, ``stacks``) and report row;
+    return the residual in ``weight``'s layout (None: unchanged)."""
+    info, parameter = target.info, target.parameter
     adapter_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    result = init_factors(method, info.kind, tuple(weight.shape), target.rank, target.scale, weight=weight,
-                          fan_in_fan_out=info.fan_in_fan_out, generator=generator, dtype=adapter_dtype,
-                          exact_svd=EXACT_SVD)
-    f = result.factors
-    factors[target.module] = AdapterModule(target.module, f.A.cpu(), f.B.cpu(), embedding=info.kind == "embedding")
-    if result.note:
-        report.notes.append(f"{target.module}: {result.note}")
+    flip = parameter is not None and parameter.transposed
+    matrices = [weight] if parameter is None else [w.T if flip else w for w in weight]  # each (out, in)
+    results = [init_factors(method, info.kind, tuple(m.shape), target.rank, target.scale, weight=m,
+                            fan_in_fan_out=info.fan_in_fan_out, generator=generator, dtype=adapter_dtype,
+                            exact_svd=EXACT_SVD) for m in matrices]
+    if parameter is None:
+        f, residual = results[0].factors, results[0].residual_weight
+        factors[target.module] = AdapterModule(target.module, f.A.cpu(), f.B.cpu(), embedding=info.kind == "embedding")
+    else:
+        A = torch.stack([res.factors.A for res in results]).cpu()  # (E, r, in)
+        B = torch.stack([res.factors.B for res in results]).cpu()  # (E, out, r)
+        stacks[target.module] = ExpertStack(A, B, target.rank, target.alpha)
+        residual = torch.stack([res.residual_weight.T if flip else res.residual_weight for res in results])  # like weight
+    if results[0].note:
+        report.notes.append(f"{target.module}: {results[0].note}")
     work = compute_dtype(weight)  # norms reduced in float32 (float64 stays), without a converted copy
     total = float(torch.linalg.vector_norm(weight, dtype=work)) ** 2
-    residual = result.residual_weight
     res_norm = float(torch.linalg.vector_norm(residual if residual is not None else weight, dtype=work))
     report.modules.append(ResidualModule(
-        target.module, info.kind, list(weight.shape), target.rank, target.clamped,
-        energy_taken=delta_frobenius_sq(f) / total if total > 0 else 0.0,
-        residual_norm=res_norm, relative_residual=res_norm / math.sqrt(total) if total > 0 else 0.0,
+        target.module, "experts" if parameter is not None else info.kind, list(weight.shape), target.rank,
+        target.clamped, energy_taken=sum(delta_frobenius_sq(res.factors) for res in results) / total if total > 0
+        else 0.0, residual_norm=res_norm, relative_residual=res_norm / math.sqrt(total) if total > 0 else 0.0,
     ))
     return None if residual is None else residual.cpu()
 
 
-def _adapter(ckpt: Checkpoint, targets: dict[str, _Target], factors: dict[str, AdapterModule], use_rslora: bool,
-             model_path: Path) -> Adapter:
-    """The initial adapter: exactly the targets, each at its rank with the common scale; ``init_lora_weights: true``."""
-    modules = ckpt.module_infos()
-    fields = rank_alpha_fields({m: (t.rank, t.alpha) for m, t in targets.items()})
-    config = LoraConfig(
-        **fields,
-        target_modules=exact_target_modules(list(targets), list(modules)),
-        use_rslora=use_rslora,
-        fan_in_fan_out=any(t.info.fan_in_fan_out for t in targets.values()),
-        init_lora_weights=True,
-        task_type=task_type_of(ckpt.config),
-        base_model_name_or_path=os.fspath(model_path),
-    )
-    adapter = Adapter(config, {m: factors[m] for m in targets if m in factors})
-    problems = adapter.problems()
-    if problems:  # a bug here, not in the user's input
-        raise AssertionError("residualize built an inconsistent adapter: " + "; ".join(problems))
-    return adapter
-
-
-def _uses_rng(method: InitMethod, targets: dict[str, _Target]) -> bool:
+def _uses_rng(method: InitMethod, targets: dict[str, Target]) -> bool:
     return method.niter is not None or any(t.info.kind == "embedding" for t in targets.values())
 
 

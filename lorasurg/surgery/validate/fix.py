@@ -32,14 +32,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from safetensors.torch import save_file
 from torch import Tensor
 
 from ...config import CONFIG_NAME
 from ...errors import InputError
 from ...findings import Finding
 from ...io.adapter import BIN_WEIGHTS_NAME, WEIGHTS_NAME, parse_peft_key
-from ...io.writer import atomic_output_dir
+from ...io.writer import atomic_output_dir, write_file
 from .report import Change, FixResult
 from .subject import Subject
 from ...targeting import pattern_key
@@ -158,8 +157,7 @@ def write_fixed_copy(subject: Subject, findings: list[Finding], output: os.PathL
     with atomic_output_dir(output, force) as tmp:
         (tmp / CONFIG_NAME).write_text(json.dumps(plan.config, indent=2), encoding="utf-8")
         if plan.state is not None:
-            save_file({k: v.contiguous() for k, v in plan.state.items()}, str(tmp / WEIGHTS_NAME),
-                      metadata={"format": "pt"})
+            write_file(tmp, plan.state, WEIGHTS_NAME.removesuffix(".safetensors"))
         _copy_other_files(subject.directory, tmp)
     return FixResult(os.fspath(output), plan.changes)
 

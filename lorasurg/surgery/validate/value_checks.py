@@ -5,27 +5,19 @@ from __future__ import annotations
 import torch
 
 from ...findings import Finding
+from ...io.values import nonfinite_findings
 from .subject import Subject
 
 __all__ = ["check_values"]
 
 
 def check_values(subject: Subject) -> list[Finding]:
-    """``value-nonfinite`` for each tensor holding NaN or inf; ``untrained`` when every module's ``lora_B`` (and
-    ``lora_B.bias``) is all zeros, so the adapter changes nothing (DoRA adapters are left out: a trained
-    magnitude changes the layer even with a zero ``lora_B``)."""
-    found = []
-    for key, tensor in (subject.state or {}).items():
-        if not tensor.is_floating_point():
-            continue
-        nan = int(torch.isnan(tensor).sum())
-        inf = int(torch.isinf(tensor).sum())
-        if nan or inf:
-            found.append(Finding(
-                "value-nonfinite", key, f"{nan} NaN and {inf} inf among its {tensor.numel()} values "
-                f"(shape {tuple(tensor.shape)}, {str(tensor.dtype).removeprefix('torch.')})",
-                "the training diverged or the file was written from a broken state: use an earlier checkpoint",
-            ))
+    """``value-nonfinite`` for each tensor holding NaN or inf that is not one of the adapter's (those are among
+    :meth:`~lorasurg.io.adapter.Adapter.findings`, reported by the tensor checks); ``untrained`` when every module's
+    ``lora_B`` (and ``lora_B.bias``) is all zeros, so the adapter changes nothing (DoRA adapters are left out: a
+    trained magnitude changes the layer even with a zero ``lora_B``)."""
+    kept = set(subject.adapter.to_state_dict()) if subject.adapter is not None else set()
+    found = nonfinite_findings({k: t for k, t in (subject.state or {}).items() if k not in kept})
     modules = subject.adapter.modules if subject.adapter is not None else {}
     if modules and all(_all_zero(m.B) and (m.bias is None or _all_zero(m.bias)) and m.magnitude is None
                        for m in modules.values()):

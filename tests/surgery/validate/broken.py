@@ -267,6 +267,8 @@ CASES: dict[str, Case] = {
                                r"future_field=\[1, 2\] is not a field of PEFT 0.21.2's LoraConfig"),
     "init-reinit": Case(_configured({"init_lora_weights": "pissa"}), "init_lora_weights",
                         r"init_lora_weights='pissa' in a saved adapter: PEFT runs this init again"),
+    "alpha-sign": Case(_configured({"lora_alpha": -8}), "lora_alpha",
+                       r"lora_alpha is -8: the modules it applies to get a negative scale: PEFT .* subtract"),
     "target-unmatched": Case(_training_config(target_modules=["q_proj", "v_prj"]), "target_modules['v_prj']",
                              r"'v_prj' is neither a module name of .*tiny-llama/base nor a '.'-suffix of one"),
     "target-none-selected": Case(_training_config(target_modules=["q_proj"], exclude_modules=["self_attn.q_proj"]),

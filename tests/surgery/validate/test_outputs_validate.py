@@ -25,6 +25,10 @@ ROOT = Path(__file__).resolve().parents[3]
 
 
 def _pair(arch: str) -> tuple[Path, Path]:
+    """The tiny pair, or a MoE / multimodal family's (fixtures/families.py)."""
+    for group in ("moe", "vlm"):
+        if (ROOT / "fixtures" / group / arch).is_dir():
+            return ROOT / "fixtures" / group / arch / "base", ROOT / "fixtures" / group / arch / "tuned"
     return ROOT / "fixtures" / f"tiny-{arch}" / "base", ROOT / "fixtures" / f"tiny-{arch}" / "tuned"
 
 
@@ -157,6 +161,15 @@ WRITERS: dict[str, Callable[[Path], Path]] = {
                                                                             use_rslora=True, consumers="llama.cpp",
                                                                             target_modules=["q_proj", "k_proj"])),
     "residualize-llama-pissa-for-all": _for("all", _residualize("llama", init="pissa", r=16, consumers="all")),
+    # residualize on MoE (per-expert, target_parameters, gpt-oss's stored experts, DeepSeek-V3's dense layers as 2-D
+    # target_parameters) and multimodal models (the model's namespace)
+    "residualize-qwen3-moe-pissa": _residualize("qwen3_moe", init="pissa", r=4),
+    "residualize-mixtral-olora": _residualize("mixtral", init="olora", r=4),
+    "residualize-qwen2-moe-pissa": _residualize("qwen2_moe", init="pissa", r=4),
+    "residualize-deepseek-v3-pissa-niter": _residualize("deepseek_v3", init="pissa_niter_2", r=4),
+    "residualize-gpt-oss-pissa": _residualize("gpt_oss", init="pissa", r=4),
+    "residualize-qwen2-vl-olora": _residualize("qwen2_vl", init="olora", r=4),
+    "residualize-llava-pissa": _residualize("llava", init="pissa", r=4),
     # convert: the trained PiSSA adapter as plain LoRA on the original base
     "convert-pissa-exact": _convert(),
     "convert-pissa-rerank": _convert(r=6),
@@ -199,8 +212,21 @@ WRITERS: dict[str, Callable[[Path], Path]] = {
 }
 
 
+#: writers whose output PEFT loads exactly (tests/parity) but that validate on main cannot read yet: target_parameters
+#: and the model's namespace of multimodal towers (issue 16's validate work); strict, so each shows when it is done
+VALIDATE_PENDING = {
+    "residualize-qwen2-moe-pissa": "target_parameters' rank_pattern keys are parameter names",
+    "residualize-deepseek-v3-pissa-niter": "the targets check skips target_parameters",
+    "residualize-gpt-oss-pissa": "ParamWrapper paths (.base_layer) on fused experts",
+    "residualize-qwen2-vl-olora": "target_modules in the model's namespace",
+    "residualize-llava-pissa": "target_modules in the model's namespace",
+}
+
+
 @pytest.mark.parametrize("name", sorted(WRITERS))
-def test_written_adapter_validates_clean(tmp_path, name):
+def test_written_adapter_validates_clean(tmp_path, name, request):
+    if name in VALIDATE_PENDING:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=f"validate: {VALIDATE_PENDING[name]}"))
     writer = WRITERS[name]
     base = writer(tmp_path / name)
     findings = validate(tmp_path / name, base, consumers=getattr(writer, "consumers", None))
