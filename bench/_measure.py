@@ -14,8 +14,8 @@ def measure(cmds: dict[str, tuple[list[str], Path]], repeats: int, threads: int,
     (two tools alternate which goes first), so no tool always runs first or right after the same one.
 
     Returns:
-        ``{"loads": [1-min load average at each start], "tools": {tool: {rc, walls, wall_s (median), cpu_s (median),
-        peak_rss (largest)}}}``.
+        ``{"loads": [1-min load average at each start], "tools": {tool: {rc, walls, wall_s (median), cpus, cpu_s
+        (median), peak_rss (largest)}}}`` (CPU seconds: user + system).
     """
     tools = list(cmds)
     runs: dict[str, list[dict]] = {tool: [] for tool in tools}
@@ -34,5 +34,6 @@ def measure(cmds: dict[str, tuple[list[str], Path]], repeats: int, threads: int,
         walls = sorted(run["wall_s"] for run in runs[tool])
         cpus = sorted(run["cpu_s"] for run in runs[tool])
         summary[tool] = {"rc": max(run["rc"] for run in runs[tool]), "walls": walls, "wall_s": walls[len(walls) // 2],
-                         "cpu_s": cpus[len(cpus) // 2], "peak_rss": max(run["peak_rss"] for run in runs[tool])}
+                         "cpus": cpus, "cpu_s": cpus[len(cpus) // 2],
+                         "peak_rss": max(run["peak_rss"] for run in runs[tool])}
     return {"loads": loads, "tools": summary}

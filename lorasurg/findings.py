@@ -91,6 +91,9 @@ CODES: dict[str, Code] = {
     "replication-invalid": Code(
         "error", "base", "layer_replication does not fit the base model (no layer stack, or a range past its layers)"
     ),
+    "key-checkpoint-name": Code(
+        "error", "base", "a module or tensor keyed by the checkpoint's name, which the model names otherwise (PEFT misses it)"
+    ),
     # trainable tokens (trainable_token_indices)
     "tokens-unflagged": Code(
         "error", "tokens", "trainable-token rows for a module trainable_token_indices does not name (PEFT ignores them)"
@@ -104,6 +107,31 @@ CODES: dict[str, Code] = {
     ),
     "tokens-need-resize": Code(
         "warning", "tokens", "a trainable-token index past the base's rows: resize its token embeddings before loading"
+    ),
+    # mixtures of experts and target_parameters, as PEFT 0.21.2 loads them on transformers 5
+    "parameter-unmatched": Code("error", "experts", "a target_parameters entry matches no parameter of the base model"),
+    "parameter-refused": Code(
+        "error", "experts", "target_parameters (or per-expert LoRA PEFT converts to them) with a setting PEFT's "
+        "ParamWrapper refuses: lora_dropout, lora_bias, DoRA, fan_in_fan_out"
+    ),
+    "expert-unconverted": Code(
+        "error", "experts", "per-expert LoRA on a model type whose experts PEFT does not convert (Qwen2-MoE): dropped silently"
+    ),
+    "expert-fused-part": Code(
+        "error", "experts", "one part of a fused expert projection is targeted without the other (gate_proj, up_proj)"
+    ),
+    "expert-missing": Code("error", "experts", "an expert of an adapted MoE layer has no LoRA (PEFT's conversion fails)"),
+    "expert-layer-missing": Code(
+        "warning", "experts", "an MoE layer PEFT adapts has no expert LoRA at all (missing keys, zero delta)"
+    ),
+    "expert-rank": Code(
+        "error", "experts", "experts of a layer's projection differ in rank, or differ from the rank PEFT builds (r)"
+    ),
+    "expert-scale": Code(
+        "error", "experts", "PEFT's conversion reads experts at another scale than the adapter gives them"
+    ),
+    "dense-converted": Code(
+        "error", "experts", "a dense layer named like an expert projection, which PEFT's MoE conversion leaves unadapted"
     ),
     # values
     "value-nonfinite": Code("error", "values", "a tensor holds NaN or inf"),

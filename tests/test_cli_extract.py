@@ -232,3 +232,44 @@ def test_help_states_the_default_budget():
     result = CliRunner().invoke(main, ["extract", "--help"])
     assert "--max-memory SIZE" in result.output
     assert "Default: 50% of the memory available at start." in " ".join(result.output.split())
+
+
+def _moe_with_lost_tensors(tmp_path: Path) -> list[str]:
+    """Qwen2-MoE with a changed attention bias (PEFT cannot load lora_bias beside the experts' target_parameters)
+    and a changed key the model has no place for."""
+    source = FIXTURES / "moe" / "qwen2_moe"
+
+    def extra(value):
+        return lambda s: s.update({"model.layers.0.mlp.mystery": torch.full((4,), value)})
+
+    def tuned_edit(s):
+        extra(2.0)(s)
+        s["model.layers.0.self_attn.q_proj.bias"] = s["model.layers.0.self_attn.q_proj.bias"] + 0.1
+
+    return [str(copy_with(tmp_path, source / "base", "base", extra(1.0))),
+            str(copy_with(tmp_path, source / "tuned", "tuned", tuned_edit))]
+
+
+def test_lost_tensors_exit_2_and_write_nothing_without_allow_dropped(tmp_path):
+    pair = _moe_with_lost_tensors(tmp_path)
+    result = run(*pair, "-o", str(tmp_path / "ad"), "--r", "4")
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and not (tmp_path / "ad").exists()
+    assert "2 changed tensor(s) would be left out of the adapter, not by your choice" in result.output
+    assert "model.layers.0.self_attn.q_proj.bias" in result.output and "model.layers.0.mlp.mystery" in result.output
+    result = run(*pair, "-o", str(tmp_path / "ad"), "--r", "4", "--allow-dropped", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert {d["name"] for d in data["lost"]} == {"model.layers.0.self_attn.q_proj.bias", "model.layers.0.mlp.mystery"}
+    assert all(0 < d["share"] < 1 and d["why"] for d in data["lost"])
+    assert (tmp_path / "ad" / "adapter_config.json").is_file()
+    text = run(*pair, "-o", str(tmp_path / "ad2"), "--r", "4", "--allow-dropped").output
+    assert "left out with --allow-dropped" in text and "model.layers.0.mlp.mystery" in text
+
+
+def test_for_vllm_on_moe_experts_is_refused_before_any_work(tmp_path):
+    moe = [str(FIXTURES / "moe" / "mixtral" / "base"), str(FIXTURES / "moe" / "mixtral" / "tuned")]
+    result = run(*moe, "-o", str(tmp_path / "ad"), "--for", "vllm")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "written for vllm (--for, --to): lorasurg does not know yet how vllm" in result.output
+    assert "block_sparse_moe.experts.0.w1" in result.output and not (tmp_path / "ad").exists()

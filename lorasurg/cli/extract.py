@@ -44,11 +44,15 @@ from ._app import (
 @to_option
 @click.option("--serving", is_flag=True, help="An alias of --for vllm (added to --for when both are given).")
 @click.option("--allow-empty", is_flag=True, help="For identical checkpoints, write a no-op adapter instead of failing.")
+@click.option("--allow-dropped", is_flag=True,
+              help="Write the adapter although changed tensors it cannot carry are left out (a key the model has no "
+                   "place for, a bias PEFT cannot load beside target_parameters); they are listed. Without it "
+                   "extract fails (exit 2) naming them, and writes nothing.")
 @force_option
 @json_option
 def extract_command(base: str, tuned: str, output, r, alpha, rank_policy, target_modules, exclude_modules,
                     embeddings, lora_bias, svd, device, dtype, max_memory, seed, consumers, to, outtype, serving,
-                    allow_empty, force, as_json) -> None:
+                    allow_empty, allow_dropped, force, as_json) -> None:
     """Extract a LoRA adapter from a full fine-tune: TUNED ~ BASE + adapter, by truncated SVD of each delta.
 
     BASE and TUNED are checkpoints (a directory, a sharded checkpoint, a .safetensors or .bin file, or a
@@ -69,7 +73,7 @@ def extract_command(base: str, tuned: str, output, r, alpha, rank_policy, target
         base, tuned, output, force=force, r=r, alpha=alpha, rank_policy=rank_policy,
         target_modules=selection(target_modules), exclude_modules=selection(exclude_modules),
         embeddings=embeddings, lora_bias=lora_bias, svd=svd, device=device, dtype=dtype, seed=seed,
-        consumers=consumers, serving=serving, allow_empty=allow_empty,
+        consumers=consumers, serving=serving, allow_empty=allow_empty, allow_dropped=allow_dropped,
         progress=None if as_json else progress_bar("extract"), max_memory=max_memory, to=to, outtype=outtype,
     )
     emit(report, as_json)

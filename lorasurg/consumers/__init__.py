@@ -5,8 +5,13 @@
 * :mod:`.reading`: the delta a consumer computes per module (:func:`consumer_delta`), and where it differs
   from PEFT (:func:`consumer_findings`, :func:`consumer_verdicts`).
 * :mod:`.prepare`: :func:`prepare_for` rewrites an adapter so the named consumers compute PEFT's delta.
+* :mod:`.layouts` (data in :mod:`.layout_rules`): which MoE and multimodal LoRA layouts each consumer serves and
+  the conditions it puts on them (:data:`CONDITIONS`, :func:`layout_violations`); :mod:`.complete` completes
+  per-expert LoRA losslessly for :func:`prepare_for`; :mod:`.experts` holds PEFT's MoE conversion rule by model
+  type.
 """
 
+from .layouts import CONDITIONS, Condition, Violation, layout_violations
 from .prepare import ForReport, LeftOut, blocked_parts, prepare_for
 from .reading import (
     ConsumerFinding,
@@ -43,4 +48,8 @@ __all__ = [
     "LeftOut",
     "prepare_for",
     "blocked_parts",
+    "CONDITIONS",
+    "Condition",
+    "Violation",
+    "layout_violations",
 ]

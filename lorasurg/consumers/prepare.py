@@ -23,6 +23,14 @@ their dtype (exact to float32 rounding in float32; a bfloat16 factor rounds agai
 What a named consumer cannot carry (it refuses, drops or misreads it, or reads it only for some models) is
 left out and listed with its share of the delta's energy (squared Frobenius norm of everything the adapter
 adds under PEFT; a tensor saved whole in ``modules_to_save`` counts only when its delta energy is given).
+
+MoE and multimodal adapters (:mod:`lorasurg.consumers.layouts`): per-expert LoRA is completed and zero-padded to
+one rank (:func:`~lorasurg.consumers.complete.complete_experts`, lossless) and, in every layout, written with the
+experts at the config's ``r`` and one scale, without rsLoRA (PEFT 0.21.2 on transformers 5 reads nothing else;
+layout ``experts`` when PEFT is the only consumer and the experts were not there yet); with expert LoRA,
+``lora_dropout`` is written as 0 and ``lora_bias``/DoRA are left out for PEFT (its ``ParamWrapper`` refuses them).
+Fused (``target_parameters``) experts, vision towers and checkpoint-named towers are left out for the consumers
+whose rules drop or refuse them.
 """
 
 from __future__ import annotations
@@ -31,7 +39,6 @@ import copy
 import math
 import re
 from collections import Counter
-from dataclasses import asdict, dataclass, field
 from typing import Collection, Iterable, Mapping, Optional, Union
 
 import torch
@@ -39,7 +46,18 @@ import torch
 from ..errors import InputError
 from ..io.adapter import TOKENS_PART, Adapter, AdapterModule
 from ..targeting import anchored_pattern_key
+from .complete import ExpertFix, complete_experts, expert_notes
+from .complete import pad_rank as _pad
+from .for_report import WHOLE_MODULE_FEATURES, ForReport, LeftOut
+from .layouts import (
+    PEFT_OPTIONS,
+    expert_name,
+    fused_expert_modules,
+    layout_violations,
+    treatment_for,
+)
 from .reading import (
+    MODULE_FEATURES,
     adapter_features,
     bias_energy,
     consumer_findings,
@@ -51,111 +69,13 @@ from .rules import CONSUMERS, FEATURES, Consumer, parse_consumers
 
 __all__ = ["LeftOut", "ForReport", "prepare_for", "blocked_parts", "module_energies", "rescale_module"]
 
-_MODULE_FEATURES = ("embedding_lora", "output_layer_lora", "tied_head_lora", "conv_lora", "fan_in_fan_out_lora")
+_MODULE_FEATURES = WHOLE_MODULE_FEATURES
+#: Features that PEFT's ParamWrapper refuses (PEFT 0.21.2 turns per-expert LoRA into one): left out for PEFT when
+#: the adapter has MoE expert LoRA (see :data:`~lorasurg.consumers.layouts.PEFT_OPTIONS`).
+_PARAM_WRAPPER_REFUSES = ("lora_bias", "dora")
 _SCALE_FEATURES = ("rank_pattern", "alpha_pattern", "rslora")
-
-
-@dataclass
-class LeftOut:
-    """Something of the adapter that a named consumer cannot carry, left out of the rewritten adapter.
-
-    Attributes:
-        name: the module, or the tensor key for ``modules_to_save``.
-        feature: which part (a key of :data:`~lorasurg.consumers.rules.FEATURES`).
-        consumers: the named consumers that cannot carry it.
-        reason: what each of them does with it (``"vLLM: ...; llama.cpp: ..."``).
-        energy: its ``||delta||_F**2`` under PEFT; None when not known (DoRA rescaling, a whole saved module
-            without a given delta energy).
-        share: ``energy`` over the adapter's total delta energy, or None.
-        reasons: ``{consumer: its rule}`` (the parts of ``reason``).
-    """
-
-    name: str
-    feature: str
-    consumers: tuple[str, ...]
-    reason: str
-    energy: Optional[float]
-    share: Optional[float]
-    reasons: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass
-class ForReport:
-    """What :func:`prepare_for` did; ``render()`` for people, ``to_dict()`` for JSON."""
-
-    consumers: tuple[str, ...]
-    layout: str
-    r: int
-    lora_alpha: float
-    use_rslora: bool
-    rescaled: dict[str, float] = field(default_factory=dict)
-    padded: dict[str, tuple[int, int]] = field(default_factory=dict)
-    padding_bytes: int = 0
-    left_out: list[LeftOut] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    total_energy: float = 0.0
-
-    @property
-    def left_out_share(self) -> float:
-        """Sum of the known shares of what was left out."""
-        return sum(x.share or 0.0 for x in self.left_out)
-
-    @property
-    def left_out_modules(self) -> set[str]:
-        """The LoRA modules left out whole (not written at all), for whichever named consumer."""
-        return {x.name for x in self.left_out if x.feature in _MODULE_FEATURES}
-
-    def left_out_for(self, consumer: str) -> list[LeftOut]:
-        """What ``consumer`` cannot carry."""
-        return [x for x in self.left_out if consumer in x.consumers]
-
-    def left_out_by_consumer(self) -> dict[str, list[dict]]:
-        """``{consumer: [{"name", "feature", "why", "share"}, ...]}`` for every named consumer (``peft``: empty)."""
-        return {name: [{"name": x.name, "feature": x.feature, "why": x.reasons.get(name, x.reason), "share": x.share}
-                       for x in self.left_out_for(name)] for name in self.consumers}
-
-    def to_dict(self) -> dict:
-        return {
-            "consumers": list(self.consumers),
-            "layout": self.layout,
-            "r": self.r,
-            "lora_alpha": self.lora_alpha,
-            "use_rslora": self.use_rslora,
-            "rescaled": dict(self.rescaled),
-            "padded": {k: list(v) for k, v in self.padded.items()},
-            "padding_bytes": self.padding_bytes,
-            "left_out": [dict(asdict(x), consumers=list(x.consumers)) for x in self.left_out],
-            "left_out_share": self.left_out_share,
-            "notes": list(self.notes),
-        }
-
-    def render(self) -> str:
-        head = f"written for {', '.join(self.consumers)}: " + _LAYOUT_TEXT[self.layout].format(
-            r=self.r, alpha=f"{self.lora_alpha:g}", n=len(self.padded), bytes=f"{self.padding_bytes:,} bytes")
-        if self.rescaled:
-            head += (f"; {len(self.rescaled)} module(s) had their factors rescaled so their scale is written as "
-                     "the consumers read it")
-        parts = [head]
-        for name in self.consumers:
-            items = self.left_out_for(name)
-            if name == "peft" or not items:
-                parts.append("  peft: the reference" if name == "peft" else f"  {name}: carries everything")
-                continue
-            parts.append(f"  {name} leaves out:")
-            parts.extend(
-                f"    - {x.name} ({x.feature}, {'share unknown' if x.share is None else f'{100 * x.share:.3f}%'}): "
-                f"{x.reasons.get(name, x.reason)}" for x in items
-            )
-        parts.extend(f"  note: {n}" for n in self.notes)
-        return "\n".join(parts)
-
-
-_LAYOUT_TEXT = {
-    "patterns": "as PEFT wrote it (rank_pattern/alpha_pattern), r={r}, lora_alpha={alpha}",
-    "uniform-scale": "one scale for every module, r={r}, lora_alpha={alpha}, other ranks in rank_pattern/alpha_pattern",
-    "tensor-rank": "no alpha_pattern or rsLoRA, lora_alpha={alpha} over each module's rank (r={r})",
-    "padded": "every module zero-padded to rank {r} ({n} padded, +{bytes}), lora_alpha={alpha}, no patterns",
-}
+#: consumers whose output is not a PEFT adapter file (``export --to gguf``): PEFT's MoE layout is not applied for them.
+_NOT_PEFT_FILES = ("llama.cpp-gguf",)
 
 
 def prepare_for(
@@ -166,6 +86,7 @@ def prepare_for(
     delta_energy: Optional[Mapping[str, float]] = None,
     total_energy: Optional[float] = None,
     energies: Optional[Mapping[str, float]] = None,
+    model_type: Optional[str] = None,
 ) -> tuple[Adapter, ForReport]:
     """A copy of ``adapter`` that every named consumer reads as PEFT reads ``adapter`` (see the module docstring).
 
@@ -180,6 +101,9 @@ def prepare_for(
         energies: ``{module: ||scale * B @ A||_F**2, module + ".lora_B.bias": ||scale * bias||**2}`` (what
             :func:`module_energies` gives) when the caller computed them: the adapter's tensors are then not read,
             so they may be placeholders on the meta device (``export`` streams the factors afterwards).
+        model_type: the base's ``model_type``, when known: vLLM then keeps fused (``target_parameters``) experts for
+            the types it reads them for (:data:`~lorasurg.consumers.layouts.VLLM_FUSED_MOE_TYPES`); without it they
+            are left out for vLLM.
 
     Returns:
         ``(adapter, report)``.
@@ -196,7 +120,7 @@ def prepare_for(
                   dict(adapter.extra))
     report = ForReport(names, "patterns", 0, 0.0, False, total_energy=total)
 
-    for feature, (items, blockers) in blocked_parts(adapter, names, tied).items():
+    for feature, (items, blockers) in blocked_parts(adapter, names, tied, model_type).items():
         if feature == "init_weights":
             new.config.init_lora_weights = True
             report.notes.append(
@@ -212,23 +136,28 @@ def prepare_for(
         for item in items:
             energy = _leave_out(new, feature, item, energies)
             share = None if energy is None or total <= 0 else energy / total
-            reasons = {c.name: f"{c.title}: {c.rules[feature].says}" for c in blockers}
+            reasons = {c.name: f"{c.title}: {_says(c, feature)}" for c in blockers}
             report.left_out.append(LeftOut(item, feature, tuple(reasons), "; ".join(reasons.values()), energy, share,
                                            reasons))
-    _clean_config(new, adapter, chosen)
+    _clean_config(new, adapter, chosen, {x.feature for x in report.left_out})
+    peft_file = not set(names) & set(_NOT_PEFT_FILES)
+    if peft_file:
+        report.experts = complete_experts(new)
+        report.notes += expert_notes(new, report.experts, energies, total)
     if not new.modules:
         listed = "; ".join(FEATURES[f] for f in sorted({x.feature for x in report.left_out}))
         raise InputError(
             f"nothing of this adapter can be written for {', '.join(names)}: every LoRA module is of a kind they "
             f"cannot carry ({listed}). Write it for fewer consumers (--for peft keeps everything)."
         )
-    _layout(new, adapter, {c.layout for c in chosen if c.layout != "patterns"} or {"patterns"}, report)
-    _check(new, names, tied, adapter)
+    _layout(new, adapter, {c.layout for c in chosen if c.layout != "patterns"} or {"patterns"}, report, peft_file)
+    _check(new, names, tied, adapter, report.experts, model_type, peft_file)
     return new, report
 
 
 def blocked_parts(adapter: Adapter, consumers: Union[str, Iterable[str], None],
-                  tied: Optional[Collection[str]] = None) -> dict[str, tuple[list[str], list[Consumer]]]:
+                  tied: Optional[Collection[str]] = None,
+                  model_type: Optional[str] = None) -> dict[str, tuple[list[str], list[Consumer]]]:
     """``{feature: (items, consumers)}``: the parts of ``adapter`` that some named consumers cannot carry (what
     :func:`prepare_for` leaves out, or for ``init_weights`` rewrites), and which of the consumers cannot.
 
@@ -237,11 +166,20 @@ def blocked_parts(adapter: Adapter, consumers: Union[str, Iterable[str], None],
     """
     chosen = [CONSUMERS[n] for n in parse_consumers(consumers)]
     found = {}
-    for feature, items in adapter_features(adapter, tied).items():
-        blockers = [c for c in chosen if not c.carries(feature)]
+    features = adapter_features(adapter, tied)
+    experts = "moe_per_expert" in features or "moe_target_parameters" in features
+    for feature, items in features.items():
+        blockers = [c for c in chosen if treatment_for(c, feature, model_type) != "reads" and feature not in
+                    _SCALE_FEATURES or (experts and c.name == "peft" and feature in _PARAM_WRAPPER_REFUSES)]
         if feature not in _SCALE_FEATURES and blockers:
             found[feature] = (items, blockers)
     return found
+
+
+def _says(c: Consumer, feature: str) -> str:
+    """What ``c`` does with ``feature``: its rule, or (PEFT with MoE expert LoRA) its ParamWrapper's condition."""
+    rule = c.rules.get(feature)
+    return rule.says if rule is not None else PEFT_OPTIONS.says
 
 
 # ------------------------------------------------------------------------------------------------ leaving out
@@ -286,14 +224,14 @@ def _leave_out(new: Adapter, feature: str, item: str, energies: dict[str, float]
     raise AssertionError(f"no way to leave out {feature!r}")
 
 
-def _clean_config(new: Adapter, old: Adapter, chosen) -> None:
-    """Config flags and target_modules that match what was left out."""
+def _clean_config(new: Adapter, old: Adapter, chosen, left_out: Collection[str] = ()) -> None:
+    """Config flags and target_modules that match what was left out (``left_out``: the features left out)."""
     cfg = new.config
-    if cfg.lora_bias and any(not c.carries("lora_bias") for c in chosen):
+    if cfg.lora_bias and (any(not c.carries("lora_bias") for c in chosen) or "lora_bias" in left_out):
         cfg.lora_bias = False
         for mod in new.modules.values():
             mod.bias = None
-    if cfg.use_dora and any(not c.carries("dora") for c in chosen):
+    if cfg.use_dora and (any(not c.carries("dora") for c in chosen) or "dora" in left_out):
         cfg.use_dora = False
         for mod in new.modules.values():
             mod.magnitude = None
@@ -305,6 +243,9 @@ def _clean_config(new: Adapter, old: Adapter, chosen) -> None:
     removed = [m for m in old.modules if m not in new.modules]
     if removed:
         _untarget(cfg, removed, list(new.modules))
+    if cfg.target_parameters and fused_expert_modules(old) and not fused_expert_modules(new):
+        # entries naming a parameter of the fused experts (gate_up_proj, mlp.experts.down_proj): theirs are gone
+        cfg.target_parameters = [p for p in cfg.target_parameters if p.rsplit(".", 1)[-1] in ("weight", "bias")] or None
 
 
 def _untarget(cfg, removed: list[str], kept: list[str]) -> None:
@@ -334,27 +275,48 @@ def _untarget(cfg, removed: list[str], kept: list[str]) -> None:
 # ------------------------------------------------------------------------------------------------ layout
 
 
-def _layout(new: Adapter, old: Adapter, layouts: set[str], report: ForReport) -> None:
-    """Write the scale as the consumers read it: set r, lora_alpha, patterns; rescale or pad the factors."""
+def _layout(new: Adapter, old: Adapter, layouts: set[str], report: ForReport, peft_file: bool = True) -> None:
+    """Write the scale as the consumers read it: set r, lora_alpha, patterns; rescale or pad the factors.
+
+    With per-expert MoE LoRA (already at one rank ``R`` by :func:`~lorasurg.consumers.complete.complete_experts`),
+    every layout puts the experts at the config's own ``r = R`` and one scale ``s`` (the experts' most common), with
+    no rsLoRA: PEFT 0.21.2 on transformers 5 reads the fused experts' rank and alpha from ``r`` and ``lora_alpha``
+    only, and doubles both for ``gate_up_proj`` (so rsLoRA would be off by sqrt(2)). Not for a file other than
+    a PEFT adapter (``peft_file`` false: a GGUF file keeps each tensor's rank).
+    """
     cfg = new.config
     mods = list(new.modules)
-    scales = {m: peft_scale(old, m) for m in mods}
+    scales = {m: peft_scale(old, m) for m in mods if m in old.modules}
     ranks = {m: new.modules[m].rank for m in mods}
-    if layouts == {"patterns"}:
-        report.layout, report.r, report.lora_alpha, report.use_rslora = "patterns", cfg.r, cfg.lora_alpha, cfg.use_rslora
+    experts = {m for m in mods if expert_name(m) is not None} if peft_file else set()
+    if layouts == {"patterns"} and (not experts or _experts_at_globals(new, experts)):
+        report.layout, report.r, report.lora_alpha = "patterns", cfg.r, cfg.lora_alpha
+        report.use_rslora = cfg.use_rslora
         return
-    s = _most_common(scales[m] for m in mods)
-    if layouts == {"tensor-rank"}:
+    s = _most_common(scales[m] for m in mods if m in scales and (m in experts or not experts))
+    for m in mods:  # zero factors complete_experts added: any scale is exact, so the experts' own
+        scales.setdefault(m, s)
+    if experts:
         cfg.use_rslora = False
-        alpha = _most_common(scales[m] * ranks[m] for m in mods) or 1.0
-        r = _most_common(ranks[m] for m in mods)
+    if layouts == {"patterns"}:  # per-expert LoRA for PEFT: experts at the globals, the rest keeps its own scale
+        r = ranks[next(iter(experts))]
+        cfg.r, cfg.lora_alpha = r, _number(s * r)
+        written = {m: s if m in experts else scales[m] for m in mods}
+        cfg.rank_pattern = {anchored_pattern_key(m): ranks[m] for m in mods if ranks[m] != r}
+        cfg.alpha_pattern = {anchored_pattern_key(m): _number(written[m] * ranks[m]) for m in mods
+                             if not math.isclose(written[m] * ranks[m], s * r, rel_tol=1e-12)}
+        layout = "experts"
+    elif layouts == {"tensor-rank"}:
+        cfg.use_rslora = False
+        r = ranks[next(iter(experts))] if experts else _most_common(ranks[m] for m in mods)
+        alpha = s * r if experts else (_most_common(scales[m] * ranks[m] for m in mods) or 1.0)
         written = {m: alpha / ranks[m] for m in mods}
         cfg.r, cfg.lora_alpha = r, _number(alpha)
         cfg.rank_pattern = {anchored_pattern_key(m): ranks[m] for m in mods if ranks[m] != r}
         cfg.alpha_pattern = {}
         layout = "tensor-rank"
     elif layouts == {"uniform-scale"}:
-        r = max(ranks.values())
+        r = ranks[next(iter(experts))] if experts else max(ranks.values())
         root = math.sqrt if cfg.use_rslora else float
         written = {m: s for m in mods}
         cfg.r, cfg.lora_alpha = r, _number(s * root(r))
@@ -380,6 +342,13 @@ def _layout(new: Adapter, old: Adapter, layouts: set[str], report: ForReport) ->
     report.layout, report.r, report.lora_alpha, report.use_rslora = layout, cfg.r, cfg.lora_alpha, cfg.use_rslora
 
 
+def _experts_at_globals(new: Adapter, experts: Collection[str]) -> bool:
+    """Whether every per-expert module already has the config's r and lora_alpha, without rsLoRA (PEFT's layout)."""
+    cfg = new.config
+    return not cfg.use_rslora and all(new.rank_alpha(m) == (cfg.r, cfg.lora_alpha) and new.modules[m].rank == cfg.r
+                                      for m in experts)
+
+
 def rescale_module(mod: AdapterModule, c: float) -> None:
     """Multiply ``B @ A`` by ``c``: ``A`` and ``B`` each by ``sqrt(|c|)`` (``B`` by the sign too); bias by ``c``.
 
@@ -391,27 +360,21 @@ def rescale_module(mod: AdapterModule, c: float) -> None:
         mod.bias = (mod.bias.to(_work(mod.bias)) * c).to(mod.bias.dtype)
 
 
-def _pad(mod: AdapterModule, rank: int) -> int:
-    """Zero-pad ``mod`` to ``rank``: ``A`` gains zero rows, ``B`` zero columns. Returns the bytes added."""
-    extra = rank - mod.rank
-    zA = torch.zeros((extra, *mod.A.shape[1:]), dtype=mod.A.dtype)
-    zB = torch.zeros((mod.B.shape[0], extra, *mod.B.shape[2:]), dtype=mod.B.dtype)
-    mod.A = torch.cat([mod.A, zA], dim=0)  # (r + extra, in, ...)
-    mod.B = torch.cat([mod.B, zB], dim=1)  # (out, r + extra, ...)
-    return zA.numel() * zA.element_size() + zB.numel() * zB.element_size()
-
-
-def _check(new: Adapter, names: tuple[str, ...], tied, old: Adapter) -> None:
+def _check(new: Adapter, names: tuple[str, ...], tied, old: Adapter, experts: ExpertFix,
+           model_type: Optional[str] = None, peft_file: bool = True) -> None:
     """The rewritten adapter must be read by every named consumer as PEFT reads it (a bug otherwise)."""
     kept_tied = None if tied is None else [t for t in tied if t in new.modules]
     if kept_tied is None:
         kept_tied = [t for t in tied_heads(old) if t in new.modules]
-    wrong = [f for f in consumer_findings(new, names, kept_tied)
+    wrong = [f for f in consumer_findings(new, names, kept_tied, model_type)
              if f.severity == "error" or f.code == "legacy-scale"]
     problems = new.problems()
+    if peft_file and not experts.unresolved:
+        wrong += [f"PEFT: {v.condition.says} ({v.detail})" for v in layout_violations(new, "peft")
+                  if v.condition.code != "non-expert-mlp"]
     if wrong or problems:
         raise AssertionError("prepare_for wrote an adapter its consumers misread: "
-                             + "; ".join([f.message for f in wrong] + problems))
+                             + "; ".join([getattr(f, "message", f) for f in wrong] + problems))
 
 
 def _most_common(values: Iterable[float]) -> float:

@@ -24,6 +24,7 @@ import torch
 
 from ..engine.factors import LoraFactors, lora_scale
 from ..io.adapter import TOKENS_PART, Adapter
+from .layouts import layout_features, layout_violations, treatment_for
 from .rules import CONSUMERS, FEATURES, Consumer, parse_consumers
 
 __all__ = [
@@ -40,12 +41,16 @@ __all__ = [
     "bias_energy",
     "consumer_findings",
     "consumer_verdicts",
+    "MODULE_FEATURES",
 ]
 
 #: init_lora_weights values with which PEFT rewrites the base weights when it loads the adapter.
 REWRITING_INITS = ("pissa", "olora", "corda", "loftq")
 _OUTPUT_LEAVES = ("lm_head",)
 _SCALE_FEATURES = ("rank_pattern", "alpha_pattern", "rslora")
+#: Features of whole modules: a consumer that refuses or drops one applies no LoRA on that module.
+MODULE_FEATURES = ("embedding_lora", "output_layer_lora", "tied_head_lora", "conv_lora", "moe_target_parameters",
+                   "vision_tower", "checkpoint_tower_names")
 
 Consumers = Union[str, Iterable[str], None]
 
@@ -163,6 +168,8 @@ def adapter_features(adapter: Adapter, tied: Optional[Collection[str]] = None) -
     init = cfg.init_lora_weights
     if isinstance(init, str) and init.lower().split("_niter")[0] in REWRITING_INITS:
         found["init_weights"].append(f"config.init_lora_weights={init}")
+    for feature, names in layout_features(adapter).items():
+        found[feature].extend(names)
     return {f: names for f, names in found.items() if names}
 
 
@@ -204,7 +211,7 @@ def consumer_delta(adapter: Adapter, consumer: str, module: str,
 def _delta(adapter: Adapter, c: Consumer, module: str, features: dict[str, list[str]]) -> Optional[LoraFactors]:
     """:func:`consumer_delta` with the adapter's features already found."""
     mod = adapter.modules[module]
-    for feature in ("embedding_lora", "output_layer_lora", "tied_head_lora", "conv_lora"):
+    for feature in MODULE_FEATURES:
         if module in features.get(feature, ()) and c.treatment(feature) in ("refuses", "drops"):
             return None
     cfg = adapter.config
@@ -238,7 +245,8 @@ def bias_energy(adapter: Adapter, module: str) -> float:
 
 
 def consumer_findings(adapter: Adapter, consumers: Consumers = ("vllm", "llama.cpp"),
-                      tied: Optional[Collection[str]] = None) -> list[ConsumerFinding]:
+                      tied: Optional[Collection[str]] = None,
+                      model_type: Optional[str] = None) -> list[ConsumerFinding]:
     """For each named consumer: what it refuses, drops silently or misreads, and where its scale differs from
     PEFT's (see :class:`ConsumerFinding`). ``vllm`` also reports, as warnings, where vLLM before 0.32 (one
     scale for the whole adapter) would differ. Empty for an adapter every named consumer reads as PEFT does.
@@ -246,6 +254,8 @@ def consumer_findings(adapter: Adapter, consumers: Consumers = ("vllm", "llama.c
     Args:
         consumers: names as ``--for`` takes them (``"vllm,llama.cpp"``, ``"all"``, a list); ``peft`` has none.
         tied: names of output modules tied to the input embedding; None: :func:`tied_heads`.
+        model_type: the base's ``model_type``, when known: resolves what depends on it (vLLM's fused experts,
+            :func:`~lorasurg.consumers.layouts.treatment_for`).
     """
     names = parse_consumers(consumers)
     features = adapter_features(adapter, tied)
@@ -254,7 +264,8 @@ def consumer_findings(adapter: Adapter, consumers: Consumers = ("vllm", "llama.c
         if name == "peft":
             continue
         c = CONSUMERS[name]
-        found.extend(_feature_findings(c, features))
+        found.extend(_feature_findings(c, features, model_type))
+        found.extend(_layout_findings(adapter, c))
         found.extend(_scale_findings(adapter, c, features, code="scale", severity="error"))
         if name == "vllm":
             found.extend(_scale_findings(adapter, CONSUMERS["vllm<0.32"], features, code="legacy-scale",
@@ -286,10 +297,11 @@ def consumer_verdicts(adapter: Adapter, consumers: Consumers = "all",
     return verdicts
 
 
-def _feature_findings(c: Consumer, features: dict[str, list[str]]) -> list[ConsumerFinding]:
+def _feature_findings(c: Consumer, features: dict[str, list[str]],
+                      model_type: Optional[str] = None) -> list[ConsumerFinding]:
     out = []
     for feature, names in features.items():
-        treatment = c.treatment(feature)
+        treatment = treatment_for(c, feature, model_type)
         if feature in _SCALE_FEATURES or treatment == "reads":
             continue
         rule = c.rules[feature]
@@ -301,6 +313,20 @@ def _feature_findings(c: Consumer, features: dict[str, list[str]]) -> list[Consu
         hint = (f"write the adapter --for {_cli_name(c)} to leave this out (listed with its share of the delta); "
                 f"source: {rule.source}")
         out.append(ConsumerFinding(c.name, f"{treatment}:{feature}", severity, message, hint, tuple(names)))
+    return out
+
+
+def _layout_findings(adapter: Adapter, c: Consumer) -> list[ConsumerFinding]:
+    """The MoE layout conditions ``c`` puts on the adapter (:func:`~lorasurg.consumers.layouts.layout_violations`)
+    that it breaks, one finding per condition, coded ``<treatment>:<feature>``."""
+    out = []
+    for v in layout_violations(adapter, c.name):
+        cond = v.condition
+        message = f"{c.title} {cond.treatment} {FEATURES[v.feature]} here ({v.detail}): {cond.says}"
+        how = ("completes experts and projections with zero factors and pads their ranks, losslessly"
+               if v.feature == "moe_per_expert" else f"leaves the fused experts out for {c.title}")
+        hint = f"write the adapter --for {_cli_name(c)} (lorasurg.prepare_for {how}); source: {cond.source}"
+        out.append(ConsumerFinding(c.name, f"{cond.treatment}:{v.feature}", "error", message, hint, v.where))
     return out
 
 

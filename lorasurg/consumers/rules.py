@@ -69,6 +69,15 @@ FEATURES: dict[str, str] = {
     "init_weights": "init_lora_weights that rewrite the base weights on load (pissa, olora, corda, loftq)",
     "trainable_tokens": "trainable-token rows (trainable_token_indices, token_adapter.trainable_tokens_delta)",
     "layer_replication": "a replicated stack of layers (layer_replication), each copy with its own LoRA",
+    # mixtures of experts and multimodal models (lorasurg.consumers.layouts: recognisers and conditions)
+    "moe_per_expert": "per-expert LoRA modules under the checkpoint's names (mlp.experts.E.gate_proj, "
+                      "block_sparse_moe.experts.E.w1)",
+    "moe_target_parameters": "LoRA on fused 3-D experts through target_parameters (PEFT's ParamWrapper: "
+                             "mlp.experts.base_layer / mlp.experts)",
+    "vision_tower": "LoRA on a multimodal model's vision tower or connector (model.visual, model.vision_tower, "
+                    "model.multi_modal_projector)",
+    "checkpoint_tower_names": "vision tower or connector LoRA under the checkpoint's top-level names (visual.*, "
+                              "vision_tower.*, multi_modal_projector.*)",
 }
 
 _SCALE_FEATURES = ("rank_pattern", "alpha_pattern", "rslora")
@@ -154,13 +163,31 @@ PEFT = Consumer(
     scale_rule="pattern",
     scale_source=_PEFT,
     layout="patterns",
-    notes=("the reference: lorasurg's outputs are defined by what PEFT computes from them",),
+    rules={
+        "checkpoint_tower_names": Rule(
+            "checkpoint_tower_names", "drops",
+            "on transformers 5 loads no vision-tower or connector LoRA under the checkpoint's names (it warns of "
+            "missing keys for model.visual.* / model.vision_tower.*): Qwen2-VL's renaming rules are keyed by class "
+            "name, which PEFT's conversion never looks up, and the Llava family's are undone by its suffix check",
+            Source("PEFT", "0.21.2", "peft/utils/transformers_weight_conversion.py (measured: python -m "
+                   "tools.probes.peft_vlm)",
+                   "convert_peft_adapter_state_dict_for_transformers (line 569: returns for a model_type with no "
+                   "mapping; lines 606-626: a rename to a suffix of the key is undone)")),
+    },
+    notes=("the reference: lorasurg's outputs are defined by what PEFT computes from them",
+           "per-expert (MoE) LoRA is read on transformers 5 under the conditions of lorasurg.consumers.layouts"),
 )
 
 # ------------------------------------------------------------------------------------------------ vLLM
 _V = "0.34.0"
 _V_HELPER = "vllm/lora/peft_helper.py"
 _V_FEATURES = Source("vLLM", _V, _V_HELPER, "PEFTHelper._validate_features (lines 54-88)")
+_V_MOE = Source("vLLM", _V, "vllm/lora/model_manager.py + vllm/lora/utils.py",
+                "process_packed_modules_mapping (utils.py 401-437), _validate_moe_lora_format (model_manager.py "
+                "1326-1345), _stack_moe_lora_weights (975-1070)")
+_V_TOWER = Source("vLLM", _V, "vllm/lora/model_manager.py + vllm/config/lora.py",
+                  "_maybe_init_mm (lines 219-290), _create_lora_modules (515-526: 'no matching PunicaWrapper "
+                  "... will be ignored'); enable_tower_connector_lora (config/lora.py 61)")
 _V_MODULES = Source(
     "vLLM", _V, "vllm/lora/utils.py + vllm/lora/lora_model.py",
     "get_supported_lora_modules (utils.py 248-262) and check_unexpected_modules (lora_model.py 250-285); "
@@ -201,6 +228,18 @@ VLLM = Consumer(
              "does not read layer_replication (PEFTHelper keeps only the config fields it knows): each copy's LoRA "
              "names a layer index of the replicated stack, which the served model does not have or holds another "
              "layer at", Source("vLLM", _V, _V_HELPER, "PEFTHelper.from_dict (fields it does not know are dropped)")),
+        Rule("moe_per_expert", "reads",
+             "reads per-expert LoRA for MoE classes with 2-D expert loading (Mixtral, Qwen2/3-MoE, DeepSeek, ...), "
+             "stacking each layer's experts; classes marked is_3d_moe_weight (gpt-oss, Qwen3-VL-MoE, Qwen3.5-MoE) "
+             "refuse it as unexpected modules unless --enable-mixed-moe-lora-format", _V_MOE),
+        Rule("moe_target_parameters", "model-dependent",
+             "reads fused target_parameters experts only for classes marked is_3d_moe_weight (gpt-oss, "
+             "Qwen3-VL-MoE, Qwen3.5-MoE); other MoE classes refuse them (\"contains fused 3D MoE weights\") unless "
+             "--enable-mixed-moe-lora-format and is_3d_lora_weight on the request", _V_MOE),
+        *(Rule(f, "drops", "applies LoRA to the language model only: tower and connector modules get no LoRA "
+                            "wrapper (a startup log line), unless --enable-tower-connector-lora on a class that "
+                            "declares it (Qwen2-VL, Qwen2.5-VL, Llava, Gemma 3; not Mistral 3)", _V_TOWER)
+          for f in ("vision_tower", "checkpoint_tower_names")),
     ),
     notes=(
         "vLLM refuses ranks above --max-lora-rank (default 16; allowed 1, 8, 16, 32, 64, 128, 256, 320, 512): "
@@ -263,6 +302,20 @@ LLAMA_CPP = Consumer(
         Rule("conv_lora", "drops",
              "applies LoRA only in matrix products and the token-embedding lookup, never to a convolution",
              Source("llama.cpp", _L, "src/llama-graph.cpp", "build_lora_mm, build_lora_mm_id, build_inp_embd")),
+        Rule("moe_per_expert", "reads",
+             "stacks each layer's per-expert factors into ffn_{gate,up,down}_exps LoRA tensors",
+             Source("llama.cpp", _L, "conversion/qwen.py + src/llama-graph.cpp",
+                    "Qwen2MoeModel.modify_tensors (qwen.py 92-147); build_lora_mm_id (llama-graph.cpp 1555-1590)")),
+        Rule("moe_target_parameters", "refuses",
+             "the converter cannot place experts.base_layer / experts tensors (\"Unprocessed experts\" or \"Can not "
+             "map tensor\")",
+             Source("llama.cpp", _L, "conversion/qwen.py + conversion/base.py",
+                    "Qwen2MoeModel.prepare_tensors (qwen.py 149-156); ModelBase.map_tensor_name (base.py 627-630)")),
+        *(Rule(f, "drops", "the converter skips vision tower and projector tensors (they belong to the mmproj file, "
+                            "which takes no LoRA)",
+               Source("llama.cpp", _L, "convert_lora_to_gguf.py + conversion/base.py",
+                      "LoraModel.get_tensors (line 466: filter_tensors); TextModel.filter_tensors (base.py 1387-1401)"))
+          for f in ("vision_tower", "checkpoint_tower_names")),
         Rule("fan_in_fan_out_lora", "misreads",
              "transposes GPT-2 Conv1D LoRA as it transposes the base weight, but PEFT stores those factors in "
              "nn.Linear orientation: the delta is transposed (refused at load unless the layer is square)",

@@ -272,7 +272,8 @@ def split_factors(U: Tensor, S: Tensor, Vh: Tensor, scale: float) -> tuple[Tenso
     which PEFT accepts: the adapter's delta is subtracted) flips the sign of ``B``.
 
     Args:
-        U: ``(out, r)``; S: ``(r,)``, non-negative; Vh: ``(r, in)``.
+        U: ``(out, r)``; S: ``(r,)``, non-negative; Vh: ``(r, in)`` — or a batch of them, ``(E, out, r)``,
+            ``(E, r)``, ``(E, r, in)``, giving ``(E, r, in)`` and ``(E, out, r)``.
         scale: the LoRA scale ``alpha / r`` (or ``alpha / sqrt(r)``), finite and not 0.
 
     Returns:
@@ -283,15 +284,16 @@ def split_factors(U: Tensor, S: Tensor, Vh: Tensor, scale: float) -> tuple[Tenso
     """
     if scale == 0 or not math.isfinite(scale):
         raise ValueError(f"split_factors needs a finite, non-zero LoRA scale, got {scale}")
-    r = S.shape[0]
-    if U.dim() != 2 or Vh.dim() != 2 or U.shape[1] != r or Vh.shape[0] != r:
+    r, lead = S.shape[-1], tuple(S.shape[:-1])
+    if U.dim() != S.dim() + 1 or Vh.dim() != S.dim() + 1 or tuple(U.shape[:-2]) != lead \
+            or tuple(Vh.shape[:-2]) != lead or U.shape[-1] != r or Vh.shape[-2] != r:
         raise ValueError(
             f"split_factors needs U (out, r), S (r,), Vh (r, in); got {tuple(U.shape)}, {tuple(S.shape)}, {tuple(Vh.shape)}"
         )
     work = compute_dtype(U, S, Vh)
-    root = torch.sqrt(S.to(work) / abs(scale))  # (r,)
-    A = root[:, None] * Vh.to(work)  # (r, 1) * (r, in) -> (r, in)
-    B = U.to(work) * (root if scale > 0 else -root)[None, :]  # (out, r) * (1, r) -> (out, r)
+    root = torch.sqrt(S.to(work) / abs(scale))  # ([E,] r)
+    A = root[..., :, None] * Vh.to(work)  # (r, 1) * (r, in) -> (r, in), per matrix
+    B = U.to(work) * (root if scale > 0 else -root)[..., None, :]  # (out, r) * (1, r) -> (out, r), per matrix
     return A.contiguous(), B.contiguous()
 
 

@@ -306,7 +306,8 @@ class Adapter:
         """
         return [str(f) for f in self.findings()]
 
-    def findings(self, selected: Optional[Collection[str]] = None) -> list[Finding]:
+    def findings(self, selected: Optional[Collection[str]] = None,
+                 parameters: Optional[Collection[str]] = None) -> list[Finding]:
         """Every way the stored tensors contradict the config, as :class:`~lorasurg.findings.Finding` s.
 
         Checks, per module: the config targets it (``tensor-untargeted``); A's rows equal B's columns, or are a
@@ -319,9 +320,12 @@ class Adapter:
         Args:
             selected: the modules the config selects in the model, when the caller knows the model; by default
                 judged among the adapter's own module names (so ``"all-linear"`` is not checked).
+            parameters: the saved paths of the ``target_parameters`` LoRAs the config selects in the model (their
+                rank is ``r`` times the experts: the caller checks it); by default judged from names alone.
         """
-        found: list[Finding] = self._untargeted_modules(selected)
-        wrapped = self._parameter_wrapped()
+        wrapped = set(parameters) if parameters is not None else self._parameter_wrapped()
+        found: list[Finding] = self._untargeted_modules(selected, wrapped)
+        ignored = {f.where for f in found}  # PEFT ignores their tensors: their rank does not matter
         for name, mod in self.modules.items():
             if mod.A.shape[0] != mod.B.shape[1] * mod.groups:
                 found.append(Finding(
@@ -330,7 +334,7 @@ class Adapter:
                 ))
                 continue
             expected_r, _ = self.rank_alpha(name)
-            if mod.rank != expected_r and name not in wrapped:  # a parameter's LoRA stores r * experts rows
+            if mod.rank != expected_r and name not in wrapped | ignored:  # a parameter's LoRA: r * experts rows
                 found.append(Finding(
                     "rank-mismatch", name, f"stored rank {mod.rank}, config gives r={expected_r} (r / rank_pattern)",
                     f"set rank_pattern {{{anchored_pattern_key(name)!r}: {mod.rank}}} (and alpha_pattern to keep "
@@ -373,14 +377,13 @@ class Adapter:
                                  "save the adapter again: the magnitude belongs to another layer"))
         return found
 
-    def _untargeted_modules(self, selected: Optional[Collection[str]]) -> list[Finding]:
+    def _untargeted_modules(self, selected: Optional[Collection[str]], wrapped: set[str]) -> list[Finding]:
         """Modules with tensors that the config's target_modules would not select (PEFT drops their tensors).
 
         Without ``selected``, judged among the adapter's own module names, so ``"all-linear"`` (which needs the
         model) is not checked; nor is ``target_modules`` None (PEFT's default targets per model type).
         """
         target = self.config.target_modules
-        wrapped = self._parameter_wrapped()
         if selected is None:
             if not self.modules or (isinstance(target, str) and target.lower() == ALL_LINEAR):
                 return []

@@ -35,7 +35,7 @@ from .replication import plan_replication
 from .tokens import token_tensors
 from .layers import expected_shapes
 from .param_plan import check_parameter_fits, parameter_wrappers
-from .walk import describe_unwrapped, lora_layers, require_adapter, save_wrappers
+from .walk import lora_layers, require_adapter, save_wrappers
 
 __all__ = ["adapter_from_model", "save_adapter", "load_adapter"]
 

@@ -11,7 +11,8 @@ config fields, following PEFT 0.21.2 on transformers 5 (:mod:`lorasurg.consumers
   - ``per-expert`` (default where PEFT converts it: Mixtral, Qwen3-MoE, DeepSeek-V3, ...): one module per expert
     under the checkpoint's names. Every expert of every MoE layer of an adapted projection is present — an expert
     without factors gets zero factors, since PEFT adapts every layer's fused parameter and would otherwise miss
-    keys —, both parts of a fused ``gate_up_proj`` are (one without factors is zero), and every expert is at the
+    keys —, every projection of such a layer is (gate and up adapted without down load with missing keys: a
+    projection without factors is zero), and every expert is at the
     config's global ``r`` and ``lora_alpha``: lower ranks are zero-padded (exact), other scales folded into ``B``
     (exact to rounding). Plain layers whose leaf name PEFT's conversion would take for an expert projection
     (DeepSeek-V3's dense ``mlp.gate_proj``, a ``shared_experts.up_proj``) are listed in ``target_parameters`` as
@@ -23,7 +24,8 @@ config fields, following PEFT 0.21.2 on transformers 5 (:mod:`lorasurg.consumers
 
 Every change that costs bytes or rounding is said in ``notes``. What PEFT cannot load in the chosen form is
 refused (:class:`~lorasurg.errors.UnsupportedError`): a ``target_parameters`` LoRA with ``lora_bias``, DoRA or
-``fan_in_fan_out``.
+``fan_in_fan_out`` — per-expert experts included, which PEFT converts to ``target_parameters`` when it loads them
+(:func:`parameter_targets` says, before any factor exists, which parameters an adapter of given modules needs).
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ from ..io.architecture import ModelDescription
 from ..io.keymap import ExpertSlot
 from ..targeting import alpha_value, anchored_pattern_key, exact_target_modules, rank_alpha_fields
 
-__all__ = ["FORMS", "ExpertStack", "PeftLayout", "peft_layout", "expert_form"]
+__all__ = ["FORMS", "ExpertStack", "PeftLayout", "peft_layout", "expert_form", "parameter_targets",
+           "model_tensor_name"]
 
 FORMS = ("per-expert", "target-parameters")
 
@@ -94,6 +97,27 @@ def expert_form(description: ModelDescription, model_type: Optional[str], stacks
     return "per-expert" if peft_converts_experts(model_type) else "target-parameters"
 
 
+def parameter_targets(description: ModelDescription, modules: Sequence[str], *, model_type: Optional[str],
+                      form: Optional[str] = None) -> list[str]:
+    """The model parameters PEFT 0.21.2 adapts through its ``ParamWrapper`` (``target_parameters``, given or made by
+    its conversion of per-expert keys) in an adapter of ``modules`` (checkpoint modules, experts included, and keys of
+    expert parameters the checkpoint stores fused), as :func:`peft_layout` would lay it out; empty when none."""
+    stored = {p.stored: p.name for p in description.parameters.values() if p.stored}
+    form = form or expert_form(description, model_type, [m for m in modules if m in stored])
+    fused = {description.experts[m].parameter for m in modules if m in description.experts}
+    fused |= {stored[m] for m in modules if m in stored}
+    plain = [description.model_name(m) for m in modules if m not in description.experts and m not in stored]
+    return sorted(fused) + sorted(f"{name}.weight" for name in plain if _moved_by_conversion(name, model_type))
+
+
+def _moved_by_conversion(name: str, model_type: Optional[str]) -> bool:
+    """Whether PEFT's MoE conversion takes the plain layer ``name`` (model name) for an expert projection, so that it
+    must be listed in ``target_parameters`` to be adapted. PEFT converts every config of such a model type by leaf
+    name, whatever form its experts (if any) take."""
+    converted = CONVERTED_NAMES.get(peft_conversion_pattern(model_type) or "", frozenset())
+    return name.rsplit(".", 1)[-1] in converted
+
+
 def peft_layout(
     description: ModelDescription,
     factors: Mapping[str, AdapterModule],
@@ -129,11 +153,10 @@ def peft_layout(
     layout = PeftLayout({}, {}, {}, form if (experts or stacks) else None)
     per_module: dict[str, tuple[int, float]] = {}
     parameters: list[str] = []
-    converted = CONVERTED_NAMES.get(peft_conversion_pattern(model_type) or "", frozenset())
     for module, mod in plain.items():
         name = description.model_name(module)
         layout.modules[name] = _renamed(mod, name)
-        if form == "per-expert" and name.rsplit(".", 1)[-1] in converted:  # PEFT converts by name, experts or not
+        if _moved_by_conversion(name, model_type):  # PEFT converts by name, experts or not
             parameters.append(f"{name}.weight")
             per_module[f"{name}.weight"] = ranks[module]  # PEFT looks a parameter's rank up by its own name
         else:
@@ -148,9 +171,11 @@ def peft_layout(
         globals_ = _per_expert(layout, description, experts, factors, ranks, per_module, use_rslora)
     elif experts or stacks:
         parameters += _fused(layout, description, experts, factors, ranks, stacks, per_module, use_rslora)
-    if parameters and refused:
+    wrapped = parameters + sorted({s.parameter for s in experts.values()} if form == "per-expert" else ())
+    if wrapped and refused:
         raise UnsupportedError(
-            f"this adapter needs target_parameters ({_short(parameters)}), which PEFT cannot combine with "
+            f"this adapter needs target_parameters ({_short(wrapped)}; PEFT converts per-expert LoRA to them), which "
+            f"PEFT cannot combine with "
             f"{', '.join(refused)} (its ParamWrapper refuses them); leave those out (e.g. --no-lora-bias) or "
             "exclude these modules")
     target_names = [n for n in layout.modules if (n not in layout.sources or n in description.experts)
@@ -159,7 +184,7 @@ def peft_layout(
     fields["target_modules"] = exact_target_modules(target_names, description.all_module_names()) if target_names \
         else None
     fields["target_parameters"] = sorted(parameters) or None
-    layout.extra = {_tensor_name(description, k): v for k, v in (extra or {}).items()}
+    layout.extra = {model_tensor_name(description, k): v for k, v in (extra or {}).items()}
     fields["modules_to_save"] = sorted(description.model_name(m) for m in modules_to_save) or None
     layout.fields = fields
     return layout
@@ -169,7 +194,8 @@ def _renamed(mod: AdapterModule, name: str) -> AdapterModule:
     return AdapterModule(name, mod.A, mod.B, mod.bias, mod.magnitude, mod.embedding)
 
 
-def _tensor_name(description: ModelDescription, key: str) -> str:
+def model_tensor_name(description: ModelDescription, key: str) -> str:
+    """The model's name of checkpoint tensor ``key`` (its module renamed): how a saved copy is keyed."""
     module, _, leaf = key.rpartition(".")
     return f"{description.model_name(module)}.{leaf}" if module else key
 
@@ -212,6 +238,8 @@ def _per_expert(layout: PeftLayout, description: ModelDescription, experts: Mapp
     """Every expert of every adapted projection at one global (r, alpha); returns it."""
     leaves = {module.rsplit(".", 1)[-1] for module in experts}
     adapted = {s.parameter for m, s in description.experts.items() if m.rsplit(".", 1)[-1] in leaves}
+    holders = {p.rpartition(".")[0] for p in adapted}  # PEFT needs every projection of an adapted experts module
+    adapted |= {s.parameter for s in description.experts.values() if s.parameter.rpartition(".")[0] in holders}
     groups = _groups(description, sorted(adapted))
     rank = max(ranks[m][0] for m in experts)
     scales = {m: lora_scale(*ranks[m], use_rslora) for m in experts}

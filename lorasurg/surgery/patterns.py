@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 from ..config import LoraConfig
 from ..targeting import rank_alpha_fields
@@ -21,20 +21,25 @@ from ..targeting import rank_alpha_fields
 __all__ = ["rank_scale_fields", "derive_config"]
 
 
-def rank_scale_fields(modules: Mapping[str, tuple[int, float]], use_rslora: bool = False) -> dict[str, Any]:
+def rank_scale_fields(modules: Mapping[str, tuple[int, float]], use_rslora: bool = False,
+                      base: Optional[tuple[int, float]] = None) -> dict[str, Any]:
     """The config fields that give each module its rank and scale (see the module docstring): a dict with
     ``r``, ``lora_alpha``, ``rank_pattern`` and ``alpha_pattern``, keyword arguments for a ``LoraConfig``.
 
     Args:
         modules: ``{module name: (rank, scale)}``, ranks >= 1, not empty.
         use_rslora: whether the config uses rsLoRA (``alpha = scale * sqrt(r)``).
+        base: force the global ``(r, scale)`` (per-expert MoE modules, which PEFT reads at the global values).
 
     Raises:
         ConfigError: no modules, or a rank < 1 (:func:`lorasurg.targeting.rank_alpha_fields`).
     """
-    return rank_alpha_fields(
-        {m: (r, s * (math.sqrt(r) if use_rslora else r)) for m, (r, s) in modules.items()}
-    )
+
+    def alpha(r: int, s: float) -> float:
+        return s * (math.sqrt(r) if use_rslora else r)
+
+    return rank_alpha_fields({m: (r, alpha(r, s)) for m, (r, s) in modules.items()},
+                             base=None if base is None else (base[0], alpha(*base)))
 
 
 def derive_config(config: LoraConfig, **changes: Any) -> LoraConfig:

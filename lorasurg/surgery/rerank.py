@@ -22,6 +22,10 @@ that each named consumer (``vllm``, ``llama.cpp``) computes PEFT's per-module de
 and listed with its share of the re-ranked adapter's delta energy (a ``modules_to_save`` copy's share is unknown
 without the base model). A head tied to the input embedding is recognised in the input adapter.
 
+Mixtures of experts (:mod:`lorasurg.surgery.expert_ranks`): a target_parameters LoRA is re-ranked expert by expert
+and joined back at one rank; per-expert modules end at one rank and scale, the config's global ``r`` and
+``lora_alpha``, as PEFT on transformers 5 reads them.
+
 DoRA: the adapted weight is ``W' = m * (W + delta) / ||W + delta||_row``, whose per-output norms are ``m`` whatever
 the direction ``W + delta`` is. So the magnitude vector is kept as it is: the recomputed magnitude for the new
 direction is ``m`` again, and the adapted weight's per-output norms are kept exactly; only its direction changes,
@@ -44,6 +48,7 @@ from ..engine.threads import threads_for
 from ..errors import ConfigError, InputError
 from ..io.adapter import Adapter, AdapterModule
 from .export.output import WithGguf, check_output, output_consumers, output_path, write_output
+from .expert_ranks import peft_experts, refuse_consumers, split_parameter_loras
 from .patterns import derive_config, rank_scale_fields
 from .report import (
     CLAMPED_FOOTNOTE, for_dict, format_bytes, format_count, format_for, format_list, format_table, left_out_mark,
@@ -212,6 +217,7 @@ def rerank(adapter: AdapterSource, *, r: Optional[int] = None, rank_policy: Opti
         UnsupportedError: a LoRA on a grouped convolution.
         InputError: the adapter cannot be read or contradicts its config, a module has scale 0 (``lora_alpha`` 0),
             the policy keeps no module, or nothing the named consumers can carry is left.
+        UnsupportedError: ``consumers`` other than PEFT for target_parameters LoRAs.
     """
     policy = _check_settings(r, rank_policy)
     names = parse_consumers(consumers)
@@ -221,10 +227,12 @@ def rerank(adapter: AdapterSource, *, r: Optional[int] = None, rank_policy: Opti
     cfg = source.config
     report = RerankReport(name, r, None if policy is None else str(policy), consumers=list(names))
     report.old_parameters = source.num_parameters()
+    split = split_parameter_loras(source)
+    refuse_consumers(split, names, name)
     modules: dict[str, AdapterModule] = {}
     ranks: dict[str, tuple[int, float]] = {}
-    for module, mod in source.modules.items():
-        rank, alpha = source.rank_alpha(module)
+    for module, mod in split.adapter.modules.items():
+        rank, alpha = split.adapter.rank_alpha(module)
         scale = lora_scale(rank, alpha, cfg.use_rslora)
         with threads_for((mod.B.shape[0] + mod.A[0].numel()) * mod.rank**2):
             new, row = _rerank_module(mod, scale, r, policy)
@@ -237,9 +245,17 @@ def rerank(adapter: AdapterSource, *, r: Optional[int] = None, rank_policy: Opti
             f"rank policy {policy} keeps no singular value of any module of {name} (every delta is zero or below the "
             "threshold): there is nothing to write. Use a fixed --r or a less strict policy."
         )
-    changes: dict[str, Any] = dict(rank_scale_fields(ranks, cfg.use_rslora))
+    layout = peft_experts(modules, ranks, split, source.modules)
+    modules = layout.modules
+    for row in report.modules:
+        if row.module in layout.zero_filled:  # kept with zero factors: PEFT needs every expert
+            row.new_rank, row.padded = layout.rank_of(row.module), True
+    report.notes += layout.notes
+    changes: dict[str, Any] = dict(rank_scale_fields(layout.ranks, cfg.use_rslora, base=layout.base))
     if report.dropped:
-        changes["target_modules"] = sorted(modules)
+        changes["target_modules"] = sorted(m for m in modules if m not in layout.paths) or None
+        if split.loras:
+            changes["target_parameters"] = sorted(layout.parameters) or None
         report.notes.append(
             f"{len(report.dropped)} module(s) got rank 0 from the rank policy and are left out of target_modules"
         )

@@ -74,3 +74,35 @@ def test_a_precomputed_sketch_saves_the_first_pass(gen):
 def test_needs_two_passes():
     with pytest.raises(ValueError, match="at least 2 passes, got 1"):
         _svd(torch.zeros(4, 4), 1, oversample=1, passes=1)
+
+
+@pytest.mark.parametrize("shape", [(48, 32), (32, 48)])
+def test_a_batch_is_each_matrix_factored_alone(shape, gen):
+    """The batched call (``batch=E``) gives, for each matrix, what the unbatched call gives with that matrix's
+    slice of the test matrix: the same projection, so the same product ``U diag(S) Vh`` to float32 rounding."""
+    experts, rank = 5, 6
+    s = torch.arange(1, min(shape) + 1, dtype=torch.float64) ** -0.5
+    M = torch.stack([_with_spectrum(*shape, s * (e + 1), gen) for e in range(experts)]).float()  # (E, m, n)
+    omega = sketch_matrix(shape, rank, 16, torch.Generator().manual_seed(7), batch=experts)
+    assert omega.shape == (experts, shape[1], rank + 16)
+    U, S, Vh = operator_svd(lambda X: M @ X, lambda Y: M.mT @ Y, shape, rank, oversample=16, batch=experts,
+                            sketch=M @ omega)  # (E, m, n) @ (E, n, l)
+    assert U.shape == (experts, shape[0], rank) and S.shape == (experts, rank) and Vh.shape == (experts, rank, shape[1])
+    for e in range(experts):
+        u, s_e, vh = operator_svd(lambda X: M[e] @ X, lambda Y: M[e].T @ Y, shape, rank, oversample=16,
+                                  sketch=M[e] @ omega[e])  # (m, n) @ (n, l)
+        torch.testing.assert_close(S[e], s_e, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close((U[e] * S[e]) @ Vh[e], (u * s_e) @ vh, rtol=1e-4, atol=1e-5 * float(s_e[0]))
+        optimal = float((s * (e + 1))[rank:].pow(2).sum().sqrt())
+        error = float(torch.linalg.vector_norm(M[e].double() - (U[e].double() * S[e].double()) @ Vh[e].double()))
+        assert error <= 1.01 * optimal
+
+
+def test_a_batch_draws_its_own_test_matrix(gen):
+    M = torch.randn(3, 40, 30, generator=gen)
+    U, S, Vh = operator_svd(lambda X: M @ X, lambda Y: M.mT @ Y, (40, 30), 4, oversample=16, batch=3,
+                            generator=torch.Generator().manual_seed(1))  # (3, 40, 30) @ (3, 30, l)
+    omega = sketch_matrix((40, 30), 4, 16, torch.Generator().manual_seed(1), batch=3)
+    again = operator_svd(lambda X: M @ X, lambda Y: M.mT @ Y, (40, 30), 4, oversample=16, batch=3, sketch=M @ omega)
+    for a, b in zip((U, S, Vh), again):
+        assert torch.equal(a, b)  # the same draw and the same calls: the same bits

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from lorasurg.config import LoraConfig
 from lorasurg.engine.factors import LoraFactors, merged_weight
-from lorasurg.errors import InputError, OutputExistsError, ShapeMismatchError, UnsupportedError
+from lorasurg.errors import InputError, OutputExistsError, ShapeMismatchError
 from lorasurg.io.adapter import Adapter, AdapterModule
 from lorasurg.io.checkpoint import Checkpoint
 from lorasurg.io.rewrite import TensorSource

@@ -4,6 +4,15 @@
 ``modules_to_save``, bias deltas); :func:`build_adapter` turns it into an :class:`~lorasurg.io.adapter.Adapter`
 whose config selects exactly the modules with factors, and fills the report. See
 :mod:`lorasurg.surgery.extract` for the conventions (scale, lora_bias, tied embeddings).
+
+The factors are fitted under the checkpoint's names, one module each, experts included; the adapter is laid out
+by :func:`lorasurg.surgery.adapter_layout.peft_layout`, the one writer of what PEFT loads on the model transformers
+builds: the model's module names (multimodal towers renamed), experts per expert or as ``target_parameters`` on
+their fused parameters (every expert present, at one rank), ``target_modules`` selecting exactly the adapted
+modules among every module of the model.
+
+Nothing is left out silently: a changed tensor dropped for a reason other than the user's choice (a *lost* one,
+:mod:`.plan`) makes :func:`build_adapter` refuse, naming each with its share of the delta, unless ``allow_dropped``.
 """
 
 from __future__ import annotations
@@ -20,10 +29,11 @@ from ...consumers.prepare import prepare_for
 from ...consumers.rules import CONSUMERS, Consumer
 from ...errors import InputError, option
 from ...io.adapter import TOKENS_PART, Adapter, AdapterModule
+from ...io.architecture import ModelDescription
 from ...io.checkpoint import Checkpoint
 from ...modules import ModuleInfo
-from ...targeting import exact_target_modules, rank_alpha_fields
-from ..options import task_type_of
+from ..adapter_layout import ExpertStack, model_tensor_name, peft_layout
+from ..options import short_list, task_type_of
 from .fit import Fit
 from .plan import TensorRole, split_tensor_name
 from .report import ExtractReport, TensorOutcome
@@ -46,6 +56,7 @@ class Collected:
     bias_deltas: dict[str, Tensor] = field(default_factory=dict)
     saved: dict[str, Tensor] = field(default_factory=dict)
     factors: dict[str, AdapterModule] = field(default_factory=dict)
+    stacks: dict[str, ExpertStack] = field(default_factory=dict)  # stored 3-D expert key -> factors of its experts
     fits: dict = field(default_factory=dict)
     zero_rank: dict[str, Fit] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -92,11 +103,13 @@ def build_adapter(
     r: int,
     allow_empty: bool,
     base_name: str,
+    allow_dropped: bool = False,
 ) -> Adapter:
     """The adapter for what ``run`` collected; fills ``report`` (outcomes, fits, notes, totals).
 
     Raises:
-        InputError: the checkpoints are identical (without ``allow_empty``), or no LoRA-able weight changed.
+        InputError: the checkpoints are identical (without ``allow_empty``), no LoRA-able weight changed, or a
+            changed tensor is lost (not carried, not by the user's choice) without ``allow_dropped``.
     """
     roles = {**roles, **run.row_roles}
     if not run.changed:
@@ -114,50 +127,89 @@ def build_adapter(
                             "needs a LoRA target; --allow-empty)")
     save_blocked = [c for c in (CONSUMERS[n] for n in report.consumers) if not c.carries("modules_to_save")]
     save_modules = _outcomes(run, report, roles, use_bias, save_blocked)
+    _refuse_lost(report, allow_dropped)
     _complete_saved(run, tuned, save_modules)
     tied = _tie(run, save_modules)
     if use_bias:
         _bias_factors(run, report, modules, roles)
-    if not run.factors and run.tokens:
+    if not run.factors and not run.stacks and run.tokens:
         raise InputError(
             f"only the rows of {', '.join(run.tokens)} changed between {report.base} and {report.tuned}: PEFT's "
             "LoraConfig needs at least one LoRA target beside trainable_token_indices, and no other LoRA-able weight "
             "changed. Pass --allow-empty to add zero LoRA factors on the other layers (a no-op beside the tokens), "
             "or use --embeddings lora or full."
         )
-    if not run.factors:
+    if not run.factors and not run.stacks:
         kept = ", ".join(f"{o.name} ({o.outcome})" for o in report.outcomes[:10])
         raise InputError(
             f"no LoRA-able weight changed between {report.base} and {report.tuned} (or every one was excluded or "
             f"got rank 0), so there is no adapter to write. Changed tensors: {kept}. Check --target-modules, "
             "--exclude-modules, --embeddings and --rank-policy." + _for_hint(report)
         )
-    names = _ModelNames(base)
-    config = _config(run, modules, save_modules, use_bias, base, base_name, names)
-    extra = {names.tensor(k): v for k, v in run.saved.items()}
-    extra.update({f"{names.module(m)}.{TOKENS_PART}": rows for m, (_, rows) in run.tokens.items()})
-    adapter = Adapter(config, {names.module(m): dataclasses.replace(f, name=names.module(m))
-                               for m, f in run.factors.items()}, extra)
+    description = base.describe()
+    layout = peft_layout(
+        description, run.factors, {m: (f.rank, run.scale * f.rank) for m, f in run.factors.items()},
+        model_type=(base.config or {}).get("model_type"), extra=run.saved, modules_to_save=save_modules,
+        stacks={_stored_parameter(description, key): stack for key, stack in run.stacks.items()},
+        refused=["lora_bias"] if use_bias else [],
+    )
+    tokens = {description.model_name(m): (i, rows) for m, (i, rows) in run.tokens.items()}  # the model's names
+    config = LoraConfig(
+        **layout.fields,
+        lora_bias=use_bias,
+        trainable_token_indices={m: list(i) for m, (i, _) in tokens.items()} or None,
+        fan_in_fan_out=any(modules[m].fan_in_fan_out for m in run.factors if m in modules),
+        init_lora_weights=True,
+        task_type=task_type_of(base.config),
+        base_model_name_or_path=base_name,
+    )
+    extra = {**layout.extra, **{f"{m}.{TOKENS_PART}": rows for m, (_, rows) in tokens.items()}}
+    adapter = Adapter(config, layout.modules, extra)
     _token_notes(run, report)
     problems = adapter.problems()
     if problems:  # a bug in extract, not in the user's input
         raise AssertionError("extract built an inconsistent adapter: " + "; ".join(problems))
-    stored = {names.tensor(k): k for k in run.saved}
+    stored = {model_tensor_name(description, k): k for k in run.saved}
     adapter, report.for_report = prepare_for(
-        adapter, report.consumers, tied=[names.module(t) for t in tied], total_energy=report.total_energy,
+        adapter, report.consumers, tied=[description.model_name(t) for t in tied], total_energy=report.total_energy,
         delta_energy={k: run.changed[stored[k]][1] if stored.get(k) in run.changed else 0.0 for k in adapter.extra},
+        model_type=(base.config or {}).get("model_type"),
     )
-    report.fits = [run.fits[m] for m in run.factors if names.module(m) in adapter.modules and m in run.fits]
-    renamed = [m for m in run.factors if names.module(m) != m]
+    report.fits = [f for m, f in run.fits.items() if m in run.stacks or description.model_name(m) in adapter.modules]
+    renamed = [m for m in run.factors if description.model_name(m) != m]
     if renamed:
         run.notes.append(
             f"the model names {len(renamed)} of the adapted modules otherwise than the checkpoint (transformers' "
             f"conversion rules for this architecture): the adapter uses the model's names, which PEFT loads, e.g. "
-            f"{renamed[0]} -> {names.module(renamed[0])}")
+            f"{renamed[0]} -> {description.model_name(renamed[0])}")
+    run.notes.extend(layout.notes)
     report.notes[:0] = run.notes
     report.adapter_parameters = adapter.num_parameters()
     report.adapter_bytes = adapter.num_bytes()
     return adapter
+
+
+def _stored_parameter(description: ModelDescription, key: str) -> str:
+    """The model's name of the 3-D expert parameter stored under checkpoint key ``key``."""
+    return next(p.name for p in description.parameters.values() if p.stored == key)
+
+
+def _refuse_lost(report: ExtractReport, allow_dropped: bool) -> None:
+    """Refuse (exit 2, nothing written) when a changed tensor is lost, unless ``allow_dropped``: then say so."""
+    lost = report.lost()
+    if not lost:
+        return
+    share = sum(report.share(o) for o in lost)
+    listed = short_list([f"{o.name} ({100 * report.share(o):.3f}%: {o.reason})" for o in lost], limit=8)
+    if allow_dropped:
+        report.notes.append(f"--allow-dropped: {len(lost)} changed tensor(s) that the adapter cannot carry are left "
+                            f"out ({100 * share:.3f}% of the delta energy): {listed}")
+        return
+    raise InputError(
+        f"{len(lost)} changed tensor(s) would be left out of the adapter, not by your choice ({100 * share:.3f}% of "
+        f"the delta energy): {listed}. Nothing was written. Pass --allow-dropped (allow_dropped=True) to write the "
+        "adapter without them (the report lists them), or leave them out yourself (--exclude-modules, "
+        "--no-lora-bias).")
 
 
 # ------------------------------------------------------------------------------------------------ steps
@@ -197,7 +249,7 @@ def _outcomes(run: Collected, report: ExtractReport, roles: Mapping[str, TensorR
         role = roles[name]
         outcome, reason = "dropped", role.reason
         if role.role == "lora":
-            if role.module in run.factors:
+            if role.module in run.factors or name in run.stacks:
                 outcome, reason = "lora", ""
             else:
                 outcome, reason = "rank0", "the rank policy keeps no singular value: left out of target_modules"
@@ -215,7 +267,7 @@ def _outcomes(run: Collected, report: ExtractReport, roles: Mapping[str, TensorR
             outcome = "trainable_tokens"
         if outcome == "modules_to_save":
             save[role.module] = None
-        report.outcomes.append(TensorOutcome(name, shape, outcome, reason, energy))
+        report.outcomes.append(TensorOutcome(name, shape, outcome, reason, energy, lost=role.lost))
     report.tensors_unchanged = run.unchanged
     zero = sorted(run.zero_rank)
     if zero:
@@ -226,7 +278,7 @@ def _outcomes(run: Collected, report: ExtractReport, roles: Mapping[str, TensorR
             f"r={report.r} exceeds min(out, in) of {len(clamped)} module(s); their rank was clamped to it: "
             + ", ".join(f"{m} (r={run.fits[m].rank})" for m in clamped)
         )
-    left = [o for o in report.outcomes if o.outcome in ("dropped", "rank0")]
+    left = [o for o in report.outcomes if o.outcome in ("dropped", "rank0") and not o.lost]
     if left:
         share = sum(report.share(o) for o in left)
         run.notes.append(f"{len(left)} changed tensor(s) are not in the adapter ({100 * share:.3f}% of the delta energy)")
@@ -318,42 +370,3 @@ def _bias_factors(run: Collected, report: ExtractReport, modules: Mapping[str, M
         )
     if any(r.role == "save" and "lora_bias" in r.reason for r in roles.values()):
         run.notes.append("PEFT refuses lora_bias on Embedding layers: the changed embedding is saved in full instead")
-
-
-class _ModelNames:
-    """Checkpoint names (what extract reads and reports) to the model's names (what the adapter is keyed by,
-    the namespace PEFT loads it in): the same except where transformers renames (multimodal towers)."""
-
-    def __init__(self, base: Checkpoint) -> None:
-        self._description = base.describe()
-
-    def module(self, name: str) -> str:
-        return self._description.model_name(name)
-
-    def tensor(self, key: str) -> str:
-        module, leaf = split_tensor_name(key)
-        return f"{self.module(module)}.{leaf}" if module else key
-
-    def all_modules(self) -> list[str]:
-        return self._description.all_module_names()
-
-
-def _config(run: Collected, modules: Mapping[str, ModuleInfo], save_modules: list[str], use_bias: bool,
-            base: Checkpoint, base_name: str, names: _ModelNames) -> LoraConfig:
-    """The adapter_config: exactly the modules with factors, each at its own rank with the common scale, named
-    as the model names them; ``target_modules`` selects exactly those among every module of the model."""
-    fields = rank_alpha_fields({names.module(m): (f.rank, run.scale * f.rank) for m, f in run.factors.items()})
-    selected = [names.module(m) for m in run.factors]
-    targets = exact_target_modules(selected, names.all_modules())
-    return LoraConfig(
-        **fields,
-        target_modules=targets,
-        lora_bias=use_bias,
-        modules_to_save=sorted(names.module(m) for m in save_modules) or None,
-        trainable_token_indices={names.module(m): list(i) for m, (i, _) in run.tokens.items()} or None,
-        fan_in_fan_out=any(modules[m].fan_in_fan_out for m in run.factors if m in modules),
-        init_lora_weights=True,
-        task_type=task_type_of(base.config),
-        base_model_name_or_path=base_name,
-    )
-

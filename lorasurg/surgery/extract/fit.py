@@ -14,7 +14,7 @@ streamed from disk: :data:`PASSES` passes over the delta, :func:`oversample` ext
 product ``M @ Omega`` taken in the pass that read the delta (:meth:`.stream.DeltaOperator.stats`). The error
 ``||dW - s B A||_F`` comes from that pass's ``||dW||_F^2`` without another pass: ``U_r diag(S_r) Vh_r = P dW``
 with ``P`` the orthogonal projection onto ``U_r``, so ``||dW - P dW||_F^2 = ||dW||_F^2 - sum(S_r^2)``; only
-when that is below :data:`_MEASURE_BELOW` of ``||dW||_F^2`` (where the subtraction loses digits) is the residual
+when that is below :data:`MEASURE_BELOW` of ``||dW||_F^2`` (where the subtraction loses digits) is the residual
 measured.
 
 Entry points: :func:`fit_operator` for a delta read by a :class:`.stream.DeltaOperator` (held or streamed),
@@ -35,7 +35,7 @@ from ...engine.sketch import operator_svd
 from ...engine.svd import decompose, frobenius_sq, split_factors
 from .stream import DeltaOperator
 
-__all__ = ["PASSES", "oversample", "sketch_size", "Fit", "fit_delta", "fit_operator"]
+__all__ = ["PASSES", "MEASURE_BELOW", "oversample", "sketch_size", "Fit", "fit_delta", "fit_operator"]
 
 #: Passes of the randomized SVD over the delta (:func:`lorasurg.engine.sketch.operator_svd`; the first is the read
 #: itself, the last one has ``k`` columns instead of ``l``). Error / optimal (Eckart-Young), worst of 3 seeds, on
@@ -56,7 +56,7 @@ __all__ = ["PASSES", "oversample", "sketch_size", "Fit", "fit_delta", "fit_opera
 #: for the adaptive in-memory method this replaces.
 PASSES = 4
 #: Below this share of ``||dW||_F^2`` left, the error is measured by a pass instead of subtracted.
-_MEASURE_BELOW = 1e-2
+MEASURE_BELOW = 1e-2
 
 
 def oversample(rank: int) -> int:
@@ -163,7 +163,7 @@ def _from_energy(S: Tensor, energy: float, measured: Callable[[Tensor, Tensor], 
 
     def residual(B: Tensor, A: Tensor) -> float:
         left = energy - float((S[: A.shape[0]].double() ** 2).sum())
-        if left >= _MEASURE_BELOW * energy:
+        if left >= MEASURE_BELOW * energy:
             return math.sqrt(left)
         return measured(B, A)
 

@@ -21,7 +21,14 @@ role            if the tensor changed
 
 Rules, in order:
 
-1. ``--exclude-modules`` wins: every tensor of an excluded module is ``drop`` ("excluded").
+1. ``--exclude-modules`` wins: every tensor of an excluded module is ``drop`` ("excluded"); the keys of rules 1a
+   and 1b are excluded by their own name too.
+1a. A key the model has no place for (:attr:`~lorasurg.io.architecture.ModelDescription.unplaced`), a tensor of a
+   module the model does not have, or a tensor LoRA cannot carry on its layer is ``drop``, *lost* (below).
+1b. A 3-D expert parameter the checkpoint stores fused (gpt-oss's ``mlp.experts.gate_up_proj``; ``stored_experts``)
+   is ``lora`` (kind ``experts``: one LoRA per expert), selected by its module's or its own name; any other tensor
+   of a module that holds such a target (gpt-oss's expert biases) is ``drop``, lost: PEFT refuses
+   ``modules_to_save`` on a module its ``ParamWrapper`` wraps, and a ``ParamWrapper`` takes no ``lora_bias``.
 2. Input embedding and output layer follow ``--embeddings``: ``skip`` -> ``drop``; ``full`` -> ``save``;
    ``auto``/``tokens`` -> ``rows`` when targeted (a head's weight, when the head has no bias);
    ``lora`` -> ``lora`` when targeted, except that PEFT refuses ``lora_bias`` on an ``nn.Embedding``, so with
@@ -35,10 +42,17 @@ Rules, in order:
    :mod:`lorasurg.consumers.rules`: vLLM and llama.cpp take no ``lora_B.bias`` and no ``modules_to_save``, vLLM no
    conv or embedding/output-layer LoRA, llama.cpp no LoRA on ``fan_in_fan_out`` layers) is ``drop``, with the
    consumer's rule as the reason. ``--serving`` is ``--for vllm``.
+6. A bias of a LoRA target when ``lora_bias`` is off because PEFT could not load it (``bias_blocked``: the
+   adapter needs ``target_parameters``, whose ``ParamWrapper`` refuses ``lora_bias``) is ``drop``, lost.
+
+A ``drop`` is *lost* (:attr:`TensorRole.lost`) when it is not the user's own choice (``--exclude-modules``,
+``--target-modules``, ``--embeddings skip``, ``--no-lora-bias``, ``--for``): ``extract`` refuses to leave a lost
+tensor out unless ``--allow-dropped`` is given.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Collection, Mapping, Optional, Sequence, Union
@@ -69,6 +83,7 @@ class TensorRole:
         reason: why (shown in the report for ``save``/``drop``; empty for ``lora``/``bias``).
         kind: the module's layer kind (``linear``, ``embedding``, ``conv2d``, ...) or None.
         source: for an ``alias``, the tensor it is tied to.
+        lost: a ``drop`` that is not the user's choice (the module docstring): refused without ``allow_dropped``.
     """
 
     name: str
@@ -77,6 +92,7 @@ class TensorRole:
     reason: str = ""
     kind: Optional[str] = None
     source: Optional[str] = None
+    lost: bool = False
 
 
 def split_tensor_name(name: str) -> tuple[str, str]:
@@ -115,6 +131,9 @@ def plan_roles(
     lora_bias: bool = False,
     serving: bool = False,
     consumers: Union[str, Sequence[str], None] = None,
+    stored_experts: Collection[str] = (),
+    unplaced: Optional[Mapping[str, str]] = None,
+    bias_blocked: Optional[str] = None,
 ) -> dict[str, TensorRole]:
     """The role of every tensor in ``names`` (see the module docstring for the rules).
 
@@ -130,6 +149,9 @@ def plan_roles(
         serving: the same as adding ``vllm`` to ``consumers``.
         consumers: what ``--for`` names (``peft``, ``vllm``, ``llama.cpp``, ``all``, or several): roles they
             cannot carry become ``drop`` (rule 5).
+        stored_experts: keys of 3-D expert parameters the checkpoint stores fused (rule 1b).
+        unplaced: ``{key: why}`` for keys the model has no place for (rule 1a).
+        bias_blocked: why ``lora_bias`` cannot be on when PEFT forbids it (rule 6); None otherwise.
 
     Raises:
         ConfigError: an unknown ``embeddings`` mode or an invalid regex.
@@ -140,17 +162,32 @@ def plan_roles(
     aliases = dict(aliases or {})
     embedding_layers = {m for m in (input_embedding, *output_layers) if m}
     roles: dict[str, TensorRole] = {}
+    unplaced = dict(unplaced or {})
+    stored = set(stored_experts)
     for name in names:
         module, param = split_tensor_name(name)
         info = modules.get(module)
-        kind = info.kind if info is not None else None
+        kind = "experts" if name in stored else info.kind if info is not None else None
         if name in aliases:
             roles[name] = TensorRole(name, module, "alias", f"tied to {aliases[name]}", kind, aliases[name])
             continue
-        role, reason = _decide(
+        keyed = name in stored or name in unplaced  # no module of their own: selected by their key too
+        if matches_any(exclude_modules, module) or (keyed and matches_any(exclude_modules, name)):
+            roles[name] = TensorRole(name, module, "drop", "excluded by --exclude-modules", kind)
+            continue
+        if name in unplaced:
+            roles[name] = TensorRole(name, module, "drop", f"the model has no place for it: {unplaced[name]}", kind,
+                                     lost=True)
+            continue
+        if name in stored:
+            targeted = not target_modules or matches_any(target_modules, module) or matches_any(target_modules, name)
+            roles[name] = TensorRole(name, module, "lora" if targeted else "drop",
+                                     "" if targeted else "not in --target-modules", kind)
+            continue
+        role, reason, lost = _decide(
             module, param, kind, module in embedding_layers, info is not None,
-            target_modules=target_modules, exclude_modules=exclude_modules,
-            embeddings=embeddings, lora_bias=lora_bias, has_bias=bool(info is not None and info.has_bias),
+            target_modules=target_modules, embeddings=embeddings, lora_bias=lora_bias,
+            has_bias=bool(info is not None and info.has_bias),
         )
         fan = bool(info is not None and info.fan_in_fan_out)
         if role == "rows":  # what a fallback to LoRA would meet: kept as the reason it would be dropped
@@ -158,8 +195,21 @@ def plan_roles(
             reason = why if fallback == "drop" else ""
         else:
             role, reason = _for_consumers(role, reason, name, kind, module in embedding_layers, fan, chosen)
-        roles[name] = TensorRole(name, module, role, reason, kind)
+        if role == "drop" and reason == _BIAS_OFF and bias_blocked:
+            reason, lost = bias_blocked, True
+        roles[name] = TensorRole(name, module, role, reason, kind, lost=lost and role == "drop")
+    _beside_stored_experts(roles)
     return roles
+
+
+def _beside_stored_experts(roles: dict[str, TensorRole]) -> None:
+    """Rule 1b's second half: the other changed-or-not tensors of a module whose stored experts get LoRA."""
+    holders = {role.module for role in roles.values() if role.role == "lora" and role.kind == "experts"}
+    for name, role in roles.items():
+        if role.module in holders and role.kind != "experts" and role.role in ("save", "bias"):
+            roles[name] = dataclasses.replace(role, role="drop", lost=True, reason=(
+                f"a tensor of {role.module}, whose fused expert parameters get LoRA (target_parameters): PEFT refuses "
+                "modules_to_save on a module its ParamWrapper wraps, and a ParamWrapper takes no lora_bias"))
 
 
 def blocker(consumers: Sequence[Consumer], feature: str) -> Optional[Consumer]:
@@ -192,31 +242,29 @@ def _for_consumers(role: str, reason: str, name: str, kind: Optional[str], is_em
 
 def _decide(
     module: str, param: str, kind: Optional[str], is_embedding_layer: bool, known: bool, *,
-    target_modules: Patterns, exclude_modules: Patterns, embeddings: str, lora_bias: bool, has_bias: bool = False,
-) -> tuple[str, str]:
-    """(role, reason) for one tensor; see :func:`plan_roles`."""
-    if matches_any(exclude_modules, module):
-        return "drop", "excluded by --exclude-modules"
+    target_modules: Patterns, embeddings: str, lora_bias: bool, has_bias: bool = False,
+) -> tuple[str, str, bool]:
+    """(role, reason, lost) for one tensor not excluded; see :func:`plan_roles`."""
     if not known:
-        return "drop", "not a parameter of a module of the model"
+        return "drop", "not a parameter of a module of the model", True
     if is_embedding_layer:
         if embeddings == "skip":
-            return "drop", "--embeddings skip"
+            return "drop", "--embeddings skip", False
         if embeddings == "full" or param != "weight":
-            return "save", "--embeddings full" if embeddings == "full" else "embedding-layer bias"
+            return "save", "--embeddings full" if embeddings == "full" else "embedding-layer bias", False
         if target_modules and not matches_any(target_modules, module):
-            return "drop", "not in --target-modules"
+            return "drop", "not in --target-modules", False
         if embeddings in ("auto", "tokens") and (kind == "embedding" or not has_bias):
-            return "rows", ""
+            return "rows", "", False
         if lora_bias and kind == "embedding":
-            return "save", "lora_bias is on and PEFT refuses lora_bias on Embedding layers, so saved in full"
-        return "lora", ""
+            return "save", "lora_bias is on and PEFT refuses lora_bias on Embedding layers, so saved in full", False
+        return "lora", "", False
     if kind in _LORA_KINDS and kind != "embedding":
         if target_modules and not matches_any(target_modules, module):
-            return "drop", "not in --target-modules"
+            return "drop", "not in --target-modules", False
         if param == "weight":
-            return "lora", ""
+            return "lora", "", False
         if param == "bias":
-            return ("bias", "") if lora_bias else ("drop", _BIAS_OFF)
-        return "drop", f"unexpected tensor {param!r} on a {kind} layer"
-    return "save", "not LoRA-able: saved in modules_to_save"
+            return ("bias", "", False) if lora_bias else ("drop", _BIAS_OFF, False)
+        return "drop", f"unexpected tensor {param!r} on a {kind} layer", True
+    return "save", "not LoRA-able: saved in modules_to_save", False

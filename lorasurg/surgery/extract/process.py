@@ -33,21 +33,25 @@ from .plan import TensorRole
 from .report import ModuleFit
 from .stream import DeltaOperator, Workspace, block_rows, max_abs, memory_needs, open_delta
 
-__all__ = ["compare", "process_tensor", "placements"]
+__all__ = ["compare", "process_tensor", "placements", "subtract_into"]
 
 #: Tensors that are not LoRA targets and have at most this many elements are read whole (norms, biases).
 _READ_WHOLE = 2**16
 
 
 def placements(base: Checkpoint, tuned: Checkpoint, roles: Mapping[str, TensorRole], modules, budget: MemoryBudget,
-               *, r: int, svd: str, policy: Optional[RankPolicy], out_dtype: Optional[torch.dtype]
-               ) -> dict[str, Placement]:
+               *, r: int, svd: str, policy: Optional[RankPolicy], out_dtype: Optional[torch.dtype],
+               groups: Optional[Mapping[str, tuple[Sequence[str], int, int]]] = None) -> dict[str, Placement]:
     """Where each LoRA target's delta lives while it is fitted: held in memory or streamed (see
     :meth:`MemoryBudget.place`), decided from the shapes before any tensor is read.
 
     The output being built (every LoRA factor, and every tensor a changed module would copy whole) is reserved
     from the budget first. Deltas that need the whole matrix (``--svd exact``, a policy needing the whole
     spectrum) are never streamed; tensors of ``.bin`` files cannot be.
+
+    ``groups``: ``{group: (member tensors, experts, bytes to fit one expert)}`` for the experts fitted together
+    (:mod:`.experts`); a group gets a placement under its name whose "rows" are experts: held whole, or fitted in
+    batches of ``block_rows`` experts. Its members get none.
 
     Raises:
         ConfigError: the budget is below the smallest workable one (one row block of the most demanding tensor,
@@ -56,8 +60,14 @@ def placements(base: Checkpoint, tuned: Checkpoint, roles: Mapping[str, TensorRo
     reserved = _reserved_bytes(base, roles, modules, r, out_dtype)
     whole = svd == "exact" or (policy is not None and policy.needs_full_spectrum)
     needs, result = [], {}
+    grouped = {member for members, _, _ in (groups or {}).values() for member in members}
+    for group, (members, count, per_expert) in (groups or {}).items():
+        needs.append((group, reserved + per_expert, f"{format_size(per_expert)} to fit one expert's delta"
+                      + _plus(reserved)))
+        result[group] = budget.place(group, hold_bytes=per_expert * count, row_bytes=per_expert, fixed_bytes=0,
+                                     rows=count, reserved=reserved, max_block_rows=count)
     for name, role in roles.items():
-        if role.role not in ("lora", "rows"):  # an embedding layer's rows may become a LoRA
+        if role.role not in ("lora", "rows") or name in grouped:  # an embedding layer's rows may become a LoRA
             continue
         shape = tuple(base.shape(name))
         rows, cols = (shape[0] if shape else 1), math.prod(shape[1:])
@@ -93,7 +103,9 @@ def _reserved_bytes(base: Checkpoint, roles: Mapping[str, TensorRole], modules, 
     size = 4 if out_dtype is None else out_dtype.itemsize  # factors are cast to the output dtype (<= float32)
     for name, role in roles.items():
         shape = tuple(base.shape(name))
-        if role.role in ("lora", "rows"):
+        if role.role == "lora" and role.kind == "experts":  # (E, d1, d2): one LoRA per expert
+            total += shape[0] * min(r, shape[1], shape[2]) * (shape[1] + shape[2]) * size
+        elif role.role in ("lora", "rows"):
             rows, cols = (shape[0] if shape else 1), math.prod(shape[1:])
             total += min(r, rows, cols) * (rows + cols) * size
         elif role.role in ("save", "bias"):
@@ -141,7 +153,7 @@ def compare(base: Checkpoint, tuned: Checkpoint, role: TensorRole, run: Collecte
     """Read one tensor pair whole; record what changed; return the float32 delta (on ``device``) or None.
 
     Memory: the float32 delta is built in place from the tuned tensor, then the base tensor is subtracted from it
-    in chunks (:func:`_subtract`), so at most the delta and one input are held at once (the tuned tensor is kept
+    in chunks (:func:`subtract_into`), so at most the delta and one input are held at once (the tuned tensor is kept
     only when its module is saved whole). ``x - y == 0`` exactly iff
     ``x == y`` in floating point, so a zero delta means an unchanged tensor.
     """
@@ -150,7 +162,7 @@ def compare(base: Checkpoint, tuned: Checkpoint, role: TensorRole, run: Collecte
     delta = w1.to(torch.float32, copy=True)
     keep = w1 if role.role == "save" else None
     del w1
-    _subtract(delta, base.get(role.name, device=device))
+    subtract_into(delta, base.get(role.name, device=device))
     peak = max_abs(delta)
     if peak == 0.0:
         run.unchanged += 1
@@ -163,7 +175,7 @@ def compare(base: Checkpoint, tuned: Checkpoint, role: TensorRole, run: Collecte
     return delta
 
 
-def _subtract(delta: Tensor, w0: Tensor, chunk: int = 2**18) -> None:
+def subtract_into(delta: Tensor, w0: Tensor, chunk: int = 2**18) -> None:
     """``delta -= w0`` in place, converting ``w0`` to float32 a chunk at a time (a mixed-dtype ``sub_`` is
     several times slower on CPU, and a whole float32 copy of ``w0`` would double the memory)."""
     if w0.dtype == delta.dtype or w0.numel() <= chunk:

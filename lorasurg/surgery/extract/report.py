@@ -46,6 +46,8 @@ class TensorOutcome:
             ``dropped`` or ``rank0`` (the rank policy gave 0: left out of target_modules).
         reason: why, for anything but ``lora``/``lora_bias``.
         energy: ``||tuned - base||_F**2`` of the tensor.
+        lost: ``dropped`` for a reason other than the user's choice (:mod:`.plan`): written only with
+            ``allow_dropped``, and then listed as such.
     """
 
     name: str
@@ -53,6 +55,7 @@ class TensorOutcome:
     outcome: str
     reason: str
     energy: float
+    lost: bool = False
 
 
 @dataclass
@@ -146,13 +149,18 @@ class ExtractReport:
             if o.outcome in ("modules_to_save", "lora_bias", "trainable_tokens"):
                 kept += o.energy
             elif o.outcome == "lora":
-                fit = fits.get(o.name.rpartition(".")[0])
+                fit = fits.get(o.name.rpartition(".")[0]) or fits.get(o.name)  # a module's weight, or stored experts
                 kept += o.energy * (1 - fit.rel_error**2 if fit else 0.0)
         return kept / total
 
     def left_out(self) -> list[TensorOutcome]:
         """Changed tensors the adapter does not carry (dropped, rank 0)."""
         return [o for o in self.outcomes if o.outcome in ("dropped", "rank0")]
+
+    def lost(self) -> list[TensorOutcome]:
+        """Changed tensors left out for a reason other than the user's choice (written only with
+        ``allow_dropped``)."""
+        return [o for o in self.outcomes if o.lost]
 
     def left_out_by_consumer(self) -> dict[str, list[dict[str, Any]]]:
         """For each consumer named with ``--for``: what was left out because it cannot carry it (tensor or
@@ -180,6 +188,7 @@ class ExtractReport:
             },
             "for": self.for_report.to_dict() if self.for_report is not None else None,
             "left_out_by_consumer": self.left_out_by_consumer(),
+            "lost": [{"name": o.name, "share": self.share(o), "why": o.reason} for o in self.lost()],
             "modules": [asdict(f) for f in self.fits],
             "tensors": [dict(asdict(o), share=self.share(o)) for o in self.outcomes],
             "buffers": [asdict(b) for b in self.buffers],
@@ -233,7 +242,7 @@ class ExtractReport:
             if any(f.clamped for f in self.fits):
                 table += "\n" + CLAMPED_FOOTNOTE
             parts.append(table)
-        others = [o for o in self.outcomes if o.outcome != "lora"]
+        others = [o for o in self.outcomes if o.outcome != "lora" and not o.lost]
         if others:
             rows = [(o.name, o.outcome, f"{100 * self.share(o):.3f}%", o.reason) for o in others]
             parts.append("other changed tensors:\n" + format_table(rows, ["tensor", "became", "energy share", "why"]))
@@ -243,6 +252,10 @@ class ExtractReport:
                      format_bytes(c.full_bytes), c.chosen, c.reason) for c in self.embeddings]
             parts.append("embedding layers (trainable tokens: the changed rows, exact; LoRA at r; the whole layer):\n"
                          + format_table(rows, ["tensor", "rows changed", "tokens", "LoRA", "full", "became", "why"]))
+        if self.lost():
+            rows = [(o.name, f"{100 * self.share(o):.3f}%", o.reason) for o in self.lost()]
+            parts.append("changed tensors the adapter cannot carry, left out with --allow-dropped:\n"
+                         + format_table(rows, ["tensor", "energy share", "why"]))
         if self.buffers:
             rows = [(b.name, "x".join(map(str, b.shape)) or "scalar", b.outcome, b.reason) for b in self.buffers]
             parts.append("buffers (registered by the architecture, not weights):\n"

@@ -24,6 +24,12 @@ once; the adapter then carries the change for both modules, since PEFT adapts th
 ``lora_embedding_A/B`` on the embedding and the same factors, transposed, as ``lm_head``'s ``lora_A/B`` (with
 ``--embeddings full``, a saved copy for each).
 
+Mixtures of experts: every expert's delta is fitted as its own LoRA, the experts of one projection and layer
+together by one batched randomized SVD, at one rank per group (:mod:`lorasurg.surgery.extract.experts`), and the
+adapter is laid out as PEFT loads it on the model transformers builds (per expert, or ``target_parameters`` on the
+fused parameters: :mod:`lorasurg.surgery.adapter_layout`). A changed tensor the adapter cannot carry for a reason
+other than the user's choice is refused unless ``allow_dropped`` (:mod:`lorasurg.surgery.extract.plan`).
+
 Memory: tensors are read one base/tuned pair at a time in shard order, in row blocks. ``max_memory`` (a
 :class:`~lorasurg.surgery.budget.MemoryBudget`; default half the available memory) decides per LoRA target whether
 its float32 delta is held in memory after one read or streamed from disk in row blocks over several passes
@@ -43,14 +49,16 @@ import torch
 from ...consumers.rules import CONSUMERS, with_serving
 from ...engine.factors import lora_scale
 from ...engine.ranks import parse_rank_policy
-from ...errors import ConfigError
+from ...errors import ConfigError, UnsupportedError
 from ...io.adapter import Adapter
 from ...io.checkpoint import Checkpoint
 from ..export.output import WithGguf, check_output, output_consumers, output_path, write_output
-from ..budget import MemoryBudget, Size
+from ..budget import MemoryBudget, Size, format_size
 from ..options import DTYPES, Progress, Source, dtype_problem, numel as _numel, open_checkpoint as _open
-from ..options import parse_device as _device, source_name as _source_name
+from ..adapter_layout import expert_form, parameter_targets
+from ..options import parse_device as _device, short_list as _short, source_name as _source_name
 from .build import Collected, build_adapter
+from .experts import expert_groups, finish_experts, fit_group, group_needs
 from .pair import buffer_names, check_pair
 from .plan import EMBEDDING_MODES, blocker, plan_roles, split_tensor_name
 from .report import ExtractReport, StreamedTensor
@@ -118,6 +126,7 @@ def extract(
     allow_empty: bool = False,
     progress: Optional[Progress] = None,
     max_memory: Optional[Size] = None,
+    allow_dropped: bool = False,
 ) -> tuple[Adapter, ExtractReport]:
     """Extract a LoRA adapter approximating ``tuned`` as ``base + adapter`` (see the module docstring).
 
@@ -152,6 +161,9 @@ def extract(
             in row blocks (4 passes); the report says which and why. Python and torch themselves are not counted,
             except with :class:`~lorasurg.surgery.budget.WholeProcess` (what ``--max-memory`` passes): then the
             memory the process holds at the start counts against the size too.
+        allow_dropped: write the adapter although changed tensors are left out for a reason other than the user's
+            own choice (a key the model has no place for, a bias PEFT cannot load beside ``target_parameters``):
+            they are then listed (``report.lost()``); without it such a run raises before anything is written.
 
     Returns:
         ``(adapter, report)``; save the adapter with :meth:`Adapter.save` (or use :func:`extract_to_dir`).
@@ -161,7 +173,11 @@ def extract(
             on one side only or that differ are ignored and listed in the report (:mod:`.pair`).
         InputError: a delta holds NaN/inf (tensors named); the checkpoints are identical (without
             ``allow_empty``); nothing LoRA-able changed; a checkpoint cannot be read; ``embeddings="lora"`` on a
-            resized vocabulary.
+            resized vocabulary; a changed tensor would be left out, not by the user's choice, without
+            ``allow_dropped`` (tensors and shares named).
+        UnsupportedError: ``--for`` names a consumer whose rules for mixture-of-experts LoRA lorasurg does not
+            know, for a model whose experts are LoRA targets; ``lora_bias=True`` for an adapter PEFT can only load
+            through ``target_parameters``.
         ConfigError: an invalid option value; a ``max_memory`` that is not a size, or below the smallest
             workable budget for these checkpoints (the message says what that is).
     """
@@ -180,7 +196,8 @@ def extract(
         report.buffers = check_pair(base_ckpt, tuned_ckpt, _embedding_weights(base_ckpt))
         adapter = _run(
             base_ckpt, tuned_ckpt, report, work_device, policy=policy, seed=seed, lora_bias=lora_bias,
-            allow_empty=allow_empty, progress=progress, out_dtype=DTYPES.get(dtype), budget=budget,
+            allow_empty=allow_empty, allow_dropped=allow_dropped, progress=progress, out_dtype=DTYPES.get(dtype),
+            budget=budget,
             plan=dict(target_modules=target_modules, exclude_modules=exclude_modules, embeddings=embeddings,
                       consumers=for_names),
         )
@@ -188,8 +205,8 @@ def extract(
 
 
 def _run(base: Checkpoint, tuned: Checkpoint, report: ExtractReport, device: torch.device, *, policy, seed: int,
-         lora_bias: Optional[bool], allow_empty: bool, progress: Optional[Progress], out_dtype, plan: dict,
-         budget: MemoryBudget) -> Adapter:
+         lora_bias: Optional[bool], allow_empty: bool, allow_dropped: bool, progress: Optional[Progress], out_dtype,
+         plan: dict, budget: MemoryBudget) -> Adapter:
     """The two passes over the tensors, then the adapter; fills ``report``."""
     r = report.r
     no_bias = blocker([CONSUMERS[c] for c in report.consumers], "lora_bias")
@@ -198,14 +215,21 @@ def _run(base: Checkpoint, tuned: Checkpoint, report: ExtractReport, device: tor
     names = [n for n in base.names() if n not in skip]
     modules = base.module_infos()
     aliases = base.tied_weights()
+    description = base.describe()
+    model_type = (base.config or {}).get("model_type")
     embed = _input_embedding(base, modules, aliases)
-    plan = dict(plan, input_embedding=embed, output_layers=base.output_layer_names(), aliases=aliases)
+    stored = [p.stored for p in description.parameters.values() if p.stored]
+    plan = dict(plan, input_embedding=embed, output_layers=base.output_layer_names(), aliases=aliases,
+                stored_experts=stored, unplaced=description.unplaced)
     run = Collected(scale=scale, out_dtype=out_dtype, aliases=aliases, input_embedding=embed)
     total = sum(_numel(base.shape(n)) for n in names if n not in aliases)
     done = 0
 
     # Pass 1: bias deltas of LoRA targets (small), which decide lora_bias before any embedding is fitted.
     with_bias = plan_roles(names, modules, lora_bias=True, **plan)
+    targets = [role.name if role.kind == "experts" else role.module for role in with_bias.values()
+               if role.role == "lora"]
+    _refuse_unknown_consumers(report, description, targets)
     compared = [n for n, role in with_bias.items() if role.role == "bias"]
     for name in compared:
         compare(base, tuned, with_bias[name], run, device)
@@ -214,49 +238,99 @@ def _run(base: Checkpoint, tuned: Checkpoint, report: ExtractReport, device: tor
     if no_bias and lora_bias:
         run.notes.append(f"--lora-bias ignored: {no_bias.title} {no_bias.rules['lora_bias'].says}")
     use_bias = use_bias and not no_bias
-    roles = with_bias if use_bias else plan_roles(names, modules, lora_bias=False, **plan)
+    wrapped = parameter_targets(description, targets, model_type=model_type) if use_bias else []
+    if wrapped and lora_bias:
+        raise UnsupportedError(
+            f"--lora-bias: PEFT loads this adapter through target_parameters ({_short(wrapped, 3)}; per-expert LoRA "
+            "is converted to them), and its ParamWrapper refuses lora_bias. Leave --lora-bias out (the bias deltas "
+            "are then listed), or exclude the experts with --exclude-modules")
+    bias_blocked = (f"PEFT cannot load lora_bias in this adapter: it needs target_parameters "
+                    f"({_short(wrapped, 3)}), whose ParamWrapper refuses lora_bias") if wrapped else None
+    use_bias = use_bias and not wrapped
+    roles = with_bias if use_bias else plan_roles(names, modules, lora_bias=False, bias_blocked=bias_blocked, **plan)
 
-    # Pass 2: everything else, in shard order, one tensor pair at a time, each LoRA target held or streamed.
-    places = placements(base, tuned, roles, modules, budget, r=r, svd=report.svd, policy=policy, out_dtype=out_dtype)
+    # Pass 2: everything else, in shard order, one tensor pair at a time, each LoRA target held or streamed; the
+    # experts of one projection and layer together, when the first of them comes.
+    whole = report.svd == "exact" or (policy is not None and policy.needs_full_spectrum)
+    groups = expert_groups(roles, description)
+    member_of = {member: group for group in groups.values() for member in group.members}
+    places = placements(base, tuned, roles, modules, budget, r=r, svd=report.svd, policy=policy, out_dtype=out_dtype,
+                        groups={g.name: (g.members, g.count, group_needs(g, base, tuned, r=r, whole=whole))
+                                for g in groups.values()})
     tokens_blocked = [CONSUMERS[c] for c in report.consumers if not CONSUMERS[c].carries("trainable_tokens")]
     resized = {n for n in names if n in tuned and tuple(tuned.shape(n)) != tuple(base.shape(n))}
     work = Workspace(device)
+    fits, fitted_groups = [], set()
     try:
         for name, role in roles.items():
-            if role.role == "alias" or name in compared:
+            group = member_of.get(name)
+            if role.role == "alias" or name in compared or (group is not None and group.name in fitted_groups):
                 continue
-            if role.role == "rows" or name in resized:
-                role = extract_rows(base, tuned, role, run, device, mode=plan["embeddings"], r=r, lora_bias=use_bias,
-                                    has_bias=modules[role.module].has_bias, blocked=tokens_blocked)
-            if role is not None:
-                process_tensor(base, tuned, role, modules, run, device, r=r, policy=policy, svd=report.svd,
-                               seed=seed, work=work, placement=places.get(name))
-            done += _numel(base.shape(name))
+            if group is not None:
+                work.release_matrix()  # the batch's budget does not include a held matrix
+                fitted = fit_group(base, tuned, group, roles, run, device, r=r, policy=policy, svd=report.svd,
+                                   seed=seed, chunk=places[group.name].block_rows)
+                fits += [fitted] if fitted is not None else []
+                fitted_groups.add(group.name)  # its other members are done too
+                done += sum(_numel(base.shape(m)) for m in group.members)
+            else:
+                if role.role == "rows" or name in resized:
+                    role = extract_rows(base, tuned, role, run, device, mode=plan["embeddings"], r=r,
+                                        lora_bias=use_bias, has_bias=modules[role.module].has_bias,
+                                        blocked=tokens_blocked)
+                if role is not None:
+                    process_tensor(base, tuned, role, modules, run, device, r=r, policy=policy, svd=report.svd,
+                                   seed=seed, work=work, placement=places.get(name))
+                done += _numel(base.shape(name))
             if progress is not None:
                 progress(done, total, name)
     finally:
         work.release()
     run.raise_non_finite()
-    fitted = {n for n, role in roles.items() if run.row_roles.get(n, role).role == "lora"}
-    _report_placements(report, base, {n: p for n, p in places.items() if n in fitted})
+    lora = {n for n, role in roles.items() if run.row_roles.get(n, role).role == "lora"}  # rows resolved
+    _report_placements(report, base, {n: p for n, p in places.items() if n in lora or n in groups}, groups)
+    finish_experts(run, fits, roles, policy=policy,
+                   one_rank=expert_form(description, model_type, stored) == "per-expert")
 
     report.lora_bias = use_bias
     report.tensors_compared = len([n for n in names if n not in aliases])
     return build_adapter(
         run, report, base, tuned, modules, roles, use_bias=use_bias, r=r, allow_empty=allow_empty,
-        base_name=report.base,
+        base_name=report.base, allow_dropped=allow_dropped,
     )
+
+
+def _refuse_unknown_consumers(report: ExtractReport, description, targets) -> None:
+    """Refuse ``--for`` consumers other than PEFT when experts are LoRA targets: their rules for mixture-of-experts
+    LoRA (which layout, which ranks, what they refuse) are not written down in :mod:`lorasurg.consumers` yet, and an
+    adapter written without them could be misread."""
+    others = [c for c in report.consumers if c != "peft"]
+    stored = {p.stored for p in description.parameters.values() if p.stored}
+    experts = [t for t in targets if t in description.experts or t in stored]
+    if not others or not experts:
+        return
+    names = ", ".join(others)
+    raise UnsupportedError(
+        f"written for {names} (--for, --to): lorasurg does not know yet how {names} read(s) LoRA on "
+        f"mixture-of-experts layers (which layout of the experts, which ranks, what is refused), and this adapter "
+        f"adapts {len(experts)} expert matrices ({_short(experts, 3)}); it could be misread. Extract for PEFT "
+        "(--for peft, no --to), or leave the experts out with --exclude-modules '.*\\.experts(\\..*)?' (their "
+        "changes are then listed as dropped)")
 
 
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def _report_placements(report: ExtractReport, base: Checkpoint, places) -> None:
-    """The streamed LoRA targets into the report, and a note on those held above the budget (they cannot be
-    streamed: .bin files)."""
+def _report_placements(report: ExtractReport, base: Checkpoint, places, groups) -> None:
+    """The streamed LoRA targets into the report, a note on those held above the budget (they cannot be
+    streamed: .bin files), and one on expert groups fitted in batches of fewer experts than they have."""
     over = []
     for name, place in places.items():
-        if not place.hold:
+        if name in groups:
+            if not place.hold:
+                report.notes.append(f"{name}: {groups[name].count} experts fitted in batches of {place.block_rows} "
+                                    f"(holding all needs {format_size(place.hold_bytes)}, above the memory budget)")
+        elif not place.hold:
             report.streamed.append(StreamedTensor(name, list(base.shape(name)), place.hold_bytes, place.block_rows,
                                                   place.reason))
         elif place.over_budget:

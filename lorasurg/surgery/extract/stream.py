@@ -29,7 +29,7 @@ from torch import Tensor
 from ...engine.threads import one_thread
 from ...io.checkpoint import Checkpoint, RowReader
 
-__all__ = ["Workspace", "DeltaOperator", "Stats", "max_abs", "open_delta", "memory_needs", "block_rows"]
+__all__ = ["Workspace", "DeltaOperator", "Stats", "check_delta", "max_abs", "open_delta", "memory_needs", "block_rows"]
 
 #: Elements per row block (4 MB as float32): large enough for efficient matrix products, small enough that a
 #: block's raw rows and float32 delta stay in cache while they are converted, checked and multiplied.
@@ -201,7 +201,7 @@ class DeltaOperator:
             with one_thread():
                 for _ in self._read():
                     pass
-            changed, finite, energy = _check(self.matrix)
+            changed, finite, energy = check_delta(self.matrix)
             if not finite:
                 self.matrix = None
                 return Stats(True, False, energy, None)
@@ -210,7 +210,7 @@ class DeltaOperator:
         product = torch.zeros(self.shape[0], X.shape[1], device=self.device) if X is not None else None
         for a, b, d in self._read():
             with one_thread():
-                block_changed, finite, block_energy = _check(d)
+                block_changed, finite, block_energy = check_delta(d)
             if not finite:
                 return Stats(True, False, energy, None)
             changed, energy = changed or block_changed, energy + block_energy
@@ -274,7 +274,7 @@ class DeltaOperator:
         self.tuned.close()
 
 
-def _check(d: Tensor) -> tuple[bool, bool, float]:
+def check_delta(d: Tensor) -> tuple[bool, bool, float]:
     """``(changed, finite, ||d||_F^2)`` from one norm; ``max |d|`` only when the norm is 0 or not finite."""
     norm = float(torch.linalg.vector_norm(d))
     if norm != 0.0 and math.isfinite(norm):

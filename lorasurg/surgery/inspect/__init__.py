@@ -7,6 +7,13 @@ the config gives it, tensor shapes, dtype and parameter count; the norm of its d
 type, the non-LoRA tensors, totals, every way the tensors contradict the config
 (:meth:`lorasurg.io.adapter.Adapter.problems`), per consumer (PEFT, vLLM, llama.cpp) whether it reads the
 adapter as PEFT does (:func:`lorasurg.consumers.consumer_verdicts`), and optionally a PNG of the spectra and norms (:mod:`.plot`).
+
+Mixtures of experts (:mod:`lorasurg.surgery.expert_groups`): per-expert modules are grouped per layer and
+projection (``model.layers.0.mlp.experts.*.gate_proj``: the experts, their ranks and the group's share of the
+adapter's delta energy); a ``target_parameters`` LoRA on fused experts (``lora_A (r E, in)``) is split per expert
+(:func:`lorasurg.engine.experts.split_experts`) and each expert reported as a module of its own,
+``<parameter>[e]`` at rank ``r``, with its own spectrum.
+
 A llama.cpp GGUF LoRA file is summarised as llama.cpp reads it (:mod:`.gguf`).
 """
 
@@ -20,19 +27,22 @@ from typing import Optional, Union
 import torch
 
 from ...consumers import consumer_verdicts
+from ...engine.experts import split_experts
 from ...engine.factors import lora_scale
-from ...io.adapter import Adapter
 from ...errors import InputError
+from ...io.adapter import Adapter, AdapterModule
 from ...io.checkpoint import Checkpoint
 from ...io.gguf import is_gguf
 from ...io.values import all_finite
 from ...layer_replication import find_layer_stack, source_name
+from ..expert_groups import ParameterLora, expert_groups, parameter_loras
 from .gguf import GgufInspectReport, inspect_gguf
 from .plot import check_plot_path, write_plot
-from .report import InspectReport, LayerTypeTotal, ModuleSummary
-from .spectra import base_weight_norm, module_spectrum
+from .report import ExpertGroupSummary, InspectReport, LayerTypeTotal, ModuleSummary
+from .spectra import BaseNorms, module_spectrum
 
-__all__ = ["ModuleSummary", "LayerTypeTotal", "InspectReport", "GgufInspectReport", "inspect_adapter"]
+__all__ = ["ModuleSummary", "LayerTypeTotal", "ExpertGroupSummary", "InspectReport", "GgufInspectReport",
+           "inspect_adapter"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -70,17 +80,28 @@ def inspect_adapter(
         replication = _replication(adapter, checkpoint)
         to_base = (lambda n: n) if not replication or not replication["stack"] else \
             (lambda n: source_name(n, replication["stack"], replication["sources"]))
-        modules, missing = [], []
+        norms = BaseNorms(checkpoint) if checkpoint is not None else None
+        loras = parameter_loras(adapter, norms.positions() if norms is not None else None)
+        modules, missing, groups = [], [], []
         for name, mod in adapter.modules.items():
-            summary = _summary(adapter, name)
-            if checkpoint is not None:
-                weight_norm = base_weight_norm(checkpoint, to_base(name))
-                if weight_norm is None:
-                    missing.append(name)
-                elif weight_norm > 0:
-                    summary.relative_norm = summary.delta_norm / weight_norm
-            modules.append(summary)
+            lora = loras.get(name)
+            if lora is not None and lora.experts > 1:
+                rows = _expert_summaries(adapter, lora, mod)
+                groups.append((lora.parameter, "target_parameters", rows))
+            else:
+                rows = [_summary(adapter, name, lora)]
+            for summary in rows:
+                if norms is not None:
+                    weight_norm = norms.norm(to_base(summary.name))
+                    if weight_norm is None:
+                        missing.append(summary.name)
+                    elif weight_norm > 0:
+                        summary.relative_norm = summary.delta_norm / weight_norm
+            modules.extend(rows)
         tokens = _tokens(adapter, checkpoint)
+    by_name = {m.name: m for m in modules}
+    for group, members in expert_groups(adapter.modules).items():
+        groups.append((group, "per expert", [by_name[m] for m in members.values()]))
     state = adapter.to_state_dict()
     report = InspectReport(
         source=os.fspath(path_or_repo),
@@ -95,6 +116,8 @@ def inspect_adapter(
         consumers=[v.to_dict() for v in consumer_verdicts(adapter)],
         tokens=tokens,
         replication=replication,
+        expert_groups=_expert_groups(groups, modules),
+        saved_modules=len(adapter.modules),
     )
     unmeasured = [m for m, mod in adapter.modules.items() if not _has_spectrum(mod)]
     if unmeasured:
@@ -116,6 +139,8 @@ def _tokens(adapter: Adapter, checkpoint: Optional[Checkpoint]) -> list[dict]:
         item = dict(module=module, rows=int(rows.shape[0]), indices=indices[module], shape=list(rows.shape),
                     dtype=str(rows.dtype).removeprefix("torch."), changed_norm=None)
         weight = f"{module}.weight"
+        if checkpoint is not None and weight not in checkpoint:  # a renamed tower's: the checkpoint's name
+            weight = f"{checkpoint.describe().checkpoint_module(module) or module}.weight"
         if checkpoint is not None and weight in checkpoint and len(indices[module]) == rows.shape[0]:
             stored = checkpoint.get(weight, dtype=torch.float64)
             inside = [k for k, i in enumerate(indices[module]) if i < stored.shape[0]]
@@ -139,14 +164,16 @@ def _replication(adapter: Adapter, checkpoint: Optional[Checkpoint]) -> Optional
     return dict(map=[list(p) for p in layer_map], stack=stack, layers=len(sources), sources=sources)
 
 
-def _summary(adapter: Adapter, name: str) -> ModuleSummary:
-    mod = adapter.modules[name]
-    r, alpha = adapter.rank_alpha(name)
+def _summary(adapter: Adapter, name: str, lora: Optional[ParameterLora] = None, mod: Optional[AdapterModule] = None,
+             layer_type: Optional[str] = None) -> ModuleSummary:
+    """One row; a target_parameters LoRA's rank and alpha are the config's for its parameter's name."""
+    mod = adapter.modules[name] if mod is None else mod
+    r, alpha = (lora.rank, lora.alpha) if lora is not None else adapter.rank_alpha(name)
     scale = lora_scale(r, alpha, adapter.config.use_rslora)
     spectrum = module_spectrum(mod, scale) if _has_spectrum(mod) else None
     return ModuleSummary(
         name=name,
-        layer_type=name.rsplit(".", 1)[-1],
+        layer_type=layer_type or name.rsplit(".", 1)[-1],
         kind=mod.kind,
         rank=mod.rank,
         alpha=alpha,
@@ -162,6 +189,31 @@ def _summary(adapter: Adapter, name: str) -> ModuleSummary:
             rank_99=spectrum.rank_99, spectrum=spectrum.singular_values,
         )),
     )
+
+
+def _expert_summaries(adapter: Adapter, lora: ParameterLora, mod: AdapterModule) -> list[ModuleSummary]:
+    """One row per expert of a target_parameters LoRA, named ``<parameter>[e]``."""
+    A, B = split_experts(mod.A, mod.B, lora.experts)  # (E, r, in), (E, out, r)
+    return [
+        _summary(adapter, f"{lora.parameter}[{e}]", lora, AdapterModule(f"{lora.parameter}[{e}]", A[e], B[e]),
+                 lora.leaf)
+        for e in range(lora.experts)
+    ]
+
+
+def _expert_groups(groups: list[tuple[str, str, list[ModuleSummary]]],
+                   modules: list[ModuleSummary]) -> list[ExpertGroupSummary]:
+    total = sum(m.delta_norm ** 2 for m in modules)
+    found = []
+    for name, layout, rows in groups:
+        energy = sum(m.delta_norm ** 2 for m in rows)
+        norms = [m.delta_norm for m in rows]
+        found.append(ExpertGroupSummary(
+            group=name, layout=layout, experts=len(rows), ranks=sorted({m.rank for m in rows}),
+            delta_norm=energy ** 0.5, min_norm=min(norms), max_norm=max(norms),
+            zero=sum(1 for n in norms if n == 0), energy_share=energy / total if total > 0 else 0.0,
+        ))
+    return found
 
 
 def _has_spectrum(mod) -> bool:

@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 from ..report import format_bytes, format_count, format_table
 
-__all__ = ["ModuleSummary", "LayerTypeTotal", "InspectReport"]
+__all__ = ["ModuleSummary", "LayerTypeTotal", "ExpertGroupSummary", "InspectReport"]
 
 
 @dataclass
@@ -59,6 +59,25 @@ class LayerTypeTotal:
 
 
 @dataclass
+class ExpertGroupSummary:
+    """The experts of one MoE layer's projection: per-expert modules (``group`` is
+    ``<layer>.experts.*.<projection>``) or one ``target_parameters`` LoRA split per expert (``group`` is the
+    parameter). ``ranks``: the distinct ranks of its experts; ``delta_norm``: ``sqrt(sum ||dW_e||_F^2)``;
+    ``min_norm``/``max_norm``: the smallest and largest expert's; ``zero``: experts whose delta is zero;
+    ``energy_share``: the group's share of the adapter's ``sum ||dW||_F^2``."""
+
+    group: str
+    layout: str
+    experts: int
+    ranks: list[int]
+    delta_norm: float
+    min_norm: float
+    max_norm: float
+    zero: int
+    energy_share: float
+
+
+@dataclass
 class InspectReport:
     """Everything ``inspect`` found in an adapter."""
 
@@ -76,6 +95,8 @@ class InspectReport:
     consumers: list[dict[str, Any]] = field(default_factory=list)
     tokens: list[dict[str, Any]] = field(default_factory=list)  # trainable-token rows per module
     replication: Optional[dict[str, Any]] = None  # layer_replication: the map and the layers it gives
+    expert_groups: list[ExpertGroupSummary] = field(default_factory=list)
+    saved_modules: Optional[int] = None  # LoRA modules in the file, when rows split target_parameters per expert
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -84,6 +105,7 @@ class InspectReport:
             "config": self.config,
             "modules": [asdict(m) for m in self.modules],
             "layer_types": [asdict(t) for t in self.layer_types],
+            "expert_groups": [asdict(g) for g in self.expert_groups],
             "extra": self.extra,
             "total_parameters": self.total_parameters,
             "total_bytes": self.total_bytes,
@@ -113,6 +135,8 @@ class InspectReport:
         parts = ["\n".join(head), format_table(rows, ["module", "kind", "r", "alpha", "scale", "A", "B", "dtype", "params"])]
         if self.modules:
             parts.append(self._render_spectra())
+        if self.expert_groups:
+            parts.append(self._render_experts())
         if self.tokens:
             rows = [(t["module"], t["rows"], _indices(t["indices"]), "x".join(map(str, t["shape"])), t["dtype"],
                      "-" if t.get("changed_norm") is None else f"{t['changed_norm']:.4g}") for t in self.tokens]
@@ -125,9 +149,11 @@ class InspectReport:
         extra = {k: v for k, v in self.extra.items() if not any(k.startswith(f"{t['module']}.") for t in self.tokens)}
         if extra:
             parts.append("other tensors:\n" + "\n".join(f"  {k}  {'x'.join(map(str, s))}" for k, s in extra.items()))
+        split = self.saved_modules is not None and self.saved_modules != len(self.modules)
         parts.append(
-            f"{len(self.modules)} LoRA modules, {format_count(self.total_parameters)} parameters, "
-            f"{format_bytes(self.total_bytes)}"
+            f"{self.saved_modules if split else len(self.modules)} LoRA modules"
+            + (f" ({len(self.modules)} rows above: target_parameters LoRAs per expert)" if split else "")
+            + f", {format_count(self.total_parameters)} parameters, {format_bytes(self.total_bytes)}"
         )
         if self.notes:
             parts.append("\n".join(f"note: {n}" for n in self.notes))
@@ -165,6 +191,16 @@ class InspectReport:
             "per layer type:\n" + format_table(type_rows, type_headers + (["mean /||W||_F"] if rel else [])),
             waste,
         ]).rstrip()
+
+
+    def _render_experts(self) -> str:
+        rows = [
+            (g.group, g.layout, g.experts, "/".join(map(str, g.ranks)), f"{g.delta_norm:.4g}",
+             f"{g.min_norm:.4g}..{g.max_norm:.4g}", g.zero, f"{100 * g.energy_share:.3g}%")
+            for g in self.expert_groups
+        ]
+        headers = ["experts of", "layout", "experts", "r", "||dW||_F", "per expert", "zero", "energy"]
+        return "experts per layer and projection:\n" + format_table(rows, headers)
 
 
 def _indices(values: list[int], limit: int = 8) -> str:

@@ -14,8 +14,10 @@ from ...engine.combine import METHODS, Method
 from ...engine.sparsify import SIGN_METHODS
 from ...errors import ConfigError, InputError, UnsupportedError
 from ...io.adapter import TOKENS_PART, Adapter, AdapterModule
+from ..expert_groups import expert_groups
+from ..expert_ranks import SplitAdapter
 
-__all__ = ["Options", "check_options", "plan_modules", "check_adapters", "default_rank"]
+__all__ = ["Options", "check_options", "plan_modules", "check_adapters", "check_expert_layouts", "default_rank"]
 
 _RANK_METHODS = ", ".join(n for n, m in METHODS.items() if m.takes_rank)
 _DENSITY_METHODS = ", ".join(n for n, m in METHODS.items() if m.uses_density)
@@ -228,6 +230,38 @@ def _check_extras(adapters: Sequence[Adapter], names: Sequence[str]) -> None:
             f"be merged without the base model's weights: {', '.join(clashes[:8])}. Remove the module from "
             "modules_to_save in all but one adapter (PEFT's add_weighted_adapter refuses this too)."
         )
+
+
+def check_expert_layouts(splits: Sequence[SplitAdapter], adapters: Sequence[Adapter], names: Sequence[str]) -> None:
+    """Refuse inputs whose experts cannot be merged expert by expert: one layer's experts per expert in one adapter
+    and as a target_parameters LoRA in another (two layouts PEFT cannot load as one adapter), or one
+    target_parameters LoRA over different numbers of experts (different base models).
+
+    Raises:
+        InputError: naming the layer or parameter and the adapters.
+    """
+    per_expert: dict[str, int] = {}
+    fused: dict[str, tuple[int, int]] = {}  # module holding the parameters -> (adapter index, experts)
+    problems = []
+    for index, (split, adapter) in enumerate(zip(splits, adapters)):
+        for group in expert_groups(adapter.modules):
+            per_expert.setdefault(group.split(".*.")[0], index)
+        for lora in split.loras.values():
+            if lora.experts == 1:
+                continue
+            owner = lora.parameter.rpartition(".")[0]
+            seen = fused.setdefault(lora.parameter, (index, lora.experts))
+            if seen[1] != lora.experts:
+                problems.append(f"{lora.parameter}: {names[seen[0]]} has {seen[1]} experts, {names[index]} "
+                                f"{lora.experts} (different base models)")
+            fused.setdefault(owner, (index, lora.experts))
+    for owner, index in per_expert.items():
+        if owner in fused:
+            problems.append(f"{owner}: {names[index]} has its experts per expert ({owner}.<e>.<projection>), "
+                            f"{names[fused[owner][0]]} as target_parameters; write both in one layout (lorasurg "
+                            "extract writes the one PEFT loads for the base)")
+    if problems:
+        raise InputError("cannot merge these adapters' experts expert by expert:\n  - " + "\n  - ".join(problems))
 
 
 def default_rank(adapters: Sequence[Adapter]) -> int:

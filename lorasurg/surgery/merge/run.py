@@ -16,6 +16,9 @@ used. Beyond PEFT:
 * Conv1d/Conv3d: the svd methods work on every conv layout (PEFT reshapes only Conv2d).
 * DoRA is refused (:func:`lorasurg.surgery.merge.checks.check_adapters` says why).
 * One adapter: the method asked for is applied (PEFT silently switches to ``linear``).
+* Mixtures of experts (:mod:`lorasurg.surgery.expert_ranks`): every method applies expert by expert, a
+  target_parameters LoRA split per expert and joined back at one rank, per-expert modules at one rank and scale,
+  the config's global ``r`` and ``lora_alpha``; one layer's experts in two layouts across the inputs are refused.
 
 ``modules_to_save`` copies and trainable tokens carry over from the one adapter that has them (values that replace
 the base's, not deltas: refused when two adapters differ there); ``layer_replication`` must be the same for all. (A
@@ -43,9 +46,10 @@ from ...engine.lowrank import lowrank_norm_sq
 from ...engine.threads import threads_for
 from ...io.adapter import Adapter, AdapterModule
 from ..export.output import WithGguf, check_output, output_consumers, output_path, write_output
+from ..expert_ranks import ExpertLayout, SplitAdapter, peft_experts, refuse_consumers, split_parameter_loras
 from ..patterns import derive_config, rank_scale_fields
 from ..sources import AdapterSource, open_adapter, refuse_grouped, source_name
-from .checks import Options, check_adapters, check_options, default_rank, plan_modules
+from .checks import Options, check_adapters, check_expert_layouts, check_options, default_rank, plan_modules
 from .report import InputSummary, MergeReport, ModuleMerge
 
 __all__ = ["merge_adapters", "merge_to_dir", "default_merge_path"]
@@ -118,14 +122,20 @@ def merge_adapters(
     Raises:
         ConfigError: options that do not fit the method or the adapters (see :func:`checks.check_options`),
             unequal ranks for a factor-wise method, an unknown consumer.
-        UnsupportedError: DoRA, or a LoRA on a grouped convolution.
+        UnsupportedError: DoRA adapters, a LoRA on a grouped convolution; ``consumers`` other than PEFT for
+            target_parameters LoRAs.
         InputError: unreadable adapters, adapters for different bases, clashing modules_to_save copies or
             trainable tokens, different layer_replication, nothing left that the named consumers can carry.
     """
     options = check_options(method, len(adapters), weights, r, density, majority_sign, seed)
     names_for = parse_consumers(consumers)
     opened = [open_adapter(a, f"adapter {i}") for i, a in enumerate(adapters)]
-    inputs, names = [a for a, _ in opened], [n for _, n in opened]
+    originals, names = [a for a, _ in opened], [n for _, n in opened]
+    splits = [split_parameter_loras(a) for a in originals]
+    for split, name in zip(splits, names):
+        refuse_consumers(split, names_for, name)
+    check_expert_layouts(splits, originals, names)
+    inputs = [s.adapter for s in splits]  # target_parameters LoRAs as one module per expert
     plan = plan_modules(inputs)
     for adapter, name in zip(inputs, names):
         refuse_grouped(adapter, name, "merged")
@@ -137,7 +147,7 @@ def merge_adapters(
         options.majority_sign if spec.uses_sign else None, options.seed if spec.random else None,
         consumers=list(names_for),
     )
-    for adapter, name, weight in zip(inputs, names, options.weights):
+    for adapter, name, weight in zip(originals, names, options.weights):
         cfg = adapter.config
         report.inputs.append(InputSummary(name, weight, cfg.r, cfg.lora_alpha, cfg.use_rslora, cfg.lora_bias,
                                           len(adapter.modules)))
@@ -147,17 +157,23 @@ def merge_adapters(
         merged, row = _merge_module(module, entries, inputs, options, new_rank, use_bias)
         modules[module] = merged
         report.modules.append(row)
-    config = _config(inputs, modules, use_bias)
+    loras = {path: lora for split in splits for path, lora in split.loras.items()}
+    source = {name: mod for adapter in reversed(originals) for name, mod in adapter.modules.items()}
+    layout = peft_experts(modules, {m: (mod.rank, 1.0) for m, mod in modules.items()},
+                          SplitAdapter(inputs[0], loras), source)
+    modules = layout.modules
+    report.notes += layout.notes
+    config = _config(originals, layout, use_bias)
     extra: dict[str, torch.Tensor] = {}
-    for adapter in inputs:
+    for adapter in originals:
         for key, tensor in adapter.extra.items():
             extra.setdefault(key, tensor)
     result = Adapter(config, modules, extra)
     problems = result.problems()
     if problems:  # a bug here, not in the user's input
         raise AssertionError("merge built an inconsistent adapter: " + "; ".join(problems))
-    _notes(report, inputs, names, extra)
-    tied = set().union(*(tied_heads(a) for a in inputs)) & set(result.modules)
+    _notes(report, originals, names, extra)
+    tied = set().union(*(tied_heads(a) for a in originals)) & set(result.modules)
     result, report.for_report = prepare_for(result, names_for, tied=tied)
     report.adapter_parameters = result.num_parameters()
     report.adapter_bytes = sum(t.numel() * t.element_size() for t in result.to_state_dict().values())
@@ -229,17 +245,20 @@ def _promoted(tensors: Sequence[torch.Tensor]) -> torch.dtype:
     return dtype
 
 
-def _config(inputs: Sequence[Adapter], modules: dict[str, AdapterModule], use_bias: bool):
-    """Adapter 0's config with the merged ranks at scale 1, the union of targets and modules_to_save, no DoRA/rsLoRA."""
+def _config(inputs: Sequence[Adapter], layout: ExpertLayout, use_bias: bool):
+    """Adapter 0's config with the merged ranks at scale 1, the union of targets and modules_to_save, no DoRA/rsLoRA;
+    per-expert modules at the global r (:mod:`lorasurg.surgery.expert_ranks`)."""
     base = inputs[0].config
-    changes: dict[str, Any] = dict(rank_scale_fields({m: (mod.rank, 1.0) for m, mod in modules.items()}))
+    changes: dict[str, Any] = dict(rank_scale_fields(layout.ranks, base=layout.base))
     same_targets = all(
-        set(a.modules) == set(inputs[0].modules) and all(getattr(a.config, f) == getattr(base, f) for f in _TARGETING)
+        set(a.modules) == set(inputs[0].modules)
+        and all(getattr(a.config, f) == getattr(base, f) for f in _TARGETING + ("target_parameters",))
         for a in inputs
     )
     if not same_targets:
-        changes.update(target_modules=sorted(modules), exclude_modules=None, layers_to_transform=None,
-                       layers_pattern=None)
+        changes.update(target_modules=sorted(m for m in layout.modules if m not in layout.paths) or None,
+                       target_parameters=sorted(layout.parameters) or None, exclude_modules=None,
+                       layers_to_transform=None, layers_pattern=None)
     saved = list(dict.fromkeys(m for a in inputs for m in (a.config.modules_to_save or [])))
     tokens = {m: i for a in inputs for m, i in a.token_indices().items()}  # each module's from its one owner
     changes.update(use_rslora=False, use_dora=False, lora_bias=use_bias, modules_to_save=saved or None,

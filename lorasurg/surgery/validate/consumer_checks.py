@@ -48,7 +48,8 @@ def check_consumers(subject: Subject) -> list[Finding]:
                 else "the config or the weights could not be read (see the findings above)")
         return [Finding("check-skipped", "--for", f"{what}: the consumers check ({', '.join(names)}) did not run",
                         "validate the adapter directory (config and weights) with --for")]
-    found = consumer_findings(subject.adapter, names, _tied(subject))
+    model_type = subject.base.model_type if subject.base is not None else None
+    found = consumer_findings(subject.adapter, names, _tied(subject), model_type)
     return [to_finding(f, subject.source) for f in found]
 
 

@@ -14,12 +14,20 @@ code                   fix
                        the one module it was meant for (``"^" + re.escape(name)``, in the same dict position),
                        when no other key takes that module first (in file order or PEFT's sorted order)
 ``file-bin``           write the tensors as ``adapter_model.safetensors`` instead of the pickle file
+``key-checkpoint-``    rename the keys of modules (and saved copies) keyed by the checkpoint's names to the
+``name``               model's names, and the ``target_modules``/``modules_to_save`` entries and anchored
+                       rank/alpha pattern keys that named them in full
+``parameter-refused``  ``lora_dropout: 0`` (dropout acts only while training); the other refused settings change
+                       what the adapter does and are left
+``dense-converted``    list each dense layer PEFT's MoE conversion leaves unadapted in ``target_parameters`` as
+                       ``"<module>.weight"``, with its rank and alpha under the parameter's anchored name where
+                       they differ from ``r``/``lora_alpha``
 =====================  ======================================================================================
 
-Tensor values are never changed: every tensor written is a tensor read, same key, dtype and values. The
-config is the file's own JSON with only the fixed keys changed, in the file's own key order (the order of
-pattern keys decides which one applies). Other files in the adapter directory (README, tokenizer files) are
-copied as they are.
+Tensor values are never changed: every tensor written is a tensor read, same dtype and values, and the same key
+except where ``key-checkpoint-name`` renames it. The config is the file's own JSON with only the fixed keys
+changed, in the file's own key order (the order of pattern keys decides which one applies). Other files in the
+adapter directory (README, tokenizer files) are copied as they are.
 """
 
 from __future__ import annotations
@@ -37,11 +45,11 @@ from torch import Tensor
 from ...config import CONFIG_NAME
 from ...errors import InputError
 from ...findings import Finding
-from ...io.adapter import BIN_WEIGHTS_NAME, WEIGHTS_NAME, parse_peft_key
+from ...io.adapter import BIN_WEIGHTS_NAME, WEIGHTS_NAME, parse_peft_key, peft_key
 from ...io.writer import atomic_output_dir, write_file
 from .report import Change, FixResult
 from .subject import Subject
-from ...targeting import pattern_key
+from ...targeting import alpha_value, anchored_pattern_key, pattern_key, rank_alpha
 from .target_checks import pattern_targets, unmatched_pattern_keys
 
 __all__ = ["FIXERS", "write_fixed_copy"]
@@ -83,14 +91,20 @@ def _fix_bias(subject: Subject, findings: list[Finding], plan: _Plan) -> None:
                 f"false -> true: {len(findings)} module(s) have lora_B.bias tensors, which PEFT dropped")
 
 
-def _fix_untargeted(subject: Subject, findings: list[Finding], plan: _Plan) -> None:
-    doomed = {f.where for f in findings}
-    dropped: dict[str, list[str]] = {}
-    for key in list(plan.state):
+def _parsed_keys(state: dict[str, Tensor]):
+    """``(key, module, part)`` for each PEFT key of ``state`` (a snapshot: the caller may change ``state``)."""
+    for key in list(state):
         try:
             module, part = parse_peft_key(key)
         except InputError:
             continue
+        yield key, module, part
+
+
+def _fix_untargeted(subject: Subject, findings: list[Finding], plan: _Plan) -> None:
+    doomed = {f.where for f in findings}
+    dropped: dict[str, list[str]] = {}
+    for key, module, part in _parsed_keys(plan.state):
         if part is not None and module in doomed:
             del plan.state[key]
             dropped.setdefault(module, []).append(part)
@@ -121,6 +135,68 @@ def _wins(patterns: dict, module: str, key: str) -> bool:
     return pattern_key(patterns, module) == key and pattern_key(dict(sorted(patterns.items())), module) == key
 
 
+def _concerned(findings: list[Finding]) -> list[str]:
+    return [name for f in findings for name in (f.modules or (f.where,))]
+
+
+def _fix_checkpoint_names(subject: Subject, findings: list[Finding], plan: _Plan) -> None:
+    names = subject.base.checkpoint_names
+    doomed = set(_concerned(findings))
+    renamed: dict[str, str] = {}
+    for key, module, part in _parsed_keys(plan.state):
+        if part is not None and module in doomed:
+            renamed[module] = names[module]
+            plan.state[peft_key(names[module], part)] = plan.state.pop(key)
+        elif part is None and module in doomed:
+            owner, _, leaf = module.rpartition(".")
+            renamed[owner] = names[owner]
+            plan.state[peft_key(names[owner], leaf)] = plan.state.pop(key)
+    for field in ("target_modules", "modules_to_save"):
+        if isinstance(plan.config.get(field), list):
+            plan.config[field] = [renamed.get(entry, entry) for entry in plan.config[field]]
+    anchored = {anchored_pattern_key(old): anchored_pattern_key(new) for old, new in renamed.items()}
+    for field in ("rank_pattern", "alpha_pattern"):
+        if isinstance(plan.config.get(field), dict):
+            plan.config[field] = {anchored.get(k, k): v for k, v in plan.config[field].items()}
+    plan.change("key-checkpoint-name", _short(sorted(renamed)),
+                f"{len(renamed)} module(s) renamed to the model's names (e.g. {next(iter(renamed))} -> "
+                f"{next(iter(renamed.values()))}), with the config entries that named them")
+
+
+def _fix_dropout(subject: Subject, findings: list[Finding], plan: _Plan) -> None:
+    if any(f.where == "lora_dropout" for f in findings):
+        plan.change("parameter-refused", "lora_dropout",
+                    f"{plan.config.get('lora_dropout')!r} -> 0: PEFT's ParamWrapper refuses dropout, which acts only "
+                    "in training")
+        plan.config["lora_dropout"] = 0.0
+
+
+def _fix_dense(subject: Subject, findings: list[Finding], plan: _Plan) -> None:
+    cfg, lost = subject.config, _concerned(findings)
+    plan.config["target_parameters"] = sorted(set(plan.config.get("target_parameters") or [])
+                                              | {f"{m}.weight" for m in lost})
+    if isinstance(plan.config.get("target_modules"), list):  # a full name PEFT moves would also fuse gate and up
+        plan.config["target_modules"] = [e for e in plan.config["target_modules"] if e not in lost]
+    keys = {anchored_pattern_key(m): anchored_pattern_key(f"{m}.weight") for m in lost}
+    for field, default in (("rank_pattern", cfg.r), ("alpha_pattern", cfg.lora_alpha)):
+        patterns = {keys.get(k, k): v for k, v in (plan.config.get(field) or {}).items()}
+        for module in lost:  # PEFT looks a wrapped parameter's rank and alpha up by the parameter's name
+            value = rank_alpha(cfg, module)[0 if field == "rank_pattern" else 1]
+            if value != default and keys[anchored_pattern_key(module)] not in patterns:
+                patterns[keys[anchored_pattern_key(module)]] = int(value) if field == "rank_pattern" \
+                    else alpha_value(value)
+        if patterns or field in plan.config:
+            plan.config[field] = patterns
+    plan.change("dense-converted", "target_parameters",
+                f"added {len(lost)} dense layer weight(s) ({_short(lost)}), which PEFT's MoE conversion would leave "
+                "unadapted (taken out of target_modules where named in full, their rank/alpha pattern keys moved to "
+                "the parameter's name); their tensor keys stay as they are")
+
+
+def _short(names: list[str], limit: int = 2) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
 def _fix_bin(subject: Subject, findings: list[Finding], plan: _Plan) -> None:
     plan.change("file-bin", BIN_WEIGHTS_NAME, f"written as {WEIGHTS_NAME}: the same keys, dtypes and values")
 
@@ -131,6 +207,9 @@ FIXERS: dict[str, Callable[[Subject, list[Finding], _Plan], None]] = {
     "tensor-untargeted": _fix_untargeted,
     "pattern-unmatched": _fix_patterns,
     "file-bin": _fix_bin,
+    "key-checkpoint-name": _fix_checkpoint_names,
+    "parameter-refused": _fix_dropout,
+    "dense-converted": _fix_dense,
 }
 """The safe fixes by the finding code they answer, in the order they are applied."""
 

@@ -137,7 +137,7 @@ def _against_base(f: GgufFile, complete: dict, base: PathLike) -> list[Finding]:
                              "export the adapter against its own base model"))
     described = open_base(base)
     flipped = [m for m, info in described.modules.items() if info.fan_in_fan_out]
-    expected = base_tensors(described.shapes, flipped, facts)
+    expected = base_tensors(described.checkpoint_shapes, flipped, facts)  # llama.cpp maps checkpoint names
     for name, (a, b) in complete.items():
         want = expected.get(name)
         if want is None:

@@ -15,8 +15,10 @@ from typing import Callable, Sequence
 from ...errors import LorasurgError
 from ...findings import SEVERITIES, Finding
 from .config_checks import check_config
-from .layout_checks import check_layout, check_tokens
 from .consumer_checks import check_consumers
+from .expert_checks import check_experts
+from .layout_checks import check_layouts
+from .structure_checks import check_replication, check_tokens
 from .subject import Subject
 from .target_checks import check_patterns, check_targets
 from .tensor_checks import check_dtypes, check_shapes, check_tensors
@@ -49,9 +51,11 @@ CHECKS: tuple[Check, ...] = (
     Check("tensors", check_tensors, ("config", "tensors")),
     Check("dtypes", check_dtypes, ("tensors",)),
     Check("shapes", check_shapes, ("tensors", "base")),
+    Check("experts", check_experts, ("config", "base")),
     Check("values", check_values, ("tensors",)),
-    Check("layout", check_layout),
+    Check("replication", check_replication),
     Check("tokens", check_tokens, ("config", "tensors")),
+    Check("layouts", check_layouts, ("config", "tensors")),  # MoE and multimodal layouts, PEFT on transformers 5
     Check("consumers", check_consumers),  # checks its own inputs: it needs the tensors only with --for
 )
 """The checks ``validate`` runs by default, in order."""

@@ -20,54 +20,14 @@ from ...config import CONFIG_NAME, ConfigReading, LoraConfig, read_config_json, 
 from ...errors import InputError
 from ...findings import Finding
 from ...io.adapter import BIN_WEIGHTS_NAME, WEIGHTS_NAME, Adapter, read_weights, weights_file
-from ...io.checkpoint import Checkpoint
 from ...io.hub import resolve_source
-from ...modules import ModuleInfo
-from ...targeting import match_modules
+from ...targeting import match_modules, without_parameters
+from .base_model import BaseModel, open_base
+from .peft_view import PeftView, peft_view
 
 __all__ = ["BaseModel", "Subject", "open_base", "load_subject"]
 
 PathLike = Union[str, "os.PathLike[str]"]
-
-
-@dataclass
-class BaseModel:
-    """The base model's modules and tensor shapes (no tensor is read).
-
-    Attributes:
-        source: what was given as ``--base``.
-        modules: ``{module name: ModuleInfo}`` (:meth:`~lorasurg.io.checkpoint.Checkpoint.module_infos`).
-        output_layers: the layers ``"all-linear"`` leaves out.
-        shapes: ``{tensor key: shape}``, tied aliases (a tied ``lm_head.weight``) included.
-        from_architecture: module kinds come from the transformers class (so GPT-2's ``Conv1D`` is known), not
-            from names and shapes alone.
-        tied: ``{alias key: canonical key}`` of tied weights (``{"lm_head.weight": "model.embed_tokens.weight"}``).
-    """
-
-    source: str
-    modules: dict[str, ModuleInfo]
-    output_layers: set[str]
-    shapes: dict[str, tuple[int, ...]]
-    from_architecture: bool
-    tied: dict[str, str] = field(default_factory=dict)
-
-
-def open_base(source: PathLike, task_type: Optional[str] = None) -> BaseModel:
-    """Describe the checkpoint at ``source`` (a path or hub id) from its headers and config.json.
-
-    Raises:
-        InputError: the checkpoint cannot be opened (see :meth:`~lorasurg.io.checkpoint.Checkpoint.open`).
-    """
-    with Checkpoint.open(source) as ckpt:
-        description = ckpt.describe(task_type)
-        shapes = {name: tuple(ckpt.shape(name)) for name in ckpt.names()}
-        for alias, canonical in description.tied.items():
-            if alias not in shapes and canonical in shapes:
-                shapes[alias] = shapes[canonical]
-        return BaseModel(
-            os.fspath(source), dict(description.modules), set(description.output_layers), shapes,
-            description.source.startswith("architecture:"), dict(description.tied),
-        )
 
 
 @dataclass
@@ -87,7 +47,7 @@ class Subject:
         base: the base model, or None.
         consumers: the consumers named with ``--for`` (``("peft",)``: PEFT's own rules only).
         read_findings: what reading found (``file-*``, ``key-foreign``, ``module-incomplete``).
-        layout_findings: what replicating the base's layers found (``replication-invalid``).
+        replication_findings: what replicating the base's layers found (``replication-invalid``).
     """
 
     source: str
@@ -101,8 +61,9 @@ class Subject:
     base: Optional[BaseModel] = None
     consumers: tuple[str, ...] = ("peft",)
     read_findings: list[Finding] = field(default_factory=list)
-    layout_findings: list[Finding] = field(default_factory=list)
+    replication_findings: list[Finding] = field(default_factory=list)
     _selection: Optional[list[str]] = field(default=None, repr=False)
+    _view: Optional[PeftView] = field(default=None, repr=False)
 
     @property
     def config(self) -> Optional[LoraConfig]:
@@ -110,8 +71,8 @@ class Subject:
         return self.reading.config if self.reading is not None and self.reading.usable else None
 
     def selection(self) -> Optional[list[str]]:
-        """The modules the config selects in the base model (PEFT's rules), or None without a base or config.
-        Computed once.
+        """The modules the config's ``target_modules`` selects in the base model (PEFT's rules; per-expert modules
+        count as modules, see :mod:`.base_model`), or None without a base or config. Computed once.
 
         Raises:
             LorasurgError: the config's targeting cannot be evaluated (target_modules None, a bad regex, an
@@ -120,11 +81,25 @@ class Subject:
         if self.config is None or self.base is None:
             return None
         if self._selection is None:
-            from .layout_checks import selecting_config
+            from .structure_checks import selecting_config
 
-            config = selecting_config(self.config) if not self.layout_findings else self.config
-            self._selection = match_modules(config, self.base.modules, self.base.output_layers)[0]
+            config = without_parameters(self.config)  # target_parameters select parameters, not modules
+            if not self.replication_findings:
+                config = selecting_config(config)  # the base's names are the replicated ones already
+            if config.target_modules is None and self.config.target_parameters:
+                self._selection = []
+            else:
+                self._selection = match_modules(config, self.base.modules, self.base.output_layers)[0]
         return list(self._selection)
+
+    def peft_view(self) -> Optional[PeftView]:
+        """How PEFT on transformers 5 sees the config and the adapter's names on the base
+        (:func:`~.peft_view.peft_view`), or None without a base or config. Computed once."""
+        if self.config is None or self.base is None:
+            return None
+        if self._view is None:
+            self._view = peft_view(self.config, self.base, self.adapter.modules if self.adapter is not None else ())
+        return self._view
 
 
 def _locate(path: PathLike) -> tuple[Optional[Path], Optional[Path]]:
@@ -184,9 +159,9 @@ def load_subject(path: PathLike, base: Union[PathLike, BaseModel, None] = None,
         task_type = _task_type(subject)
         subject.base = base if isinstance(base, BaseModel) else open_base(base, task_type)
         if subject.config is not None:  # judged as PEFT builds it: the stack replicated (layer_replication)
-            from .layout_checks import replicate_base
+            from .structure_checks import replicate_base
 
-            subject.base, subject.layout_findings = replicate_base(subject.base, subject.config)
+            subject.base, subject.replication_findings = replicate_base(subject.base, subject.config)
     return subject
 
 

@@ -28,6 +28,7 @@ from ...targeting import (
     pattern_key,
     rank_alpha,
     unused_pattern_keys,
+    without_parameters,
 )
 from .subject import BaseModel, Subject
 
@@ -42,10 +43,11 @@ def check_targets(subject: Subject) -> list[Finding]:
     against the base model's module names and shapes."""
     cfg, base = subject.config, subject.base
     selected = subject.selection()  # raises first when target_modules cannot be evaluated (None, bad regex)
+    wrapped = subject.peft_view().parameters  # target_parameters, and what PEFT's MoE conversion moves there
     found = _unmatched_targets(cfg, base) + _layer_findings(cfg, base)
-    if not selected and not found:  # nothing selected, and no finding above says why
+    if not selected and not found and not wrapped:  # nothing selected, and no finding above says why
         found.append(_none_selected(cfg, base))
-    found += _unsupported(selected, base.modules)
+    found += _unsupported([n for n in selected if f"{n}.weight" not in wrapped], base.modules)
     found += _unused_excludes(cfg, base)
     if not _one_rank_needed(cfg, subject.consumers):
         found += _too_large(cfg, [n for n in selected if base.modules[n].kind is not None], base.modules)
@@ -64,7 +66,8 @@ def pattern_targets(subject: Subject) -> Optional[tuple[list[str], list[str]]]:
         selected = None
     if selected is not None:
         modules = subject.base.modules
-        return [n for n in selected if modules[n].kind is not None], list(modules)
+        parameters = list(subject.peft_view().parameters)  # PEFT looks a parameter's rank up by its name
+        return [n for n in selected if modules[n].kind is not None] + parameters, list(modules) + parameters
     if subject.adapter is not None and subject.adapter.modules:
         names = list(subject.adapter.modules)
         return names, names
@@ -83,6 +86,8 @@ def check_patterns(subject: Subject) -> list[Finding]:
 
 def _unmatched_targets(cfg: Any, base: BaseModel) -> list[Finding]:
     target, names = cfg.target_modules, list(base.modules)
+    if target is None:  # target_parameters alone
+        return []
     if isinstance(target, str) and target.lower() == ALL_LINEAR:
         if any(info.is_linear_like and n not in base.output_layers for n, info in base.modules.items()):
             return []
@@ -132,9 +137,9 @@ def _unsupported(selected: Sequence[str], modules: Mapping[str, ModuleInfo]) -> 
 
 def _unused_excludes(cfg: Any, base: BaseModel) -> list[Finding]:
     exclude = cfg.exclude_modules
-    if not exclude:
+    if not exclude or cfg.target_modules is None:
         return []
-    probe = copy.copy(cfg)
+    probe = copy.copy(without_parameters(cfg))
     probe.exclude_modules = None
     would, _ = match_modules(probe, base.modules, base.output_layers)
     regex = isinstance(exclude, str)

@@ -14,10 +14,10 @@ from typing import Optional
 
 from ...errors import LorasurgError
 from ...findings import Finding
-from ...io.adapter import TOKENS_PART, AdapterModule
+from ...io.adapter import TOKENS_PART, AdapterModule, wrapped_module
 from ...modules import ModuleInfo
 from ...targeting import nearest_names, select_modules_to_save
-from .layout_checks import lora_modules
+from .structure_checks import lora_modules
 from .subject import BaseModel, Subject
 
 __all__ = ["check_tensors", "check_dtypes", "check_shapes"]
@@ -32,7 +32,14 @@ def check_tensors(subject: Subject) -> list[Finding]:
         selected = subject.selection()
     except LorasurgError:  # targeting cannot be evaluated: check-skipped comes from the targets check
         selected = None
-    return subject.adapter.findings(selected) + _saved_copies_missing(subject)
+    view = subject.peft_view()
+    if selected is not None and view is not None:  # a module keyed by another name of a selected module counts
+        chosen = set(selected)
+        names = subject.base.checkpoint_names
+        selected = [*selected, *(m for m in subject.adapter.modules
+                                 if view.name(m) in chosen or names.get(m) in chosen)]
+    paths = None if view is None else list(view.paths)
+    return subject.adapter.findings(selected, paths) + _saved_copies_missing(subject)
 
 
 def _saved_copies_missing(subject: Subject) -> list[Finding]:
@@ -85,14 +92,24 @@ def check_dtypes(subject: Subject) -> list[Finding]:
 
 
 def check_shapes(subject: Subject) -> list[Finding]:
-    """``module-missing``, ``kind-mismatch``, ``shape-mismatch``, ``extra-unmatched``: the adapter's tensors
-    against the base model's layers."""
+    """``module-missing``, ``kind-mismatch``, ``shape-mismatch``, ``extra-unmatched``, ``key-checkpoint-name``: the
+    adapter's tensors against the base model's layers, under the names PEFT loads them at. ``target_parameters``
+    LoRAs are checked against their parameters by :mod:`.expert_checks`."""
     base, adapter = subject.base, subject.adapter
     fan_in_fan_out = bool(getattr(subject.config, "fan_in_fan_out", False))
-    modules = lora_modules(base)
+    modules = lora_modules(base)  # an attention's in_proj and out_proj under the adapter's names
+    view = subject.peft_view()
+    holders = {p.module for p in base.parameters.values()}
+    renamed: dict[str, str] = {}
     found = []
-    for name, mod in adapter.modules.items():
+    for stored, mod in adapter.modules.items():
+        if view is not None and (stored in view.paths or _parameter_like(stored, base, holders)):
+            continue  # a target_parameters LoRA: expert_checks (or tensor-untargeted) judges it
+        name = view.name(stored) if view is not None else stored
         info = modules.get(name)
+        if info is None and base.checkpoint_names.get(name) in modules:
+            renamed[stored] = name = base.checkpoint_names[name]  # keyed by the checkpoint's name: PEFT misses it
+            info = modules[name]
         if info is None:
             close = nearest_names(name, base.modules, n=2)
             found.append(Finding(
@@ -116,6 +133,10 @@ def check_shapes(subject: Subject) -> list[Finding]:
             continue
         base_key = key.replace(".base_layer.", ".")
         want = base.shapes.get(base_key)
+        module, _, leaf = base_key.rpartition(".")
+        if want is None and f"{base.checkpoint_names.get(module)}.{leaf}" in base.shapes:
+            renamed[key] = f"{base.checkpoint_names[module]}.{leaf}"  # PEFT does not rename saved copies
+            want = base.shapes[renamed[key]]
         if want is None:
             found.append(Finding(
                 "extra-unmatched", key,
@@ -127,7 +148,32 @@ def check_shapes(subject: Subject) -> list[Finding]:
                 "shape-mismatch", key, f"shape {tuple(tensor.shape)}, but {base_key!r} of the base is {tuple(want)}",
                 "PEFT refuses to load it: validate against the base model the adapter was trained on",
             ))
+    if renamed:
+        found.append(_checkpoint_names(renamed, base))
     return found
+
+
+def _parameter_like(path: str, base: BaseModel, holders: set[str]) -> bool:
+    """A saved path that names a parameter wrapper (``...experts.base_layer``, or a module LoRA cannot wrap that
+    holds parameters a ``target_parameters`` LoRA can wrap), not a layer."""
+    info = base.modules.get(path)
+    return wrapped_module(path) != path or (info is not None and info.kind is None and path in holders)
+
+
+def _checkpoint_names(renamed: dict[str, str], base: BaseModel) -> Finding:
+    """``key-checkpoint-name``: modules (or saved tensors) keyed by the checkpoint's names, which PEFT does not
+    load under the model's names."""
+    names = list(renamed)
+    first = names[0]
+    more = f" and {len(names) - 1} more" if len(names) > 1 else ""
+    return Finding(
+        "key-checkpoint-name", first + more,
+        f"{len(names)} module(s) or tensor(s) are keyed by the checkpoint's names, but the model transformers builds "
+        f"from {base.source} names them otherwise ({first!r} is {renamed[first]!r}), and PEFT loads these keys "
+        "under the model's names without renaming them: it reports every one missing and adapts nothing there",
+        "rename the keys to the model's names (lorasurg validate --fix does); lorasurg extract writes them so",
+        tuple(names) if len(names) > 1 else (),
+    )
 
 
 def _layout(info: ModuleInfo, fan_in_fan_out: bool, base: BaseModel) -> ModuleInfo:

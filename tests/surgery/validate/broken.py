@@ -16,14 +16,14 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from lorasurg import Checkpoint, LoraConfig
 from lorasurg.io.adapter import CONFIG_NAME, WEIGHTS_NAME, Adapter, AdapterModule
-from lorasurg.targeting import select_modules
+from lorasurg.targeting import anchored_pattern_key, select_modules
 
 ROOT = Path(__file__).resolve().parents[3]
 LLAMA = ROOT / "fixtures" / "tiny-llama" / "base"
@@ -121,14 +121,14 @@ class Case:
         build: writes into the directory it is given; returns the PATH to validate.
         where: the finding's ``where`` must end with this.
         message: a regex the finding's message must match (``re.search``).
-        base: validate against the tiny Llama (else without ``--base``).
+        base: validate against the tiny Llama (else without ``--base``), or against this base.
         consumers: validate ``--for`` these (the ``consumer-*`` codes).
     """
 
     build: Callable[[Path], Path]
     where: str
     message: str
-    base: bool = True
+    base: Union[bool, Path] = True
     consumers: Optional[str] = None
 
 
@@ -357,14 +357,20 @@ CASES: dict[str, Case] = {
     "gguf-alpha": Case(lambda d: gguf_file(d, alpha=None), "adapter.lora.alpha",
                        r"is None: llama.cpp then applies scale 1 to every pair"),
     "check-skipped": Case(lambda d: save(clean_adapter(), d), "--base",
-                          r"no base model was given: the targets, shapes check\(s\) did not run", base=False),
+                          r"no base model was given: the targets, shapes, experts check\(s\) did not run", base=False),
 }
+
+
+from tests.surgery.validate.broken_moe import MOE_CASES  # noqa: E402 - its cases use the helpers above
+
+CASES.update(MOE_CASES)
 
 
 def build(code: str, directory: Path) -> tuple[Path, Optional[Path]]:
     """Write the case of ``code`` into ``directory``; returns ``(PATH, BASE or None)`` to validate."""
     case = CASES[code]
-    return case.build(directory), LLAMA if case.base else None
+    base = case.base if isinstance(case.base, Path) else LLAMA if case.base else None
+    return case.build(directory), base
 
 
 def main(argv: list[str]) -> None:

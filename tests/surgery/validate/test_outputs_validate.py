@@ -21,6 +21,8 @@ import shutil
 
 from lorasurg import convert_to_dir, export_gguf, extract_to_dir, merge_to_dir, rerank_to_dir, residualize, validate
 
+from tests.surgery.moe_adapters import base_of, family_adapter
+
 ROOT = Path(__file__).resolve().parents[3]
 
 
@@ -75,6 +77,30 @@ def _merge(arch: str, extracts: list[dict], **options) -> Callable[[Path], Path]
         sources = [_input(out, str(i), arch, **e) for i, e in enumerate(extracts)]
         merge_to_dir(sources, out, **options)
         return _pair(arch)[0]
+
+    return write
+
+
+def _family_input(out: Path, name: str, family: str, **adapter) -> Path:
+    """A seeded MoE/VLM adapter in the layout PEFT loads for ``family`` (tests/surgery/moe_adapters.py), next to
+    ``out``."""
+    path = out.parent / f"{out.name}.in-{name}"
+    family_adapter(family, **adapter).save(path)
+    return path
+
+
+def _family_rerank(family: str, adapter: dict, **options) -> Callable[[Path], Path]:
+    def write(out: Path) -> Path:
+        rerank_to_dir(_family_input(out, "src", family, **adapter), out, **options)
+        return base_of(family)
+
+    return write
+
+
+def _family_merge(family: str, adapters: list[dict], **options) -> Callable[[Path], Path]:
+    def write(out: Path) -> Path:
+        merge_to_dir([_family_input(out, str(i), family, **a) for i, a in enumerate(adapters)], out, **options)
+        return base_of(family)
 
     return write
 
@@ -147,6 +173,14 @@ WRITERS: dict[str, Callable[[Path], Path]] = {
     "extract-llama-energy-for-llama.cpp": _for("llama.cpp", _extract("llama", **ENERGY, consumers="llama.cpp")),
     "extract-llama-tokens-lm-head": _extract("llama", r=4, embeddings="tokens"),
     "extract-resized-vocabulary": _extract_resized(r=4),
+    # extract on mixture-of-experts and multimodal models: per-expert and target_parameters layouts, model names
+    "extract-qwen3-moe-r4": _extract("qwen3_moe", r=4),
+    "extract-qwen3-moe-energy": _extract("qwen3_moe", r=16, rank_policy="energy:0.9"),
+    "extract-mixtral-r4": _extract("mixtral", r=4),
+    "extract-qwen2-moe-r4": _extract("qwen2_moe", r=4),
+    "extract-deepseek-v3-r4": _extract("deepseek_v3", r=4),
+    "extract-gpt-oss-r4": _extract("gpt_oss", r=4),
+    "extract-qwen2-vl-r8": _extract("qwen2_vl", r=8),
     # residualize: the initial adapter on the residual model it wrote
     "residualize-llama-pissa": _residualize("llama", init="pissa", r=8),
     "residualize-llama-olora-clamped-rslora": _residualize("llama", init="olora", r=48, use_rslora=True,
@@ -200,6 +234,20 @@ WRITERS: dict[str, Callable[[Path], Path]] = {
     "merge-qwen2-svd-for-vllm": _for("vllm", _merge("qwen2", [dict(ENERGY, embeddings="lora"), dict(r=4)], method="svd",
                                                     consumers="vllm")),
     "merge-llama-cat-for-llama.cpp": _for("llama.cpp", _merge("llama", MIXED, method="cat", consumers="llama.cpp")),
+    # MoE and multimodal: per-expert modules at one rank and the global r, target_parameters per expert
+    "rerank-qwen3-moe-per-expert-energy": _family_rerank("qwen3_moe", dict(r=3), rank_policy="energy:0.6"),
+    "rerank-qwen3-moe-target-parameters-down": _family_rerank("qwen3_moe", dict(r=3, form="target-parameters"), r=2),
+    "rerank-gpt-oss-up": _family_rerank("gpt_oss", dict(r=2), r=4),
+    "rerank-deepseek-v3-down": _family_rerank("deepseek_v3", dict(r=3), r=1),
+    "rerank-qwen2-vl-energy": _family_rerank("qwen2_vl", dict(r=3), rank_policy="energy:0.5"),
+    "merge-qwen3-moe-cat": _family_merge("qwen3_moe", [dict(seed=1), dict(seed=2, r=3)], method="cat"),
+    "merge-mixtral-svd": _family_merge("mixtral", [dict(seed=1), dict(seed=2, r=3)], method="svd", weights=[0.7, 0.3]),
+    "merge-gpt-oss-ties": _family_merge("gpt_oss", [dict(seed=1), dict(seed=2)], method="ties", density=0.5),
+    "merge-qwen2-moe-dare-linear-svd": _family_merge("qwen2_moe", [dict(seed=1), dict(seed=2, r=3)],
+                                                     method="dare_linear_svd", density=0.5, r=2),
+    "merge-deepseek-v3-attention-and-experts": _family_merge(
+        "deepseek_v3", [dict(seed=1, targets=("q_b_proj", "kv_b_proj")), dict(seed=2, r=3)], method="cat"),
+    "merge-llava-svd": _family_merge("llava", [dict(seed=1), dict(seed=2, r=3)], method="svd"),
     # GGUF LoRA files (export --to gguf, and --to gguf on the writers): validated as llama.cpp's loader reads them
     "export-llama-gguf": _export("llama", R8),
     "export-qwen2-gguf-q8_0": _export("qwen2", dict(r=8, lora_bias=False), outtype="q8_0"),
@@ -214,19 +262,8 @@ WRITERS: dict[str, Callable[[Path], Path]] = {
 
 #: writers whose output PEFT loads exactly (tests/parity) but that validate on main cannot read yet: target_parameters
 #: and the model's namespace of multimodal towers (issue 16's validate work); strict, so each shows when it is done
-VALIDATE_PENDING = {
-    "residualize-qwen2-moe-pissa": "target_parameters' rank_pattern keys are parameter names",
-    "residualize-deepseek-v3-pissa-niter": "the targets check skips target_parameters",
-    "residualize-gpt-oss-pissa": "ParamWrapper paths (.base_layer) on fused experts",
-    "residualize-qwen2-vl-olora": "target_modules in the model's namespace",
-    "residualize-llava-pissa": "target_modules in the model's namespace",
-}
-
-
 @pytest.mark.parametrize("name", sorted(WRITERS))
-def test_written_adapter_validates_clean(tmp_path, name, request):
-    if name in VALIDATE_PENDING:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=f"validate: {VALIDATE_PENDING[name]}"))
+def test_written_adapter_validates_clean(tmp_path, name):
     writer = WRITERS[name]
     base = writer(tmp_path / name)
     findings = validate(tmp_path / name, base, consumers=getattr(writer, "consumers", None))
