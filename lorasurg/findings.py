@@ -88,8 +88,25 @@ CODES: dict[str, Code] = {
         "error", "base", "a tensor does not fit its base layer (in/out features, vocabulary, kernel, fan_in_fan_out)"
     ),
     "extra-unmatched": Code("warning", "base", "a non-LoRA tensor (modules_to_save copy) the base model has no place for"),
+    "replication-invalid": Code(
+        "error", "base", "layer_replication does not fit the base model (no layer stack, or a range past its layers)"
+    ),
     "key-checkpoint-name": Code(
         "error", "base", "a module or tensor keyed by the checkpoint's name, which the model names otherwise (PEFT misses it)"
+    ),
+    # trainable tokens (trainable_token_indices)
+    "tokens-unflagged": Code(
+        "error", "tokens", "trainable-token rows for a module trainable_token_indices does not name (PEFT ignores them)"
+    ),
+    "tokens-missing": Code(
+        "error", "tokens", "trainable_token_indices names a module the file has no rows for (PEFT keeps the base rows)"
+    ),
+    "tokens-shape": Code("error", "tokens", "trainable-token rows that do not fit their indices or their layer"),
+    "tokens-conflict": Code(
+        "error", "tokens", "a module with trainable tokens is also a LoRA target or in modules_to_save (PEFT refuses)"
+    ),
+    "tokens-need-resize": Code(
+        "warning", "tokens", "a trainable-token index past the base's rows: resize its token embeddings before loading"
     ),
     # mixtures of experts and target_parameters, as PEFT 0.21.2 loads them on transformers 5
     "parameter-unmatched": Code("error", "experts", "a target_parameters entry matches no parameter of the base model"),

@@ -53,7 +53,8 @@ class ModuleInfo:
     def lora_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...], int]:
         """``(A shape, B shape, out)`` that a rank-``r`` LoRA on this layer stores, in PEFT's file layout.
 
-        (:func:`lorasurg.engine.factors.factor_shapes` of this layer's kind, weight shape and layout.)
+        (:func:`lorasurg.engine.factors.factor_shapes` of this layer's kind, weight shape and layout; for a grouped
+        convolution PEFT's grouped ``lora_B``, :func:`lorasurg.engine.grouped_conv.grouped_factor_shapes`.)
 
         Raises:
             ValueError: the layer has no LoRA kind or no weight shape.
@@ -62,6 +63,11 @@ class ModuleInfo:
             raise ValueError(f"a {self.type_name} layer has no LoRA layout (kind {self.kind}, weight {self.weight_shape})")
         from .engine.factors import factor_shapes
 
+        if self.groups != 1:
+            from .engine.grouped_conv import grouped_factor_shapes
+
+            A, B = grouped_factor_shapes(tuple(self.weight_shape), self.groups, r)
+            return A, B, B[0]
         return factor_shapes(self.kind, tuple(self.weight_shape), r, self.fan_in_fan_out)
 
 

@@ -25,9 +25,10 @@ PEFT's rules, as mirrored here (``peft/tuners/tuners_utils.py``: ``check_target_
    ``.``-suffix of the module name wins, looked up separately for each; else ``r``/``lora_alpha``.
 
 Not modelled (refused with :class:`~lorasurg.errors.UnsupportedError`): ``target_parameters``,
-``layer_replication``, ``ensure_weight_tying`` together with an embedding layer, ``nn.MultiheadAttention``
-targets. Not modelled silently: PEFT's default ``target_modules`` per model type (``None`` is a
-:class:`~lorasurg.errors.ConfigError` here) and transformers-v5 MoE config conversion.
+``layer_replication`` (callers select among the replicated names, :mod:`lorasurg.layer_replication`, with the
+field cleared), ``ensure_weight_tying`` together with an embedding layer. Not modelled silently: PEFT's default
+``target_modules`` per model type (``None`` is a :class:`~lorasurg.errors.ConfigError` here) and transformers-v5
+MoE config conversion.
 """
 
 from __future__ import annotations
@@ -390,8 +391,8 @@ def select_modules(
         ConfigError: target_modules is None or selects nothing (the message lists the nearest module
             names); a selected module is of a type LoRA cannot wrap (all of them are listed); a selected
             Conv with ``groups`` does not divide its rank; a regex in the config is invalid.
-        UnsupportedError: target_parameters or layer_replication is set; a selected module is an
-            ``nn.MultiheadAttention``; ensure_weight_tying is set and an embedding is targeted or saved.
+        UnsupportedError: target_parameters or layer_replication is set; ensure_weight_tying is set and an
+            embedding is targeted or saved.
     """
     _refuse_unsupported(config)
     targets = _resolve_targets(config, modules, output_layers)
@@ -466,30 +467,30 @@ def _nothing_selected(
 
 
 def _check_wrappable(config: Any, selected: Sequence[str], modules: Mapping[str, ModuleInfo]) -> None:
-    problems, attention = [], []
+    problems, ranks = [], []
     for name in selected:
         info = modules[name]
         if info.type_name == "MultiheadAttention":
-            attention.append(name)
-        elif info.kind is None:
+            continue  # PEFT's LoRA on its in_proj and out_proj
+        if info.kind is None:
             problems.append(f"{name!r} ({info.type_name})")
         elif info.kind.startswith("conv") and info.groups > 1:
             r, _ = rank_alpha(config, name)
             if r % info.groups:
-                problems.append(
-                    f"{name!r} ({info.type_name}, groups={info.groups}) with rank {r}: the rank must be a "
-                    "multiple of groups (set a rank_pattern entry for it, or do not target it)"
-                )
+                ranks.append((f"{name!r} ({info.type_name}, groups={info.groups}) has rank {r}", info.groups))
     if problems:
         raise ConfigError(
             f"target_modules selects {len(problems)} module(s) LoRA cannot wrap: {'; '.join(problems)}. "
             f"LoRA wraps {_WRAPPABLE}. Narrow target_modules (e.g. to leaf names like 'q_proj') or add these "
             "to exclude_modules."
         )
-    if attention:
-        raise UnsupportedError(
-            f"target_modules selects nn.MultiheadAttention module(s) {_short_list(attention)}; PEFT supports "
-            "them but lorasurg does not yet. Target their out_proj or other linear layers instead."
+    if ranks:
+        groups = {g for _, g in ranks}
+        examples = f" ({', '.join(str(k * min(groups)) for k in (1, 2, 4))}, ...)" if len(groups) == 1 else ""
+        raise ConfigError(
+            f"LoRA on a grouped convolution needs a rank that is a multiple of its groups{examples}, as in PEFT: "
+            f"{'; '.join(text for text, _ in ranks)}. Set r, or a rank_pattern entry for each of them, to such a "
+            "multiple, or do not target them."
         )
     if getattr(config, "ensure_weight_tying", False):
         tied = [n for n in list(selected) + select_modules_to_save(config, modules) if modules[n].kind == "embedding"]

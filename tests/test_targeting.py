@@ -315,14 +315,14 @@ def test_grouped_conv_needs_rank_divisible_by_groups():
     mods = {"conv": ModuleInfo("Conv2d", "conv2d", False, (4, 2, 3, 3), True, groups=2)}
     assert select_modules(cfg(target_modules=["conv"], r=4), mods) == ["conv"]
     assert select_modules(cfg(target_modules=["conv"], r=3, rank_pattern={"conv": 2}), mods) == ["conv"]
-    with pytest.raises(ConfigError, match=r"'conv' \(Conv2d, groups=2\) with rank 3: the rank must be a multiple"):
+    with pytest.raises(ConfigError,
+                       match=r"multiple of its groups \(2, 4, 8, ...\).*'conv' \(Conv2d, groups=2\) has rank 3"):
         select_modules(cfg(target_modules=["conv"], r=3), mods)
 
 
-def test_multihead_attention_is_unsupported():
+def test_multihead_attention_is_selected_like_any_module():
     mods = {"attn": ModuleInfo("MultiheadAttention"), "attn.out_proj": LIN}
-    with pytest.raises(UnsupportedError, match="'attn'.*out_proj"):
-        select_modules(cfg(target_modules=["attn"]), mods)
+    assert select_modules(cfg(target_modules=["attn"]), mods) == ["attn"]
     assert select_modules(cfg(target_modules=["out_proj"]), mods) == ["attn.out_proj"]
 
 

@@ -26,8 +26,12 @@ from ._app import (
                    "characters is a regex). Default: every changed LoRA-able layer.")
 @click.option("--exclude-modules", multiple=True, metavar="NAME",
               help="Leave these modules out (their changes are listed as dropped). Same syntax as --target-modules.")
-@click.option("--embeddings", type=click.Choice(["lora", "full", "skip"]), default="lora", show_default=True,
-              help="Changed embeddings: LoRA factors, saved in full (modules_to_save), or left out (listed).")
+@click.option("--embeddings", type=click.Choice(["auto", "tokens", "lora", "full", "skip"]), default="auto",
+              show_default=True,
+              help="Changed embedding layers (input embedding, output head): tokens = trainable_token_indices (the "
+                   "changed rows, exact), lora = LoRA factors, full = saved whole (modules_to_save), skip = left out "
+                   "(listed); auto = tokens when no larger than the LoRA, else the LoRA (both sizes reported). "
+                   "TUNED may add rows (a resized vocabulary) except with lora.")
 @click.option("--lora-bias/--no-lora-bias", default=None,
               help="Carry bias deltas of LoRA layers as lora_B.bias. Default: on iff one changed.")
 @click.option("--svd", type=click.Choice(["randomized", "exact"]), default="randomized", show_default=True,

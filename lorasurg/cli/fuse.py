@@ -23,7 +23,9 @@ from ._app import device_option, dtype_option, emit, force_option, json_option, 
 def fuse_command(base, adapter, output, dtype, device, max_memory, drop_unfusable_bias, force, as_json) -> None:
     """Write BASE with ADAPTER merged in, laid out like BASE (tensor names, dtypes, shards, non-weight files):
     plain LoRA, rsLoRA, rank/alpha patterns, DoRA, lora_bias, embedding and conv LoRA, modules_to_save, tied
-    embeddings. Transformers loads the result with from_pretrained.
+    embeddings, trainable tokens (rows written in; a vocabulary the adapter grows grows, vocab_size updated) and
+    layer_replication (the replicated layers written out and renumbered, num_hidden_layers updated). Transformers
+    loads the result with from_pretrained.
 
     Mixtures of experts and multimodal models: adapters in every layout PEFT loads on transformers 5 (the model's
     names, per-expert LoRA, target_parameters on fused 3-D experts), merged into BASE's own keys (per-expert keys,

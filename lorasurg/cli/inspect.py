@@ -21,7 +21,8 @@ def inspect_command(adapter: str, base: Optional[str], plot: Optional[str], forc
 
     ADAPTER is a directory with adapter_config.json and adapter_model.safetensors (or .bin), or a hub repo id.
     Per module: ||scale * B @ A||_F (relative to the base weight with --base), its exact singular values (from
-    the factors), effective rank and the ranks keeping 90% / 99% of its energy; then totals per layer type.
+    the factors), effective rank and the ranks keeping 90% / 99% of its energy; then totals per layer type,
+    trainable tokens (rows, indices, change from BASE's rows) and a layer_replication map.
     --plot needs matplotlib: pip install lorasurg[plot]. --force replaces an existing plot file.
 
     \b

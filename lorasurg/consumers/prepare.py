@@ -44,7 +44,7 @@ from typing import Collection, Iterable, Mapping, Optional, Union
 import torch
 
 from ..errors import InputError
-from ..io.adapter import Adapter, AdapterModule
+from ..io.adapter import TOKENS_PART, Adapter, AdapterModule
 from ..targeting import anchored_pattern_key
 from .complete import ExpertFix, complete_experts, expert_notes
 from .complete import pad_rank as _pad
@@ -128,6 +128,11 @@ def prepare_for(
                 f"{', '.join(c.title for c in blockers)} require(s); the adapter belongs on the base it was "
                 "trained on (the residual base for PiSSA/OLoRA), and PEFT then loads it without re-initialising")
             continue
+        if feature == "layer_replication":
+            raise InputError(
+                f"the adapter replicates layers ({items[0]}), which {', '.join(c.title for c in blockers)} do(es) not "
+                "read: no file can make them compute PEFT's delta. Fuse it (lorasurg fuse writes the replicated "
+                "layers out) and serve the fused model, or write it for --for peft")
         for item in items:
             energy = _leave_out(new, feature, item, energies)
             share = None if energy is None or total <= 0 else energy / total
@@ -207,7 +212,7 @@ def _leave_out(new: Adapter, feature: str, item: str, energies: dict[str, float]
         if item in new.modules:
             new.modules[item].magnitude = None
         return None
-    if feature in ("modules_to_save", "saved_norms"):
+    if feature in ("modules_to_save", "saved_norms", "trainable_tokens"):
         new.extra.pop(item, None)
         return energies.get(f"extra:{item}")
     if feature in _MODULE_FEATURES:
@@ -230,8 +235,11 @@ def _clean_config(new: Adapter, old: Adapter, chosen, left_out: Collection[str] 
         cfg.use_dora = False
         for mod in new.modules.values():
             mod.magnitude = None
-    if cfg.modules_to_save and not any(not k.endswith(".base_layer.weight") for k in new.extra):
+    tokens = {f"{m}.{TOKENS_PART}" for m in new.token_rows()}
+    if cfg.modules_to_save and not any(not k.endswith(".base_layer.weight") and k not in tokens for k in new.extra):
         cfg.modules_to_save = None
+    if cfg.trainable_token_indices is not None and not tokens:
+        cfg.trainable_token_indices = None
     removed = [m for m in old.modules if m not in new.modules]
     if removed:
         _untarget(cfg, removed, list(new.modules))

@@ -23,7 +23,7 @@ from typing import Collection, Iterable, Optional, Union
 import torch
 
 from ..engine.factors import LoraFactors, lora_scale
-from ..io.adapter import Adapter
+from ..io.adapter import TOKENS_PART, Adapter
 from .layouts import layout_features, layout_violations, treatment_for
 from .rules import CONSUMERS, FEATURES, Consumer, parse_consumers
 
@@ -155,10 +155,16 @@ def adapter_features(adapter: Adapter, tied: Optional[Collection[str]] = None) -
             found["fan_in_fan_out_lora"].append(name)
     if cfg.use_dora and not found["dora"]:
         found["dora"].append("config.use_dora=true")
+    tokens = {f"{m}.{TOKENS_PART}" for m in adapter.token_rows()}
     for key in adapter.extra:
         if key.endswith(".base_layer.weight"):
             continue
+        if key in tokens:
+            found["trainable_tokens"].append(key)
+            continue
         found["saved_norms" if is_norm_key(key) else "modules_to_save"].append(key)
+    if cfg.layer_replication:
+        found["layer_replication"].append(f"config.layer_replication={cfg.layer_replication}")
     init = cfg.init_lora_weights
     if isinstance(init, str) and init.lower().split("_niter")[0] in REWRITING_INITS:
         found["init_weights"].append(f"config.init_lora_weights={init}")

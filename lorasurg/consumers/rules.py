@@ -67,6 +67,8 @@ FEATURES: dict[str, str] = {
     "conv_lora": "LoRA on convolution layers",
     "fan_in_fan_out_lora": "LoRA on layers stored (in, out) (fan_in_fan_out, GPT-2 Conv1D)",
     "init_weights": "init_lora_weights that rewrite the base weights on load (pissa, olora, corda, loftq)",
+    "trainable_tokens": "trainable-token rows (trainable_token_indices, token_adapter.trainable_tokens_delta)",
+    "layer_replication": "a replicated stack of layers (layer_replication), each copy with its own LoRA",
     # mixtures of experts and multimodal models (lorasurg.consumers.layouts: recognisers and conditions)
     "moe_per_expert": "per-expert LoRA modules under the checkpoint's names (mlp.experts.E.gate_proj, "
                       "block_sparse_moe.experts.E.w1)",
@@ -218,6 +220,14 @@ VLLM = Consumer(
         Rule("init_weights", "refuses",
              "refuses init_lora_weights pissa/olora/corda/loftq (PEFT would rewrite the base weights on load)",
              Source("vLLM", _V, _V_HELPER, "PEFTHelper._validate_features and _init_is_supported (lines 71-101)")),
+        Rule("trainable_tokens", "refuses",
+             "refuses the adapter: a trainable_tokens_delta tensor is neither lora_A/B nor lora_embedding_A/B, so "
+             "it is an unsupported LoRA weight",
+             Source("vLLM", _V, "vllm/lora/utils.py", "parse_fine_tuned_lora_name (utils.py 223-236)")),
+        Rule("layer_replication", "misreads",
+             "does not read layer_replication (PEFTHelper keeps only the config fields it knows): each copy's LoRA "
+             "names a layer index of the replicated stack, which the served model does not have or holds another "
+             "layer at", Source("vLLM", _V, _V_HELPER, "PEFTHelper.from_dict (fields it does not know are dropped)")),
         Rule("moe_per_expert", "reads",
              "reads per-expert LoRA for MoE classes with 2-D expert loading (Mixtral, Qwen2/3-MoE, DeepSeek, ...), "
              "stacking each layer's experts; classes marked is_3d_moe_weight (gpt-oss, Qwen3-VL-MoE, Qwen3.5-MoE) "
@@ -271,6 +281,12 @@ LLAMA_CPP = Consumer(
         Rule("rslora", "misreads", "ignores use_rslora: scale lora_alpha / r_m, not / sqrt(r_m)",
              Source("llama.cpp", _L, "src/llama-adapter.h", "llama_adapter_lora_weight::get_scale (lines 53-57)")),
         Rule("lora_bias", "refuses", "the converter stops on lora_B.bias (not a lora_A or lora_B tensor)", _L_CONVERT),
+        Rule("trainable_tokens", "refuses",
+             "the converter stops on token_adapter.trainable_tokens_delta (not a lora_A or lora_B tensor)", _L_CONVERT),
+        Rule("layer_replication", "misreads",
+             "reads no layer_replication (only lora_alpha from the config): each copy's LoRA goes to the base layer "
+             "of the same index, or to none past the base's layer count",
+             Source("llama.cpp", _L, "convert_lora_to_gguf.py", "main (line 528): lparams['lora_alpha'] only")),
         Rule("dora", "refuses", "the converter stops on lora_magnitude_vector", _L_CONVERT),
         Rule("modules_to_save", "refuses", "the converter stops on whole saved modules (embeddings, heads, ...)",
              _L_CONVERT),
@@ -331,6 +347,9 @@ LLAMA_CPP_GGUF = Consumer(
         "modules_to_save": Rule("modules_to_save", "refuses",
                                 "has no GGUF adapter form for whole saved modules (lora_a/lora_b pairs only)",
                                 Source("llama.cpp", _L, "src/llama-adapter.cpp", "llama_adapter_lora_init_impl")),
+        "trainable_tokens": Rule("trainable_tokens", "refuses",
+                                 "has no GGUF adapter form for trainable-token rows (lora_a/lora_b pairs only)",
+                                 Source("llama.cpp", _L, "src/llama-adapter.cpp", "llama_adapter_lora_init_impl")),
         "fan_in_fan_out_lora": Rule(
             "fan_in_fan_out_lora", "reads",
             "reads LoRA on (in, out) layers as PEFT does: lorasurg writes PEFT's nn.Linear-oriented factors against "

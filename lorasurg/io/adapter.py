@@ -21,13 +21,16 @@ order of the module's own parameters, the first innermost (:func:`wrapper_paths`
 ``mlp.experts.gate_up_proj`` is ``mlp.experts.base_layer.lora_A.weight`` when ``down_proj`` is targeted too
 (``mlp.experts.lora_A.weight``).
 
-Anything else (``modules_to_save`` copies saved as ``<module>.weight``, trainable-token deltas
-``<module>.token_adapter.trainable_tokens_delta``, an embedding's ``<module>.base_layer.weight``) is kept
-verbatim in :attr:`Adapter.extra`. Loading then saving is lossless: same keys, dtypes and tensors.
+Anything else (``modules_to_save`` copies saved as ``<module>.weight``, trainable-token rows
+``<module>.token_adapter.trainable_tokens_delta`` (:meth:`Adapter.token_rows`), an embedding's
+``<module>.base_layer.weight``) is kept verbatim in :attr:`Adapter.extra`. A grouped convolution's ``lora_B`` has
+``r / groups`` columns; an ``nn.MultiheadAttention``'s out_proj LoRA is the module ``<attention>.base_layer.out_proj``.
+Loading then saving is lossless: same keys, dtypes and tensors.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +53,8 @@ __all__ = [
     "WEIGHTS_NAME",
     "BIN_WEIGHTS_NAME",
     "KEY_PREFIX",
+    "TOKENS_PART",
+    "NESTED_OUT_PROJ",
     "AdapterModule",
     "Adapter",
     "peft_key",
@@ -63,6 +68,10 @@ __all__ = [
 WEIGHTS_NAME = "adapter_model.safetensors"
 BIN_WEIGHTS_NAME = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
+#: Where PEFT keeps the out_proj LoRA of a targeted ``nn.MultiheadAttention``, under the attention's name.
+NESTED_OUT_PROJ = "base_layer.out_proj"
+#: The key part of a module's trainable-token rows (``trainable_token_indices``): ``<module>.<TOKENS_PART>``.
+TOKENS_PART = "token_adapter.trainable_tokens_delta"
 
 # part of a PEFT key -> (AdapterModule field, is an embedding LoRA)
 _LORA_PARTS: dict[str, tuple[str, bool]] = {
@@ -102,6 +111,15 @@ class AdapterModule:
     def rank(self) -> int:
         """r, the number of rows of A."""
         return int(self.A.shape[0])
+
+    @property
+    def groups(self) -> int:
+        """The convolution groups the tensors are laid out for: a grouped conv's ``lora_B`` has ``r / groups``
+        columns (PEFT's layout); 1 for every other layer."""
+        cols = int(self.B.shape[1]) if self.B.dim() > 1 else 0
+        if self.kind.startswith("conv") and cols and self.rank != cols and self.rank % cols == 0:
+            return self.rank // cols
+        return 1
 
     @property
     def kind(self) -> str:
@@ -256,6 +274,26 @@ class Adapter:
         ]
         return cls(config, parsed.modules, parsed.extra), found
 
+    # ----------------------------------------------------------------------------------------- tokens
+    def token_rows(self) -> dict[str, Tensor]:
+        """``{module: rows}`` of the trainable tokens in the file: the ``(k, dim)`` values PEFT writes into rows
+        ``trainable_token_indices`` of that module's weight (they replace the rows; they are not a difference)."""
+        tail = f".{TOKENS_PART}"
+        return {key[: -len(tail)]: t for key, t in self.extra.items() if key.endswith(tail)}
+
+    def token_indices(self) -> dict[str, list[int]]:
+        """``{module: indices}`` for each module with token rows, from ``trainable_token_indices``: a dict's first key
+        that ends the module's name (PEFT's suffix rule), or the list for every such module; [] when none fits."""
+        spec = self.config.trainable_token_indices
+        out = {}
+        for module in self.token_rows():
+            if isinstance(spec, dict):
+                key = next((k for k in spec if module.endswith(k)), None)
+                out[module] = list(spec[key]) if key is not None else []
+            else:
+                out[module] = list(spec or [])
+        return out
+
     # ----------------------------------------------------------------------------------------- checking
     def rank_alpha(self, module: str) -> tuple[int, float]:
         """``(r, lora_alpha)`` the config gives ``module`` (rank_pattern / alpha_pattern applied)."""
@@ -272,8 +310,9 @@ class Adapter:
                  parameters: Optional[Collection[str]] = None) -> list[Finding]:
         """Every way the stored tensors contradict the config, as :class:`~lorasurg.findings.Finding` s.
 
-        Checks, per module: the config targets it (``tensor-untargeted``); A's rows equal B's columns
-        (``rank-inconsistent``); the rank equals the config's, rank_pattern applied (``rank-mismatch``);
+        Checks, per module: the config targets it (``tensor-untargeted``); A's rows equal B's columns, or are a
+        multiple of them for a grouped convolution (``rank-inconsistent``); the rank equals the config's,
+        rank_pattern applied (``rank-mismatch``);
         ``lora_B.bias`` present exactly when ``lora_bias`` is set, never on an embedding, shaped ``(out,)``
         (``bias-*``); DoRA magnitude present exactly when ``use_dora`` is set, one entry per output
         (``magnitude-*``); and every tensor holds finite values (``value-nonfinite``, :func:`nonfinite_findings`).
@@ -288,7 +327,7 @@ class Adapter:
         found: list[Finding] = self._untargeted_modules(selected, wrapped)
         ignored = {f.where for f in found}  # PEFT ignores their tensors: their rank does not matter
         for name, mod in self.modules.items():
-            if mod.A.shape[0] != mod.B.shape[1]:
+            if mod.A.shape[0] != mod.B.shape[1] * mod.groups:
                 found.append(Finding(
                     "rank-inconsistent", name, f"A has {mod.A.shape[0]} rows but B has {mod.B.shape[1]} columns",
                     "the factors do not belong together: save the adapter again",
@@ -351,11 +390,14 @@ class Adapter:
             if target is None and not self.config.target_parameters:
                 return []
             infos = {name: ModuleInfo(mod.kind, mod.kind) for name, mod in self.modules.items() if name not in wrapped}
+            config = copy.copy(without_parameters(self.config))
+            config.layer_replication = None  # the file's names are those of the replicated stack already
             try:
-                selected = select_modules(without_parameters(self.config), infos) if target is not None and infos else ()
+                selected = select_modules(config, infos) if target is not None and infos else ()
             except LorasurgError:
                 selected = ()
         chosen = set(selected) | wrapped
+        chosen |= {f"{name}.{NESTED_OUT_PROJ}" for name in chosen}  # an attention's out_proj LoRA (PEFT's layout)
         return [
             Finding(
                 "tensor-untargeted", name,

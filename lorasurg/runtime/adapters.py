@@ -13,6 +13,8 @@ from typing import Iterator
 
 from torch import nn
 
+from .replication import forget_replication, undo_replication, unshare_for_merge
+from .tokens import token_wrappers, unshare_conflicting
 from .walk import (
     active_adapter,
     adapter_configs,
@@ -93,6 +95,9 @@ def apply_trainability(model: nn.Module) -> None:
         wrapper.original_module.requires_grad_(False)
         for name, module in wrapper.modules_to_save.items():
             module.requires_grad_(trains(name, wrapper.disabled))
+    for _, tokens in token_wrappers(model):
+        for name, param in tokens.token_adapter.trainable_tokens_delta.items():
+            param.requires_grad_(trains(name, tokens.disabled))
 
 
 def set_adapter(model: nn.Module, name: str) -> None:
@@ -106,6 +111,8 @@ def set_adapter(model: nn.Module, name: str) -> None:
         layer.active_adapters = [name] if name in layer.r else []
     for _, wrapper in save_wrappers(model):
         wrapper.active_adapter = name if name in wrapper.modules_to_save else None
+    for _, tokens in token_wrappers(model):
+        tokens.active_adapter = name if name in tokens.adapter_names else None
     set_active_name(model, name)
     apply_trainability(model)
 
@@ -117,9 +124,11 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """
     layers = [layer for _, layer in lora_layers(model)]
     wrappers = [w for _, w in save_wrappers(model)]
+    tokens = [w for _, w in token_wrappers(model)]
     merged = {id(layer): list(layer.merged_adapters) for layer in layers}
-    before = [(m, m.disabled) for m in [*layers, *wrappers]]
-    for layer in layers:
+    merged_tokens = [w for w in tokens if w.token_adapter.merged_adapters]
+    before = [(m, m.disabled) for m in [*layers, *wrappers, *tokens]]
+    for layer in [*layers, *tokens]:
         layer.unmerge()
     for m, _ in before:
         m.disabled = True
@@ -132,6 +141,8 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
         for layer in layers:
             if merged[id(layer)]:
                 layer.merge(merged[id(layer)])
+        for wrapper in merged_tokens:
+            wrapper.merge()
         apply_trainability(model)
 
 
@@ -144,7 +155,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         ConfigError: the model has no adapter ``name``.
     """
     require_adapter(model, name)
-    for module_name, layer in reversed(lora_layers(model)):  # nested parameter wrappers: innermost first
+    for module_name, layer in reversed(lora_layers(model)):  # nested wrappers innermost first
         layer.delete_adapter(name)
         if not layer.r:
             layer.unmerge()
@@ -153,6 +164,15 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         wrapper.delete_adapter(name)
         if not wrapper.modules_to_save:
             replace_module(model, module_name, wrapper.original_module)
+    for module_name, tokens in token_wrappers(model):
+        if name in tokens.token_adapter.merged_adapters:
+            tokens.unmerge()
+        tokens.token_adapter.delete_adapter(name)
+        if tokens.active_adapter == name:
+            tokens.active_adapter = None
+    for module_name, tokens in token_wrappers(model):
+        if not tokens.adapter_names:
+            replace_module(model, module_name, tokens.base_layer)
     configs = adapter_configs(model)
     del configs[name]
     if active_adapter(model) == name:
@@ -164,45 +184,85 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 
 
 def merge_adapter(model: nn.Module) -> None:
-    """Merge the active adapter into the base weights (forward then runs the base layers alone)."""
+    """Merge the active adapter into the base weights (forward then runs the base layers alone).
+
+    Trainable tokens are written into their rows. Layers of a replicated stack whose base weights copies share
+    first get weights of their own (PEFT merges every copy into the shared weight).
+    """
+    _prepare_merge(model)
     for _, layer in lora_layers(model):
         if not layer.disabled:
             layer.merge()
+    for _, tokens in token_wrappers(model):
+        tokens.merge()
+
+
+def _prepare_merge(model: nn.Module) -> None:
+    """Unshare what copies of replicated layers, and heads tied to embeddings with other rows, share."""
+    unshare_for_merge(model)
+    unshare_conflicting(model)
 
 
 def unmerge_adapter(model: nn.Module) -> None:
     """Take every merged adapter back out of the base weights."""
     for _, layer in lora_layers(model):
         layer.unmerge()
+    for _, tokens in token_wrappers(model):
+        tokens.unmerge()
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge the active adapter into the base weights and remove every wrapper; returns ``model``.
 
-    A modules_to_save wrapper is replaced by the active adapter's trained copy. Works for every layer type,
-    including DoRA, ``lora_bias`` on a layer without a bias (the bias is created) and 1x1x1 Conv3d.
+    A modules_to_save wrapper is replaced by the active adapter's trained copy, a trainable-tokens wrapper by its
+    layer with the rows written in. Works for every layer type, including DoRA, ``lora_bias`` on a layer without a
+    bias (the bias is created), 1x1x1 Conv3d and replicated layers (each copy keeps its own merged weights; the model
+    keeps the replicated stack). A LoRA on a grouped convolution cannot be merged (UnsupportedError, before any
+    change).
     """
-    for name, layer in reversed(lora_layers(model)):  # nested parameter wrappers: innermost first
+    _refuse_unmergeable(model)
+    _prepare_merge(model)
+    for name, layer in reversed(lora_layers(model)):  # nested wrappers innermost first
         if not layer.disabled:
             layer.merge()
         replace_module(model, name, layer.base_layer)
     for name, wrapper in save_wrappers(model):
         replace_module(model, name, wrapper.current())
+    for name, tokens in token_wrappers(model):
+        tokens.merge()
+    for name, tokens in token_wrappers(model):
+        replace_module(model, name, tokens.base_layer)
     forget_adapters(model)
+    forget_replication(model)
     return model
+
+
+def _refuse_unmergeable(model: nn.Module) -> None:
+    """Raise the merge error of the first layer that cannot merge an active adapter, before anything changes."""
+    from .grouped_conv import GroupedLoraConv
+
+    for _, layer in lora_layers(model):
+        if isinstance(layer, GroupedLoraConv) and layer.active_adapters and not layer.disabled:
+            layer.merge()
 
 
 def unload(model: nn.Module) -> nn.Module:
     """Remove every wrapper without merging and give back the base model; returns ``model``.
 
-    Merged adapters are unmerged first, and modules_to_save wrappers give back the original module, so the result
-    is the base model as it was before injection (PEFT 0.21.2 keeps merged weights and the trained copies). A
-    base weight that a PiSSA/OLoRA init replaced by its residual stays the residual.
+    Merged adapters are unmerged first, modules_to_save wrappers give back the original module, trainable tokens
+    their original rows, and a replicated stack of layers the original one, so the result is the base model as it was
+    before injection (PEFT 0.21.2 keeps merged weights, the trained copies and the replicated layers). A base weight
+    that a PiSSA/OLoRA init replaced by its residual stays the residual.
     """
-    for name, layer in reversed(lora_layers(model)):  # nested parameter wrappers: innermost first
+    for name, layer in reversed(lora_layers(model)):  # nested wrappers innermost first
         layer.unmerge()
         replace_module(model, name, layer.base_layer)
     for name, wrapper in save_wrappers(model):
         replace_module(model, name, wrapper.original_module)
+    for name, tokens in token_wrappers(model):
+        tokens.unmerge()
+    for name, tokens in token_wrappers(model):
+        replace_module(model, name, tokens.base_layer)
+    undo_replication(model)
     forget_adapters(model)
     return model

@@ -108,7 +108,7 @@ class LoraLayer(nn.Module):
             from .dora import DoraMagnitude, magnitude_shape
 
             weight = self.base_layer.weight
-            shape = magnitude_shape(self.info.kind, self.factors(name).out_features)
+            shape = magnitude_shape(self.info.kind, self.out_features)
             self.lora_magnitude_vector[name] = DoraMagnitude(torch.empty(shape, device=weight.device, dtype=weight.dtype))
 
     def delete_adapter(self, name: str) -> None:

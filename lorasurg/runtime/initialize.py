@@ -19,7 +19,7 @@ from ..engine.init import init_factors
 from .base import LoraLayer
 from .param import LoraParameter, initialize_parameter_adapter
 
-__all__ = ["initialize_adapter"]
+__all__ = ["initialize_adapter", "default_initialize"]
 
 
 @torch.no_grad()
@@ -36,7 +36,17 @@ def initialize_adapter(layer: LoraLayer, name: str, method: Union[bool, str], mo
     if isinstance(layer, LoraParameter):
         initialize_parameter_adapter(layer, name, method)
         return
-    weight = layer.base_layer.weight
+    custom = getattr(type(layer), "initialize", None)  # a layer whose tensors PEFT draws otherwise (grouped conv, MHA)
+    if custom is not None:
+        custom(layer, name, method, module_name)
+        return
+    default_initialize(layer, name, method, module_name)
+
+
+@torch.no_grad()
+def default_initialize(layer: LoraLayer, name: str, method: Union[bool, str], module_name: str = "") -> None:
+    """:func:`initialize_adapter` from :func:`lorasurg.engine.init.init_factors`, on ``layer.weight``."""
+    weight = layer.weight
     lora_bias = layer._ab(name)[2] is not None
     result = init_factors(method, layer.info.kind, tuple(weight.shape), layer.r[name], layer.scaling[name],
                           weight=weight.detach(), fan_in_fan_out=layer.info.fan_in_fan_out, lora_bias=lora_bias,
@@ -46,6 +56,6 @@ def initialize_adapter(layer: LoraLayer, name: str, method: Union[bool, str], mo
     if result.residual_weight is not None:
         weight.copy_(result.residual_weight)
     if result.note:
-        warnings.warn(f"{module_name or type(layer.base_layer).__name__}: {result.note}", UserWarning, stacklevel=3)
+        warnings.warn(f"{module_name or type(layer.base_layer).__name__}: {result.note}", UserWarning, stacklevel=4)
     if name in layer.lora_magnitude_vector:
         layer.reset_magnitude(name)

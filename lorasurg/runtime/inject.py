@@ -23,13 +23,19 @@ from torch import nn
 from ..engine.factors import lora_scale
 from ..engine.init import InitMethod, parse_init_method
 from .. import targeting
+from .._config_checks import reinitialised_on_load
 from ..errors import ConfigError, UnsupportedError
+from ..layer_replication import replicated_view
 from ..modules import ModuleInfo, output_layer_names
 from .adapters import apply_trainability, set_adapter
 from .base import LoraLayer
 from .initialize import initialize_adapter
 from .layers import expected_shapes, wrap_layer
+from .attention import LoraMultiheadAttention, attention_targets
+from .grouped_conv import grouped_problem
 from .modules_to_save import ModulesToSave
+from .replication import Replication, apply_replication, plan_replication
+from .tokens import TokenTarget, TrainableTokens, plan_tokens
 from .param import LoraParameter
 from .param_plan import ParamTarget, apply_parameter_plan, plan_parameters, targets_only_parameters
 from .walk import adapter_configs, describe_unwrapped, replace_module, unwrapped
@@ -37,10 +43,9 @@ from .walk import adapter_configs, describe_unwrapped, replace_module, unwrapped
 __all__ = ["inject", "plan_injection", "Plan", "config_with"]
 
 # Config fields of PEFT's LoraConfig that select features lorasurg's runtime does not implement.
-# (layer_replication and ensure_weight_tying are refused by lorasurg.targeting; target_parameters is
-# lorasurg.runtime.param_plan's.)
+# (ensure_weight_tying is refused by lorasurg.targeting; target_parameters is lorasurg.runtime.param_plan's.)
 _UNSUPPORTED_FIELDS = (
-    "megatron_config", "trainable_token_indices", "velora_config", "alora_invocation_tokens", "use_qalora",
+    "megatron_config", "velora_config", "alora_invocation_tokens", "use_qalora",
     "monteclora_config", "use_bdlora", "arrow_config", "kasa_config",
 )
 
@@ -63,11 +68,15 @@ class Plan:
         targets: ``{module name: (ModuleInfo, r, alpha)}`` of the modules that get LoRA.
         to_save: names of the modules that get a trainable copy (modules_to_save).
         parameters: the parameters that get LoRA (``target_parameters``), in PEFT's order.
+        tokens: ``{module name: TokenTarget}`` of the modules that get trainable tokens.
+        replication: the layer replication to apply first (``layer_replication``), or None.
     """
 
     targets: dict[str, tuple[ModuleInfo, int, float]]
     to_save: list[str]
     parameters: tuple[ParamTarget, ...] = ()
+    tokens: dict[str, TokenTarget] = dataclasses.field(default_factory=dict)
+    replication: Optional[Replication] = None
 
 
 def _init_problem(method: InitMethod, info: ModuleInfo, r: int) -> Optional[str]:
@@ -111,20 +120,35 @@ def plan_injection(model: nn.Module, config: Any, adapter_name: str, *, check_in
             "lorasurg's runtime does not support these LoraConfig settings yet: " + ", ".join(unsupported)
             + "; use PEFT for them"
         )
+    _check_bias_option(model, config)
     method = parse_init_method(getattr(config, "init_lora_weights", True)) if check_init else None
-    infos = describe_unwrapped(model)
+    replication = plan_replication(model, config)
+    infos = planned_infos(model, replication)
+    module_at = module_lookup(model, replication)
+    select = config_with(config, target_parameters=None, layer_replication=None)
     names = [] if targets_only_parameters(config) else targeting.select_modules(
-        config_with(config, target_parameters=None), infos, output_layer_names(model, getattr(config, "task_type", None)))
+        select, infos, output_layer_names(model, getattr(config, "task_type", None)))
     problems: list[str] = []
     targets: dict[str, tuple[ModuleInfo, int, float]] = {}
     for name in names:
         info = infos[name]
-        if isinstance(model.get_submodule(name), ModulesToSave):
+        if isinstance(module_at(name), ModulesToSave):
             problems.append(f"{name}: it is a modules_to_save module of another adapter")
-        elif isinstance(model.get_submodule(name), LoraParameter):
+        elif isinstance(module_at(name), LoraParameter):
             problems.append(f"{name}: its parameters carry LoRA of another adapter (target_parameters)")
+        elif isinstance(module_at(name.rpartition(".")[0]), nn.MultiheadAttention) and name.endswith(".out_proj"):
+            problems.append(f"{name}: the out_proj of a MultiheadAttention, whose forward is never called; target "
+                            f"{name.rpartition('.')[0]!r} (its LoRA covers in_proj and out_proj, as in PEFT)")
+        elif info.type_name == "MultiheadAttention" or isinstance(module_at(name), LoraMultiheadAttention):
+            r, alpha = targeting.rank_alpha(config, name)
+            entries, found = attention_targets(module_at(name), name, r, alpha, config, check_init=check_init)
+            targets.update(entries)
+            problems += found
         elif info.groups != 1:
-            problems.append(f"{name}: grouped convolution (groups={info.groups})")
+            r, alpha = targeting.rank_alpha(config, name)
+            targets[name] = (info, r, alpha)
+            found = grouped_problem(info, getattr(config, "init_lora_weights", True) if check_init else None)
+            problems += [f"{name}: {found}"] if found else []
         elif info.kind == "embedding" and getattr(config, "lora_bias", False):
             problems.append(f"{name}: lora_bias on an embedding (PEFT refuses it too)")
         else:
@@ -137,14 +161,57 @@ def plan_injection(model: nn.Module, config: Any, adapter_name: str, *, check_in
     for name in infos:
         if not targeting.is_module_to_save(config, name) or any(name.startswith(f"{s}.") for s in to_save):
             continue
-        if isinstance(model.get_submodule(name), LoraLayer):
+        if isinstance(module_at(name), LoraLayer):
             problems.append(f"{name}: in modules_to_save but LoRA-wrapped by another adapter")
         to_save.append(name)
     if problems:
         raise UnsupportedError("cannot inject LoRA into these modules:\n  " + "\n  ".join(problems)
                                + "\nleave them out of target_modules (or use exclude_modules)")
     parameters = plan_parameters(model, config, adapter_name, targets, check_init=check_init)
-    return Plan(targets, to_save, tuple(parameters))
+    tokens = plan_tokens(model, config, infos, targets, to_save)
+    _warn_bias_less(config, targets)
+    return Plan(targets, to_save, tuple(parameters), tokens, replication)
+
+
+def planned_infos(model: nn.Module, replication: Optional[Replication]) -> dict[str, ModuleInfo]:
+    """``{name: ModuleInfo}`` of the model as targeting sees it: wrappers described by their layer, and the layer
+    stack replicated when ``replication`` is to be applied (:mod:`lorasurg.layer_replication`)."""
+    infos = describe_unwrapped(model)
+    if replication is None:
+        return infos
+    return replicated_view(infos, replication.stack.prefix, replication.stack.sources)
+
+
+def module_lookup(model: nn.Module, replication: Optional[Replication]):
+    """``name -> module`` for a name of :func:`planned_infos` (a replicated layer: the layer it will copy)."""
+    if replication is None:
+        return lambda name: model.get_submodule(name) if name else model
+    return lambda name: model.get_submodule(replication.stack.source_of(name)) if name else model
+
+
+def _check_bias_option(model: nn.Module, config: Any) -> None:
+    """PEFT allows one adapter with ``bias`` other than "none" per model (it trains and saves biases of the base)."""
+    bias = getattr(config, "bias", "none")
+    if bias == "none":
+        return
+    other = [n for n, c in adapter_configs(model).items() if getattr(c, "bias", "none") != "none"]
+    if other:
+        raise ConfigError(
+            f"adapter {other[0]!r} already has bias={getattr(adapter_configs(model)[other[0]], 'bias')!r}; only one "
+            f"adapter per model may train base biases (PEFT refuses a second one too): set bias='none' for this one"
+        )
+
+
+def _warn_bias_less(config: Any, targets: dict[str, tuple[ModuleInfo, int, float]]) -> None:
+    """PEFT warns when lora_bias targets a layer without a bias (its merge then fails; lorasurg's creates one)."""
+    if not getattr(config, "lora_bias", False):
+        return
+    bare = [n for n, (info, _, _) in targets.items() if info.kind != "embedding" and not info.has_bias]
+    if bare:
+        warnings.warn(
+            f"lora_bias=True on {len(bare)} layer(s) without a bias: {', '.join(bare[:5])}"
+            + (" ..." if len(bare) > 5 else "") + ". PEFT cannot merge such an adapter (merge_and_unload raises); "
+            "lorasurg's merge gives these layers a bias", UserWarning, stacklevel=4)
 
 
 def _stored_config(config: Any, plan: Plan) -> Any:
@@ -162,6 +229,8 @@ def apply_plan(model: nn.Module, config: Any, adapter_name: str, plan: Plan, *, 
     first = not configs
     if first:
         model.requires_grad_(False)
+    if plan.replication is not None:
+        apply_replication(model, plan.replication)
     use_rslora = bool(getattr(config, "use_rslora", False))
     for name, (info, r, alpha) in plan.targets.items():
         layer = model.get_submodule(name)
@@ -183,6 +252,7 @@ def apply_plan(model: nn.Module, config: Any, adapter_name: str, plan: Plan, *, 
             wrapper = ModulesToSave(unwrapped(wrapper))
             replace_module(model, name, wrapper)
         wrapper.add_adapter(adapter_name)
+    add_tokens(model, plan.tokens, adapter_name)
     configs[adapter_name] = _stored_config(config, plan)
     if first:
         set_adapter(model, adapter_name)
@@ -190,6 +260,17 @@ def apply_plan(model: nn.Module, config: Any, adapter_name: str, plan: Plan, *, 
             _unfreeze_biases(model, getattr(config, "bias", "none"))
     else:
         apply_trainability(model)
+
+
+def add_tokens(model: nn.Module, tokens: dict[str, TokenTarget], adapter_name: str) -> None:
+    """Wrap the modules of ``tokens`` (embeddings before the heads tied to them) and add the adapter's rows."""
+    for name, target in tokens.items():
+        wrapper = model.get_submodule(name)
+        if not isinstance(wrapper, TrainableTokens):
+            tied = model.get_submodule(target.tied_to) if target.tied_to is not None else None
+            wrapper = TrainableTokens(wrapper, tied)
+            replace_module(model, name, wrapper)
+        wrapper.token_adapter.add_adapter(adapter_name, target.indices)
 
 
 def _unfreeze_biases(model: nn.Module, bias: str) -> None:
@@ -235,14 +316,13 @@ def inject(model: nn.Module, config: Any, adapter_name: str = "default") -> nn.M
     return model
 
 
-def warn_base_mutating_init(config: Any, source: str) -> None:
-    """Warn that an adapter whose config names a PiSSA/OLoRA-style init belongs on its residual base."""
+def warn_unrun_init(config: Any, source: str) -> None:
+    """Warn that PEFT would run the init an adapter's config names on load (CorDA, LoftQ, LoRA-GA, EVA), which
+    lorasurg does not implement: the tensors are loaded as saved."""
     init = getattr(config, "init_lora_weights", True)
-    if isinstance(init, str) and init.lower().startswith(("pissa", "olora")):
+    if reinitialised_on_load(init) and not (init.lower() == "olora" or init.startswith("pissa")):
         warnings.warn(
-            f"{source} was initialised with init_lora_weights={init!r}: it belongs on its residual base model (the "
-            "base weight minus its initial low-rank part). lorasurg loads the tensors as saved and does not "
-            "decompose the base again (PEFT does); load it onto the residual base, or convert it to a plain LoRA",
-            UserWarning,
-            stacklevel=3,
+            f"{source} was initialised with init_lora_weights={init!r}, which PEFT runs again on load (changing the "
+            "base or the tensors first); lorasurg does not implement it and loads the tensors as saved",
+            UserWarning, stacklevel=3,
         )

@@ -47,6 +47,10 @@ class _ModuleLora(LoraLayer):
         """``W x`` without the base bias (DoRA with dropout in training)."""
         raise NotImplementedError
 
+    def _dora_factor(self, name: str, dtype: torch.dtype) -> Tensor:
+        """DoRA's ``m / ||W + delta||_row``, shape ``(out,)``."""
+        return dora_factor(self.factors(name), self.base_layer.weight, self.lora_magnitude_vector[name].weight, dtype)
+
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         if self._skip_lora():
             return self.base_layer(x, *args, **kwargs)
@@ -89,7 +93,7 @@ class LoraLinear(_ModuleLora):
 class LoraConv(_ModuleLora):
     """LoRA on ``nn.Conv1d/2d/3d``: ``lora_A`` is a conv with the base kernel, ``lora_B`` a 1x1 conv.
 
-    Grouped convolutions are refused (the engine's factors assume ``groups == 1``).
+    Grouped convolutions are :class:`~lorasurg.runtime.grouped_conv.GroupedLoraConv`.
     """
 
     def __init__(self, base_layer: nn.Module, info: ModuleInfo) -> None:
@@ -108,7 +112,7 @@ class LoraConv(_ModuleLora):
         self.lora_A[name] = skip_init(conv, self.in_features, r, base.kernel_size, stride=base.stride,
                                       padding=base.padding, dilation=base.dilation, padding_mode=base.padding_mode,
                                       bias=False, **kw)
-        self.lora_B[name] = skip_init(conv, r, self.out_features, 1, bias=lora_bias, **kw)
+        self.lora_B[name] = skip_init(conv, r, self.out_features, 1, groups=base.groups, bias=lora_bias, **kw)
 
     def _base_without_bias(self, x: Tensor) -> Tensor:
         return self.base_layer._conv_forward(x, self.base_layer.weight.to(x.dtype), None)
@@ -172,8 +176,7 @@ class LoraEmbedding(LoraLayer):
 
 def _dora_delta(layer: _ModuleLora, name: str, x: Tensor, result: Tensor, bias_shape: tuple[int, ...]) -> Tensor:
     """DoRA's addition to ``result = base(x)``: ``(f - 1) * (W x) + f * scale * B(A(x))`` (dropout on x in training)."""
-    factor = dora_factor(layer.factors(name), layer.base_layer.weight, layer.lora_magnitude_vector[name].weight,
-                         x.dtype).reshape(bias_shape)  # (out,) -> broadcastable over the output
+    factor = layer._dora_factor(name, x.dtype).reshape(bias_shape)  # (out,) -> broadcastable over the output
     dropout = layer.lora_dropout[name]
     if isinstance(dropout, nn.Identity) or not layer.training:
         bias = layer.base_layer.bias
@@ -196,11 +199,19 @@ def wrap_layer(module: nn.Module) -> LoraLayer:
         UnsupportedError: LoRA does not apply to this module type.
     """
     info = describe_module(module)
+    if isinstance(module, nn.MultiheadAttention):
+        from .attention import LoraMultiheadAttention
+
+        return LoraMultiheadAttention(module)
+    if info.groups != 1:
+        from .grouped_conv import GroupedLoraConv
+
+        return GroupedLoraConv(module, info)
     wrapper = _WRAPPERS.get(info.kind)
     if wrapper is None:
         raise UnsupportedError(
             f"LoRA cannot wrap a {type(module).__name__}; supported: nn.Linear, transformers Conv1D, nn.Embedding, "
-            "nn.Conv1d/2d/3d. Leave this module out of target_modules"
+            "nn.Conv1d/2d/3d (grouped too), nn.MultiheadAttention. Leave this module out of target_modules"
         )
     return wrapper(module, info)
 

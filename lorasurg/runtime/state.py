@@ -7,8 +7,11 @@ adapter name taken out, e.g. ``...q_proj.base_layer.bias``).
 
 Loading checks everything before it changes the model: the adapter's modules exist in the model (else it was made
 for another model), its config selects exactly those modules, and every tensor has the shape the model needs
-(all mismatches reported together). It then injects without running any init (a PiSSA/OLoRA adapter is not
-decomposed again, see :func:`~lorasurg.runtime.inject.warn_base_mutating_init`) and copies the tensors in.
+(all mismatches reported together). It then injects and copies the tensors in. No init runs, except the one an
+adapter's config names when that init changes the base (PiSSA, OLoRA): PEFT runs it on the base first, so an
+adapter trained from a PiSSA start, loaded onto the original base, gives the trained outputs (the same residual;
+for ``pissa_niter_N`` the same draws from the same RNG state). ``base_is_residual=True`` skips it, for a base that
+already is the residual.
 """
 
 from __future__ import annotations
@@ -26,10 +29,13 @@ from ..io import adapter as adapter_io
 from .adapters import delete_adapter
 from .experts import fuse_expert_modules
 from .initialize import initialize_adapter
-from .inject import Plan, apply_plan, config_with, plan_injection, warn_base_mutating_init
+from .attention import attention_infos
+from .inject import Plan, apply_plan, config_with, module_lookup, plan_injection, planned_infos, warn_unrun_init
+from .replication import plan_replication
+from .tokens import token_tensors
 from .layers import expected_shapes
 from .param_plan import check_parameter_fits, parameter_wrappers
-from .walk import describe_unwrapped, lora_layers, require_adapter, save_wrappers
+from .walk import lora_layers, require_adapter, save_wrappers
 
 __all__ = ["adapter_from_model", "save_adapter", "load_adapter"]
 
@@ -75,10 +81,12 @@ def adapter_from_model(model: nn.Module, adapter_name: str = "default") -> "adap
     for name, layer in lora_layers(model):
         if adapter_name not in layer.r:
             continue
-        f = layer.factors(adapter_name)
+        A, B, bias = layer._ab(adapter_name)
+        magnitude = layer.lora_magnitude_vector[adapter_name].weight if adapter_name in layer.lora_magnitude_vector \
+            else None
         modules[name] = adapter_io.AdapterModule(
-            name, f.A.detach(), f.B.detach(), None if f.bias is None else f.bias.detach(),
-            None if f.magnitude is None else f.magnitude.detach(), embedding=f.kind == "embedding",
+            name, A.detach(), B.detach(), None if bias is None else bias.detach(),
+            None if magnitude is None else magnitude.detach(), embedding=adapter_name in layer.lora_embedding_A,
         )
     extra: dict[str, Tensor] = {}
     for name, wrapper in save_wrappers(model):
@@ -86,6 +94,7 @@ def adapter_from_model(model: nn.Module, adapter_name: str = "default") -> "adap
             for key, value in wrapper.modules_to_save[adapter_name].state_dict().items():
                 extra[f"{name}.{key}"] = value
     extra.update(_bias_tensors(model, adapter_name, getattr(config, "bias", "none")))
+    extra.update(token_tensors(model, adapter_name))
     return adapter_io.Adapter(config_with(config, inference_mode=True), modules, _unshared(extra))
 
 
@@ -99,6 +108,12 @@ def save_adapter(model: nn.Module, directory: str, adapter_name: str = "default"
     adapter_from_model(model, adapter_name).save(directory, force=force)
 
 
+def _mutates_base(config: Any) -> bool:
+    """The config names an init lorasurg runs that replaces the base weights by a residual (PiSSA, OLoRA)."""
+    init = getattr(config, "init_lora_weights", True)
+    return isinstance(init, str) and (init.lower() == "olora" or init.startswith("pissa"))
+
+
 def _nearest(names: list[str], candidates: list[str]) -> list[str]:
     out: list[str] = []
     for name in names[:3]:
@@ -108,9 +123,10 @@ def _nearest(names: list[str], candidates: list[str]) -> list[str]:
 
 def _check_modules_exist(adapter: Any, model: nn.Module, source: str) -> None:
     """Raise if some of the adapter's LoRA modules are not in ``model``, or are layers of another kind (the
-    adapter was made for another model).
+    adapter was made for another model). A replicated stack (``layer_replication``) counts as replicated.
     """
-    infos = describe_unwrapped(model)
+    replication = plan_replication(model, adapter.config)
+    infos = attention_infos(planned_infos(model, replication), module_lookup(model, replication))
     absent = [n for n in adapter.modules if n not in infos]
     other_kind = [f"{n} (adapter: {m.kind} LoRA, model: {infos[n].type_name})"
                   for n, m in adapter.modules.items() if n in infos and infos[n].kind != m.kind]
@@ -157,6 +173,8 @@ def _check_fits(adapter: Any, plan: Plan, source: str) -> None:
 
 def _extra_target(key: str, adapter_name: str, state: dict[str, Tensor], wrappers: list[str]) -> Optional[str]:
     """Which key of the model's state_dict an extra tensor of the adapter goes to, or None."""
+    if key.endswith(f".{adapter_io.TOKENS_PART}"):
+        return f"{key}.{adapter_name}"
     for name in sorted(wrappers, key=len, reverse=True):
         if key.startswith(f"{name}."):
             rest = key[len(name) + 1:]
@@ -208,14 +226,20 @@ def _copy_in(model: nn.Module, adapter: Any, adapter_name: str, source: str) -> 
 
 
 def load_adapter(model: nn.Module, path_or_repo: str, adapter_name: str = "default", *,
-                 trainable: bool = False) -> nn.Module:
+                 trainable: bool = False, base_is_residual: bool = False) -> nn.Module:
     """Load a PEFT-format adapter into ``model`` under ``adapter_name``; returns ``model``.
 
-    The tensors are used as saved: no init runs, so a PiSSA/OLoRA adapter is not decomposed again (a warning
-    says it belongs on its residual base). Like PEFT's ``from_pretrained``, the adapter is frozen unless
-    ``trainable``; the first adapter of a model becomes active. An adapter written with per-expert module keys for
-    a transformers-5 MoE model, whose experts are fused parameters, is converted to ``target_parameters`` first
+    Like PEFT's ``from_pretrained``: an adapter whose config says ``init_lora_weights`` "pissa", "pissa_niter_N" or
+    "olora" first runs that init on ``model`` (each targeted base weight becomes its residual), then the saved
+    tensors replace the initial ones, so on the original base the trained outputs come back. The adapter is frozen
+    unless ``trainable``; the first adapter of a model becomes active. An adapter written with per-expert module keys
+    for a transformers-5 MoE model, whose experts are fused parameters, is converted to ``target_parameters`` first
     (:func:`lorasurg.runtime.experts.fuse_expert_modules`), as PEFT does.
+
+    Args:
+        base_is_residual: ``model`` already holds the residual weights (the model PEFT trained on, saved after its
+            init): load the tensors as saved and run no init. (What ``lorasurg residualize`` writes needs no flag:
+            its adapter says ``init_lora_weights: true``.)
 
     Raises:
         InputError: the adapter cannot be read, or was made for another model (its modules are not in this one),
@@ -226,16 +250,17 @@ def load_adapter(model: nn.Module, path_or_repo: str, adapter_name: str = "defau
     source = f"adapter {path_or_repo!r}"
     adapter = fuse_expert_modules(adapter_io.Adapter.load(path_or_repo), model, source)
     config = config_with(adapter.config, inference_mode=not trainable)
-    warn_base_mutating_init(config, source)
+    reinit = not base_is_residual and _mutates_base(config)
+    warn_unrun_init(config, source)
     on_parameters = set(parameter_wrappers(model, config).values())  # LoRA on nn.Parameters, checked by param_plan
     on_modules = dataclasses.replace(adapter, modules={n: m for n, m in adapter.modules.items()
                                                        if n not in on_parameters})
     _check_modules_exist(on_modules, model, source)
-    plan = plan_injection(model, config, adapter_name, check_init=False)
+    plan = plan_injection(model, config, adapter_name, check_init=reinit)
     _check_fits(on_modules, plan, source)
     check_parameter_fits(adapter, list(plan.parameters), source)
     requires_grad = {p: p.requires_grad for p in model.parameters()}
-    apply_plan(model, config, adapter_name, plan, initialize=False)
+    apply_plan(model, config, adapter_name, plan, initialize=reinit)
     try:
         _copy_in(model, adapter, adapter_name, source)
     except Exception:

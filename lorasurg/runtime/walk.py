@@ -16,6 +16,7 @@ from ..errors import ConfigError
 from ..modules import ModuleInfo, describe_module
 from .base import LoraLayer
 from .modules_to_save import ModulesToSave
+from .tokens import TrainableTokens
 
 __all__ = [
     "lora_layers",
@@ -57,6 +58,8 @@ def describe_unwrapped(model: nn.Module) -> dict[str, ModuleInfo]:
                 infos[name] = describe_module(unwrapped(child))
             elif isinstance(child, ModulesToSave):
                 infos[name] = describe_module(child.original_module)
+            elif isinstance(child, TrainableTokens):
+                infos[name] = describe_module(child.base_layer)
             else:
                 infos[name] = describe_module(child)
                 visit(child, f"{name}.")
@@ -71,6 +74,8 @@ def unwrapped(module: nn.Module) -> nn.Module:
         return module.original_module
     while isinstance(module, LoraLayer):
         module = module.base_layer
+    if isinstance(module, TrainableTokens):
+        return module.base_layer
     return module
 
 

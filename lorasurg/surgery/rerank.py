@@ -54,7 +54,7 @@ from .report import (
     CLAMPED_FOOTNOTE, for_dict, format_bytes, format_count, format_for, format_list, format_table, left_out_mark,
     written_modules,
 )
-from .sources import AdapterSource, open_adapter, refuse_zero_scales, source_name
+from .sources import AdapterSource, open_adapter, refuse_grouped, refuse_zero_scales, source_name
 
 __all__ = ["ModuleRerank", "RerankReport", "rerank", "rerank_to_dir", "default_rerank_path"]
 
@@ -214,6 +214,7 @@ def rerank(adapter: AdapterSource, *, r: Optional[int] = None, rank_policy: Opti
     Raises:
         ConfigError: neither ``r`` nor ``rank_policy``, ``r < 1``, a policy that does not parse, an unknown
             consumer.
+        UnsupportedError: a LoRA on a grouped convolution.
         InputError: the adapter cannot be read or contradicts its config, a module has scale 0 (``lora_alpha`` 0),
             the policy keeps no module, or nothing the named consumers can carry is left.
         UnsupportedError: ``consumers`` other than PEFT for target_parameters LoRAs.
@@ -221,6 +222,7 @@ def rerank(adapter: AdapterSource, *, r: Optional[int] = None, rank_policy: Opti
     policy = _check_settings(r, rank_policy)
     names = parse_consumers(consumers)
     source, name = open_adapter(adapter)
+    refuse_grouped(source, name, "re-ranked")
     refuse_zero_scales(source, name, "rerank")
     cfg = source.config
     report = RerankReport(name, r, None if policy is None else str(policy), consumers=list(names))
@@ -323,5 +325,9 @@ def _notes(report: RerankReport, source: Adapter) -> None:
         )
     if source.config.lora_bias:
         report.notes.append("lora_B.bias carried over unchanged (every module keeps its scale)")
-    if source.extra:
-        report.notes.append(f"{len(source.extra)} other tensor(s) (modules_to_save, ...) carried over unchanged")
+    tokens = source.token_rows()
+    if tokens:
+        report.notes.append(f"trainable tokens of {', '.join(tokens)} carried over unchanged (rows, not a LoRA)")
+    if len(source.extra) > len(tokens):
+        report.notes.append(f"{len(source.extra) - len(tokens)} other tensor(s) (modules_to_save, ...) carried over "
+                            "unchanged")

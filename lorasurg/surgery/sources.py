@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Union
 
 from ..engine.factors import lora_scale
-from ..errors import InputError
+from ..errors import InputError, UnsupportedError
 from ..io.adapter import Adapter
 
-__all__ = ["AdapterSource", "open_adapter", "source_name", "refuse_zero_scales"]
+__all__ = ["AdapterSource", "open_adapter", "source_name", "refuse_grouped", "refuse_zero_scales"]
 
 AdapterSource = Union[Adapter, str, os.PathLike]
 
@@ -35,6 +35,21 @@ def source_name(source: AdapterSource, default: str = "adapter") -> str:
     if isinstance(source, Adapter):
         return default
     return Path(os.fspath(source).rstrip("/")).name or default
+
+
+def refuse_grouped(adapter: Adapter, name: str, what: str) -> None:
+    """Refuse an adapter with LoRA on grouped convolutions, which ``what`` (re-ranked, merged) cannot be.
+
+    Raises:
+        UnsupportedError: naming the modules.
+    """
+    grouped = [m for m, mod in adapter.modules.items() if mod.groups > 1]
+    if grouped:
+        raise UnsupportedError(
+            f"{name} has LoRA on grouped convolutions ({', '.join(grouped[:5])}): its lora_B is grouped (r/groups "
+            f"columns per group), so its delta is not a product of two matrices and cannot be {what} here. Leave "
+            "those modules out (train without them), or keep the adapter as it is"
+        )
 
 
 def refuse_zero_scales(adapter: Adapter, name: str, operation: str) -> None:

@@ -64,7 +64,8 @@ def test_unknown_consumer_is_a_usage_error(tmp_path):
 
 def test_inspect_shows_one_line_per_consumer(tmp_path):
     out = tmp_path / "e"
-    assert run("extract", *LLAMA, "--r", "32", "--rank-policy", "energy:0.9", "-o", str(out)).exit_code == 0
+    assert run("extract", *LLAMA, "--r", "32", "--rank-policy", "energy:0.9", "--embeddings", "lora",
+               "-o", str(out)).exit_code == 0
     text = run("inspect", str(out)).output
     lines = text.split("read by:\n", 1)[1].splitlines()
     assert lines[0] == "  PEFT 0.21.2: the reference"

@@ -51,6 +51,7 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     made = {}
 
     def ext(name, arch, **options):
+        options.setdefault("embeddings", "lora")  # what the consumers' embedding and tied-head rules are about
         made[name] = root / name
         extract_to_dir(FIXTURES / f"tiny-{arch}" / "base", FIXTURES / f"tiny-{arch}" / "tuned", made[name],
                        device="cpu", **options)

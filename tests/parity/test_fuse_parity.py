@@ -223,7 +223,7 @@ def test_extracted_tied_adapter_is_fused_once_and_stays_tied(tmp_path):
     from lorasurg.surgery.extract import extract_to_dir
 
     base, tuned = base_of("gpt2"), FIXTURES / "tiny-gpt2" / "tuned"
-    extract_to_dir(base, tuned, tmp_path / "ad", r=64, svd="exact")
+    extract_to_dir(base, tuned, tmp_path / "ad", r=64, svd="exact", embeddings="lora")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pm = peft.PeftModel.from_pretrained(load_model(base), tmp_path / "ad").eval()

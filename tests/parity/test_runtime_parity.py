@@ -267,30 +267,37 @@ def test_merging_a_lora_on_a_1x1x1_conv3d():
         assert _rel_diff(output(merge_and_unload(ours), x), expected) < 1e-5
 
 
-@pytest.mark.parametrize("method", ["pissa", "olora"])
-def test_loading_a_pissa_or_olora_adapter_does_not_decompose_the_residual_again(tmp_path, method):
-    theirs = _peft_model("llama", r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=method)
-    perturb(theirs)
+@pytest.mark.parametrize("method", ["pissa", "pissa_niter_2", "olora"])
+def test_a_pissa_or_olora_adapter_reloads_with_the_trained_outputs_as_in_peft(tmp_path, method):
+    """PEFT runs the init the config names on the original base, then loads the tensors: the trained outputs come
+    back (for pissa_niter_N from the same RNG state). ``base_is_residual=True`` loads onto the residual base."""
+    config = dict(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=method)
+    base = llama()
+    torch.manual_seed(7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(base, peft.LoraConfig(**config)).eval()
+    perturb(theirs)  # the training
     x = _input("llama")
     with torch.no_grad():
         expected = output(theirs, x)
     theirs.save_pretrained(str(tmp_path))  # its config says init_lora_weights=method
     residual = {k.replace(".base_layer", ""): v for k, v in theirs.base_model.model.state_dict().items()
                 if ".lora_" not in k}
-
-    def residual_base():
-        model = llama()
-        model.load_state_dict(residual)
-        return model
-
-    with pytest.warns(UserWarning, match="residual base"):
-        ours = load_adapter(residual_base(), str(tmp_path))
+    ours, reloaded = llama(), llama()
+    torch.manual_seed(7)
+    load_adapter(ours, str(tmp_path))
+    torch.manual_seed(7)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        reloaded = peft.PeftModel.from_pretrained(residual_base(), str(tmp_path)).eval()
+        reloaded = peft.PeftModel.from_pretrained(reloaded, str(tmp_path)).eval()
+    residual_base = llama()
+    residual_base.load_state_dict(residual)
+    on_residual = load_adapter(residual_base, str(tmp_path), base_is_residual=True)
     with torch.no_grad():
-        assert _rel_diff(output(ours, x), expected) < 1e-5
-        assert _rel_diff(output(reloaded, x), expected) > 1e-3  # PEFT decomposes the residual a second time
+        assert _rel_diff(output(reloaded, x), expected) < 1e-6
+        assert _rel_diff(output(ours, x), expected) < 1e-6
+        assert _rel_diff(output(on_residual, x), expected) < 1e-6
 
 
 # --------------------------------------------------------------------------------------------- initialisation

@@ -49,12 +49,12 @@ def net_input(seed: int = 1) -> torch.Tensor:
     return torch.randint(0, 20, (3, 5), generator=torch.Generator().manual_seed(seed))
 
 
-def llama(seed: int = 0):
+def llama(seed: int = 0, tie: bool = False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=50, max_position_embeddings=32)
+                      num_key_value_heads=2, vocab_size=50, max_position_embeddings=32, tie_word_embeddings=tie)
     return LlamaForCausalLM(cfg).eval()
 
 

@@ -190,9 +190,12 @@ def test_wrapper_forwards_attributes_of_the_base_layer():
     assert isinstance(layer, LoraLinear) and layer.nf == 5 and layer.weight is layer.base_layer.weight
 
 
-def test_grouped_conv_and_other_modules_are_refused():
-    with pytest.raises(UnsupportedError, match="groups=2"):
-        wrap_layer(nn.Conv2d(4, 4, 3, groups=2))
+def test_grouped_conv_and_attention_get_their_wrappers_and_other_modules_are_refused():
+    from lorasurg.runtime.attention import LoraMultiheadAttention
+    from lorasurg.runtime.grouped_conv import GroupedLoraConv
+
+    assert isinstance(wrap_layer(nn.Conv2d(4, 4, 3, groups=2)), GroupedLoraConv)
+    assert isinstance(wrap_layer(nn.MultiheadAttention(4, 2)), LoraMultiheadAttention)
     with pytest.raises(UnsupportedError, match="LayerNorm"):
         wrap_layer(nn.LayerNorm(4))
 

@@ -68,15 +68,19 @@ def test_save_refuses_a_non_empty_directory_and_an_unknown_adapter(tmp_path):
         save_adapter(model, str(tmp_path / "x"), "nope")
 
 
-def test_loading_a_pissa_adapter_warns_and_leaves_the_base_alone(tmp_path):
+def test_a_pissa_adapter_decomposes_the_original_base_unless_it_is_residual(tmp_path):
+    """PEFT's default: the init the config names runs on the base before the tensors are loaded."""
     _, path = _saved(tmp_path, target_modules=["lin"])
     config = json.loads((path / "adapter_config.json").read_text())
     (path / "adapter_config.json").write_text(json.dumps({**config, "init_lora_weights": "pissa"}))
     model = net()
     weight = model.lin.weight.clone()
-    with pytest.warns(UserWarning, match="residual base"):
-        load_adapter(model, str(path))
-    assert torch.equal(model.lin.base_layer.weight, weight)
+    load_adapter(model, str(path))
+    assert not torch.equal(model.lin.base_layer.weight, weight)  # the residual of its rank-2 PiSSA part
+    residual = net()
+    load_adapter(residual, str(path), base_is_residual=True)
+    assert torch.equal(residual.lin.base_layer.weight, weight)
+    assert torch.equal(residual.lin.lora_A["default"].weight, model.lin.lora_A["default"].weight)
 
 
 # ------------------------------------------------------------------------------------------------- bad input

@@ -145,7 +145,9 @@ def test_every_changed_tensor_is_accounted_for():
     changed = {n for n in b.names() if not torch.equal(b.get(n), t.get(n))}
     assert set(outcomes) == changed
     assert outcomes["model.layers.0.input_layernorm.weight"] == "modules_to_save"
-    assert outcomes["model.embed_tokens.weight"] == "lora"
+    assert outcomes["model.embed_tokens.weight"] == "trainable_tokens"  # 32 rows changed: smaller than a LoRA
+    assert adapter.config.trainable_token_indices == {"model.embed_tokens": list(range(16, 48))}
+    assert torch.equal(adapter.token_rows()["model.embed_tokens"], t.get("model.embed_tokens.weight")[16:48])
     assert report.tensors_unchanged + len(changed) == report.tensors_compared == len(b.names())
     assert adapter.config.modules_to_save == ["model.layers.0.input_layernorm"]
     torch.testing.assert_close(adapter.extra["model.layers.0.input_layernorm.weight"],
@@ -187,7 +189,7 @@ def test_tied_embedding_is_read_once_and_written_for_both(monkeypatch):
 
     monkeypatch.setattr(Checkpoint, "get", counting_get)
     monkeypatch.setattr(RowReader, "rows_into", counting_rows)
-    adapter, report = extract(*pair("qwen2"), r=8, lora_bias=False)
+    adapter, report = extract(*pair("qwen2"), r=8, lora_bias=False, embeddings="lora")
     emb, head = adapter.modules["model.embed_tokens"], adapter.modules["lm_head"]
     assert emb.embedding and not head.embedding
     torch.testing.assert_close(head.A, emb.B.T, rtol=0, atol=0)
@@ -201,7 +203,7 @@ def test_tied_embedding_is_read_once_and_written_for_both(monkeypatch):
 
 
 def test_lora_bias_auto_on_for_changed_biases():
-    adapter, report = extract(*pair("qwen2"), r=8)
+    adapter, report = extract(*pair("qwen2"), r=8, embeddings="lora")
     cfg = adapter.config
     assert cfg.lora_bias is True and report.lora_bias
     b, t = Checkpoint.open(pair("qwen2")[0]), Checkpoint.open(pair("qwen2")[1])

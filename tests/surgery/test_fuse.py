@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from lorasurg.config import LoraConfig
 from lorasurg.engine.factors import LoraFactors, merged_weight
-from lorasurg.errors import InputError, OutputExistsError, ShapeMismatchError, UnsupportedError
+from lorasurg.errors import InputError, OutputExistsError, ShapeMismatchError
 from lorasurg.io.adapter import Adapter, AdapterModule
 from lorasurg.io.checkpoint import Checkpoint
 from lorasurg.io.rewrite import TensorSource
@@ -116,7 +116,10 @@ def test_saved_tensors_base_has_no_place_for(tmp_path, gen):
     with pytest.raises(InputError, match=r"model.norm.weight: adapter \(3,\), BASE \(64,\)"):
         fuse(LLAMA, adapter, tmp_path / "fused")
     adapter.extra = {"model.embed_tokens.token_adapter.trainable_tokens_delta": torch.zeros(2, 64)}
-    with pytest.raises(UnsupportedError, match="trainable-token"):
+    with pytest.raises(InputError, match="model.embed_tokens: 2 trainable-token rows but trainable_token_indices"):
+        fuse(LLAMA, adapter, tmp_path / "fused")
+    adapter.config.trainable_token_indices = {"embed_tokens": [3, 300]}
+    with pytest.raises(InputError, match=r"model.embed_tokens: rows 256\.\.299 \(44\) are past BASE's 256 rows"):
         fuse(LLAMA, adapter, tmp_path / "fused")
 
 

@@ -15,7 +15,7 @@ from lorasurg.cli import main
 from lorasurg.config import LoraConfig
 from lorasurg.errors import ConfigError
 from lorasurg.engine.experts import join_experts
-from lorasurg.io.adapter import Adapter, AdapterModule
+from lorasurg.io.adapter import TOKENS_PART, Adapter, AdapterModule
 from lorasurg.io.checkpoint import Checkpoint
 from lorasurg.surgery.fuse import fuse
 from tests.conftest import assert_close_ulps, tol
@@ -157,3 +157,16 @@ def test_vlm_saved_copies_under_checkpoint_names_are_refused(tmp_path, gen):
                       {name: AdapterModule(name, torch.randn(R, 32, generator=gen), torch.randn(32, R, generator=gen))},
                       {"model.norm.weight": torch.ones(32)})
     _cli_refuses(tmp_path, QWEN2_VL, adapter, "model.norm.weight", "model.language_model.norm.weight")
+
+
+def test_vlm_trainable_tokens_under_the_models_name_go_into_the_checkpoints_embedding(tmp_path, gen):
+    module, name = "model.language_model.embed_tokens", "model.language_model.layers.0.self_attn.q_proj"
+    rows = torch.randn(3, 32, generator=gen)
+    adapter = Adapter(LoraConfig(r=R, target_modules=["q_proj"], trainable_token_indices={"embed_tokens": [2, 7, 9]}),
+                      {name: AdapterModule(name, torch.zeros(R, 32), torch.zeros(32, R))},
+                      {f"{module}.{TOKENS_PART}": rows})
+    fuse(QWEN2_VL, adapter, tmp_path / "fused", device="cpu")
+    with Checkpoint.open(QWEN2_VL) as base, Checkpoint.open(tmp_path / "fused") as fused:
+        want = base.get("model.embed_tokens.weight").clone()
+        want[[2, 7, 9]] = rows
+        assert torch.equal(fused.get("model.embed_tokens.weight"), want)

@@ -25,11 +25,11 @@ import torch
 from torch import Tensor
 
 from ...config import LoraConfig
+from ...consumers.experts import peft_converts_experts
 from ...consumers.prepare import prepare_for
 from ...consumers.rules import CONSUMERS, Consumer
-from ...consumers.experts import peft_converts_experts
 from ...errors import InputError, UnsupportedError, option
-from ...io.adapter import Adapter, AdapterModule
+from ...io.adapter import TOKENS_PART, Adapter, AdapterModule
 from ...io.architecture import ModelDescription
 from ...io.checkpoint import Checkpoint
 from ...modules import ModuleInfo
@@ -61,6 +61,10 @@ class Collected:
     fits: dict = field(default_factory=dict)
     zero_rank: dict[str, Fit] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    tokens: dict[str, tuple[list[int], Tensor]] = field(default_factory=dict)  # module -> (indices, tuned rows)
+    embedding_choices: list = field(default_factory=list)  # tokens.EmbeddingChoice per embedding-layer weight
+    resized: dict[str, tuple[int, int]] = field(default_factory=dict)  # tensor -> (BASE rows, TUNED rows)
+    row_roles: dict[str, TensorRole] = field(default_factory=dict)  # what a ``rows`` role became
 
     def record_change(self, role: TensorRole, shape, energy: float, *, delta: Optional[Tensor] = None,
                       tuned: Optional[Tensor] = None) -> None:
@@ -108,6 +112,7 @@ def build_adapter(
         InputError: the checkpoints are identical (without ``allow_empty``), no LoRA-able weight changed, or a
             changed tensor is lost (not carried, not by the user's choice) without ``allow_dropped``.
     """
+    roles = {**roles, **run.row_roles}
     if not run.changed:
         if not allow_empty:
             raise InputError(
@@ -117,6 +122,10 @@ def build_adapter(
             )
         _zero_factors(run, modules, roles, r)
         report.notes.append("the checkpoints are identical: wrote a no-op adapter (every factor is zero)")
+    elif run.tokens and not run.factors and allow_empty:
+        _zero_factors(run, modules, roles, r)
+        report.notes.append("only trainable-token rows changed: wrote zero LoRA factors beside them (PEFT's LoraConfig "
+                            "needs a LoRA target; --allow-empty)")
     save_blocked = [c for c in (CONSUMERS[n] for n in report.consumers) if not c.carries("modules_to_save")]
     save_modules = _outcomes(run, report, roles, use_bias, save_blocked)
     _refuse_lost(report, allow_dropped)
@@ -124,6 +133,13 @@ def build_adapter(
     tied = _tie(run, save_modules)
     if use_bias:
         _bias_factors(run, report, modules, roles)
+    if not run.factors and not run.stacks and run.tokens:
+        raise InputError(
+            f"only the rows of {', '.join(run.tokens)} changed between {report.base} and {report.tuned}: PEFT's "
+            "LoraConfig needs at least one LoRA target beside trainable_token_indices, and no other LoRA-able weight "
+            "changed. Pass --allow-empty to add zero LoRA factors on the other layers (a no-op beside the tokens), "
+            "or use --embeddings lora or full."
+        )
     if not run.factors and not run.stacks:
         kept = ", ".join(f"{o.name} ({o.outcome})" for o in report.outcomes[:10])
         raise InputError(
@@ -138,15 +154,19 @@ def build_adapter(
         stacks={_stored_parameter(description, key): stack for key, stack in run.stacks.items()},
         refused=["lora_bias"] if use_bias else [], form=_experts_form(description, base, report.consumers),
     )
+    tokens = {description.model_name(m): (i, rows) for m, (i, rows) in run.tokens.items()}  # the model's names
     config = LoraConfig(
         **layout.fields,
         lora_bias=use_bias,
+        trainable_token_indices={m: list(i) for m, (i, _) in tokens.items()} or None,
         fan_in_fan_out=any(modules[m].fan_in_fan_out for m in run.factors if m in modules),
         init_lora_weights=True,
         task_type=task_type_of(base.config),
         base_model_name_or_path=base_name,
     )
-    adapter = Adapter(config, layout.modules, layout.extra)
+    extra = {**layout.extra, **{f"{m}.{TOKENS_PART}": rows for m, (_, rows) in tokens.items()}}
+    adapter = Adapter(config, layout.modules, extra)
+    _token_notes(run, report)
     problems = adapter.problems()
     if problems:  # a bug in extract, not in the user's input
         raise AssertionError("extract built an inconsistent adapter: " + "; ".join(problems))
@@ -266,6 +286,8 @@ def _outcomes(run: Collected, report: ExtractReport, roles: Mapping[str, TensorR
                           + save_blocked[0].rules["modules_to_save"].says)
         elif role.role == "save":
             outcome = "modules_to_save"
+        elif role.role == "tokens":
+            outcome = "trainable_tokens"
         if outcome == "modules_to_save":
             save[role.module] = None
         report.outcomes.append(TensorOutcome(name, shape, outcome, reason, energy, lost=role.lost))
@@ -329,6 +351,14 @@ def _tie(run: Collected, save_modules: list[str]) -> list[str]:
             "(PEFT warns that a tied layer is saved; merging unties them, with the right values)"
         )
     return []
+
+
+def _token_notes(run: Collected, report: ExtractReport) -> None:
+    """The embedding choices into the report, and what loading trainable tokens needs (a resize, a tied head)."""
+    from .tokens import token_notes
+
+    report.embeddings = list(run.embedding_choices)
+    report.notes.extend(token_notes(run))
 
 
 def _bias_factors(run: Collected, report: ExtractReport, modules: Mapping[str, ModuleInfo],

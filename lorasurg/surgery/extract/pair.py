@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from typing import Collection
+
 from ...errors import ShapeMismatchError
 from ...io.checkpoint import Checkpoint
 from ..options import short_list as _short
@@ -26,15 +28,17 @@ def buffer_names(base: Checkpoint, tuned: Checkpoint) -> set[str]:
     return {n for n in names if base.is_buffer(n) or tuned.is_buffer(n)}
 
 
-def check_pair(base: Checkpoint, tuned: Checkpoint) -> list[BufferOutcome]:
+def check_pair(base: Checkpoint, tuned: Checkpoint, resizable: Collection[str] = ()) -> list[BufferOutcome]:
     """Refuse checkpoints that are not the same architecture, listing every difference in their weights; return
     the buffers that are on one side only or differ (ignored), in base's shard order then tuned's.
 
-    Reads the buffers both sides hold (small tensors), to compare them; no weight is read.
+    A tensor in ``resizable`` (the embedding layers' weights) may have more rows in TUNED than in BASE: a resized
+    vocabulary, which :mod:`.tokens` handles. Reads the buffers both sides hold (small tensors), to compare them; no
+    weight is read.
 
     Raises:
         ShapeMismatchError: config ``model_type``/``architectures`` differ; a weight is on one side only; a weight's
-            shape differs.
+            shape differs (a resizable one: other than by more rows in TUNED).
     """
     problems: list[str] = []
     bc, tc = base.config or {}, tuned.config or {}
@@ -52,7 +56,9 @@ def check_pair(base: Checkpoint, tuned: Checkpoint) -> list[BufferOutcome]:
         problems.append(f"missing from base ({len(only_t)}): {_short(only_t)}")
     shapes = [
         f"{n}: base {tuple(base.shape(n))}, tuned {tuple(tuned.shape(n))}"
+        + (" (TUNED has fewer rows: a vocabulary cannot shrink into a LoRA adapter)" if n in resizable else "")
         for n in base.names() if n in t_names and n not in buffers and tuple(base.shape(n)) != tuple(tuned.shape(n))
+        and not (n in resizable and _grown(base.shape(n), tuned.shape(n)))
     ]
     if shapes:
         problems.append(f"shape mismatch ({len(shapes)}): {_short(shapes)}")
@@ -71,6 +77,11 @@ def check_pair(base: Checkpoint, tuned: Checkpoint) -> list[BufferOutcome]:
             if difference:
                 ignored.append(BufferOutcome(n, list(base.shape(n)), "both", difference))
     return ignored
+
+
+def _grown(b_shape, t_shape) -> bool:
+    """TUNED has more rows than BASE and the same row width (added tokens)."""
+    return len(b_shape) == len(t_shape) == 2 and t_shape[1] == b_shape[1] and t_shape[0] > b_shape[0]
 
 
 def _difference(base: Checkpoint, tuned: Checkpoint, name: str) -> str:

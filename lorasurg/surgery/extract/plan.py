@@ -13,6 +13,10 @@ role            if the tensor changed
 ``drop``        left out of the adapter, listed in the report with the reason
 ``alias``       a tied copy of another tensor (``lm_head.weight`` tied to the input embedding): handled with
                 that tensor, never twice
+``rows``        an embedding layer's weight under ``--embeddings auto|tokens``: the rows that changed decide
+                between trainable tokens, a LoRA and the whole layer (:mod:`lorasurg.surgery.extract.tokens`);
+                ``reason`` says why its LoRA would be dropped (``--for``), if it would
+``tokens``      what a ``rows`` role becomes when its changed rows are kept as trainable tokens
 ==============  =================================================================================================
 
 Rules, in order:
@@ -26,6 +30,7 @@ Rules, in order:
    of a module that holds such a target (gpt-oss's expert biases) is ``drop``, lost: PEFT refuses
    ``modules_to_save`` on a module its ``ParamWrapper`` wraps, and a ``ParamWrapper`` takes no ``lora_bias``.
 2. Input embedding and output layer follow ``--embeddings``: ``skip`` -> ``drop``; ``full`` -> ``save``;
+   ``auto``/``tokens`` -> ``rows`` when targeted (a head's weight, when the head has no bias);
    ``lora`` -> ``lora`` when targeted, except that PEFT refuses ``lora_bias`` on an ``nn.Embedding``, so with
    ``lora_bias`` on an embedding is ``save`` instead (said in the report).
 3. Linear and conv layers selected by ``--target-modules`` (default: all of them) are ``lora``; their bias is
@@ -59,8 +64,8 @@ from ...modules import ModuleInfo
 
 __all__ = ["ROLES", "EMBEDDING_MODES", "TensorRole", "split_tensor_name", "matches_any", "plan_roles", "blocker"]
 
-ROLES = ("lora", "bias", "save", "drop", "alias")
-EMBEDDING_MODES = ("lora", "full", "skip")
+ROLES = ("lora", "bias", "save", "drop", "alias", "rows", "tokens")
+EMBEDDING_MODES = ("auto", "tokens", "lora", "full", "skip")
 _LORA_KINDS = ("linear", "embedding", "conv1d", "conv2d", "conv3d")
 
 Patterns = Union[str, Sequence[str], None]
@@ -139,7 +144,7 @@ def plan_roles(
         output_layers: names of the output layer(s) (``lm_head``).
         aliases: ``{tensor name: tensor it is tied to}`` (tied output layer weights).
         target_modules / exclude_modules: PEFT-style selection (list of names/suffixes, or a regex string).
-        embeddings: ``lora``, ``full`` or ``skip``.
+        embeddings: ``auto``, ``tokens``, ``lora``, ``full`` or ``skip``.
         lora_bias: whether bias deltas of LoRA targets become ``lora_B.bias``.
         serving: the same as adding ``vllm`` to ``consumers``.
         consumers: what ``--for`` names (``peft``, ``vllm``, ``llama.cpp``, ``all``, or several): roles they
@@ -182,9 +187,14 @@ def plan_roles(
         role, reason, lost = _decide(
             module, param, kind, module in embedding_layers, info is not None,
             target_modules=target_modules, embeddings=embeddings, lora_bias=lora_bias,
+            has_bias=bool(info is not None and info.has_bias),
         )
-        role, reason = _for_consumers(role, reason, name, kind, module in embedding_layers,
-                                      bool(info is not None and info.fan_in_fan_out), chosen)
+        fan = bool(info is not None and info.fan_in_fan_out)
+        if role == "rows":  # what a fallback to LoRA would meet: kept as the reason it would be dropped
+            fallback, why = _for_consumers("lora", "", name, kind, True, fan, chosen)
+            reason = why if fallback == "drop" else ""
+        else:
+            role, reason = _for_consumers(role, reason, name, kind, module in embedding_layers, fan, chosen)
         if role == "drop" and reason == _BIAS_OFF and bias_blocked:
             reason, lost = bias_blocked, True
         roles[name] = TensorRole(name, module, role, reason, kind, lost=lost and role == "drop")
@@ -232,7 +242,7 @@ def _for_consumers(role: str, reason: str, name: str, kind: Optional[str], is_em
 
 def _decide(
     module: str, param: str, kind: Optional[str], is_embedding_layer: bool, known: bool, *,
-    target_modules: Patterns, embeddings: str, lora_bias: bool,
+    target_modules: Patterns, embeddings: str, lora_bias: bool, has_bias: bool = False,
 ) -> tuple[str, str, bool]:
     """(role, reason, lost) for one tensor not excluded; see :func:`plan_roles`."""
     if not known:
@@ -244,6 +254,8 @@ def _decide(
             return "save", "--embeddings full" if embeddings == "full" else "embedding-layer bias", False
         if target_modules and not matches_any(target_modules, module):
             return "drop", "not in --target-modules", False
+        if embeddings in ("auto", "tokens") and (kind == "embedding" or not has_bias):
+            return "rows", "", False
         if lora_bias and kind == "embedding":
             return "save", "lora_bias is on and PEFT refuses lora_bias on Embedding layers, so saved in full", False
         return "lora", "", False

@@ -67,7 +67,7 @@ def placements(base: Checkpoint, tuned: Checkpoint, roles: Mapping[str, TensorRo
         result[group] = budget.place(group, hold_bytes=per_expert * count, row_bytes=per_expert, fixed_bytes=0,
                                      rows=count, reserved=reserved, max_block_rows=count)
     for name, role in roles.items():
-        if role.role != "lora" or name in grouped:
+        if role.role not in ("lora", "rows") or name in grouped:  # an embedding layer's rows may become a LoRA
             continue
         shape = tuple(base.shape(name))
         rows, cols = (shape[0] if shape else 1), math.prod(shape[1:])
@@ -105,7 +105,7 @@ def _reserved_bytes(base: Checkpoint, roles: Mapping[str, TensorRole], modules, 
         shape = tuple(base.shape(name))
         if role.role == "lora" and role.kind == "experts":  # (E, d1, d2): one LoRA per expert
             total += shape[0] * min(r, shape[1], shape[2]) * (shape[1] + shape[2]) * size
-        elif role.role == "lora":
+        elif role.role in ("lora", "rows"):
             rows, cols = (shape[0] if shape else 1), math.prod(shape[1:])
             total += min(r, rows, cols) * (rows + cols) * size
         elif role.role in ("save", "bias"):

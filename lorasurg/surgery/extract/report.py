@@ -42,8 +42,8 @@ class TensorOutcome:
     Attributes:
         name: tensor key in the checkpoint.
         shape: its shape.
-        outcome: ``lora``, ``lora_bias``, ``modules_to_save``, ``dropped`` or ``rank0`` (the rank policy gave 0:
-            left out of target_modules).
+        outcome: ``lora``, ``lora_bias``, ``modules_to_save``, ``trainable_tokens`` (the rows that changed, exact),
+            ``dropped`` or ``rank0`` (the rank policy gave 0: left out of target_modules).
         reason: why, for anything but ``lora``/``lora_bias``.
         energy: ``||tuned - base||_F**2`` of the tensor.
         lost: ``dropped`` for a reason other than the user's choice (:mod:`.plan`): written only with
@@ -124,6 +124,7 @@ class ExtractReport:
     streamed: list[StreamedTensor] = field(default_factory=list)
     consumers: list[str] = field(default_factory=lambda: ["peft"])
     for_report: Optional[ForReport] = None
+    embeddings: list = field(default_factory=list)  # tokens.EmbeddingChoice of each changed embedding layer
 
     # ------------------------------------------------------------------------------------------ totals
     @property
@@ -145,7 +146,7 @@ class ExtractReport:
         fits = {f.module: f for f in self.fits}
         kept = 0.0
         for o in self.outcomes:
-            if o.outcome in ("modules_to_save", "lora_bias"):
+            if o.outcome in ("modules_to_save", "lora_bias", "trainable_tokens"):
                 kept += o.energy
             elif o.outcome == "lora":
                 fit = fits.get(o.name.rpartition(".")[0]) or fits.get(o.name)  # a module's weight, or stored experts
@@ -191,6 +192,7 @@ class ExtractReport:
             "modules": [asdict(f) for f in self.fits],
             "tensors": [dict(asdict(o), share=self.share(o)) for o in self.outcomes],
             "buffers": [asdict(b) for b in self.buffers],
+            "embeddings": [asdict(c) for c in self.embeddings],
             "notes": list(self.notes),
             "totals": {
                 "tensors_compared": self.tensors_compared,
@@ -244,6 +246,12 @@ class ExtractReport:
         if others:
             rows = [(o.name, o.outcome, f"{100 * self.share(o):.3f}%", o.reason) for o in others]
             parts.append("other changed tensors:\n" + format_table(rows, ["tensor", "became", "energy share", "why"]))
+        if self.embeddings:
+            rows = [(c.tensor, f"{c.changed}" + (f" +{c.added}" if c.added else "") + f" of {c.rows - c.added}",
+                     format_bytes(c.tokens_bytes), "-" if c.lora_bytes is None else format_bytes(c.lora_bytes),
+                     format_bytes(c.full_bytes), c.chosen, c.reason) for c in self.embeddings]
+            parts.append("embedding layers (trainable tokens: the changed rows, exact; LoRA at r; the whole layer):\n"
+                         + format_table(rows, ["tensor", "rows changed", "tokens", "LoRA", "full", "became", "why"]))
         if self.lost():
             rows = [(o.name, f"{100 * self.share(o):.3f}%", o.reason) for o in self.lost()]
             parts.append("changed tensors the adapter cannot carry, left out with --allow-dropped:\n"

@@ -60,10 +60,11 @@ from ..options import parse_device as _device, short_list as _short, source_name
 from .build import Collected, build_adapter
 from .experts import expert_groups, finish_experts, fit_group, group_needs
 from .pair import buffer_names, check_pair
-from .plan import blocker, plan_roles, split_tensor_name
+from .plan import EMBEDDING_MODES, blocker, plan_roles, split_tensor_name
 from .report import ExtractReport, StreamedTensor
 from .process import compare, placements, process_tensor
 from .stream import Workspace
+from .tokens import extract_rows
 
 __all__ = ["extract", "extract_to_dir", "default_output_path", "ExtractReport", "SVD_METHODS", "DTYPES"]
 
@@ -114,7 +115,7 @@ def extract(
     rank_policy: Optional[str] = None,
     target_modules: Union[str, Sequence[str], None] = None,
     exclude_modules: Union[str, Sequence[str], None] = None,
-    embeddings: str = "lora",
+    embeddings: str = "auto",
     lora_bias: Optional[bool] = None,
     svd: str = "randomized",
     device: str = "auto",
@@ -137,7 +138,11 @@ def extract(
             fixed integer (:func:`lorasurg.engine.ranks.parse_rank_policy`); None keeps ``r`` everywhere.
         target_modules / exclude_modules: PEFT-style selection of the layers to fit (names or ``.``-suffixes,
             or one regex); default every LoRA-able layer.
-        embeddings: ``lora`` (embedding LoRA), ``full`` (modules_to_save) or ``skip`` (dropped, listed).
+        embeddings: what a changed embedding layer (input embedding, output head) becomes: ``auto`` (trainable
+            tokens when they are no larger than its LoRA, else the LoRA), ``tokens`` (``trainable_token_indices``:
+            the rows that changed, exact), ``lora`` (embedding LoRA), ``full`` (modules_to_save) or ``skip``
+            (dropped, listed); see :mod:`lorasurg.surgery.extract.tokens`. TUNED may have more rows than BASE there
+            (added tokens) except with ``lora``.
         lora_bias: carry bias deltas of LoRA targets as ``lora_B.bias``; None: on iff one changed.
         svd: ``randomized`` (seeded, within 1% of optimal) or ``exact``.
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``: where the arithmetic runs.
@@ -167,9 +172,11 @@ def extract(
         ShapeMismatchError: the checkpoints differ in architecture, weight names or shapes (all listed); buffers
             on one side only or that differ are ignored and listed in the report (:mod:`.pair`).
         InputError: a delta holds NaN/inf (tensors named); the checkpoints are identical (without
-            ``allow_empty``); nothing LoRA-able changed; a checkpoint cannot be read; a changed tensor would be
-            left out, not by the user's choice, without ``allow_dropped`` (tensors and shares named).
-        UnsupportedError: ``lora_bias=True`` for an adapter PEFT can only load through ``target_parameters``.
+            ``allow_empty``); nothing LoRA-able changed; a checkpoint cannot be read; ``embeddings="lora"`` on a
+            resized vocabulary; a changed tensor would be left out, not by the user's choice, without
+            ``allow_dropped`` (tensors and shares named).
+        UnsupportedError: ``lora_bias=True`` for an adapter PEFT can only load through ``target_parameters``;
+            ``--for peft`` with another consumer on a model type whose experts they read in different forms.
         ConfigError: an invalid option value; a ``max_memory`` that is not a size, or below the smallest
             workable budget for these checkpoints (the message says what that is).
     """
@@ -185,7 +192,7 @@ def extract(
     )
     with contextlib.ExitStack() as opened:
         base_ckpt, tuned_ckpt = _open(base, opened), _open(tuned, opened)
-        report.buffers = check_pair(base_ckpt, tuned_ckpt)
+        report.buffers = check_pair(base_ckpt, tuned_ckpt, _embedding_weights(base_ckpt))
         adapter = _run(
             base_ckpt, tuned_ckpt, report, work_device, policy=policy, seed=seed, lora_bias=lora_bias,
             allow_empty=allow_empty, allow_dropped=allow_dropped, progress=progress, out_dtype=DTYPES.get(dtype),
@@ -248,7 +255,8 @@ def _run(base: Checkpoint, tuned: Checkpoint, report: ExtractReport, device: tor
     places = placements(base, tuned, roles, modules, budget, r=r, svd=report.svd, policy=policy, out_dtype=out_dtype,
                         groups={g.name: (g.members, g.count, group_needs(g, base, tuned, r=r, whole=whole))
                                 for g in groups.values()})
-    _report_placements(report, base, places, groups)
+    tokens_blocked = [CONSUMERS[c] for c in report.consumers if not CONSUMERS[c].carries("trainable_tokens")]
+    resized = {n for n in names if n in tuned and tuple(tuned.shape(n)) != tuple(base.shape(n))}
     work = Workspace(device)
     fits, fitted_groups = [], set()
     try:
@@ -264,14 +272,21 @@ def _run(base: Checkpoint, tuned: Checkpoint, report: ExtractReport, device: tor
                 fitted_groups.add(group.name)  # its other members are done too
                 done += sum(_numel(base.shape(m)) for m in group.members)
             else:
-                process_tensor(base, tuned, role, modules, run, device, r=r, policy=policy, svd=report.svd,
-                               seed=seed, work=work, placement=places.get(name))
+                if role.role == "rows" or name in resized:
+                    role = extract_rows(base, tuned, role, run, device, mode=plan["embeddings"], r=r,
+                                        lora_bias=use_bias, has_bias=modules[role.module].has_bias,
+                                        blocked=tokens_blocked)
+                if role is not None:
+                    process_tensor(base, tuned, role, modules, run, device, r=r, policy=policy, svd=report.svd,
+                                   seed=seed, work=work, placement=places.get(name))
                 done += _numel(base.shape(name))
             if progress is not None:
                 progress(done, total, name)
     finally:
         work.release()
     run.raise_non_finite()
+    lora = {n for n, role in roles.items() if run.row_roles.get(n, role).role == "lora"}  # rows resolved
+    _report_placements(report, base, {n: p for n, p in places.items() if n in lora or n in groups}, groups)
     finish_experts(run, fits, roles, policy=policy,
                    one_rank=expert_form(description, model_type, stored) == "per-expert"
                    or any(c != "peft" for c in report.consumers))
@@ -317,8 +332,8 @@ def _check_options(r: int, alpha, rank_policy, svd: str, dtype: str, embeddings:
         problems.append(f"svd must be one of {', '.join(SVD_METHODS)}, got {svd!r}")
     if dtype_problem(dtype):
         problems.append(dtype_problem(dtype))
-    if embeddings not in ("lora", "full", "skip"):
-        problems.append(f"embeddings must be lora, full or skip, got {embeddings!r}")
+    if embeddings not in EMBEDDING_MODES:
+        problems.append(f"embeddings must be one of {', '.join(EMBEDDING_MODES)}, got {embeddings!r}")
     if problems:
         raise ConfigError("; ".join(problems))
     return parse_rank_policy(rank_policy) if rank_policy else None
@@ -330,6 +345,13 @@ def _check_options(r: int, alpha, rank_policy, svd: str, dtype: str, embeddings:
 
 
 
+
+
+def _embedding_weights(ckpt: Checkpoint) -> set[str]:
+    """The weights of the input embedding and the output layers (the tensors a resized vocabulary grows)."""
+    modules = ckpt.module_infos()
+    layers = {_input_embedding(ckpt, modules, ckpt.tied_weights()), *ckpt.output_layer_names()}
+    return {f"{m}.weight" for m in layers if m}
 
 
 def _input_embedding(ckpt: Checkpoint, modules, aliases) -> Optional[str]:

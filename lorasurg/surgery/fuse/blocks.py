@@ -40,7 +40,7 @@ __all__ = ["fuse_works", "merged_blocks", "touched"]
 def touched(plan: FusePlan, name: str) -> bool:
     """Whether the fuse writes BASE tensor ``name`` other than as a copy."""
     return (name in plan.module_of or name in plan.replace or name in plan.zero_bias or name in plan.untie
-            or name in plan.stacked)
+            or name in plan.stacked or name in plan.rows)
 
 
 def _merge_factors(plan: FusePlan, key: str) -> Optional[LoraFactors]:
@@ -73,6 +73,8 @@ def fuse_works(ckpt: Checkpoint, plan: FusePlan, out_dtype: Optional[torch.dtype
         f = plan.factors.get(module) if module is not None else None
         if f is not None and name == f"{module}.bias":
             stream = "a bias with lora_B's bias added is processed whole"
+        elif any(k in plan.rows for k in keys):
+            stream = "its trainable-token rows are written into it whole"
         elif shape and all(k in plan.replace for k in keys):
             stream = ""  # the adapter's saved copy, already in memory: sliced
         else:

@@ -12,7 +12,8 @@ fused 3-D experts):
 * every other tensor of the adapter is a module's own tensor (``modules_to_save``: ``<module>.weight``,
   ``<module>.bias``; a targeted embedding's ``<module>.base_layer.weight``; the biases PEFT saves for
   ``bias="all"``/``"lora_only"``, ``<module>.base_layer.bias``) and replaces the BASE tensor holding it, of the same
-  shape (a fused expert parameter BASE stores per expert: its slices); trainable-token deltas are refused;
+  shape (a fused expert parameter BASE stores per expert: its slices); trainable-token rows are written into their
+  rows (:mod:`.layout`, which also writes replicated layers out, one copy each);
 * a ``lora_B.bias`` that is not zero on a layer without a bias in BASE needs a bias tensor: where the architecture's
   config has a flag that gives the layer one (:func:`lorasurg.io.meta_facts.bias_flags`, e.g. Llama's
   ``attention_bias``), the flag is set and every other layer it governs gets a zero bias; where none exists
@@ -39,12 +40,13 @@ from ...engine.experts import split_experts
 from ...engine.factors import LoraFactors, factor_shapes, lora_scale
 from ...engine.lowrank import lowrank_svd
 from ...errors import InputError, ShapeMismatchError, UnsupportedError, option
-from ...io.adapter import Adapter
+from ...io.adapter import TOKENS_PART, Adapter
 from ...io.architecture import ModelDescription
 from ...io.meta_facts import bias_flags
 from ...io.checkpoint import Checkpoint
 from ...modules import ModuleInfo
 from ..options import short_list
+from .layout import ReplicatedCheckpoint, plan_token_rows
 from .place import ExpertTarget, Placement, place_adapter
 
 __all__ = ["FusePlan", "DroppedBias", "ExpertFactors", "plan_fuse"]
@@ -91,9 +93,10 @@ class FusePlan:
         untie: ``{canonical tensor: alias tensor}`` written separately (the alias's module is in ``module_of``).
         module_of: ``{tensor name: module}`` for the weights of LoRA modules (aliases included), the biases in
             ``bias_of`` and the tensors in ``replace``.
-        config_updates: keys set in config.json (bias flags, ``tie_word_embeddings``).
+        config_updates: keys set in config.json (bias flags, ``tie_word_embeddings``, ``vocab_size``).
         dropped: lora_B biases left out (``drop_unfusable_bias``).
         notes: what the report should say.
+        rows: ``{weight: (indices, rows, row count)}`` of trainable tokens (:func:`.layout.with_rows`).
     """
 
     factors: dict[str, LoraFactors] = field(default_factory=dict)
@@ -108,6 +111,7 @@ class FusePlan:
     config_updates: dict[str, object] = field(default_factory=dict)
     dropped: list[DroppedBias] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    rows: dict[str, tuple[Tensor, Tensor, int]] = field(default_factory=dict)
 
 
 def plan_fuse(base: Checkpoint, adapter: Adapter, *, drop_unfusable_bias: bool = False) -> FusePlan:
@@ -118,17 +122,23 @@ def plan_fuse(base: Checkpoint, adapter: Adapter, *, drop_unfusable_bias: bool =
             listed).
         InputError: adapter tensors BASE has no place for; lora_B biases the architecture cannot express (without
             ``drop_unfusable_bias``).
-        UnsupportedError: trainable-token deltas.
+        UnsupportedError: LoRA on a grouped convolution or an nn.MultiheadAttention; a lora_B bias that needs a new
+            bias together with replicated layers.
     """
     plan = FusePlan()
     aliases = base.tied_weights()
-    _refuse_tokens(adapter)
     model_type = (base.config or {}).get("model_type")
     description = base.describe()
-    placement = place_adapter(description, adapter, set(base.names()) | set(aliases), model_type)
+    _refuse_unmergeable(adapter, description.modules)
+    lora = Adapter(adapter.config, adapter.modules,  # trainable-token rows are placed by .layout
+                   {k: v for k, v in adapter.extra.items() if not k.endswith(f".{TOKENS_PART}")})
+    placement = place_adapter(description, lora, set(base.names()) | set(aliases), model_type)
     _factors(base, adapter, description.modules, placement, plan)
     _notes(description, placement, model_type, adapter.config.use_rslora, plan)
     _extras(base, placement, aliases, plan)
+    plan.rows, updates, notes = plan_token_rows(base, adapter, aliases, description.checkpoint_module)
+    plan.config_updates.update(updates)
+    plan.notes.extend(notes)
     _biases(base, description.modules, plan, drop_unfusable_bias)
     _ties(base, aliases, plan)
     return plan
@@ -243,13 +253,20 @@ def _notes(description: ModelDescription, placement: Placement, model_type: Opti
             "fused at the adapter's own scale alpha / sqrt(r)")
 
 
-def _refuse_tokens(adapter: Adapter) -> None:
-    tokens = [k for k in adapter.extra if ".token_adapter." in k]
-    if tokens:
+def _refuse_unmergeable(adapter: Adapter, modules: Mapping[str, ModuleInfo]) -> None:
+    """LoRA that no weight of BASE can hold: on a grouped convolution (a dense delta), on an nn.MultiheadAttention."""
+    grouped = [n for n, m in adapter.modules.items() if m.groups > 1]
+    attention = [n for n in adapter.modules if n.endswith(".base_layer.out_proj")
+                 or getattr(modules.get(n), "type_name", None) == "MultiheadAttention"]
+    if grouped:
         raise UnsupportedError(
-            f"the adapter has trainable-token deltas ({short_list(tokens)}); fusing them is not supported yet. Use "
-            "PEFT's merge_and_unload for this adapter"
-        )
+            f"the adapter has LoRA on grouped convolutions ({short_list(grouped)}): its delta reaches every input "
+            "channel, which a grouped weight cannot hold, so it cannot be fused (PEFT cannot merge it either). Keep "
+            "the adapter unfused")
+    if attention:
+        raise UnsupportedError(
+            f"the adapter has LoRA on nn.MultiheadAttention ({short_list(attention)}), which fuse does not write "
+            "yet; merge it at runtime (lorasurg.merge_and_unload) and save that model")
 
 
 def _extras(base: Checkpoint, placement: Placement, aliases: Mapping[str, str], plan: FusePlan) -> None:
@@ -289,6 +306,11 @@ def _biases(base: Checkpoint, modules: Mapping[str, ModuleInfo], plan: FusePlan,
             needing[name] = float(torch.linalg.vector_norm(f.bias.double())) * f.scale
     if not needing:
         return
+    if isinstance(base, ReplicatedCheckpoint):
+        raise UnsupportedError(
+            f"the adapter has a lora_B bias on {len(needing)} layer(s) without a bias in BASE "
+            f"({short_list(list(needing))}) and replicates layers; fusing that is not supported: keep the adapter "
+            "unfused")
     flags = bias_flags(base.config, {n: base.shape(n) for n in base.names()})
     chosen: dict[str, frozenset[str]] = {}
     unfusable = []
@@ -336,8 +358,10 @@ def _ties(base: Checkpoint, aliases: Mapping[str, str], plan: FusePlan) -> None:
     """Keep each tie when both sides change alike; else write the alias as its own tensor and untie."""
     for alias, canonical in aliases.items():
         a_mod, c_mod = alias.rsplit(".", 1)[0], canonical.rsplit(".", 1)[0]
-        a_touched = alias in plan.module_of or alias in plan.replace
-        c_touched = canonical in plan.module_of or canonical in plan.replace
+        if canonical in plan.rows and alias not in plan.rows:
+            plan.rows[alias] = plan.rows[canonical]  # PEFT ties the head's trainable tokens to the embedding's
+        a_touched = alias in plan.module_of or alias in plan.replace or alias in plan.rows
+        c_touched = canonical in plan.module_of or canonical in plan.replace or canonical in plan.rows
         if not (a_touched or c_touched):
             continue
         if _same_change(plan, alias, canonical, a_mod, c_mod):
@@ -356,6 +380,10 @@ def _same_change(plan: FusePlan, alias: str, canonical: str, a_mod: str, c_mod: 
     fa, fc = plan.factors.get(a_mod), plan.factors.get(c_mod)
     ra, rc = plan.replace.get(alias), plan.replace.get(canonical)
     if (ra is None) != (rc is None) or (ra is not None and not torch.equal(ra, rc)):
+        return False
+    ta, tc = plan.rows.get(alias), plan.rows.get(canonical)
+    if (ta is None) != (tc is None) or (ta is not None and ta is not tc and not all(
+            torch.equal(x, y) if isinstance(x, Tensor) else x == y for x, y in zip(ta, tc))):
         return False
     if fa is None or fc is None:
         return fa is None and fc is None

@@ -8,6 +8,8 @@ For each LoRA module with weight ``W`` (matrix view ``(out, in)``, see :mod:`lor
 * ``lora_B.bias``: ``b' = b + s * b_B`` (a layer without a bias gets one where the config can say so, see
   :mod:`.plan`);
 * ``modules_to_save``: the adapter's copy replaces the module's tensors;
+* trainable tokens: their rows replace the weight's rows (the vocabulary grows when the indices say so), and a
+  replicated stack of layers is written out one copy each, renumbered (:mod:`.layout`);
 * a ``target_parameters`` LoRA on 3-D experts (PEFT's ``ParamWrapper``): expert ``e`` gains ``s * B_e @ A_e``, in the
   checkpoint keys that hold it (per-expert keys: their rows of it) or in the expert's slice of the 3-D tensor BASE
   stores (gpt-oss ``(E, in, out)``: transposed), see :mod:`.place`;
@@ -49,6 +51,7 @@ from ..budget import MemoryBudget, Size
 from ..options import source_name
 from ..rewrite_memory import MemoryUse, place_rewrite
 from .blocks import fuse_works, merged_blocks, touched
+from .layout import replicated, with_rows
 from .plan import ExpertFactors, FusePlan, plan_fuse
 from .report import FusedModule, FuseReport
 
@@ -94,8 +97,10 @@ def fuse(
         OutputExistsError: ``output`` exists and is not empty, without ``force``.
         ShapeMismatchError: the adapter was made for another base (modules and both shapes named).
         InputError: unfusable lora_B biases (without ``drop_unfusable_bias``); adapter tensors BASE has no place
-            for; unreadable inputs.
-        UnsupportedError: trainable-token deltas.
+            for (trainable tokens that do not fit it included); a layer_replication BASE has no stack for;
+            unreadable inputs.
+        UnsupportedError: LoRA on a grouped convolution or an nn.MultiheadAttention; a lora_B bias that needs a new
+            bias together with replicated layers.
         ConfigError: a ``max_memory`` that is not a size, or below the smallest workable budget (one row of the
             widest tensor besides the adapter; the message says what that is).
     """
@@ -111,8 +116,10 @@ def fuse(
     report = FuseReport(base=source_name(base), adapter="<Adapter>" if isinstance(adapter, Adapter) else
                         os.fspath(adapter), device=str(work_device), dtype=dtype, output=str(output))
     with contextlib.ExitStack() as opened:
-        ckpt = open_checkpoint(base, opened)
+        ckpt, updates, notes = replicated(open_checkpoint(base, opened), loaded)
         plan = plan_fuse(ckpt, loaded, drop_unfusable_bias=drop_unfusable_bias)
+        plan.config_updates.update(updates)
+        plan.notes[:0] = notes
         works = fuse_works(ckpt, plan, output_dtype(dtype))
         reserved = loaded.num_bytes()
         places = place_rewrite(budget, ckpt, works, reserved=reserved, reserved_for="the adapter")
@@ -141,6 +148,8 @@ def _editor(modules, plan: FusePlan, device: torch.device, blocks: dict[str, int
             value = merged_weight(_on(f, device), value)
         elif f is not None and name == f"{module}.bias" and f.bias is not None:
             value = value + delta_bias(_on(f, device), value.dtype)
+        if name in plan.rows:
+            value = with_rows(value, *plan.rows[name])
         return value
 
     def edit(name: str, source: TensorSource):

@@ -24,6 +24,8 @@ import os
 from contextlib import ExitStack
 from typing import Optional, Union
 
+import torch
+
 from ...consumers import consumer_verdicts
 from ...engine.experts import split_experts
 from ...engine.factors import lora_scale
@@ -32,6 +34,7 @@ from ...io.adapter import Adapter, AdapterModule
 from ...io.checkpoint import Checkpoint
 from ...io.gguf import is_gguf
 from ...io.values import all_finite
+from ...layer_replication import find_layer_stack, source_name
 from ..expert_groups import ParameterLora, expert_groups, parameter_loras
 from .gguf import GgufInspectReport, inspect_gguf
 from .plot import check_plot_path, write_plot
@@ -74,6 +77,9 @@ def inspect_adapter(
     cfg = adapter.config
     with ExitStack() as stack:
         checkpoint = stack.enter_context(Checkpoint.open(base)) if base is not None else None
+        replication = _replication(adapter, checkpoint)
+        to_base = (lambda n: n) if not replication or not replication["stack"] else \
+            (lambda n: source_name(n, replication["stack"], replication["sources"]))
         norms = BaseNorms(checkpoint) if checkpoint is not None else None
         loras = parameter_loras(adapter, norms.positions() if norms is not None else None)
         modules, missing, groups = [], [], []
@@ -86,12 +92,13 @@ def inspect_adapter(
                 rows = [_summary(adapter, name, lora)]
             for summary in rows:
                 if norms is not None:
-                    weight_norm = norms.norm(summary.name)
+                    weight_norm = norms.norm(to_base(summary.name))
                     if weight_norm is None:
                         missing.append(summary.name)
                     elif weight_norm > 0:
                         summary.relative_norm = summary.delta_norm / weight_norm
             modules.extend(rows)
+        tokens = _tokens(adapter, checkpoint)
     by_name = {m.name: m for m in modules}
     for group, members in expert_groups(adapter.modules).items():
         groups.append((group, "per expert", [by_name[m] for m in members.values()]))
@@ -107,6 +114,8 @@ def inspect_adapter(
         base=None if base is None else os.fspath(base),
         layer_types=_layer_types(modules),
         consumers=[v.to_dict() for v in consumer_verdicts(adapter)],
+        tokens=tokens,
+        replication=replication,
         expert_groups=_expert_groups(groups, modules),
         saved_modules=len(adapter.modules),
     )
@@ -120,6 +129,39 @@ def inspect_adapter(
         write_plot(report, plot)
         report.plot = os.fspath(plot)
     return report
+
+
+def _tokens(adapter: Adapter, checkpoint: Optional[Checkpoint]) -> list[dict]:
+    """Per module with trainable tokens: its rows, their indices, and with a base ``||rows - base rows||_F``."""
+    out = []
+    indices = adapter.token_indices()
+    for module, rows in adapter.token_rows().items():
+        item = dict(module=module, rows=int(rows.shape[0]), indices=indices[module], shape=list(rows.shape),
+                    dtype=str(rows.dtype).removeprefix("torch."), changed_norm=None)
+        weight = f"{module}.weight"
+        if checkpoint is not None and weight not in checkpoint:  # a renamed tower's: the checkpoint's name
+            weight = f"{checkpoint.describe().checkpoint_module(module) or module}.weight"
+        if checkpoint is not None and weight in checkpoint and len(indices[module]) == rows.shape[0]:
+            stored = checkpoint.get(weight, dtype=torch.float64)
+            inside = [k for k, i in enumerate(indices[module]) if i < stored.shape[0]]
+            base_rows = stored[[indices[module][k] for k in inside]]  # (k, dim); added rows count whole
+            diff = rows.double().clone()
+            diff[inside] -= base_rows
+            item["changed_norm"] = float(torch.linalg.vector_norm(diff))
+        out.append(item)
+    return out
+
+
+def _replication(adapter: Adapter, checkpoint: Optional[Checkpoint]) -> Optional[dict]:
+    """The layer map and, with a base, the stack it replicates and which layer each copy is (else the map alone)."""
+    layer_map = adapter.config.layer_replication
+    if not layer_map:
+        return None
+    stack, sources = None, [i for start, end in layer_map for i in range(start, end)]
+    if checkpoint is not None:
+        infos = checkpoint.module_infos()
+        stack = find_layer_stack({n: i.type_name for n, i in infos.items()})
+    return dict(map=[list(p) for p in layer_map], stack=stack, layers=len(sources), sources=sources)
 
 
 def _summary(adapter: Adapter, name: str, lora: Optional[ParameterLora] = None, mod: Optional[AdapterModule] = None,

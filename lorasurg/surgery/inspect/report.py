@@ -93,6 +93,8 @@ class InspectReport:
     notes: list[str] = field(default_factory=list)
     plot: Optional[str] = None
     consumers: list[dict[str, Any]] = field(default_factory=list)
+    tokens: list[dict[str, Any]] = field(default_factory=list)  # trainable-token rows per module
+    replication: Optional[dict[str, Any]] = None  # layer_replication: the map and the layers it gives
     expert_groups: list[ExpertGroupSummary] = field(default_factory=list)
     saved_modules: Optional[int] = None  # LoRA modules in the file, when rows split target_parameters per expert
 
@@ -111,6 +113,8 @@ class InspectReport:
             "notes": self.notes,
             "plot": self.plot,
             "consumers": self.consumers,
+            "tokens": self.tokens,
+            "replication": self.replication,
         }
 
     def render(self) -> str:
@@ -133,8 +137,18 @@ class InspectReport:
             parts.append(self._render_spectra())
         if self.expert_groups:
             parts.append(self._render_experts())
-        if self.extra:
-            parts.append("other tensors:\n" + "\n".join(f"  {k}  {'x'.join(map(str, s))}" for k, s in self.extra.items()))
+        if self.tokens:
+            rows = [(t["module"], t["rows"], _indices(t["indices"]), "x".join(map(str, t["shape"])), t["dtype"],
+                     "-" if t.get("changed_norm") is None else f"{t['changed_norm']:.4g}") for t in self.tokens]
+            parts.append("trainable tokens (rows that replace the layer's, trainable_token_indices):\n" + format_table(
+                rows, ["module", "rows", "indices", "shape", "dtype", "||rows - base rows||"]))
+        if self.replication:
+            rep = self.replication
+            parts.append(f"layer_replication {rep['map']}: {rep['stack'] or 'the layer stack'} of {rep['layers']} "
+                         f"layers, copies of layers {_indices(rep['sources'], 32)}")
+        extra = {k: v for k, v in self.extra.items() if not any(k.startswith(f"{t['module']}.") for t in self.tokens)}
+        if extra:
+            parts.append("other tensors:\n" + "\n".join(f"  {k}  {'x'.join(map(str, s))}" for k, s in extra.items()))
         split = self.saved_modules is not None and self.saved_modules != len(self.modules)
         parts.append(
             f"{self.saved_modules if split else len(self.modules)} LoRA modules"
@@ -187,6 +201,14 @@ class InspectReport:
         ]
         headers = ["experts of", "layout", "experts", "r", "||dW||_F", "per expert", "zero", "energy"]
         return "experts per layer and projection:\n" + format_table(rows, headers)
+
+
+def _indices(values: list[int], limit: int = 8) -> str:
+    """``[16, 17, ..., 47]`` as ``16-47`` when consecutive, else the first ``limit`` and a count."""
+    if values and values == list(range(values[0], values[0] + len(values))) and len(values) > 2:
+        return f"{values[0]}-{values[-1]}"
+    shown = ", ".join(map(str, values[:limit]))
+    return shown + (f", ... ({len(values)})" if len(values) > limit else "")
 
 
 def _percent(value: Optional[float]) -> str:

@@ -3,6 +3,7 @@ not fit together. Every message names the adapter, module, shapes or values, and
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -12,7 +13,7 @@ import torch
 from ...engine.combine import METHODS, Method
 from ...engine.sparsify import SIGN_METHODS
 from ...errors import ConfigError, InputError, UnsupportedError
-from ...io.adapter import Adapter, AdapterModule
+from ...io.adapter import TOKENS_PART, Adapter, AdapterModule
 from ..expert_groups import expert_groups
 from ..expert_ranks import SplitAdapter
 
@@ -184,19 +185,45 @@ def check_adapters(adapters: Sequence[Adapter], names: Sequence[str], options: O
                 "lorasurg rerank the adapters to one rank first."
             )
     _check_extras(adapters, names)
+    _check_layout(adapters, names)
+
+
+def _check_layout(adapters: Sequence[Adapter], names: Sequence[str]) -> None:
+    """One layer_replication for all inputs (module names refer to its stack)."""
+    maps = {json.dumps(a.config.layer_replication) for a in adapters}
+    if len(maps) > 1:
+        listing = ", ".join(f"{n}: {a.config.layer_replication}" for a, n in zip(adapters, names))
+        raise InputError(
+            f"the adapters replicate the base's layers differently ({listing}): their module names refer to different "
+            "stacks of layers, so their deltas cannot be added. Merge adapters with the same layer_replication")
 
 
 def _check_extras(adapters: Sequence[Adapter], names: Sequence[str]) -> None:
     owners: dict[str, int] = {}
-    clashes = []
+    clashes, tokens = [], []
     for index, adapter in enumerate(adapters):
+        rows = {f"{m}.{TOKENS_PART}": m for m in adapter.token_rows()}
         for key, tensor in adapter.extra.items():
             if key not in owners:
                 owners[key] = index
                 continue
             other = adapters[owners[key]].extra[key]
-            if other.shape != tensor.shape or other.dtype != tensor.dtype or not torch.equal(other, tensor):
-                clashes.append(f"{key} ({names[owners[key]]} and {names[index]})")
+            same_indices = key not in rows or (adapter.token_indices()[rows[key]]
+                                               == adapters[owners[key]].token_indices()[rows[key]])
+            if (other.shape != tensor.shape or other.dtype != tensor.dtype or not torch.equal(other, tensor)
+                    or not same_indices):
+                (tokens if key in rows else clashes).append(f"{key} ({names[owners[key]]} and {names[index]})")
+    for index, adapter in enumerate(adapters):
+        for module in adapter.token_rows():
+            for other, owner in ((a, n) for a, n in zip(adapters, names) if a is not adapter):
+                if any(k.startswith(f"{module}.") and not k.endswith(TOKENS_PART) for k in other.extra):
+                    tokens.append(f"{module} (trainable tokens in {names[index]}, saved whole in {owner})")
+    if tokens:
+        raise InputError(
+            f"the adapters' trainable tokens clash (different rows on one module, or tokens in one and the whole "
+            f"module in another): {', '.join(tokens[:8])}. Token rows are values that replace the layer's rows, not "
+            "deltas: they cannot be weighted. Keep them in one adapter only (drop them from the others' "
+            "trainable_token_indices and files, or extract the others with --embeddings lora), or fuse in turn")
     if clashes:
         raise InputError(
             "several adapters carry a different full copy of the same module (modules_to_save), and full copies cannot "

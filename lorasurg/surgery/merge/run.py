@@ -20,8 +20,9 @@ used. Beyond PEFT:
   target_parameters LoRA split per expert and joined back at one rank, per-expert modules at one rank and scale,
   the config's global ``r`` and ``lora_alpha``; one layer's experts in two layouts across the inputs are refused.
 
-``modules_to_save`` copies carry over from the one adapter that has them (a full copy cannot be weighted without
-the base model; two different copies of one module are refused, as PEFT does).
+``modules_to_save`` copies and trainable tokens carry over from the one adapter that has them (values that replace
+the base's, not deltas: refused when two adapters differ there); ``layer_replication`` must be the same for all. (A
+full copy cannot be weighted without the base model; two different copies of one module are refused, as PEFT does.)
 
 ``consumers`` (``--for``): the merged adapter is then rewritten by :func:`lorasurg.consumers.prepare_for` so that each
 named consumer computes PEFT's per-module delta; what one cannot carry is left out and listed with its share of the
@@ -47,7 +48,7 @@ from ...io.adapter import Adapter, AdapterModule
 from ..export.output import WithGguf, check_output, output_consumers, output_path, write_output
 from ..expert_ranks import ExpertLayout, SplitAdapter, peft_experts, refuse_consumers, split_parameter_loras
 from ..patterns import derive_config, rank_scale_fields
-from ..sources import AdapterSource, open_adapter, source_name
+from ..sources import AdapterSource, open_adapter, refuse_grouped, source_name
 from .checks import Options, check_adapters, check_expert_layouts, check_options, default_rank, plan_modules
 from .report import InputSummary, MergeReport, ModuleMerge
 
@@ -121,9 +122,10 @@ def merge_adapters(
     Raises:
         ConfigError: options that do not fit the method or the adapters (see :func:`checks.check_options`),
             unequal ranks for a factor-wise method, an unknown consumer.
-        UnsupportedError: DoRA adapters; ``consumers`` other than PEFT for target_parameters LoRAs.
-        InputError: unreadable adapters, adapters for different bases, clashing modules_to_save copies, nothing
-            left that the named consumers can carry.
+        UnsupportedError: DoRA adapters, a LoRA on a grouped convolution; ``consumers`` other than PEFT for
+            target_parameters LoRAs.
+        InputError: unreadable adapters, adapters for different bases, clashing modules_to_save copies or
+            trainable tokens, different layer_replication, nothing left that the named consumers can carry.
     """
     options = check_options(method, len(adapters), weights, r, density, majority_sign, seed)
     names_for = parse_consumers(consumers)
@@ -135,6 +137,8 @@ def merge_adapters(
     check_expert_layouts(splits, originals, names)
     inputs = [s.adapter for s in splits]  # target_parameters LoRAs as one module per expert
     plan = plan_modules(inputs)
+    for adapter, name in zip(inputs, names):
+        refuse_grouped(adapter, name, "merged")
     check_adapters(inputs, names, options, plan)
     spec = options.method
     new_rank = (options.r or default_rank(inputs)) if spec.takes_rank else None
@@ -256,8 +260,9 @@ def _config(inputs: Sequence[Adapter], layout: ExpertLayout, use_bias: bool):
                        target_parameters=sorted(layout.parameters) or None, exclude_modules=None,
                        layers_to_transform=None, layers_pattern=None)
     saved = list(dict.fromkeys(m for a in inputs for m in (a.config.modules_to_save or [])))
+    tokens = {m: i for a in inputs for m, i in a.token_indices().items()}  # each module's from its one owner
     changes.update(use_rslora=False, use_dora=False, lora_bias=use_bias, modules_to_save=saved or None,
-                   init_lora_weights=True)
+                   init_lora_weights=True, trainable_token_indices=tokens or None)
     return derive_config(base, **changes)
 
 

@@ -18,6 +18,7 @@ from .config_checks import check_config
 from .consumer_checks import check_consumers
 from .expert_checks import check_experts
 from .layout_checks import check_layouts
+from .structure_checks import check_replication, check_tokens
 from .subject import Subject
 from .target_checks import check_patterns, check_targets
 from .tensor_checks import check_dtypes, check_shapes, check_tensors
@@ -52,6 +53,8 @@ CHECKS: tuple[Check, ...] = (
     Check("shapes", check_shapes, ("tensors", "base")),
     Check("experts", check_experts, ("config", "base")),
     Check("values", check_values, ("tensors",)),
+    Check("replication", check_replication),
+    Check("tokens", check_tokens, ("config", "tensors")),
     Check("layouts", check_layouts, ("config", "tensors")),  # MoE and multimodal layouts, PEFT on transformers 5
     Check("consumers", check_consumers),  # checks its own inputs: it needs the tensors only with --for
 )

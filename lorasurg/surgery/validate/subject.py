@@ -47,6 +47,7 @@ class Subject:
         base: the base model, or None.
         consumers: the consumers named with ``--for`` (``("peft",)``: PEFT's own rules only).
         read_findings: what reading found (``file-*``, ``key-foreign``, ``module-incomplete``).
+        replication_findings: what replicating the base's layers found (``replication-invalid``).
     """
 
     source: str
@@ -60,6 +61,7 @@ class Subject:
     base: Optional[BaseModel] = None
     consumers: tuple[str, ...] = ("peft",)
     read_findings: list[Finding] = field(default_factory=list)
+    replication_findings: list[Finding] = field(default_factory=list)
     _selection: Optional[list[str]] = field(default=None, repr=False)
     _view: Optional[PeftView] = field(default=None, repr=False)
 
@@ -79,7 +81,11 @@ class Subject:
         if self.config is None or self.base is None:
             return None
         if self._selection is None:
+            from .structure_checks import selecting_config
+
             config = without_parameters(self.config)  # target_parameters select parameters, not modules
+            if not self.replication_findings:
+                config = selecting_config(config)  # the base's names are the replicated ones already
             if config.target_modules is None and self.config.target_parameters:
                 self._selection = []
             else:
@@ -152,6 +158,10 @@ def load_subject(path: PathLike, base: Union[PathLike, BaseModel, None] = None,
     if base is not None:
         task_type = _task_type(subject)
         subject.base = base if isinstance(base, BaseModel) else open_base(base, task_type)
+        if subject.config is not None:  # judged as PEFT builds it: the stack replicated (layer_replication)
+            from .structure_checks import replicate_base
+
+            subject.base, subject.replication_findings = replicate_base(subject.base, subject.config)
     return subject
 
 

@@ -14,14 +14,15 @@ from typing import Optional
 
 from ...errors import LorasurgError
 from ...findings import Finding
-from ...io.adapter import AdapterModule, wrapped_module
+from ...io.adapter import TOKENS_PART, AdapterModule, wrapped_module
 from ...modules import ModuleInfo
 from ...targeting import nearest_names, select_modules_to_save
+from .structure_checks import lora_modules
 from .subject import BaseModel, Subject
 
 __all__ = ["check_tensors", "check_dtypes", "check_shapes"]
 
-_TOKEN_DELTA = "token_adapter.trainable_tokens_delta"
+_TOKEN_DELTA = TOKENS_PART
 
 
 def check_tensors(subject: Subject) -> list[Finding]:
@@ -96,6 +97,7 @@ def check_shapes(subject: Subject) -> list[Finding]:
     LoRAs are checked against their parameters by :mod:`.expert_checks`."""
     base, adapter = subject.base, subject.adapter
     fan_in_fan_out = bool(getattr(subject.config, "fan_in_fan_out", False))
+    modules = lora_modules(base)  # an attention's in_proj and out_proj under the adapter's names
     view = subject.peft_view()
     holders = {p.module for p in base.parameters.values()}
     renamed: dict[str, str] = {}
@@ -104,10 +106,10 @@ def check_shapes(subject: Subject) -> list[Finding]:
         if view is not None and (stored in view.paths or _parameter_like(stored, base, holders)):
             continue  # a target_parameters LoRA: expert_checks (or tensor-untargeted) judges it
         name = view.name(stored) if view is not None else stored
-        info = base.modules.get(name)
-        if info is None and base.checkpoint_names.get(name) in base.modules:
+        info = modules.get(name)
+        if info is None and base.checkpoint_names.get(name) in modules:
             renamed[stored] = name = base.checkpoint_names[name]  # keyed by the checkpoint's name: PEFT misses it
-            info = base.modules[name]
+            info = modules[name]
         if info is None:
             close = nearest_names(name, base.modules, n=2)
             found.append(Finding(
@@ -124,7 +126,7 @@ def check_shapes(subject: Subject) -> list[Finding]:
                 f"the base layer is a {info.type_name} of kind {info.kind!r} (weight {info.weight_shape})",
                 "validate against the base model the adapter was trained on" + _made_for(subject),
             ))
-        elif mod.A.shape[0] == mod.B.shape[1]:
+        elif mod.A.shape[0] == mod.B.shape[1] * mod.groups:
             found += _shape_findings(name, mod, _layout(info, fan_in_fan_out, base))
     for key, tensor in adapter.extra.items():
         if key.endswith(_TOKEN_DELTA):

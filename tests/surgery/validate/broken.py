@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[3]
 LLAMA = ROOT / "fixtures" / "tiny-llama" / "base"
 GPT2 = ROOT / "fixtures" / "tiny-gpt2" / "base"
 Q0 = "model.layers.0.self_attn.q_proj"
+TOKENS = "token_adapter.trainable_tokens_delta"
 
 
 def clean_adapter(targets=("q_proj", "v_proj"), r: int = 4, seed: int = 0, base: Path = LLAMA, **config) -> Adapter:
@@ -309,6 +310,21 @@ CASES: dict[str, Case] = {
     "shape-mismatch": Case(_shape_mismatch, Q0, r"lora_A is \(4, 32\), the layer needs \(4, 64\)"),
     "extra-unmatched": Case(_extra("classifier.weight", (3, 64)), "classifier.weight",
                             r"shape \(3, 64\) for which .* has no 'classifier.weight'"),
+    "replication-invalid": Case(_training_config(target_modules=["q_proj"], layer_replication=[[0, 2], [1, 3]]),
+                                "layer_replication", r"\[1, 3\) is not a range of the model's 2 layers"),
+    "tokens-unflagged": Case(_extra(f"model.embed_tokens.{TOKENS}", (2, 64)), f"model.embed_tokens.{TOKENS}",
+                             r"trainable_token_indices does not name model.embed_tokens"),
+    "tokens-missing": Case(_configured({}, trainable_token_indices={"embed_tokens": [1, 2]}),
+                           "trainable_token_indices['embed_tokens']", r"the file holds no rows for it"),
+    "tokens-shape": Case(_extra(f"model.embed_tokens.{TOKENS}", (3, 64),
+                                trainable_token_indices={"embed_tokens": [1, 2]}),
+                         f"model.embed_tokens.{TOKENS}", r"2 indices but rows of shape \(3, 64\)"),
+    "tokens-conflict": Case(_extra(f"lm_head.{TOKENS}", (1, 64), targets=("q_proj", "lm_head"),
+                                   trainable_token_indices={"lm_head": [5]}),
+                            "lm_head", r"also a LoRA target: PEFT refuses the adapter"),
+    "tokens-need-resize": Case(_extra(f"model.embed_tokens.{TOKENS}", (2, 64),
+                                      trainable_token_indices={"embed_tokens": [3, 258]}),
+                               f"model.embed_tokens.{TOKENS}", r"past the base's 256 rows \(up to 258\).*"),
     "value-nonfinite": Case(_value_nonfinite, _key(Q0, "lora_A.weight"), r"1 NaN and 1 inf among its 256 values"),
     "untrained": Case(_untrained, "lora_B", r"all zeros in every one of the 4 modules: the adapter changes nothing"),
     "consumer-refuses": Case(lambda d: save(clean_adapter(lora_bias=True), d), f"vllm: {Q0} and 3 more",

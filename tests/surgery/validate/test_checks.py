@@ -39,7 +39,8 @@ def test_config_of_the_wrong_type_skips_what_needs_it(tmp_path):
     assert any("r must be a positive int (the LoRA rank), got '8'" in m for m in invalid)
     assert any("lora_dropout must be a probability in [0, 1], got 2" in m for m in invalid)
     skipped = [f for f in findings if f.code == "check-skipped"]
-    assert len(skipped) == 1 and "targets, patterns, tensors, experts, layouts check(s) did not run" in skipped[0].message
+    assert len(skipped) == 1 and ("targets, patterns, tensors, experts, tokens, layouts check(s) did not run"
+                                  in skipped[0].message)
     assert "values" not in skipped[0].message  # the value checks need no config: they ran
 
 

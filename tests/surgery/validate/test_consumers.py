@@ -41,7 +41,7 @@ def _extract(tmp_path: Path, arch: str, consumers: str = "peft", **options) -> P
 @pytest.fixture(scope="module")
 def mixed(tmp_path_factory) -> Path:
     """The issue's example: ``extract --rank-policy energy:0.9 --r 32`` on the tiny Llama (mixed ranks)."""
-    return _extract(tmp_path_factory.mktemp("mixed"), "llama", rank_policy="energy:0.9", r=32)
+    return _extract(tmp_path_factory.mktemp("mixed"), "llama", rank_policy="energy:0.9", r=32, embeddings="lora")
 
 
 def test_mixed_ranks_for_llama_cpp_is_a_scale_error_with_factor_and_count(mixed):

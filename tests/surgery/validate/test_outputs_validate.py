@@ -51,6 +51,19 @@ def _input(out: Path, name: str, arch: str, **options) -> Path:
     return path
 
 
+def _extract_resized(**options) -> Callable[[Path], Path]:
+    """An extract of a pair whose tuned model added tokens: validated against BASE (it warns that BASE needs a
+    resize first), so the writer returns the tuned model, whose vocabulary the adapter fits."""
+    from tests.surgery.resized import resized_pair
+
+    def write(out: Path) -> Path:
+        base, tuned = resized_pair(out.parent)
+        extract_to_dir(base, tuned, out, device="cpu", **options)
+        return tuned
+
+    return write
+
+
 def _rerank(arch: str, extract: dict, **options) -> Callable[[Path], Path]:
     def write(out: Path) -> Path:
         rerank_to_dir(_input(out, "src", arch, **extract), out, **options)
@@ -158,6 +171,8 @@ WRITERS: dict[str, Callable[[Path], Path]] = {
     "extract-gpt2-conv1d": _extract("gpt2", r=4),
     "extract-gpt2-embeddings-skip": _extract("gpt2", r=4, embeddings="skip", lora_bias=False),
     "extract-llama-energy-for-llama.cpp": _for("llama.cpp", _extract("llama", **ENERGY, consumers="llama.cpp")),
+    "extract-llama-tokens-lm-head": _extract("llama", r=4, embeddings="tokens"),
+    "extract-resized-vocabulary": _extract_resized(r=4),
     # extract on mixture-of-experts and multimodal models: per-expert and target_parameters layouts, model names
     "extract-qwen3-moe-r4": _extract("qwen3_moe", r=4),
     "extract-qwen3-moe-energy": _extract("qwen3_moe", r=16, rank_policy="energy:0.9"),
@@ -212,9 +227,12 @@ WRITERS: dict[str, Callable[[Path], Path]] = {
     "merge-llama-dare-linear-svd": _merge("llama", MIXED, method="dare_linear_svd", **DENSE),
     "merge-llama-dare-ties-svd": _merge("llama", MIXED, method="dare_ties_svd", **DENSE),
     "merge-llama-magnitude-prune-svd": _merge("llama", MIXED, method="magnitude_prune_svd", **DENSE),
-    "merge-qwen2-svd-bias": _merge("qwen2", [ENERGY, dict(r=4)], method="svd"),
+    # embeddings="lora" with lora_bias: the embedding saved whole in both (trainable tokens in one and a whole copy in
+    # the other is refused: PEFT refuses both on one module)
+    "merge-qwen2-svd-bias": _merge("qwen2", [dict(ENERGY, embeddings="lora"), dict(r=4)], method="svd"),
     "merge-gpt2-cat-conv1d": _merge("gpt2", [dict(r=4), dict(r=2)], method="cat"),
-    "merge-qwen2-svd-for-vllm": _for("vllm", _merge("qwen2", [ENERGY, dict(r=4)], method="svd", consumers="vllm")),
+    "merge-qwen2-svd-for-vllm": _for("vllm", _merge("qwen2", [dict(ENERGY, embeddings="lora"), dict(r=4)], method="svd",
+                                                    consumers="vllm")),
     "merge-llama-cat-for-llama.cpp": _for("llama.cpp", _merge("llama", MIXED, method="cat", consumers="llama.cpp")),
     # MoE and multimodal: per-expert modules at one rank and the global r, target_parameters per expert
     "rerank-qwen3-moe-per-expert-energy": _family_rerank("qwen3_moe", dict(r=3), rank_policy="energy:0.6"),
