@@ -23,6 +23,7 @@ from .reading import (
     consumer_verdicts,
     peft_scale,
     tied_heads,
+    tied_modules,
 )
 from .rules import CHOICES, CONSUMERS, FEATURES, Consumer, Rule, Source, parse_consumers, with_serving
 
@@ -44,6 +45,7 @@ __all__ = [
     "consumer_verdicts",
     "peft_scale",
     "tied_heads",
+    "tied_modules",
     "ForReport",
     "LeftOut",
     "prepare_for",

@@ -63,7 +63,7 @@ from .reading import (
     consumer_findings,
     module_energy,
     peft_scale,
-    tied_heads,
+    tied_modules,
 )
 from .rules import CONSUMERS, FEATURES, Consumer, parse_consumers
 
@@ -93,7 +93,8 @@ def prepare_for(
     Args:
         adapter: a PEFT adapter (not changed; unchanged tensors are shared with the copy).
         consumers: ``peft``, ``vllm``, ``llama.cpp``, ``all``, or several (``"vllm,llama.cpp"`` or a list).
-        tied: names of output modules tied to the input embedding; None: recognised as ``extract`` writes them.
+        tied: names of output modules tied to the input embedding and of that embedding; None: recognised as
+            ``extract`` writes them (:func:`~lorasurg.consumers.reading.tied_heads`).
         delta_energy: ``{tensor key in adapter.extra: ||tuned - base||_F**2}`` for whole saved modules, so their
             share can be given when they are left out (``extract`` knows them).
         total_energy: the denominator of the shares; default the adapter's own delta energy under PEFT
@@ -382,7 +383,7 @@ def _check(new: Adapter, names: tuple[str, ...], tied, old: Adapter, experts: Ex
     """The rewritten adapter must be read by every named consumer as PEFT reads it (a bug otherwise)."""
     kept_tied = None if tied is None else [t for t in tied if t in new.modules]
     if kept_tied is None:
-        kept_tied = [t for t in tied_heads(old) if t in new.modules]
+        kept_tied = [t for t in tied_modules(old) if t in new.modules]
     wrong = [f for f in consumer_findings(new, names, kept_tied, model_type)
              if f.severity == "error" or f.code == "legacy-scale"]
     problems = new.problems()

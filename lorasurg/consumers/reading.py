@@ -9,9 +9,10 @@
   on which its scale differs from PEFT's, with the factor, as plain :class:`ConsumerFinding` records.
 * :func:`consumer_verdicts`: one line per consumer, for ``inspect``.
 
-Tied heads: a LoRA on an ``lm_head`` whose weight is the input embedding's. The files do not say that a head
-is tied; pass ``tied`` (names of tied output modules), or let :func:`tied_heads` recognise what ``extract``
-writes for a tied head (the embedding's factors, transposed).
+Tied heads: a LoRA on an ``lm_head`` whose weight is the input embedding's, and on that embedding. The files do
+not say that a head is tied; pass ``tied`` (names of the tied output modules and of the embeddings they share a
+weight with), or let :func:`tied_heads` recognise what ``extract`` writes for a tied head (the embedding's factors,
+transposed): the embedding it mirrors is then tied too.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ __all__ = [
     "ConsumerFinding",
     "ConsumerVerdict",
     "tied_heads",
+    "tied_modules",
     "is_norm_key",
     "adapter_features",
     "peft_scale",
@@ -49,7 +51,7 @@ REWRITING_INITS = ("pissa", "olora", "corda", "loftq")
 _OUTPUT_LEAVES = ("lm_head",)
 _SCALE_FEATURES = ("rank_pattern", "alpha_pattern", "rslora")
 #: Features of whole modules: a consumer that refuses or drops one applies no LoRA on that module.
-MODULE_FEATURES = ("embedding_lora", "output_layer_lora", "tied_head_lora", "conv_lora", "moe_target_parameters",
+MODULE_FEATURES = ("embedding_lora", "tied_embedding_lora", "output_layer_lora", "tied_head_lora", "conv_lora", "moe_target_parameters",
                    "vision_tower", "checkpoint_tower_names")
 
 Consumers = Union[str, Iterable[str], None]
@@ -100,15 +102,25 @@ class ConsumerVerdict:
 def tied_heads(adapter: Adapter) -> set[str]:
     """Output modules (leaf ``lm_head``) whose factors are an embedding module's, transposed (``A_head =
     B_emb.T``, ``B_head = A_emb.T``): how ``extract`` writes the LoRA of a head tied to the input embedding."""
-    embeddings = [m for m in adapter.modules.values() if m.embedding]
+    return {head for head, _ in _mirrored_pairs(adapter)}
+
+
+def tied_modules(adapter: Adapter) -> set[str]:
+    """The heads of :func:`tied_heads` and the embeddings they mirror."""
+    return {name for pair in _mirrored_pairs(adapter) for name in pair}
+
+
+def _mirrored_pairs(adapter: Adapter) -> set[tuple[str, str]]:
+    """``(head, embedding)`` pairs of :func:`tied_heads`."""
+    embeddings = {n: m for n, m in adapter.modules.items() if m.embedding}
     found = set()
     for name, mod in adapter.modules.items():
         if mod.embedding or name.rsplit(".", 1)[-1] not in _OUTPUT_LEAVES:
             continue
-        for emb in embeddings:
+        for emb_name, emb in embeddings.items():
             if (mod.A.shape == emb.B.T.shape and mod.B.shape == emb.A.T.shape
                     and torch.equal(mod.A, emb.B.T) and torch.equal(mod.B, emb.A.T)):
-                found.add(name)
+                found.add((name, emb_name))
     return found
 
 
@@ -125,10 +137,11 @@ def adapter_features(adapter: Adapter, tied: Optional[Collection[str]] = None) -
     saved copies of an embedding's base weight (``*.base_layer.weight``) are no delta and are not listed.
 
     Args:
-        tied: names of output modules tied to the input embedding; None: :func:`tied_heads`.
+        tied: names of output modules tied to the input embedding and of that embedding; None: :func:`tied_heads`
+            and the embeddings they mirror.
     """
     cfg = adapter.config
-    tied_set = set(tied_heads(adapter) if tied is None else tied)
+    tied_set = tied_modules(adapter) if tied is None else set(tied)
     found: dict[str, list[str]] = {f: [] for f in FEATURES}
     for name, mod in adapter.modules.items():
         r, alpha = adapter.rank_alpha(name)
@@ -145,6 +158,8 @@ def adapter_features(adapter: Adapter, tied: Optional[Collection[str]] = None) -
             found["dora"].append(name)
         if mod.embedding:
             found["embedding_lora"].append(name)
+            if name in tied_set:
+                found["tied_embedding_lora"].append(name)
         elif name in tied_set:
             found["tied_head_lora"].append(name)
         elif leaf in _OUTPUT_LEAVES:

@@ -64,6 +64,7 @@ FEATURES: dict[str, str] = {
     "embedding_lora": "LoRA on an embedding (lora_embedding_A/B)",
     "output_layer_lora": "LoRA on the output layer lm_head",
     "tied_head_lora": "LoRA on an lm_head tied to the input embedding",
+    "tied_embedding_lora": "LoRA on an input embedding that the output head is tied to",
     "conv_lora": "LoRA on convolution layers",
     "fan_in_fan_out_lora": "LoRA on layers stored (in, out) (fan_in_fan_out, GPT-2 Conv1D)",
     "init_weights": "init_lora_weights that rewrite the base weights on load (pissa, olora, corda, loftq)",
@@ -299,6 +300,12 @@ LLAMA_CPP = Consumer(
              Source("llama.cpp", _L, "convert_lora_to_gguf.py + src/llama-adapter.cpp",
                     "LoraModel.modify_tensors (lines 501-508) and llama_adapter_lora_init_impl (llama-adapter.cpp "
                     "333-336)")),
+        Rule("tied_embedding_lora", "refuses",
+             "a tied head is the token embedding's tensor, and the head's matrix product looks its LoRA up by that "
+             "tensor: it takes the embedding's pair, whose shapes do not fit a matrix product, and the graph stops "
+             "(GGML_ASSERT ggml_can_mul_mat)",
+             Source("llama.cpp", _L, "src/llama-graph.cpp + src/llama-model.cpp",
+                    "build_lora_mm (the LoRA found by weight tensor); output = tok_embd when output.weight is absent")),
         Rule("conv_lora", "drops",
              "applies LoRA only in matrix products and the token-embedding lookup, never to a convolution",
              Source("llama.cpp", _L, "src/llama-graph.cpp", "build_lora_mm, build_lora_mm_id, build_inp_embd")),

@@ -36,7 +36,7 @@ from typing import Any, Optional, Union
 import torch
 
 from ..config import LoraConfig
-from ..consumers import ForReport, parse_consumers, prepare_for, tied_heads
+from ..consumers import ForReport, parse_consumers, prepare_for, tied_modules
 from ..consumers.reading import Consumers
 from ..engine.factors import lora_alpha_for, lora_scale
 from ..engine.lowrank import lowrank_svd
@@ -198,7 +198,7 @@ def convert(trained: AdapterSource, initial: AdapterSource, *, r: Optional[int] 
         )
     modules = {name: _convert_module(t, i, name, r, report) for name in t.modules}
     adapter = _build(t, modules, report)
-    adapter, report.for_report = prepare_for(adapter, names, tied=tied_heads(t) & set(adapter.modules))
+    adapter, report.for_report = prepare_for(adapter, names, tied=tied_modules(t) & set(adapter.modules))
     report.adapter_parameters = adapter.num_parameters()
     report.adapter_bytes = adapter.num_bytes()
     return adapter, report

@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from ..consumers import ForReport, parse_consumers, prepare_for, tied_heads
+from ..consumers import ForReport, parse_consumers, prepare_for, tied_modules
 from ..consumers.reading import Consumers
 from ..engine.factors import factors_from_matrices, lora_scale, pad_factors
 from ..engine.lowrank import lowrank_norm_sq, truncate_factors
@@ -264,7 +264,7 @@ def rerank(adapter: AdapterSource, *, r: Optional[int] = None, rank_policy: Opti
     problems = result.problems()
     if problems:  # a bug here, not in the user's input
         raise AssertionError("rerank built an inconsistent adapter: " + "; ".join(problems))
-    result, report.for_report = prepare_for(result, names, tied=tied_heads(source) & set(result.modules))
+    result, report.for_report = prepare_for(result, names, tied=tied_modules(source) & set(result.modules))
     report.adapter_parameters = result.num_parameters()
     report.adapter_bytes = sum(t.numel() * t.element_size() for t in result.to_state_dict().values())
     return result, report

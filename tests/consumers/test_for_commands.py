@@ -229,3 +229,18 @@ def test_residualize_refuses_a_consumer_that_cannot_carry_the_whole_adapter(tmp_
     with pytest.raises(ConfigError, match="transformer.h.0.attn.c_attn.*llama.cpp transposes GPT-2 Conv1D"):
         residualize(GPT2, tmp_path / "g", r=4, consumers="llama.cpp", device="cpu")
     assert not (tmp_path / "g").exists()
+
+
+def test_validate_finds_an_embedding_lora_of_a_tied_base_for_llama_cpp(inputs, tmp_path):
+    """An embedding LoRA without a head LoRA (as PEFT trains with target_modules embed_tokens): the adapter does not
+    say the head is tied; --base does (qwen2's tie_word_embeddings), and llama.cpp's head product would take the
+    embedding's pair and stop (GGML_ASSERT ggml_can_mul_mat). Without --base nothing is known, and nothing said."""
+    tied = Adapter.load(inputs["qwen2-tied"])
+    del tied.modules["lm_head"]
+    tied.config = dataclasses.replace(tied.config, target_modules=set(tied.config.target_modules) - {"lm_head"})
+    tied.save(tmp_path / "emb")
+    with_base = [f for f in validate(tmp_path / "emb", QWEN2, consumers="llama.cpp") if f.code == "consumer-refuses"]
+    assert [f.modules for f in with_base] == [("model.embed_tokens",)] and "ggml_can_mul_mat" in with_base[0].message
+    alone = validate(tmp_path / "emb", consumers="llama.cpp")
+    assert not [f for f in alone if "model.embed_tokens" in f.modules and f.code == "consumer-refuses"]
+    assert [f for f in validate(tmp_path / "emb", QWEN2, consumers="vllm") if "ggml" in f.message] == []

@@ -209,8 +209,9 @@ def test_extract_to_gguf_plans_for_llama_cpp(tmp_path):
     assert report.consumers == ["llama.cpp-gguf"]
     names = {p.name for p in report.gguf.pairs}
     assert "blk.1.attn_qkv.weight" in names and not names & {"output.weight", "token_embd.weight"}
-    left = {x.name: x for x in report.gguf.for_report.left_out}
+    left = {x.name: x for x in report.for_report.left_out + report.gguf.for_report.left_out}
     assert "ggml_can_mul_mat" in left["transformer.wte"].reason and left["transformer.wte"].share > 0
+    assert left["lm_head"].feature == "tied_head_lora"
     assert validate(tmp_path / "g.gguf", GPT2) == []
 
 

@@ -171,8 +171,9 @@ def build_adapter(
     if problems:  # a bug in extract, not in the user's input
         raise AssertionError("extract built an inconsistent adapter: " + "; ".join(problems))
     stored = {model_tensor_name(description, k): k for k in run.saved}
+    tied_pair = [*tied, run.input_embedding] if tied else []  # a tied head and the embedding it shares a weight with
     adapter, report.for_report = prepare_for(
-        adapter, report.consumers, tied=[description.model_name(t) for t in tied], total_energy=report.total_energy,
+        adapter, report.consumers, tied=[description.model_name(t) for t in tied_pair], total_energy=report.total_energy,
         delta_energy={k: run.changed[stored[k]][1] if stored.get(k) in run.changed else 0.0 for k in adapter.extra},
         model_type=(base.config or {}).get("model_type"),
     )

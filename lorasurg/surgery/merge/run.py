@@ -38,7 +38,7 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
-from ...consumers import parse_consumers, prepare_for, tied_heads
+from ...consumers import parse_consumers, prepare_for, tied_modules
 from ...consumers.reading import Consumers
 from ...engine.combine import MergeSettings, Term, combine
 from ...engine.factors import factors_from_matrices, lora_scale
@@ -173,7 +173,7 @@ def merge_adapters(
     if problems:  # a bug here, not in the user's input
         raise AssertionError("merge built an inconsistent adapter: " + "; ".join(problems))
     _notes(report, originals, names, extra)
-    tied = set().union(*(tied_heads(a) for a in originals)) & set(result.modules)
+    tied = set().union(*(tied_modules(a) for a in originals)) & set(result.modules)
     result, report.for_report = prepare_for(result, names_for, tied=tied)
     report.adapter_parameters = result.num_parameters()
     report.adapter_bytes = sum(t.numel() * t.element_size() for t in result.to_state_dict().values())

@@ -7,8 +7,8 @@ by the table :data:`CONSUMER_CODES`. A finding's ``where`` is ``"<consumer>: <fi
 
 PEFT itself has no consumer findings (it is the reference), so without ``--for`` (or with ``--for peft``) this
 check finds nothing and does not run. Tied heads (llama.cpp refuses a LoRA on an ``lm_head`` tied to the input
-embedding) come from the base model's tied weights when ``--base`` is given, else from what ``extract`` writes
-for a tied head (:func:`~lorasurg.consumers.tied_heads`).
+embedding, and on that embedding) come from the base model's tied weights when ``--base`` is given, else from what ``extract`` writes
+for a tied head and its embedding (:func:`~lorasurg.consumers.tied_modules`).
 """
 
 from __future__ import annotations
@@ -78,7 +78,9 @@ def _where(consumer: str, modules: tuple[str, ...]) -> str:
 
 
 def _tied(subject: Subject) -> Optional[set[str]]:
-    """Adapter modules whose base weight is tied to another (from ``--base``); None without a base."""
+    """Adapter modules whose base weight is tied to another, or that another is tied to (from ``--base``); None
+    without a base."""
     if subject.base is None:
         return None
-    return {name for name in subject.adapter.modules if f"{name}.weight" in subject.base.tied}
+    tied = {*subject.base.tied, *subject.base.tied.values()}
+    return {name for name in subject.adapter.modules if f"{name}.weight" in tied}
