@@ -30,6 +30,7 @@ refused (:class:`~lorasurg.errors.UnsupportedError`): a ``target_parameters`` Lo
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Sequence
 
@@ -44,6 +45,9 @@ from ..io.adapter import AdapterModule, wrapper_paths
 from ..io.architecture import ModelDescription
 from ..io.keymap import ExpertSlot
 from ..targeting import alpha_value, anchored_pattern_key, exact_target_modules, rank_alpha_fields
+from .options import short_list
+
+_short = functools.partial(short_list, limit=3)  # a, b, c and N more
 
 __all__ = ["FORMS", "ExpertStack", "PeftLayout", "peft_layout", "expert_form", "parameter_targets",
            "model_tensor_name"]
@@ -203,10 +207,6 @@ def model_tensor_name(description: ModelDescription, key: str) -> str:
     """The model's name of checkpoint tensor ``key`` (its module renamed): how a saved copy is keyed."""
     module, _, leaf = key.rpartition(".")
     return f"{description.model_name(module)}.{leaf}" if module else key
-
-
-def _short(names: Sequence[str], limit: int = 3) -> str:
-    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def _groups(description: ModelDescription, parameters: Sequence[str]) -> dict[tuple[str, int], dict[int, str]]:

@@ -19,6 +19,7 @@ Every zero-fill, padding and rescaling is listed in the result's notes.
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Mapping, Optional
@@ -31,7 +32,10 @@ from ..errors import UnsupportedError
 from ..io.adapter import Adapter, AdapterModule
 from ..targeting import anchored_pattern_key
 from .expert_groups import ParameterLora, expert_groups, parameter_loras
+from .options import short_list
 from .patterns import derive_config
+
+_short = functools.partial(short_list, limit=3)  # a, b, c and N more
 
 __all__ = ["SplitAdapter", "split_parameter_loras", "ExpertLayout", "peft_experts", "refuse_consumers"]
 
@@ -223,7 +227,3 @@ def _rescaled(B: torch.Tensor, scale: float, common: float) -> torch.Tensor:
 
 def _most_common(values) -> float:
     return Counter(values).most_common(1)[0][0]
-
-
-def _short(names: list[str], limit: int = 3) -> str:
-    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")

@@ -20,6 +20,7 @@ Two layouts (:mod:`lorasurg.consumers.experts`):
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter
 from typing import Sequence
@@ -29,8 +30,11 @@ from ...engine.factors import lora_scale
 from ...errors import LorasurgError
 from ...findings import Finding
 from ...targeting import anchored_pattern_key, match_modules, nearest_names, rank_alpha, without_parameters
+from ..options import short_list
 from .peft_view import PeftView
 from .subject import BaseModel, Subject
+
+_short = functools.partial(short_list, limit=3)  # a, b, c and N more
 
 __all__ = ["check_experts"]
 
@@ -54,10 +58,6 @@ def check_experts(subject: Subject) -> list[Finding]:
         found += _per_expert(subject, view)
         found += _dense_converted(subject, view)
     return found
-
-
-def _short(names: Sequence[str], limit: int = 3) -> str:
-    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def _where(names: Sequence[str]) -> str:

@@ -33,6 +33,7 @@ adapter directory (README, tokenizer files) are copied as they are.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import shutil
@@ -47,10 +48,13 @@ from ...errors import InputError
 from ...findings import Finding
 from ...io.adapter import BIN_WEIGHTS_NAME, WEIGHTS_NAME, parse_peft_key, peft_key
 from ...io.writer import atomic_output_dir, write_file
+from ...targeting import alpha_value, anchored_pattern_key, pattern_key, rank_alpha
+from ..options import short_list
 from .report import Change, FixResult
 from .subject import Subject
-from ...targeting import alpha_value, anchored_pattern_key, pattern_key, rank_alpha
 from .target_checks import pattern_targets, unmatched_pattern_keys
+
+_short = functools.partial(short_list, limit=2)  # a, b and N more
 
 __all__ = ["FIXERS", "write_fixed_copy"]
 
@@ -191,10 +195,6 @@ def _fix_dense(subject: Subject, findings: list[Finding], plan: _Plan) -> None:
                 f"added {len(lost)} dense layer weight(s) ({_short(lost)}), which PEFT's MoE conversion would leave "
                 "unadapted (taken out of target_modules where named in full, their rank/alpha pattern keys moved to "
                 "the parameter's name); their tensor keys stay as they are")
-
-
-def _short(names: list[str], limit: int = 2) -> str:
-    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def _fix_bin(subject: Subject, findings: list[Finding], plan: _Plan) -> None:
