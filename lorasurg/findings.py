@@ -115,7 +115,9 @@ CODES: dict[str, Code] = {
         "ParamWrapper refuses: lora_dropout, lora_bias, DoRA, fan_in_fan_out"
     ),
     "expert-unconverted": Code(
-        "error", "experts", "per-expert LoRA on a model type whose experts PEFT does not convert (Qwen2-MoE): dropped silently"
+        "error", "experts",
+        "per-expert LoRA on a model type whose config PEFT does not convert (Qwen2-MoE), its fused parameters not in "
+        "target_parameters: dropped silently"
     ),
     "expert-fused-part": Code(
         "error", "experts", "one part of a fused expert projection is targeted without the other (gate_proj, up_proj)"

@@ -174,10 +174,7 @@ def peft_layout(
     if experts and form == "per-expert":
         globals_ = _per_expert(layout, description, experts, factors, ranks, per_module, use_rslora)
         if not peft_converts_experts(model_type):
-            layout.notes.append(
-                f"per-expert LoRA for a model type PEFT 0.21.2 does not convert ({model_type!r}): PEFT loads this "
-                f"adapter without its {len(experts)} expert module(s); the consumers named read them "
-                f"({PEFT_MOE_SOURCE})")
+            parameters += _converted_form(layout, description, globals_, per_module)
     elif experts or stacks:
         parameters += _fused(layout, description, experts, factors, ranks, stacks, per_module, use_rslora)
     wrapped = parameters + sorted({s.parameter for s in experts.values()} if form == "per-expert" else ())
@@ -235,6 +232,25 @@ def _padded(mod: Optional[AdapterModule], rank: int, shape: tuple[int, int], dty
         A[:r] = mod.A.to(dtype)
         B[:, :r] = (mod.B.to(torch.float32) * factor).to(dtype) if factor != 1.0 else mod.B.to(dtype)
     return A, B
+
+
+def _converted_form(layout: PeftLayout, description: ModelDescription, globals_: tuple[int, float],
+                    per_module: dict[str, tuple[int, float]]) -> list[str]:
+    """Per-expert LoRA on a model type PEFT 0.21.2 converts the keys of but not the config (Qwen2-MoE): the config in
+    the form its conversion would give, so that PEFT loads the experts as vLLM and llama.cpp do (they read the keys
+    and ignore ``target_parameters``): each fused parameter in ``target_parameters`` at ``parts * r`` and
+    ``parts * lora_alpha`` (a fused ``gate_up_proj`` stacks two rank-``r`` LoRAs per expert, so its scale is the
+    experts' ``lora_alpha / r``). Returns the parameters."""
+    rank, alpha = globals_
+    parts = {slot.parameter: slot.parts for module, slot in description.experts.items() if module in layout.modules}
+    for parameter, n in sorted(parts.items()):
+        per_module[parameter] = (n * rank, alpha_value(n * alpha))
+    layout.notes.append(
+        f"PEFT 0.21.2 converts the keys of per-expert LoRA for this model type but not its config: the config lists "
+        f"the {len(parts)} fused expert parameter(s) in target_parameters as its conversion would "
+        f"({_short(sorted(parts))}), so PEFT loads the experts too; vLLM counts their rank "
+        f"{max(parts.values()) * rank} against --max-lora-rank ({PEFT_MOE_SOURCE})")
+    return sorted(parts)
 
 
 def _per_expert(layout: PeftLayout, description: ModelDescription, experts: Mapping[str, ExpertSlot],

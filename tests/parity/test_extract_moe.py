@@ -25,6 +25,8 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file  # noqa: E402
 from torch import nn  # noqa: E402
 
+from lorasurg.io.checkpoint import Checkpoint  # noqa: E402
+from lorasurg.surgery.adapter_layout import model_tensor_name  # noqa: E402
 from lorasurg.surgery.extract import extract_to_dir  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "moe"
@@ -159,3 +161,28 @@ def test_a_subset_of_projections_loads_with_the_others_zero(tmp_path):
         name = f"model.layers.{layer}.mlp.experts"
         torch.testing.assert_close(merged[f"{name}.gate_up_proj"], t[f"{name}.gate_up_proj"], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(merged[f"{name}.down_proj"], b[f"{name}.down_proj"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "qwen2_moe", "deepseek_v3"])
+def test_for_vllm_per_expert_keys_are_loaded_by_peft_too(family, tmp_path):
+    """--for vllm writes the experts per expert (vLLM's layout for these 2-D MoE classes). PEFT loads that file too,
+    experts included, with no missing or unexpected key: by its conversion where it converts the config, and on
+    Qwen2-MoE, where it converts only the keys, by the config's target_parameters in the converted form. At full
+    rank PEFT's merged experts (the fused parameters) are TUNED's, and so is every other adapted matrix; what vLLM
+    cannot carry (routers, norms, embeddings saved whole) is left out by the user's choice, so those stay BASE's."""
+    base, tuned = FIXTURES / family / "base", FIXTURES / family / "tuned"
+    report = extract_to_dir(base, tuned, tmp_path / "a", r=256, svd="exact", device="cpu", consumers="vllm")
+    stored = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    assert any(".experts.0." in k for k in stored)  # per-expert keys
+    pm, troubles = load_adapter(base, tmp_path / "a")
+    assert troubles == []
+    merged = pm.merge_and_unload().state_dict()
+    b, t = load(base).state_dict(), load(tuned).state_dict()
+    description = Checkpoint.open(base).describe()
+    dropped = {model_tensor_name(description, o.name) for o in report.outcomes if o.outcome == "dropped"}
+    assert dropped and not [n for n in dropped if "expert" in n]  # the experts are all carried
+    experts = [n for n, p in b.items() if p.dim() == 3]
+    assert experts
+    for name in b:
+        want = b[name] if name in dropped else t[name]
+        torch.testing.assert_close(merged[name], want, rtol=1e-4, atol=1e-5, msg=name)

@@ -10,6 +10,7 @@ PEFT misreads the adapter, the adapter's definition: the tuned model its exact f
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from pathlib import Path
@@ -130,10 +131,35 @@ def test_layout_adapters_fuse_to_the_tuned_model_and_to_merge_and_unload(tmp_pat
     assert_states_close(ours, merged_state(pm))
 
 
-def test_per_expert_qwen2_moe_is_fused_where_peft_ignores_it(tmp_path):
-    """PEFT 0.21.2 does not convert per-expert keys on Qwen2-MoE (its type is not in the conversion table): it loads
-    the adapter without its experts. fuse merges them as the adapter defines them, and says what PEFT does."""
+def test_per_expert_qwen2_moe_in_the_converted_form_fuses_to_merge_and_unload(tmp_path):
+    """PEFT 0.21.2 converts per-expert keys on Qwen2-MoE but not the config: peft_layout's per-expert form lists the
+    fused experts in target_parameters as its conversion would (gate_up_proj at 2r, 2 alpha), and PEFT loads the
+    experts. fuse gives the tuned model (exact factors) and PEFT's merge_and_unload, with no note that PEFT differs."""
     assert layout_adapter("qwen2_moe", tmp_path / "adapter", "per-expert") == "per-expert"
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert sorted(config["target_parameters"]) == [f"model.layers.{i}.mlp.experts.{p}" for i in (0, 1)
+                                                   for p in ("down_proj", "gate_up_proj")]
+    report = fuse(family("qwen2_moe") / "base", tmp_path / "adapter", tmp_path / "fused", device="cpu")
+    assert not any("does not load per-expert keys" in note for note in report.notes)
+    ours = load(tmp_path / "fused").state_dict()
+    assert_states_close(ours, load(family("qwen2_moe") / "tuned").state_dict(), rtol=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.PeftModel.from_pretrained(load(family("qwen2_moe") / "base"), tmp_path / "adapter")
+    assert_states_close(ours, merged_state(pm))
+
+
+def test_per_expert_qwen2_moe_is_fused_where_peft_ignores_it(tmp_path):
+    """The same adapter without target_parameters (as per-expert adapters were written for transformers 4): PEFT
+    loads it without its experts. fuse merges them as the adapter defines them, and says what PEFT does."""
+    layout_adapter("qwen2_moe", tmp_path / "converted", "per-expert")
+    adapter = Adapter.load(tmp_path / "converted")
+    cfg = adapter.config
+    experts = {k for k in cfg.rank_pattern if "experts" in k}  # the fused parameters' entries
+    adapter.config = dataclasses.replace(cfg, target_parameters=None,
+                                         rank_pattern={k: v for k, v in cfg.rank_pattern.items() if k not in experts},
+                                         alpha_pattern={k: v for k, v in cfg.alpha_pattern.items() if k not in experts})
+    adapter.save(tmp_path / "adapter")
     report = fuse(family("qwen2_moe") / "base", tmp_path / "adapter", tmp_path / "fused", device="cpu")
     assert any("does not load per-expert keys on qwen2_moe" in note for note in report.notes)
     tuned = logits(load(family("qwen2_moe") / "tuned"))

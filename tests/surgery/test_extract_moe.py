@@ -221,8 +221,9 @@ def test_gpt_oss_expert_biases_beside_their_lora_are_lost(tmp_path):
 def test_for_a_consumer_follows_its_moe_rules(tmp_path, family, consumer):
     """--for writes what the consumer's MoE rules (lorasurg.consumers.layouts) say it reads: per-expert LoRA for
     every family that stores experts one by one; gpt-oss's fused target_parameters LoRA for vLLM (one of its 3-D MoE
-    classes) and left out, with its share, for llama.cpp (its converter refuses them); validate --for is clean but for
-    Qwen2-MoE, whose per-expert keys PEFT 0.21.2 does not convert: the report and validate both say so."""
+    classes) and left out, with its share, for llama.cpp (its converter refuses them); validate --for is clean. On
+    Qwen2-MoE, whose config PEFT 0.21.2 does not convert, the config lists the fused experts in target_parameters
+    (the converted form), so that PEFT loads the per-expert keys as well (tests/parity/test_extract_moe.py)."""
     from lorasurg import validate
 
     adapter, report = extract(*pair(family), r=4, consumers=consumer)
@@ -234,15 +235,11 @@ def test_for_a_consumer_follows_its_moe_rules(tmp_path, family, consumer):
         assert experts and adapter.config.target_parameters
     else:
         assert not experts and any(".experts" in name for name in left)
+    if family == "qwen2_moe":
+        fused = [f"model.layers.{i}.mlp.experts.{p}" for i in (0, 1) for p in ("down_proj", "gate_up_proj")]
+        assert sorted(adapter.config.target_parameters) == fused
+        assert adapter.rank_alpha(fused[1]) == (2 * adapter.config.r, 2 * adapter.config.lora_alpha)
+        assert adapter.rank_alpha(fused[0]) == (adapter.config.r, adapter.config.lora_alpha)
     adapter.save(tmp_path / "ad")
     findings = [f for f in validate(tmp_path / "ad", pair(family)[0], consumers=consumer) if f.severity == "error"]
-    peft_reads_experts = family != "qwen2_moe"
-    assert [f.code for f in findings] == ([] if peft_reads_experts else ["expert-unconverted"]), findings
-    assert any("PEFT loads this adapter without its" in n for n in report.notes) != peft_reads_experts
-
-
-def test_for_peft_and_vllm_on_qwen2_moe_is_refused():
-    """Qwen2-MoE: PEFT reads the experts only as target_parameters, vLLM only as per-expert keys; asked for both,
-    extract refuses and says to extract twice, instead of writing a file one of them misreads."""
-    with pytest.raises(UnsupportedError, match="extract twice"):
-        extract(*pair("qwen2_moe"), r=4, consumers="peft,vllm")
+    assert findings == [], [(f.code, f.where) for f in findings]

@@ -25,10 +25,9 @@ import torch
 from torch import Tensor
 
 from ...config import LoraConfig
-from ...consumers.experts import peft_converts_experts
 from ...consumers.prepare import prepare_for
 from ...consumers.rules import CONSUMERS, Consumer
-from ...errors import InputError, UnsupportedError, option
+from ...errors import InputError, option
 from ...io.adapter import TOKENS_PART, Adapter, AdapterModule
 from ...io.architecture import ModelDescription
 from ...io.checkpoint import Checkpoint
@@ -152,7 +151,7 @@ def build_adapter(
         description, run.factors, {m: (f.rank, run.scale * f.rank) for m, f in run.factors.items()},
         model_type=(base.config or {}).get("model_type"), extra=run.saved, modules_to_save=save_modules,
         stacks={_stored_parameter(description, key): stack for key, stack in run.stacks.items()},
-        refused=["lora_bias"] if use_bias else [], form=_experts_form(description, base, report.consumers),
+        refused=["lora_bias"] if use_bias else [], form=_experts_form(description, report.consumers),
     )
     tokens = {description.model_name(m): (i, rows) for m, (i, rows) in run.tokens.items()}  # the model's names
     config = LoraConfig(
@@ -191,26 +190,14 @@ def build_adapter(
     return adapter
 
 
-def _experts_form(description: ModelDescription, base: Checkpoint, consumers) -> Optional[str]:
+def _experts_form(description: ModelDescription, consumers) -> Optional[str]:
     """``per-expert`` when a consumer other than PEFT is named and the checkpoint stores experts one by one: the form
-    vLLM and llama.cpp read, which PEFT converts too where it converts per-expert LoRA; else PEFT's own choice.
-
-    Raises:
-        UnsupportedError: PEFT and another consumer are both named for a model type PEFT does not convert
-            per-expert LoRA for (Qwen2-MoE): PEFT reads its experts only as ``target_parameters``, the others only
-            as per-expert keys, and no one file serves both.
-    """
-    others = [c for c in consumers if c != "peft"]
-    if not others or not description.experts or any(p.stored for p in description.parameters.values()):
-        return None
-    model_type = (base.config or {}).get("model_type")
-    if "peft" in consumers and not peft_converts_experts(model_type):
-        names = ", ".join(others)
-        raise UnsupportedError(
-            f"--for peft and {names}: PEFT 0.21.2 reads the experts of a {model_type!r} model only as "
-            f"target_parameters on the fused experts, {names} only as per-expert LoRA, so no one adapter serves "
-            f"both; extract twice, once --for peft and once --for {','.join(others)}, into two directories")
-    return "per-expert"
+    vLLM and llama.cpp read, which PEFT reads too (its converted config where it does not convert the config, see
+    :func:`~lorasurg.surgery.adapter_layout.peft_layout`); else PEFT's own choice."""
+    if any(c != "peft" for c in consumers) and description.experts and not any(
+            p.stored for p in description.parameters.values()):
+        return "per-expert"
+    return None
 
 
 def _stored_parameter(description: ModelDescription, key: str) -> str:

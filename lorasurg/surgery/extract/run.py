@@ -175,8 +175,7 @@ def extract(
             ``allow_empty``); nothing LoRA-able changed; a checkpoint cannot be read; ``embeddings="lora"`` on a
             resized vocabulary; a changed tensor would be left out, not by the user's choice, without
             ``allow_dropped`` (tensors and shares named).
-        UnsupportedError: ``lora_bias=True`` for an adapter PEFT can only load through ``target_parameters``;
-            ``--for peft`` with another consumer on a model type whose experts they read in different forms.
+        UnsupportedError: ``lora_bias=True`` for an adapter PEFT can only load through ``target_parameters``.
         ConfigError: an invalid option value; a ``max_memory`` that is not a size, or below the smallest
             workable budget for these checkpoints (the message says what that is).
     """

@@ -35,6 +35,7 @@ from typing import Mapping, Optional
 import torch
 from torch import Tensor
 
+from ...config import LoraConfig
 from ...consumers.experts import peft_converts_experts
 from ...engine.experts import split_experts
 from ...engine.factors import LoraFactors, factor_shapes, lora_scale
@@ -45,6 +46,7 @@ from ...io.architecture import ModelDescription
 from ...io.meta_facts import bias_flags
 from ...io.checkpoint import Checkpoint
 from ...modules import ModuleInfo
+from ...targeting import select_parameters
 from ..options import short_list
 from .layout import ReplicatedCheckpoint, plan_token_rows
 from .place import ExpertTarget, Placement, place_adapter
@@ -134,7 +136,7 @@ def plan_fuse(base: Checkpoint, adapter: Adapter, *, drop_unfusable_bias: bool =
                    {k: v for k, v in adapter.extra.items() if not k.endswith(f".{TOKENS_PART}")})
     placement = place_adapter(description, lora, set(base.names()) | set(aliases), model_type)
     _factors(base, adapter, description.modules, placement, plan)
-    _notes(description, placement, model_type, adapter.config.use_rslora, plan)
+    _notes(description, placement, model_type, adapter.config, plan)
     _extras(base, placement, aliases, plan)
     plan.rows, updates, notes = plan_token_rows(base, adapter, aliases, description.checkpoint_module)
     plan.config_updates.update(updates)
@@ -233,13 +235,15 @@ def _expert_factors(adapter: Adapter, target: ExpertTarget, plan: FusePlan, wron
         _add(plan, module, target.path, wrong, LoraFactors("linear", A[slot.expert], B[slot.expert, start:stop], scale))
 
 
-def _notes(description: ModelDescription, placement: Placement, model_type: Optional[str], rslora: bool,
+def _notes(description: ModelDescription, placement: Placement, model_type: Optional[str], config: LoraConfig,
            plan: FusePlan) -> None:
     """Where PEFT 0.21.2 reads this adapter otherwise than it is written (measured; fuse follows the adapter)."""
+    rslora = config.use_rslora
     if placement.renamed:
         plan.notes.append(f"{len(placement.renamed)} LoRA module(s) named as BASE's checkpoint names them, renamed as "
                           f"PEFT renames them on transformers 5: {short_list(placement.renamed)}")
-    per_expert = [t.path for t in placement.modules if t.module in description.experts]
+    per_expert = [t.path for t in placement.modules if t.module in description.experts
+                  and not select_parameters(config, [description.experts[t.module].parameter])]  # converted form
     if per_expert and not peft_converts_experts(model_type):
         plan.notes.append(
             f"{len(per_expert)} per-expert LoRA module(s) ({short_list(per_expert)}): PEFT 0.21.2 does not load "

@@ -9,8 +9,9 @@ Two layouts (:mod:`lorasurg.consumers.experts`):
   (``parameter-refused``: ``lora_dropout``, ``lora_bias``, DoRA, and ``fan_in_fan_out`` when no ``nn.Linear`` target
   resets it first, since PEFT wraps modules before parameters and sets the flag to False at each linear layer);
 * per-expert LoRAs under the checkpoint's names (``mlp.experts.3.gate_proj``), which PEFT converts to
-  ``target_parameters`` on load (:mod:`lorasurg.consumers.peft_conversion`) only for some model types
-  (``expert-unconverted``) and only when every part of a fused projection is targeted (``expert-fused-part``),
+  ``target_parameters`` on load (:mod:`lorasurg.consumers.peft_conversion`); for the other model types (Qwen2-MoE) it
+  converts the keys, not the config, so the config must list the fused parameters (``expert-unconverted``); and
+  only when every part of a fused projection is targeted (``expert-fused-part``),
   every expert of an adapted layer is there (``expert-missing``; a layer without any is loaded with missing keys,
   ``expert-layer-missing``), the experts of a projection share one rank equal to the rank PEFT builds the fused
   LoRA at (``expert-rank``) and their scale is the one PEFT's conversion reads (``expert-scale``). The conversion
@@ -159,13 +160,18 @@ def _per_expert(subject: Subject, view: PeftView) -> list[Finding]:
     if not present:
         return []
     if not peft_converts_experts(base.model_type):
-        return [_finding(
-            "expert-unconverted", present,
-            f"{len(present)} per-expert LoRA module(s) ({_short(present)}), but PEFT 0.21.2 converts per-expert "
-            f"adapters to the fused experts of transformers 5 only for some model types, not {base.model_type!r}: "
-            "the model has no module by these names, and PEFT loads the adapter without them, silently",
-            "write the experts as target_parameters on the fused parameters (PEFT's ParamWrapper layout: "
-            "lorasurg extract does for this model type)")]
+        unlisted = [m for m in present if base.experts[m].parameter not in view.parameters]
+        if unlisted:  # PEFT converts the keys, not the config: only a config in the converted form loads them
+            return [_finding(
+                "expert-unconverted", unlisted,
+                f"{len(unlisted)} per-expert LoRA module(s) ({_short(unlisted)}), but PEFT 0.21.2 converts the "
+                f"config of per-expert adapters to the fused experts of transformers 5 only for some model types, "
+                f"not {base.model_type!r}, and this config does not list their fused parameters "
+                f"({_short(sorted({base.experts[m].parameter for m in unlisted}))}) in target_parameters: the model "
+                "has no module by these names, and PEFT loads the adapter without them, silently",
+                "list each fused parameter in target_parameters with rank_pattern/alpha_pattern entries of "
+                "parts x r and parts x lora_alpha (the form PEFT's conversion gives: gate_up_proj 2r, 2 alpha), or "
+                "write the experts as target_parameters LoRA (lorasurg extract does either, by --for)")]
     found = [
         Finding("expert-fused-part", "target_modules",
                 f"target_modules names {list(got)} but not {list(missing)}, which transformers fuses with it into "
