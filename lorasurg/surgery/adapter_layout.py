@@ -101,6 +101,16 @@ def expert_form(description: ModelDescription, model_type: Optional[str], stacks
     return "per-expert" if peft_converts_experts(model_type) else "target-parameters"
 
 
+def form_for_consumers(description: ModelDescription, consumers: Sequence[str]) -> Optional[str]:
+    """``per-expert`` when a consumer other than PEFT is named and the checkpoint stores experts one by one: the form
+    vLLM and llama.cpp read, which PEFT reads too (in the converted config where it does not convert the config,
+    :func:`_converted_form`); else None, PEFT's own choice (:func:`expert_form`)."""
+    if any(c != "peft" for c in consumers) and description.experts and not any(
+            p.stored for p in description.parameters.values()):
+        return "per-expert"
+    return None
+
+
 def parameter_targets(description: ModelDescription, modules: Sequence[str], *, model_type: Optional[str],
                       form: Optional[str] = None) -> list[str]:
     """The model parameters PEFT 0.21.2 adapts through its ``ParamWrapper`` (``target_parameters``, given or made by
@@ -223,10 +233,11 @@ def _expert_matrix_shape(description: ModelDescription, module: str) -> tuple[in
 def _padded(mod: Optional[AdapterModule], rank: int, shape: tuple[int, int], dtype: torch.dtype,
             factor: float = 1.0) -> tuple[Tensor, Tensor]:
     """``(A (rank, in), B (out, rank))``: the module's factors, zero-padded to ``rank``, ``B`` times ``factor``; zero
-    factors for a missing module."""
+    factors for a missing module (on the module's device: a probe on the meta device stays there)."""
     out_f, in_f = shape
-    A = torch.zeros(rank, in_f, dtype=dtype)
-    B = torch.zeros(out_f, rank, dtype=dtype)
+    device = mod.A.device if mod is not None else None
+    A = torch.zeros(rank, in_f, dtype=dtype, device=device)
+    B = torch.zeros(out_f, rank, dtype=dtype, device=device)
     if mod is not None:
         r = mod.A.shape[0]
         A[:r] = mod.A.to(dtype)

@@ -144,3 +144,20 @@ def test_deepseek_dense_mlp_and_attention_equal_peft_through_2d_target_parameter
     assert_factor_products_equal(tmp_path / "out" / "adapter", pm)
     torch.testing.assert_close(logits(peft_loaded(tmp_path / "out")), logits(load(family("deepseek_v3") / "base")),
                                rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("consumer", ["vllm", "llama.cpp"])
+@pytest.mark.parametrize("name", ["qwen3_moe", "mixtral", "qwen2_moe", "deepseek_v3"])
+def test_for_another_consumer_the_per_expert_initial_adapter_loads_in_peft(tmp_path, name, consumer):
+    """--for vllm/llama.cpp writes the experts per expert (what those read); PEFT loads the same file on the residual
+    model with no missing or unexpected key (on Qwen2-MoE through the config's target_parameters in its converted
+    form) and computes BASE, and merge_and_unload gives BASE's weights."""
+    base = family(name) / "base"
+    residualize(base, tmp_path / "out", init="pissa", r=R, seed=SEED, device="cpu", consumers=consumer)
+    written = load_file(str(tmp_path / "out" / "adapter" / "adapter_model.safetensors"))
+    assert any(".experts.3." in k for k in written)
+    pm = peft_loaded(tmp_path / "out")
+    torch.testing.assert_close(logits(pm), logits(load(base)), rtol=1e-4, atol=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert_states_close(pm.merge_and_unload().state_dict(), load(base).state_dict())

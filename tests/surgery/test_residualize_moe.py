@@ -1,6 +1,7 @@
 """``residualize`` on MoE and multimodal checkpoints, without PEFT: targets selected by the model's names, gpt-oss's
 stored experts factored one by one (the residual of each expert ``W[e].T`` plus its delta is BASE), the budget of a
-stored expert tensor, and the refusals (``--for`` with expert LoRA, through the CLI)."""
+stored expert tensor, ``--for vllm`` writing experts per expert (still adding back to BASE), and the refusal of
+``--for`` other consumers with experts stored fused (through the CLI)."""
 
 from __future__ import annotations
 
@@ -69,12 +70,31 @@ def test_a_stored_expert_tensor_is_budgeted_one_expert_at_a_time(tmp_path):
     assert len(report.modules) == 2
 
 
-def test_cli_refuses_for_other_consumers_with_expert_lora(tmp_path):
-    result = CliRunner().invoke(main, ["residualize", str(QWEN3), "--r", "2", "--for", "vllm", "-o",
+@pytest.mark.parametrize("consumer", ["vllm", "llama.cpp"])
+def test_for_another_consumer_experts_are_written_per_expert_and_add_back_to_base(tmp_path, consumer):
+    """--for vllm/llama.cpp on a checkpoint that stores experts one by one: the initial adapter keeps every expert
+    under its own key (the layout those consumers read), and OUT/model + OUT/adapter is still BASE."""
+    result = CliRunner().invoke(main, ["residualize", str(QWEN3), "--r", "2", "--for", consumer, "--device", "cpu",
+                                       "-o", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    adapter = Adapter.load(tmp_path / "out" / "adapter")
+    assert adapter.config.target_parameters is None
+    with Checkpoint.open(QWEN3) as base, Checkpoint.open(tmp_path / "out" / "model") as model:
+        experts = sorted(base.describe().experts)
+        assert experts and set(experts) <= set(adapter.modules)
+        for module in experts:
+            mod, weight = adapter.modules[module], f"{module}.weight"
+            scale = adapter.config.lora_alpha / mod.rank
+            back = model.get(weight).double() + scale * mod.B.double() @ mod.A.double()
+            assert_close_ulps(back.float(), base.get(weight), 16, magnitude=base.get(weight).abs().max())
+
+
+def test_cli_refuses_for_other_consumers_with_experts_stored_fused(tmp_path):
+    result = CliRunner().invoke(main, ["residualize", str(GPT_OSS), "--r", "2", "--for", "vllm", "-o",
                                        str(tmp_path / "out")])
     assert result.exit_code == 2, result.output
-    assert "writes expert LoRA" in result.output and "model.layers.0.mlp.experts.0" in result.output
+    assert "experts stored fused" in result.output and "model.layers.0.mlp.experts.gate_up_proj" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "out").exists()
-    excluded = CliRunner().invoke(main, ["residualize", str(QWEN3), "--r", "2", "--for", "vllm", "--exclude-modules",
+    excluded = CliRunner().invoke(main, ["residualize", str(GPT_OSS), "--r", "2", "--for", "vllm", "--exclude-modules",
                                          r".*experts.*", "-o", str(tmp_path / "out")])
     assert excluded.exit_code == 0, excluded.output

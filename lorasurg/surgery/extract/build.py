@@ -32,7 +32,7 @@ from ...io.adapter import TOKENS_PART, Adapter, AdapterModule
 from ...io.architecture import ModelDescription
 from ...io.checkpoint import Checkpoint
 from ...modules import ModuleInfo
-from ..adapter_layout import ExpertStack, model_tensor_name, peft_layout
+from ..adapter_layout import ExpertStack, form_for_consumers, model_tensor_name, peft_layout
 from ..options import short_list, task_type_of
 from .fit import Fit
 from .plan import TensorRole, split_tensor_name
@@ -151,7 +151,7 @@ def build_adapter(
         description, run.factors, {m: (f.rank, run.scale * f.rank) for m, f in run.factors.items()},
         model_type=(base.config or {}).get("model_type"), extra=run.saved, modules_to_save=save_modules,
         stacks={_stored_parameter(description, key): stack for key, stack in run.stacks.items()},
-        refused=["lora_bias"] if use_bias else [], form=_experts_form(description, report.consumers),
+        refused=["lora_bias"] if use_bias else [], form=form_for_consumers(description, report.consumers),
     )
     tokens = {description.model_name(m): (i, rows) for m, (i, rows) in run.tokens.items()}  # the model's names
     config = LoraConfig(
@@ -188,16 +188,6 @@ def build_adapter(
     report.adapter_parameters = adapter.num_parameters()
     report.adapter_bytes = adapter.num_bytes()
     return adapter
-
-
-def _experts_form(description: ModelDescription, consumers) -> Optional[str]:
-    """``per-expert`` when a consumer other than PEFT is named and the checkpoint stores experts one by one: the form
-    vLLM and llama.cpp read, which PEFT reads too (its converted config where it does not convert the config, see
-    :func:`~lorasurg.surgery.adapter_layout.peft_layout`); else PEFT's own choice."""
-    if any(c != "peft" for c in consumers) and description.experts and not any(
-            p.stored for p in description.parameters.values()):
-        return "per-expert"
-    return None
 
 
 def _stored_parameter(description: ModelDescription, key: str) -> str:

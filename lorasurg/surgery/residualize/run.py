@@ -19,7 +19,7 @@ on its own, under its checkpoint key where the checkpoint stores experts one by 
 tensor where it stores them fused (gpt-oss, ``(E, in, out)``: expert ``e`` is ``W[e].T``); ``OUT/model`` keeps
 BASE's layout and keys. The initial adapter is laid out as PEFT loads it on transformers 5
 (:func:`lorasurg.surgery.adapter_layout.peft_layout`: the model's names for renamed towers, experts per expert or as
-``target_parameters``). PEFT 0.21.2 itself cannot initialise PiSSA/OLoRA on fused experts (its ``ParamWrapper`` reads
+``target_parameters``; per expert whenever a consumer other than PEFT is named and the checkpoint stores them so). PEFT 0.21.2 itself cannot initialise PiSSA/OLoRA on fused experts (its ``ParamWrapper`` reads
 the ``weight`` of an experts module, which has none), so there the invariant ``OUT/model + OUT/adapter == BASE`` is the
 check.
 
@@ -73,7 +73,7 @@ from ...io.meta_facts import module_order
 from ...io.rewrite import TensorSource, rewrite_checkpoint
 from ...io.values import all_finite, describe_nonfinite
 from ...io.writer import atomic_output_dir, check_output_dir
-from ..adapter_layout import ExpertStack
+from ..adapter_layout import ExpertStack, form_for_consumers
 from ..options import Progress, Source, default_output, dtype_problem, open_checkpoint, output_dtype, parse_device
 from ..options import short_list, source_name
 from ..budget import MemoryBudget, Size
@@ -169,7 +169,8 @@ def residualize(
         if to == "gguf":
             check_gguf_base(ckpt)
         targets = plan_targets(ckpt, r, alpha, use_rslora, target_modules, exclude_modules, report)
-        _check_consumers(ckpt, targets, use_rslora, names)
+        form = form_for_consumers(ckpt.describe(), names)
+        _check_consumers(ckpt, targets, use_rslora, names, form)
         works, reserved = residualize_works(ckpt, targets, method, output_dtype(dtype)), adapter_bytes(targets, ckpt)
         places = place_rewrite(budget, ckpt, works, reserved=reserved, reserved_for="the adapter being built")
         report.memory = MemoryUse.of(budget, reserved, "the adapter being built", places, works, ckpt)
@@ -203,7 +204,8 @@ def residualize(
         with atomic_output_dir(output, force) as tmp:
             written = rewrite_checkpoint(ckpt, tmp / "model", edit, dtype=output_dtype(dtype), progress=progress,
                                          copy_blocks={n: p.block_rows for n, p in places.items() if not p.hold})
-            adapter = initial_adapter(ckpt, targets, factors, stacks, use_rslora, Path(output) / "model", report.notes)
+            adapter = initial_adapter(ckpt, targets, factors, stacks, use_rslora, Path(output) / "model", report.notes,
+                                      form)
             adapter, report.for_report = _for_consumers(adapter, names)
             meta = dict(method=method.config_value, r=r, alpha=f"{alpha:g}", use_rslora=use_rslora or None,
                         base=report.base, seed=seed if _uses_rng(method, targets) else None)
@@ -242,28 +244,30 @@ def _check_options(init: str, r: int, alpha: Optional[float], dtype: str) -> Ini
     return method
 
 
-def _check_consumers(ckpt: Checkpoint, targets: dict[str, Target], use_rslora: bool, names: tuple[str, ...]) -> None:
+def _check_consumers(ckpt: Checkpoint, targets: dict[str, Target], use_rslora: bool, names: tuple[str, ...],
+                     form: Optional[str]) -> None:
     """Refuse, before any work, consumers that cannot carry the whole initial adapter (see the module docstring).
 
-    The adapter is built with placeholder factors on the meta device: which parts a consumer cannot carry depends
-    on the modules' names, kinds and layouts only. Expert LoRA is written for PEFT only (the other consumers' MoE
-    layouts are not written by residualize yet).
+    The adapter is built with placeholder factors on the meta device, its experts in ``form`` (per expert for a
+    consumer other than PEFT, where the checkpoint stores them one by one): which parts a consumer cannot carry
+    depends on the modules' names, kinds and layouts only. Experts the checkpoint stores fused (gpt-oss) are written
+    for PEFT only (as ``target_parameters``; the other consumers' rules for them are not applied here yet).
     """
     if names == ("peft",):
         return
-    experts = ckpt.describe().experts
-    moe = [t.module for t in targets.values() if t.parameter is not None or t.module in experts]
-    if moe:
+    fused = [t.module for t in targets.values() if t.parameter is not None]
+    if fused:
         raise ConfigError(
-            f"--for {','.join(names)}: residualize writes expert LoRA ({short_list(moe)}) for PEFT only so far. "
-            "Leave the experts out of the targets (--exclude-modules, e.g. a regex on 'experts'), or write the "
-            "adapter for peft. Nothing was written.")
+            f"--for {','.join(names)}: residualize writes the LoRA of experts stored fused ({short_list(fused)}) for "
+            "PEFT only so far. Leave the experts out of the targets (--exclude-modules, e.g. a regex on 'experts'), "
+            "or write the adapter for peft. Nothing was written.")
     probe = {}
     for m, t in targets.items():
         a_shape, b_shape, _ = factor_shapes(t.info.kind, t.info.weight_shape, t.rank, t.info.fan_in_fan_out)
         probe[m] = AdapterModule(m, torch.empty(a_shape, device="meta"), torch.empty(b_shape, device="meta"),
                                  embedding=t.info.kind == "embedding")
-    blocked = blocked_parts(initial_adapter(ckpt, targets, probe, {}, use_rslora, Path("model")), names, tied=())
+    blocked = blocked_parts(initial_adapter(ckpt, targets, probe, {}, use_rslora, Path("model"), form=form), names,
+                            tied=())
     if not blocked:
         return
     lines, modules = [], []

@@ -117,16 +117,16 @@ def plan_targets(ckpt: Checkpoint, r: int, alpha: float, use_rslora: bool, targe
 
 def initial_adapter(ckpt: Checkpoint, targets: Mapping[str, Target], factors: Mapping[str, AdapterModule],
                     stacks: Mapping[str, ExpertStack], use_rslora: bool, model_path: Path,
-                    notes: Optional[list[str]] = None) -> Adapter:
+                    notes: Optional[list[str]] = None, form: Optional[str] = None) -> Adapter:
     """The initial adapter: exactly the targets, each at its rank with the common scale, laid out by
-    :func:`~lorasurg.surgery.adapter_layout.peft_layout`; ``init_lora_weights: true``. The layout's notes (experts
-    zero-padded to one rank, moved to ``target_parameters``) go to ``notes``."""
+    :func:`~lorasurg.surgery.adapter_layout.peft_layout` (experts in ``form``, default PEFT's own); ``init_lora_weights:
+    true``. The layout's notes (experts zero-padded to one rank, moved to ``target_parameters``) go to ``notes``."""
     description = ckpt.describe()
     fan_in_fan_out = any(t.info.fan_in_fan_out for t in targets.values())
     modules = {m: factors[m] for m in targets if m in factors}
     layout = peft_layout(description, modules, {m: (targets[m].rank, targets[m].alpha) for m in modules},
                          model_type=(ckpt.config or {}).get("model_type"), stacks=stacks, use_rslora=use_rslora,
-                         refused=["fan_in_fan_out"] if fan_in_fan_out else ())
+                         refused=["fan_in_fan_out"] if fan_in_fan_out else (), form=form)
     config = LoraConfig(
         **layout.fields,
         use_rslora=use_rslora,
