@@ -146,16 +146,17 @@ def test_deepseek_dense_mlp_and_attention_equal_peft_through_2d_target_parameter
                                rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("consumer", ["vllm", "llama.cpp"])
-@pytest.mark.parametrize("name", ["qwen3_moe", "mixtral", "qwen2_moe", "deepseek_v3"])
-def test_for_another_consumer_the_per_expert_initial_adapter_loads_in_peft(tmp_path, name, consumer):
-    """--for vllm/llama.cpp writes the experts per expert (what those read); PEFT loads the same file on the residual
-    model with no missing or unexpected key (on Qwen2-MoE through the config's target_parameters in its converted
-    form) and computes BASE, and merge_and_unload gives BASE's weights."""
+@pytest.mark.parametrize("name, consumer", [(n, c) for n in ("qwen3_moe", "mixtral", "qwen2_moe", "deepseek_v3")
+                                            for c in ("vllm", "llama.cpp")] + [("gpt_oss", "vllm")])
+def test_for_another_consumer_the_initial_adapter_loads_in_peft(tmp_path, name, consumer):
+    """--for vllm/llama.cpp writes the experts per expert (what those read) where the checkpoint stores them so, and
+    gpt-oss's fused experts as target_parameters for vLLM (one of its 3-D MoE classes); PEFT loads the same file on
+    the residual model with no missing or unexpected key (on Qwen2-MoE through the config's target_parameters in its
+    converted form) and computes BASE, and merge_and_unload gives BASE's weights."""
     base = family(name) / "base"
     residualize(base, tmp_path / "out", init="pissa", r=R, seed=SEED, device="cpu", consumers=consumer)
     written = load_file(str(tmp_path / "out" / "adapter" / "adapter_model.safetensors"))
-    assert any(".experts.3." in k for k in written)
+    assert any((".experts.base_layer.lora_A" if name == "gpt_oss" else ".experts.3.") in k for k in written)
     pm = peft_loaded(tmp_path / "out")
     torch.testing.assert_close(logits(pm), logits(load(base)), rtol=1e-4, atol=1e-5)
     with warnings.catch_warnings():

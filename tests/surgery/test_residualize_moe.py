@@ -1,7 +1,7 @@
 """``residualize`` on MoE and multimodal checkpoints, without PEFT: targets selected by the model's names, gpt-oss's
 stored experts factored one by one (the residual of each expert ``W[e].T`` plus its delta is BASE), the budget of a
 stored expert tensor, ``--for vllm`` writing experts per expert (still adding back to BASE), and the refusal of
-``--for`` other consumers with experts stored fused (through the CLI)."""
+``--for llama.cpp`` with experts stored fused, whose suggested exclusion works (through the CLI)."""
 
 from __future__ import annotations
 
@@ -89,12 +89,17 @@ def test_for_another_consumer_experts_are_written_per_expert_and_add_back_to_bas
             assert_close_ulps(back.float(), base.get(weight), 16, magnitude=base.get(weight).abs().max())
 
 
-def test_cli_refuses_for_other_consumers_with_experts_stored_fused(tmp_path):
-    result = CliRunner().invoke(main, ["residualize", str(GPT_OSS), "--r", "2", "--for", "vllm", "-o",
+def test_cli_refuses_llama_cpp_with_experts_stored_fused_and_names_the_exclusion(tmp_path):
+    """llama.cpp's converter cannot place gpt-oss's fused-expert LoRA, and residualize leaves nothing out: refused
+    before any work, naming the targets to exclude; excluding exactly those then succeeds (vLLM reads them:
+    tests/parity/test_residualize_moe.py)."""
+    result = CliRunner().invoke(main, ["residualize", str(GPT_OSS), "--r", "2", "--for", "llama.cpp", "-o",
                                        str(tmp_path / "out")])
     assert result.exit_code == 2, result.output
-    assert "experts stored fused" in result.output and "model.layers.0.mlp.experts.gate_up_proj" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "out").exists()
-    excluded = CliRunner().invoke(main, ["residualize", str(GPT_OSS), "--r", "2", "--for", "vllm", "--exclude-modules",
-                                         r".*experts.*", "-o", str(tmp_path / "out")])
+    suggested = re.search(r"--exclude-modules (\S+)\)", result.output).group(1).split(",")
+    assert suggested == [f"model.layers.{i}.mlp.experts.{p}" for i in (0, 1) for p in ("down_proj", "gate_up_proj")]
+    excluded = CliRunner().invoke(main, ["residualize", str(GPT_OSS), "--r", "2", "--for", "llama.cpp",
+                                         "--exclude-modules", ",".join(suggested), "-o", str(tmp_path / "out")])
     assert excluded.exit_code == 0, excluded.output
+    assert Adapter.load(tmp_path / "out" / "adapter").config.target_parameters is None

@@ -19,7 +19,8 @@ on its own, under its checkpoint key where the checkpoint stores experts one by 
 tensor where it stores them fused (gpt-oss, ``(E, in, out)``: expert ``e`` is ``W[e].T``); ``OUT/model`` keeps
 BASE's layout and keys. The initial adapter is laid out as PEFT loads it on transformers 5
 (:func:`lorasurg.surgery.adapter_layout.peft_layout`: the model's names for renamed towers, experts per expert or as
-``target_parameters``; per expert whenever a consumer other than PEFT is named and the checkpoint stores them so). PEFT 0.21.2 itself cannot initialise PiSSA/OLoRA on fused experts (its ``ParamWrapper`` reads
+``target_parameters``; per expert whenever a consumer other than PEFT is named and the checkpoint stores them so;
+experts stored fused stay ``target_parameters``, which vLLM reads for its 3-D MoE classes and llama.cpp refuses). PEFT 0.21.2 itself cannot initialise PiSSA/OLoRA on fused experts (its ``ParamWrapper`` reads
 the ``weight`` of an experts module, which has none), so there the invariant ``OUT/model + OUT/adapter == BASE`` is the
 check.
 
@@ -30,7 +31,7 @@ lorasurg's version) is in ``OUT/README.md`` and in the adapter file's safetensor
 ``consumers`` (``--for``) applies to the initial adapter only, and only losslessly: ``OUT/model`` has the adapter's
 delta already taken out of its weights, so leaving any part of the adapter out for a consumer would break
 ``OUT/model + OUT/adapter == BASE``. A consumer that cannot carry the whole initial adapter (vLLM: embedding or
-``lm_head`` LoRA, conv LoRA; llama.cpp: GPT-2 ``Conv1D`` LoRA, conv LoRA) is refused before any work, naming the
+``lm_head`` LoRA, conv LoRA; llama.cpp: GPT-2 ``Conv1D`` LoRA, conv LoRA, fused-expert LoRA) is refused before any work, naming the
 modules, so the user can leave them out of the targets. Otherwise :func:`lorasurg.consumers.prepare_for` only
 rewrites how the scale is written: for ``llama.cpp`` no ``alpha_pattern``/rsLoRA, the factors of a module whose
 written scale differs multiplied by ``sqrt(c)`` each (exact to float32 rounding); for ``all`` every module
@@ -206,7 +207,7 @@ def residualize(
                                          copy_blocks={n: p.block_rows for n, p in places.items() if not p.hold})
             adapter = initial_adapter(ckpt, targets, factors, stacks, use_rslora, Path(output) / "model", report.notes,
                                       form)
-            adapter, report.for_report = _for_consumers(adapter, names)
+            adapter, report.for_report = _for_consumers(adapter, names, (ckpt.config or {}).get("model_type"))
             meta = dict(method=method.config_value, r=r, alpha=f"{alpha:g}", use_rslora=use_rslora or None,
                         base=report.base, seed=seed if _uses_rng(method, targets) else None)
             gguf = write_output(adapter, tmp / ("adapter" if to == "peft" else "adapter.gguf"), to=to, base=ckpt,
@@ -249,30 +250,30 @@ def _check_consumers(ckpt: Checkpoint, targets: dict[str, Target], use_rslora: b
     """Refuse, before any work, consumers that cannot carry the whole initial adapter (see the module docstring).
 
     The adapter is built with placeholder factors on the meta device, its experts in ``form`` (per expert for a
-    consumer other than PEFT, where the checkpoint stores them one by one): which parts a consumer cannot carry
-    depends on the modules' names, kinds and layouts only. Experts the checkpoint stores fused (gpt-oss) are written
-    for PEFT only (as ``target_parameters``; the other consumers' rules for them are not applied here yet).
+    consumer other than PEFT, where the checkpoint stores them one by one; experts stored fused, as gpt-oss's, as
+    ``target_parameters`` stacks): which parts a consumer cannot carry depends on the modules' names, kinds and
+    layouts and on the model type (vLLM reads fused-expert LoRA only for its 3-D MoE classes) only.
     """
     if names == ("peft",):
         return
-    fused = [t.module for t in targets.values() if t.parameter is not None]
-    if fused:
-        raise ConfigError(
-            f"--for {','.join(names)}: residualize writes the LoRA of experts stored fused ({short_list(fused)}) for "
-            "PEFT only so far. Leave the experts out of the targets (--exclude-modules, e.g. a regex on 'experts'), "
-            "or write the adapter for peft. Nothing was written.")
-    probe = {}
+    probe, stacks = {}, {}
     for m, t in targets.items():
+        if t.parameter is not None:  # one expert's (out, in), E times
+            out_f, in_f = t.info.weight_shape
+            E = t.parameter.experts
+            stacks[m] = ExpertStack(torch.empty(E, t.rank, in_f, device="meta"),
+                                    torch.empty(E, out_f, t.rank, device="meta"), t.rank, t.alpha)
+            continue
         a_shape, b_shape, _ = factor_shapes(t.info.kind, t.info.weight_shape, t.rank, t.info.fan_in_fan_out)
         probe[m] = AdapterModule(m, torch.empty(a_shape, device="meta"), torch.empty(b_shape, device="meta"),
                                  embedding=t.info.kind == "embedding")
-    blocked = blocked_parts(initial_adapter(ckpt, targets, probe, {}, use_rslora, Path("model"), form=form), names,
-                            tied=())
+    blocked = blocked_parts(initial_adapter(ckpt, targets, probe, stacks, use_rslora, Path("model"), form=form),
+                            names, tied=(), model_type=(ckpt.config or {}).get("model_type"))
     if not blocked:
         return
     lines, modules = [], []
     for feature, (items, blockers) in blocked.items():
-        modules.extend(items)
+        modules.extend(_target_names(items, targets))
         says = "; ".join(f"{c.title} {c.rules[feature].says}" for c in blockers)
         lines.append(f"{short_list(items)}: {says}")
     raise ConfigError(
@@ -284,10 +285,21 @@ def _check_consumers(ckpt: Checkpoint, targets: dict[str, Target], use_rslora: b
     )
 
 
-def _for_consumers(adapter: Adapter, names: tuple[str, ...]) -> tuple[Adapter, ForReport]:
+def _target_names(items: list[str], targets: dict[str, Target]) -> list[str]:
+    """The target names ``--exclude-modules`` takes for the adapter paths ``items``: a fused experts module's path
+    (``mlp.experts``, ``mlp.experts.base_layer``: PEFT nests one wrapper per parameter) stands for its targeted
+    parameters (``mlp.experts.gate_up_proj``); any other path is its own name."""
+    names = []
+    for item in items:
+        path = item.replace(".base_layer", "")
+        names.extend([m for m in targets if m.startswith(path + ".") and targets[m].parameter is not None] or [path])
+    return names
+
+
+def _for_consumers(adapter: Adapter, names: tuple[str, ...], model_type: Optional[str]) -> tuple[Adapter, ForReport]:
     """:func:`prepare_for` of the initial adapter: a lossless rewrite of how its scales are written, never a part left
     out (:func:`_check_consumers` refused that before any work)."""
-    written, for_report = prepare_for(adapter, names, tied=())
+    written, for_report = prepare_for(adapter, names, tied=(), model_type=model_type)
     if for_report.left_out or set(written.modules) != set(adapter.modules):  # a bug, not the user's input
         raise AssertionError("residualize would leave part of the initial adapter out for "
                              + ", ".join(names) + ": " + ", ".join(x.name for x in for_report.left_out))
