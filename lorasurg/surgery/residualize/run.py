@@ -31,8 +31,8 @@ lorasurg's version) is in ``OUT/README.md`` and in the adapter file's safetensor
 ``consumers`` (``--for``) applies to the initial adapter only, and only losslessly: ``OUT/model`` has the adapter's
 delta already taken out of its weights, so leaving any part of the adapter out for a consumer would break
 ``OUT/model + OUT/adapter == BASE``. A consumer that cannot carry the whole initial adapter (vLLM: embedding or
-``lm_head`` LoRA, conv LoRA; llama.cpp: GPT-2 ``Conv1D`` LoRA, conv LoRA, fused-expert LoRA) is refused before any work, naming the
-modules, so the user can leave them out of the targets. Otherwise :func:`lorasurg.consumers.prepare_for` only
+``lm_head`` LoRA, conv LoRA; llama.cpp: GPT-2 ``Conv1D`` LoRA, conv LoRA, fused-expert LoRA) is refused before any
+work, naming the modules, so the user can leave them out of the targets. Otherwise :func:`lorasurg.consumers.prepare_for` only
 rewrites how the scale is written: for ``llama.cpp`` no ``alpha_pattern``/rsLoRA, the factors of a module whose
 written scale differs multiplied by ``sqrt(c)`` each (exact to float32 rounding); for ``all`` every module
 zero-padded to one rank (exact; the padded rows and columns get zero gradients in training and stay zero). Each
