@@ -20,9 +20,9 @@ tensor where it stores them fused (gpt-oss, ``(E, in, out)``: expert ``e`` is ``
 BASE's layout and keys. The initial adapter is laid out as PEFT loads it on transformers 5
 (:func:`lorasurg.surgery.adapter_layout.peft_layout`: the model's names for renamed towers, experts per expert or as
 ``target_parameters``; per expert whenever a consumer other than PEFT is named and the checkpoint stores them so;
-experts stored fused stay ``target_parameters``, which vLLM reads for its 3-D MoE classes and llama.cpp refuses). PEFT 0.21.2 itself cannot initialise PiSSA/OLoRA on fused experts (its ``ParamWrapper`` reads
-the ``weight`` of an experts module, which has none), so there the invariant ``OUT/model + OUT/adapter == BASE`` is the
-check.
+experts stored fused stay ``target_parameters``, which vLLM reads for its 3-D MoE classes and llama.cpp refuses).
+PEFT 0.21.2 itself cannot initialise PiSSA/OLoRA on fused experts (its ``ParamWrapper`` reads the ``weight`` of an
+experts module, which has none), so there the invariant ``OUT/model + OUT/adapter == BASE`` is the check.
 
 The adapter's config says ``init_lora_weights: true``: PEFT re-runs the init named in a config when it loads it, so
 ``"pissa"`` there would decompose the residual a second time. Where it came from (method, r, alpha, BASE,
@@ -32,8 +32,8 @@ lorasurg's version) is in ``OUT/README.md`` and in the adapter file's safetensor
 delta already taken out of its weights, so leaving any part of the adapter out for a consumer would break
 ``OUT/model + OUT/adapter == BASE``. A consumer that cannot carry the whole initial adapter (vLLM: embedding or
 ``lm_head`` LoRA, conv LoRA; llama.cpp: GPT-2 ``Conv1D`` LoRA, conv LoRA, fused-expert LoRA) is refused before any
-work, naming the modules, so the user can leave them out of the targets. Otherwise :func:`lorasurg.consumers.prepare_for` only
-rewrites how the scale is written: for ``llama.cpp`` no ``alpha_pattern``/rsLoRA, the factors of a module whose
+work, naming the modules, so the user can leave them out of the targets. Otherwise
+:func:`lorasurg.consumers.prepare_for` only rewrites how the scale is written: for ``llama.cpp`` no ``alpha_pattern``/rsLoRA, the factors of a module whose
 written scale differs multiplied by ``sqrt(c)`` each (exact to float32 rounding); for ``all`` every module
 zero-padded to one rank (exact; the padded rows and columns get zero gradients in training and stay zero). Each
 module's ``scale * B0 @ A0``, and so ``OUT/model``, is the same for every ``--for``.
