@@ -35,8 +35,9 @@ delta already taken out of its weights, so leaving any part of the adapter out f
 work, naming the modules, so the user can leave them out of the targets. Otherwise
 :func:`lorasurg.consumers.prepare_for` only rewrites how the scale is written: for ``llama.cpp`` no
 ``alpha_pattern``/rsLoRA, the factors of a module whose written scale differs multiplied by ``sqrt(c)`` each (exact
-to float32 rounding); for ``all`` every module zero-padded to one rank (exact; the padded rows and columns get zero gradients in training and stay zero). Each
-module's ``scale * B0 @ A0``, and so ``OUT/model``, is the same for every ``--for``.
+to float32 rounding); for ``all`` every module zero-padded to one rank (exact; the padded rows and columns get zero
+gradients in training and stay zero). Each module's ``scale * B0 @ A0``, and so ``OUT/model``, is the same for every
+``--for``.
 
 Streaming: :func:`lorasurg.io.rewrite.rewrite_checkpoint` reads BASE one tensor at a time in shard order; only a
 target weight is converted (to float32 for the factorisation); every other tensor is copied through as stored.
