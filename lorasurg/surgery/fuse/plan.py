@@ -242,8 +242,9 @@ def _notes(description: ModelDescription, placement: Placement, model_type: Opti
     if placement.renamed:
         plan.notes.append(f"{len(placement.renamed)} LoRA module(s) named as BASE's checkpoint names them, renamed as "
                           f"PEFT renames them on transformers 5: {short_list(placement.renamed)}")
-    per_expert = [t.path for t in placement.modules if t.module in description.experts
-                  and not select_parameters(config, [description.experts[t.module].parameter])]  # converted form
+    experts = [t for t in placement.modules if t.module in description.experts]
+    listed = set(select_parameters(config, {description.experts[t.module].parameter for t in experts}))
+    per_expert = [t.path for t in experts if description.experts[t.module].parameter not in listed]  # else converted
     if per_expert and not peft_converts_experts(model_type):
         plan.notes.append(
             f"{len(per_expert)} per-expert LoRA module(s) ({short_list(per_expert)}): PEFT 0.21.2 does not load "
